@@ -1,0 +1,301 @@
+"""Run configuration: one typed dataclass, loaded from YAML with command-line overrides.
+
+Option names follow TRL's `KTOConfig`/`ModelConfig` and transformers' `TrainingArguments` where they
+overlap, so a TRL user's YAML mostly carries over. Every field is validated on load; unknown keys are
+errors. The resolved config is written to `<output_dir>/kto_config.yaml`, and later steps
+(precompute, merge, evaluate) read it from there.
+"""
+
+import dataclasses
+import difflib
+import logging
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "kto_config.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+REPORTERS = ("none", "wandb", "tensorboard")
+KL_BASELINES = ("effective_batch", "micro_batch")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, has the wrong type, or contradicts another one."""
+
+
+@dataclass
+class KTOConfig:
+    # --- model ---
+    model_name_or_path: str | None = None
+    """Local directory or hub id of a transformers causal LM (Llama first)."""
+    model_revision: str | None = None
+    """Hub revision (branch, tag or commit) of the model and tokenizer."""
+    init_random_weights: bool = False
+    """Build the model from its config.json with random weights (seeded) instead of loading weights.
+    For the demo and tests only."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repository to run. Off unless you trust it."""
+    attn_implementation: str | None = None
+    """transformers attention backend ("sdpa", "flash_attention_2", "eager"); None lets it choose."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (about 30% slower)."""
+
+    # --- LoRA (the policy) ---
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator: the update is scaled by lora_alpha / lora_r."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    lora_target_modules: list[str] | None = None
+    """Module names to adapt; None adapts every attention and MLP projection ("all-linear")."""
+
+    # --- data ---
+    dataset_name: str | None = None
+    """Training data: a .jsonl/.jsonl.gz/.json/.parquet file, a `save_to_disk` directory, or a hub name."""
+    eval_dataset_name: str | None = None
+    """Evaluation data, same forms as dataset_name. Exclusive with eval_fraction."""
+    eval_fraction: float = 0.0
+    """Hold out this fraction of the training data for evaluation (pairs stay together)."""
+    skip_bad_rows: bool = False
+    """Skip and count malformed rows instead of stopping at the first one."""
+    max_length: int = 1024
+    """Maximum prompt + completion tokens; completions are cut at the tail to fit."""
+    max_prompt_length: int | None = 512
+    """Prompts keep their last max_prompt_length tokens. None: never cut (too-long examples are dropped)."""
+    max_completion_length: int | None = None
+    """Completions keep their first max_completion_length tokens."""
+    data_seed: int = 42
+    """Seed of the eval split and the KL pairing. Fixed at data preparation, so that a precomputed
+    reference cache stays valid when the training seed changes."""
+
+    # --- KTO ---
+    beta: float = 0.1
+    """KTO temperature: how far the policy may move from the reference."""
+    desirable_weight: float | str = 1.0
+    """lambda_D, or "auto" to balance the classes: lambda_D n_D / (lambda_U n_U) = 1."""
+    undesirable_weight: float | str = 1.0
+    """lambda_U, or "auto" (see desirable_weight)."""
+    kl_baseline: str = "effective_batch"
+    """Where z_ref is estimated: "effective_batch" (all ranks and accumulation micro-batches of an
+    optimizer step, the default) or "micro_batch" (each micro-batch on its own rank, as TRL does;
+    for comparison only)."""
+
+    # --- optimization ---
+    output_dir: str = "outputs/run"
+    """Where the adapter, checkpoints, metrics and the resolved config go."""
+    overwrite_output_dir: bool = False
+    """Allow writing into an output_dir that already holds another run."""
+    per_device_train_batch_size: int = 4
+    """Examples per micro-batch on each rank."""
+    per_device_eval_batch_size: int = 8
+    """Examples per evaluation batch on each rank."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step on each rank."""
+    learning_rate: float = 5e-5
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    num_train_epochs: float = 1.0
+    """Passes over the training data (may be fractional). Ignored when max_steps > 0."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 derives them from num_train_epochs."""
+    lr_scheduler_type: str = "linear"
+    """Learning-rate schedule after warmup: linear, cosine, constant, constant_with_warmup."""
+    warmup_ratio: float = 0.0
+    """Fraction of the steps spent warming up linearly from 0. Exclusive with warmup_steps."""
+    warmup_steps: int = 0
+    """Warmup steps; overrides warmup_ratio when > 0."""
+    seed: int = 42
+    """Seed of random init, dropout and the per-epoch shuffling of training batches."""
+    bf16: bool = False
+    """Train in bfloat16 (fp32 master weights in the optimizer)."""
+    fp16: bool = False
+    """Train in float16 with dynamic loss scaling."""
+    deepspeed: str = "ds_configs/zero2.json"
+    """DeepSpeed JSON config; its "auto" fields are filled from this config."""
+    logprob_chunk_size: int = 1024
+    """Completion tokens whose logits are computed at once (bounds the [tokens, vocab] buffer)."""
+    dist_timeout_s: int = 1800
+    """Seconds a collective may wait for another rank before the run fails."""
+
+    # --- logging, evaluation, saving ---
+    logging_steps: int = 10
+    """Log metrics every this many optimizer steps."""
+    eval_steps: int | None = None
+    """Evaluate every this many optimizer steps (and at the end); None: only at the end."""
+    save_steps: int = 500
+    """Save the adapter every this many optimizer steps (and at the end)."""
+    report_to: list[str] = field(default_factory=lambda: ["none"])
+    """Trackers besides the always-written metrics.jsonl: wandb, tensorboard, or none."""
+    run_name: str | None = None
+    """Run name shown by the trackers."""
+    disable_tqdm: bool = False
+    """Turn off the progress bar."""
+
+    def validate(self) -> None:
+        """Check every cross-field rule; raise ConfigError naming the setting and the fix."""
+        if not self.model_name_or_path:
+            raise ConfigError("model_name_or_path is not set: give a local model directory or a hub id.")
+        if not self.dataset_name:
+            raise ConfigError("dataset_name is not set: give a data file, a save_to_disk dir or a hub name.")
+        positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "max_length", "logging_steps", "save_steps", "lora_r", "logprob_chunk_size", "dist_timeout_s"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}.")
+        if self.eval_steps is not None and self.eval_steps <= 0:
+            raise ConfigError(f"eval_steps must be > 0 or null, got {self.eval_steps}.")
+        if self.bf16 and self.fp16:
+            raise ConfigError("bf16 and fp16 are both set: choose one.")
+        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
+            raise ConfigError(
+                f"max_prompt_length ({self.max_prompt_length}) must be in [1, max_length={self.max_length}) "
+                "so that at least one completion token fits."
+            )
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
+        if self.eval_fraction > 0 and self.eval_dataset_name:
+            raise ConfigError("eval_fraction and eval_dataset_name are both set: choose one eval source.")
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}.")
+        for name in ("desirable_weight", "undesirable_weight"):
+            value = getattr(self, name)
+            if value != "auto" and (isinstance(value, str) or value <= 0):
+                raise ConfigError(f"{name} must be a positive number or 'auto', got {value!r}.")
+        if self.lr_scheduler_type not in SCHEDULERS:
+            raise ConfigError(f"lr_scheduler_type {self.lr_scheduler_type!r} is not one of {SCHEDULERS}.")
+        if self.kl_baseline not in KL_BASELINES:
+            raise ConfigError(f"kl_baseline {self.kl_baseline!r} is not one of {KL_BASELINES}.")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if self.warmup_ratio > 0 and self.warmup_steps > 0:
+            raise ConfigError("warmup_ratio and warmup_steps are both set: choose one.")
+        unknown = [r for r in self.report_to if r not in REPORTERS]
+        if unknown:
+            raise ConfigError(f"report_to has {unknown}; valid entries are {REPORTERS}.")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("Set max_steps > 0 or num_train_epochs > 0: there is nothing to train.")
+        find_deepspeed_config(self.deepspeed)
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        """Warmup steps for a run of total_steps optimizer steps."""
+        return self.warmup_steps if self.warmup_steps > 0 else int(self.warmup_ratio * total_steps + 0.5)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def find_deepspeed_config(path: str) -> Path:
+    """The JSON file, relative to the working directory or, failing that, to the kto-scale checkout."""
+    for candidate in (Path(path), REPO_ROOT / path):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"deepspeed config {path!r} does not exist (the shipped ones are in ds_configs/).")
+
+
+def _coerce(name: str, value: object, annotation: object) -> object:
+    """Return `value` as the field's type, or raise ConfigError naming the field."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{name} may not be null.")
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        if typing.get_origin(option) is list:
+            items = value if isinstance(value, list) else [value]  # `--report_to wandb` means ["wandb"]
+            if all(isinstance(v, str) for v in items):
+                return items
+    raise ConfigError(f"{name}={value!r} has the wrong type; expected {annotation}.")
+
+
+def config_from_dict(values: dict, source: str = "config") -> KTOConfig:
+    """Build and validate a KTOConfig; unknown keys are errors with a suggestion."""
+    hints = typing.get_type_hints(KTOConfig)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown option {key!r}.{hint}")
+        kwargs[key] = _coerce(key, value, hints[key])
+    config = KTOConfig(**kwargs)
+    config.validate()
+    return config
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`--key value` / `--key=value` pairs; values are parsed as YAML (0.2, true, [a, b], null)."""
+    overrides, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"Unexpected argument {arg!r}: options look like --beta 0.2.")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"--{key} needs a value.")
+            i += 1
+            value = args[i]
+        overrides[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
+        i += 1
+    return overrides
+
+
+def load_config(argv: list[str], default_config: str | Path | None = None) -> KTOConfig:
+    """`--config file.yaml` (or default_config) then command-line overrides of any field."""
+    overrides = parse_overrides(argv)
+    overrides.pop("local_rank", None)  # the deepspeed launcher appends --local_rank; LOCAL_RANK is in env
+    path = overrides.pop("config", None) or default_config
+    values = {}
+    if path is not None:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of option: value.")
+    values.update(overrides)
+    return config_from_dict(values, source=str(path or "command line"))
+
+
+def save_config(config: KTOConfig, output_dir: str | Path) -> Path:
+    """Write the resolved config to output_dir/kto_config.yaml atomically."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".kto_config.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+    path = output_dir / CONFIG_FILE
+    os.replace(tmp, path)
+    return path
+
+
+def load_run_config(run_dir: str | Path) -> KTOConfig:
+    """The config a run resolved and saved, for the steps that follow it."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: {run_dir} is not a kto-scale output dir.")
+    return load_config([], default_config=path)
