@@ -1,0 +1,190 @@
+"""Tokenizing examples, truncating them, and pairing each with a mismatched completion for KTO's KL baseline.
+
+Each example becomes `prompt_ids` followed by `completion_ids`; only the completion is scored. The
+prompt starts with exactly one BOS when the tokenizer adds one on its own (Llama does); the completion
+ends with EOS. Conversations are rendered with the tokenizer's chat template, and the completion is the
+part of the full conversation's text after the prompt's text (with the generation prompt).
+
+Truncation, in this order:
+1. if max_prompt_length is set, the prompt keeps its LAST max_prompt_length tokens (cut from the left;
+   a leading BOS is kept and counts in the length);
+2. if max_completion_length is set, the completion keeps its FIRST max_completion_length tokens;
+3. if prompt + completion still exceed max_length, the completion's tail is cut to fit.
+An example whose prompt leaves no room for at least one completion token is dropped and counted.
+
+KL pairing: KTO's reference point z_ref is estimated from mismatched (prompt, completion) pairs. Every
+example i gets a partner kl_index[i] with a different prompt, and `kl_completion_ids` is that partner's
+completion cut to fit after prompt i. The pairing depends only on the examples and the seed (not on
+batch size or ranks), so reference log-probs of the KL sequences can be computed ahead of time.
+"""
+
+import logging
+import random
+from dataclasses import dataclass
+
+import datasets
+
+from kto_scale.data import DataError, Example
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PrepareStats:
+    """What `prepare_dataset` kept and dropped."""
+
+    examples: int  # kept
+    dropped_too_long: int
+    desirable: int
+    undesirable: int
+
+
+def prepare_dataset(
+    examples: list[Example],
+    tokenizer,
+    *,
+    max_length: int,
+    max_prompt_length: int | None,
+    max_completion_length: int | None,
+    seed: int,
+) -> tuple[datasets.Dataset, PrepareStats]:
+    """Tokenize, truncate and KL-pair `examples`.
+
+    Returns a Dataset with columns prompt_ids, completion_ids, label (bool), pair_id, kl_index (row of
+    the KL partner in this dataset) and kl_completion_ids, and the counts of what was kept.
+    """
+    prompts, completions = tokenize_examples(examples, tokenizer)
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    cuts = [
+        truncate(prompt, completion, bos, max_length, max_prompt_length, max_completion_length)
+        for prompt, completion in zip(prompts, completions, strict=True)
+    ]
+    keep = [i for i, cut in enumerate(cuts) if cut is not None]
+    dropped = len(examples) - len(keep)
+    if dropped:
+        logger.warning(
+            "Dropped %d of %d examples whose prompt leaves no room for the completion "
+            "(max_length=%d, max_prompt_length=%s).",
+            dropped,
+            len(examples),
+            max_length,
+            max_prompt_length,
+        )
+    if not keep:
+        raise DataError(
+            f"No examples left to train on: all {len(examples)} were dropped as too long. "
+            "Raise max_length, or set max_prompt_length to cut long prompts."
+        )
+    prompts, completions = [cuts[i][0] for i in keep], [cuts[i][1] for i in keep]
+    partners = kl_partners(prompts, [examples[i].source for i in keep], seed)
+    labels = [examples[i].label for i in keep]
+    columns = {
+        "prompt_ids": prompts,
+        "completion_ids": completions,
+        "label": labels,
+        "pair_id": [examples[i].pair_id for i in keep],
+        "kl_index": partners,
+        "kl_completion_ids": [
+            completions[j][: max_length - len(p)] for p, j in zip(prompts, partners, strict=True)
+        ],
+    }
+    stats = PrepareStats(len(keep), dropped, sum(labels), len(labels) - sum(labels))
+    return datasets.Dataset.from_dict(columns), stats
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS in front of its input on its own (as Llama's does)."""
+    return tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
+
+
+def tokenize_examples(examples: list[Example], tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt ids (one BOS first if the tokenizer uses one) and completion ids (EOS last) of each example."""
+    if not examples:
+        raise DataError("No examples to prepare: the dataset (or its eval split) is empty.")
+    texts = [_texts(example, tokenizer) for example in examples]
+    prompts = _encode(tokenizer, [p for p, _ in texts])
+    completions = _encode(tokenizer, [c for _, c in texts])
+    # A chat template may render the BOS itself: add it only where it is missing, never twice.
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    if bos is not None:
+        prompts = [p if p[:1] == [bos] else [bos, *p] for p in prompts]
+    eos = tokenizer.eos_token_id
+    if eos is not None:
+        completions = [c if c[-1:] == [eos] else [*c, eos] for c in completions]
+    return prompts, completions
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens."""
+    # One batched call (far faster than a call per text on 100k+ rows) over the distinct texts only:
+    # prompts repeat (both halves of a pair, several KTO rows per prompt). verbose=False silences the
+    # "longer than the maximum sequence length" warning: truncation comes later.
+    distinct = list(dict.fromkeys(texts))
+    ids = dict(
+        zip(distinct, tokenizer(distinct, add_special_tokens=False, verbose=False).input_ids, strict=True)
+    )
+    return [ids[text] for text in texts]
+
+
+def _texts(example: Example, tokenizer) -> tuple[str, str]:
+    """The prompt and completion text of an example; conversations go through the chat template."""
+    if isinstance(example.prompt, str):
+        return example.prompt, example.completion
+    prompt = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(example.prompt + example.completion, tokenize=False)
+    if not full.startswith(prompt):
+        raise DataError(
+            f"{example.source}: the chat template renders the conversation so that it does not "
+            "start with the rendered prompt, so the completion cannot be split off. Use a chat "
+            "template that renders a prefix of the messages as a prefix of the text."
+        )
+    return prompt, full[len(prompt) :]
+
+
+def truncate(
+    prompt: list[int],
+    completion: list[int],
+    bos: int | None,
+    max_length: int,
+    max_prompt_length: int | None,
+    max_completion_length: int | None,
+) -> tuple[list[int], list[int]] | None:
+    """Apply the module's truncation rule; None when the prompt leaves no room for a completion token."""
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        head = prompt[:1] if bos is not None and prompt[:1] == [bos] else []
+        prompt = head + prompt[len(prompt) - max_prompt_length + len(head) :]
+    if max_completion_length is not None:
+        completion = completion[:max_completion_length]
+    room = max_length - len(prompt)
+    if room < 1:
+        return None
+    return prompt, completion[:room]
+
+
+def kl_partners(prompts: list[list[int]], sources: list[str], seed: int) -> list[int]:
+    """For each example, the index of another example with a different prompt (its KL partner).
+
+    Examples are grouped by prompt, the groups and their members shuffled, laid out in a ring and every
+    example takes the one k places further, k being the size of the largest group: a group of size
+    s <= k <= n - k never reaches itself. Deterministic in (prompts, seed).
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(tuple(prompt), []).append(i)
+    largest = max(groups.values(), key=len)
+    n, k = len(prompts), len(largest)
+    if 2 * k > n:
+        raise DataError(
+            f"KL pairing needs completions from other prompts, but the prompt of {sources[largest[0]]} "
+            f"has {k} of the {n} examples (more than half). Add examples with other prompts."
+        )
+    rng = random.Random(seed)
+    order = list(groups.values())
+    rng.shuffle(order)
+    for group in order:
+        rng.shuffle(group)
+    ring = [i for group in order for i in group]
+    partners = [0] * n
+    for position, i in enumerate(ring):
+        partners[i] = ring[(position + k) % n]
+    return partners
