@@ -1,0 +1,90 @@
+"""Which examples go into which micro-batch, and turning them into padded tensors.
+
+An optimizer step consumes one *global batch* of world_size * gradient_accumulation_steps *
+per_device_train_batch_size examples. Each epoch is a fresh permutation (seeded by seed + epoch), cut
+into global batches; rank r takes the r-th contiguous slice and cuts it into its micro-batches. The
+last global batch of an epoch may be short: its missing slots are filled with weight-0 rows, so every
+rank runs the same number of forward/backward passes (ZeRO-3 collectives need all ranks) and no
+example is dropped or counted twice.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+PAD_SLOT = -1  # an index that marks a weight-0 filler row
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Layout of the global batches; identical on every rank."""
+
+    num_examples: int
+    micro_batch_size: int
+    accumulation_steps: int
+    world_size: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.accumulation_steps * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_examples / self.global_batch_size)
+
+    def micro_batches(self, step_in_epoch: int, epoch: int, seed: int, rank: int) -> list[list[int]]:
+        """This rank's micro-batches (example indices, PAD_SLOT for filler rows) for one optimizer step."""
+        generator = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(self.num_examples, generator=generator).tolist()
+        start = step_in_epoch * self.global_batch_size
+        batch = order[start : start + self.global_batch_size]
+        batch += [PAD_SLOT] * (self.global_batch_size - len(batch))
+        per_rank = self.micro_batch_size * self.accumulation_steps
+        mine = batch[rank * per_rank : (rank + 1) * per_rank]
+        return [mine[i : i + self.micro_batch_size] for i in range(0, per_rank, self.micro_batch_size)]
+
+
+def shard_indices(num_examples: int, batch_size: int, world_size: int, rank: int) -> list[list[int]]:
+    """In-order batches for evaluation/precompute: rank r takes every world_size-th batch of the
+    padded index list, so all ranks get the same number of batches."""
+    step = batch_size * world_size
+    padded = list(range(num_examples)) + [PAD_SLOT] * (-num_examples % step)
+    return [padded[i + rank * batch_size : i + (rank + 1) * batch_size] for i in range(0, len(padded), step)]
+
+
+def _pad(sequences: list[list[int]], value: int) -> Tensor:
+    width = max(len(s) for s in sequences)
+    return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
+
+
+def _sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, Tensor]:
+    ids = [p + c for p, c in zip(prompts, completions, strict=True)]
+    masks = [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions, strict=True)]
+    attention = [[1] * len(s) for s in ids]
+    return {
+        "input_ids": _pad(ids, pad_id),
+        "attention_mask": _pad(attention, 0),
+        "completion_mask": _pad(masks, 0).bool(),
+    }
+
+
+def collate(dataset, indices: list[int], pad_id: int) -> dict[str, Tensor | dict[str, Tensor]]:
+    """Right-padded tensors for the examples at `indices` (PAD_SLOT rows become weight-0 copies of a
+    real example, so shapes and collectives stay the same on every rank).
+
+    Returns {"policy": {input_ids, attention_mask, completion_mask} [B, T], "kl": the same for the
+    (prompt, mismatched completion) sequences, "desirable": [B] bool, "weight": [B] float32 (1 real,
+    0 filler), "index": [B] long (dataset row, -1 for filler)}.
+    """
+    real = [i for i in indices if i != PAD_SLOT]
+    filler = real[0] if real else 0
+    rows = dataset[[filler if i == PAD_SLOT else i for i in indices]]
+    return {
+        "policy": _sequences(rows["prompt_ids"], rows["completion_ids"], pad_id),
+        "kl": _sequences(rows["prompt_ids"], rows["kl_completion_ids"], pad_id),
+        "desirable": torch.tensor(rows["label"], dtype=torch.bool),
+        "weight": torch.tensor([0.0 if i == PAD_SLOT else 1.0 for i in indices]),
+        "index": torch.tensor(indices, dtype=torch.long),
+    }

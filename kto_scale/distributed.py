@@ -1,0 +1,87 @@
+"""Everything that talks to torch.distributed: process-group setup and the cross-rank reductions.
+
+One code path for 1 to N ranks: with a single process the reductions are identities. Reductions use
+the tensor's own device, so they run on CPU with gloo as well as on GPU with nccl. Every rank must
+call every function here the same number of times, in the same order.
+"""
+
+import logging
+import os
+import socket
+from datetime import timedelta
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from kto_scale.loss import kl_baseline
+
+logger = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: int) -> tuple[int, int, int]:
+    """Join (or, for a plain `python` run, create) the process group; return (rank, world size, local rank).
+
+    A collective that waits longer than timeout_s for another rank (e.g. one that died) raises instead
+    of hanging.
+    """
+    if "RANK" not in os.environ:  # plain `python launch/train.py`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum over ranks, returned as a new tensor (the input is left as it is)."""
+    tensor = tensor.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather(tensor: Tensor) -> Tensor:
+    """Concatenate every rank's tensor along dim 0, rank order (all ranks must pass the same shape)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def global_kl_baseline(kl_ratio_sum: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    """z_ref over every rank's mismatched pairs, and the global number of examples behind it.
+
+    Sum and count are all-reduced (not per-rank means), so z_ref does not depend on how the examples
+    fall on ranks. Returns ([] z_ref, [] global count).
+    """
+    totals = all_reduce_sum(torch.stack([kl_ratio_sum.float(), count.float()]))
+    return kl_baseline(totals[0], totals[1]), totals[1]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (gloo aborts the process at exit if it is still alive)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

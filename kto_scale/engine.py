@@ -1,0 +1,78 @@
+"""The DeepSpeed engine: its JSON config resolved against ours, the optimizer and the LR schedule.
+
+"auto" fields in the DeepSpeed JSON are filled from KTOConfig by transformers' own
+`HfTrainerDeepSpeedConfig`, exactly as the HF Trainer does, and explicit values that contradict the
+training config are errors. The object also tells `from_pretrained` to load ZeRO-3 models already
+partitioned, so it must exist (and stay referenced) before the model is loaded.
+"""
+
+from types import SimpleNamespace
+
+import deepspeed
+import torch
+from transformers import get_scheduler
+from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+from kto_scale.config import ConfigError, KTOConfig, find_deepspeed_config
+from kto_scale.model import SequenceLogps
+
+
+def _trainer_args(config: KTOConfig, world_size: int) -> SimpleNamespace:
+    """The TrainingArguments fields HfTrainerDeepSpeedConfig reads, taken from our config."""
+    return SimpleNamespace(
+        world_size=world_size,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_grad_norm=config.max_grad_norm,
+        learning_rate=config.learning_rate,
+        adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2,
+        adam_epsilon=config.adam_epsilon,
+        weight_decay=config.weight_decay,
+        save_on_each_node=False,
+        fp16=config.fp16,
+        fp16_full_eval=False,
+        bf16=config.bf16,
+        bf16_full_eval=False,
+        get_warmup_steps=config.warmup_steps_for,
+    )
+
+
+def resolve_deepspeed_config(config: KTOConfig, world_size: int) -> HfTrainerDeepSpeedConfig:
+    """Read the JSON and fill the fields that need only the training config (call before loading the model)."""
+    ds_config = HfTrainerDeepSpeedConfig(str(find_deepspeed_config(config.deepspeed)))
+    ds_config.trainer_config_process(_trainer_args(config, world_size))
+    return ds_config
+
+
+def build_engine(
+    config: KTOConfig, ds_config: HfTrainerDeepSpeedConfig, module: SequenceLogps, world_size: int, total_steps: int
+) -> tuple[deepspeed.DeepSpeedEngine, object]:
+    """Finish the DeepSpeed config (hidden-size buckets, schedule length) and create the engine.
+
+    The optimizer and scheduler come from the JSON when it has "optimizer"/"scheduler" sections;
+    otherwise AdamW over the LoRA parameters and transformers' schedule named by lr_scheduler_type.
+    """
+    try:
+        ds_config.trainer_config_finalize(_trainer_args(config, world_size), module.model, total_steps)
+    except ValueError as e:  # mismatches between the JSON and our config
+        raise ConfigError(f"{config.deepspeed}: {e}") from e
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = lr_scheduler = None
+    if "optimizer" not in ds_config.config:
+        optimizer = torch.optim.AdamW(
+            trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon, weight_decay=config.weight_decay,
+        )
+    if "scheduler" not in ds_config.config:
+        # A callable: DeepSpeed hands it the optimizer it actually steps (its ZeRO wrapper).
+        def lr_scheduler(opt):
+            return get_scheduler(
+                config.lr_scheduler_type, opt, num_warmup_steps=config.warmup_steps_for(total_steps),
+                num_training_steps=total_steps,
+            )
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=module, model_parameters=trainable, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        config=ds_config.config,
+    )
+    return engine, scheduler

@@ -1,0 +1,120 @@
+"""The policy (LoRA adapters on the base model) and the reference (the same base with adapters off).
+
+There is never a second copy of the model: `reference_mode` disables the adapters for a forward pass.
+`SequenceLogps` is the module DeepSpeed wraps; its forward returns one completion log-prob per row,
+computed from the decoder's hidden states by the chunked LM head of `kto_scale.logprobs`.
+"""
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor, nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from kto_scale.config import KTOConfig
+from kto_scale.logprobs import chunked_completion_logps
+
+logger = logging.getLogger(__name__)
+
+# Models whose logits are not just lm_head(hidden): the chunked head would score them wrongly.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+def train_dtype(config: KTOConfig) -> torch.dtype:
+    """The dtype the model's weights are loaded in (DeepSpeed keeps fp32 master weights for bf16/fp16)."""
+    return torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
+
+
+def load_tokenizer(config: KTOConfig) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token set (EOS when it has none; padding is always masked)."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        config.model_name_or_path, revision=config.model_revision, trust_remote_code=config.trust_remote_code
+    )
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"The tokenizer of {config.model_name_or_path} has neither a pad nor an EOS token.")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(config: KTOConfig) -> PreTrainedModel:
+    """The base causal LM, frozen weights as loaded (or seeded random weights with init_random_weights)."""
+    dtype = train_dtype(config)
+    if config.init_random_weights:
+        model_config = AutoConfig.from_pretrained(
+            config.model_name_or_path, revision=config.model_revision, trust_remote_code=config.trust_remote_code
+        )
+        torch.manual_seed(config.seed)
+        model = AutoModelForCausalLM.from_config(
+            model_config, dtype=dtype, trust_remote_code=config.trust_remote_code,
+            attn_implementation=config.attn_implementation,
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            config.model_name_or_path, revision=config.model_revision, dtype=dtype,
+            trust_remote_code=config.trust_remote_code, attn_implementation=config.attn_implementation,
+        )
+    for name in _LOGIT_POSTPROCESSING:
+        if getattr(model.config, name, None) not in (None, 1.0):
+            raise ValueError(
+                f"{config.model_name_or_path} post-processes its logits ({name}={getattr(model.config, name)}); "
+                "kto-scale scores completions with lm_head(hidden) and does not support it."
+            )
+    model.config.use_cache = False  # no generation during training; the KV cache only costs memory
+    return model
+
+
+def load_model(config: KTOConfig) -> PeftModel:
+    """The base model with fresh LoRA adapters attached: the trainable policy."""
+    model = load_base_model(config)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules or "all-linear",
+        task_type="CAUSAL_LM",
+    )
+    # Seed here so the adapters' initial weights do not depend on how much randomness loading used
+    # (ZeRO-3's partitioned loading consumes it differently from a plain load).
+    torch.manual_seed(config.seed)
+    return get_peft_model(model, lora)
+
+
+@contextlib.contextmanager
+def reference_mode(model: PeftModel) -> Iterator[None]:
+    """Forward passes inside this block are the reference: adapters off, no gradients."""
+    with model.disable_adapter(), torch.no_grad():
+        yield
+
+
+class SequenceLogps(nn.Module):
+    """Maps a padded batch to per-row completion log-probs; the module `deepspeed.initialize` wraps.
+
+    Going through the decoder and the LM head separately (rather than `model(...).logits`) lets the
+    head run only at completion positions, a chunk at a time. Both are called as modules, so
+    DeepSpeed ZeRO-3's parameter-gathering hooks fire as usual.
+    """
+
+    def __init__(self, model: PeftModel, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> Tensor:
+        """[B, T] ids, attention mask and completion mask -> [B] float32 completion log-probs."""
+        base = self.model.get_base_model()
+        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return chunked_completion_logps(
+            hidden.last_hidden_state, base.get_output_embeddings(), input_ids, completion_mask, self.chunk_size
+        )

@@ -1,0 +1,243 @@
+"""The KTO training loop on DeepSpeed: one explicit loop built from functions, the same for 1 to N ranks.
+
+Each optimizer step takes this rank's `gradient_accumulation_steps` micro-batches and
+1. runs the no-grad passes of all of them first: the reference (adapters off) on each example and on
+   its mismatched KL pair, and the policy on the KL pair;
+2. reduces the KL baseline z_ref over every micro-batch of every rank (the whole effective batch);
+3. runs the gradient passes with that one z_ref, normalizing each micro-batch's loss by the global
+   number of examples, so the step's gradient is the exact mean over the effective batch.
+"""
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from kto_scale.checkpoint import save_adapter
+from kto_scale.collate import PAD_SLOT, BatchPlan, collate, shard_indices
+from kto_scale.config import CONFIG_FILE, ConfigError, KTOConfig, save_config
+from kto_scale.data import load_examples, split_train_eval
+from kto_scale.distributed import all_gather, all_reduce_sum, global_kl_baseline, init_distributed, shutdown
+from kto_scale.engine import build_engine, resolve_deepspeed_config
+from kto_scale.loss import balanced_weights, kl_baseline, kto_losses
+from kto_scale.metrics import MetricsLogger
+from kto_scale.model import SequenceLogps, load_model, load_tokenizer, reference_mode
+from kto_scale.prepare import prepare_dataset
+
+logger = logging.getLogger(__name__)
+
+# Per-step sums accumulated on the device (no host sync per step) and reduced over ranks when logged.
+_SUMS = ("loss", "examples", "rewards/desirable", "desirable", "rewards/undesirable", "undesirable",
+         "logps/desirable", "logps/undesirable", "tokens")
+
+
+def prepare_data(config: KTOConfig, tokenizer) -> tuple:
+    """Load, split and tokenize the training (and eval) data; returns (train, eval or None)."""
+    examples, skipped = load_examples(config.dataset_name, skip_bad_rows=config.skip_bad_rows)
+    if skipped:
+        logger.warning("Skipped %d bad rows of %s (skip_bad_rows is on).", skipped, config.dataset_name)
+    eval_examples = []
+    if config.eval_dataset_name:
+        eval_examples, _ = load_examples(config.eval_dataset_name, skip_bad_rows=config.skip_bad_rows)
+    elif config.eval_fraction > 0:
+        examples, eval_examples = split_train_eval(examples, config.eval_fraction, config.data_seed)
+    lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+                   max_completion_length=config.max_completion_length, seed=config.data_seed)
+    train, stats = prepare_dataset(examples, tokenizer, **lengths)
+    logger.info("Training examples: %d (%d desirable, %d undesirable, %d dropped as too long).",
+                stats.examples, stats.desirable, stats.undesirable, stats.dropped_too_long)
+    evaluation = prepare_dataset(eval_examples, tokenizer, **lengths)[0] if eval_examples else None
+    return train, evaluation
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: _to(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def no_grad_logps(engine, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """(reference logps, reference KL logps, policy KL logps) of a batch, all without gradients."""
+    with reference_mode(engine.module.model):
+        reference, reference_kl = engine(**batch["policy"]), engine(**batch["kl"])
+    with torch.no_grad():
+        policy_kl = engine(**batch["kl"])
+    return reference, reference_kl, policy_kl
+
+
+def train_step(engine, batches: list[dict], config: KTOConfig, weights: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    """One optimizer step over this rank's micro-batches; returns ([len(_SUMS)] metric sums, [] z_ref)."""
+    no_grad = [no_grad_logps(engine, b) for b in batches]
+    kl_ratios = [(policy_kl - reference_kl) * b["weight"] for b, (_, reference_kl, policy_kl) in zip(batches, no_grad, strict=True)]
+    kl_sum = torch.stack([k.sum() for k in kl_ratios]).sum()
+    z_ref, n_global = global_kl_baseline(kl_sum, sum(b["weight"].sum() for b in batches))
+    # DeepSpeed averages gradients over ranks and accumulation steps; undo that and divide by the
+    # global example count so the step's gradient is the mean over the effective batch's real examples.
+    scale = engine.world_size * len(batches) / n_global
+
+    sums = torch.zeros(len(_SUMS), device=engine.device)
+    for batch, (reference, _, _), kl in zip(batches, no_grad, kl_ratios, strict=True):
+        if config.kl_baseline == "micro_batch":  # the peers' estimate, for comparison
+            z_ref = global_kl_baseline(kl.sum(), batch["weight"].sum())[0]
+        policy = engine(**batch["policy"])
+        losses, rewards = kto_losses(policy, reference, batch["desirable"], z_ref, config.beta, *weights)
+        w = batch["weight"]
+        engine.backward((losses * w).sum() * scale)
+        engine.step()
+        desirable, undesirable = w * batch["desirable"], w * ~batch["desirable"]
+        sums += torch.stack([
+            (losses.detach() * w).sum(), w.sum(),
+            (rewards * desirable).sum(), desirable.sum(), (rewards * undesirable).sum(), undesirable.sum(),
+            (policy.detach() * desirable).sum(), (policy.detach() * undesirable).sum(),
+            (batch["policy"]["attention_mask"].sum(-1) * w).sum(),
+        ])
+    return sums, z_ref
+
+
+def summarize_sums(sums: Tensor) -> dict[str, float]:
+    """Reduce metric sums over ranks and turn them into means (a host sync: only at logging time)."""
+    s = dict(zip(_SUMS, all_reduce_sum(sums).tolist(), strict=True))
+    out = {"loss": s["loss"] / max(s["examples"], 1)}
+    for label in ("desirable", "undesirable"):
+        if s[label] > 0:  # a window may hold no example of a class: leave its metrics out
+            out[f"rewards/{label}"] = s[f"rewards/{label}"] / s[label]
+            out[f"logps/{label}"] = s[f"logps/{label}"] / s[label]
+    if "rewards/desirable" in out and "rewards/undesirable" in out:
+        out["margins"] = out["rewards/desirable"] - out["rewards/undesirable"]
+    out["examples"], out["tokens"] = s["examples"], s["tokens"]
+    return out
+
+
+def score_dataset(engine, dataset, batch_size: int, pad_id: int) -> dict[str, Tensor]:
+    """Policy and reference log-probs of every example and KL pair, gathered from all ranks.
+
+    Returns [N] tensors in dataset order (filler rows removed), identical on every rank:
+    index, desirable, pair_id, policy, reference, policy_kl, reference_kl.
+    """
+    columns = {k: [] for k in ("index", "desirable", "pair_id", "policy", "reference", "policy_kl", "reference_kl")}
+    for indices in shard_indices(len(dataset), batch_size, engine.world_size, engine.global_rank):
+        batch = _to(collate(dataset, indices, pad_id), engine.device)
+        reference, reference_kl, policy_kl = no_grad_logps(engine, batch)
+        with torch.no_grad():
+            policy = engine(**batch["policy"])
+        rows = [max(i, 0) for i in indices]
+        columns["index"].append(batch["index"])
+        columns["desirable"].append(batch["desirable"])
+        columns["pair_id"].append(torch.tensor(dataset[rows]["pair_id"], device=engine.device))
+        for name, value in zip(("policy", "reference", "policy_kl", "reference_kl"),
+                               (policy, reference, policy_kl, reference_kl), strict=True):
+            columns[name].append(value)
+    gathered = {k: all_gather(torch.cat(v)) for k, v in columns.items()}
+    order = gathered["index"].argsort()
+    keep = order[gathered["index"][order] != PAD_SLOT]
+    return {k: v[keep] for k, v in gathered.items()}
+
+
+def evaluation_metrics(scores: dict[str, Tensor], beta: float, weights: tuple[float, float]) -> dict[str, float]:
+    """Eval loss, z_ref, mean rewards per class, reward accuracy and (for paired data) pair accuracy."""
+    kl = scores["policy_kl"] - scores["reference_kl"]
+    z_ref = kl_baseline(kl.sum(), kl.numel())
+    losses, rewards = kto_losses(scores["policy"], scores["reference"], scores["desirable"], z_ref, beta, *weights)
+    desirable = scores["desirable"]
+    # Desirable examples should sit above the baseline, undesirable ones below it.
+    correct = torch.where(desirable, rewards > beta * z_ref, rewards < beta * z_ref)
+    out = {"loss": losses.mean().item(), "kl": z_ref.item(), "reward_accuracy": correct.float().mean().item()}
+    for label, mask in (("desirable", desirable), ("undesirable", ~desirable)):
+        if mask.any():
+            out[f"rewards/{label}"] = rewards[mask].mean().item()
+    if "rewards/desirable" in out and "rewards/undesirable" in out:
+        out["margins"] = out["rewards/desirable"] - out["rewards/undesirable"]
+    # For data that came from pairs: a pair is won when its desirable reward beats its undesirable one.
+    rows = list(zip(scores["pair_id"].tolist(), desirable.tolist(), rewards.tolist(), strict=True))
+    undesirable_reward = {pair: r for pair, d, r in rows if pair >= 0 and not d}
+    wins = [r > undesirable_reward[pair] for pair, d, r in rows if d and pair in undesirable_reward]
+    if wins:
+        out["pair_accuracy"] = sum(wins) / len(wins)
+    return out
+
+
+def check_output_dir(config: KTOConfig) -> None:
+    """Refuse to mix two runs in one directory unless asked to."""
+    if (Path(config.output_dir) / CONFIG_FILE).exists() and not config.overwrite_output_dir:
+        raise ConfigError(
+            f"{config.output_dir} already holds a run ({CONFIG_FILE}); pick another output_dir or pass "
+            "--overwrite_output_dir true."
+        )
+
+
+def train(config: KTOConfig) -> Path:
+    """Train the LoRA policy with KTO; returns the directory of the final adapter."""
+    rank, world_size, _ = init_distributed(config.dist_timeout_s)
+    check_output_dir(config)
+    tokenizer = load_tokenizer(config)
+    train_set, eval_set = prepare_data(config, tokenizer)
+    n_desirable = sum(train_set["label"])
+    weights = balanced_weights(config.desirable_weight, config.undesirable_weight,
+                               n_desirable, len(train_set) - n_desirable)
+    ratio = weights[0] * n_desirable / max(weights[1] * (len(train_set) - n_desirable), 1)
+    if not 1.0 <= ratio <= 4 / 3:
+        logger.warning("lambda_D n_D / (lambda_U n_U) = %.3f is outside the paper's recommended [1, 4/3]; "
+                       "consider desirable_weight/undesirable_weight 'auto'.", ratio)
+
+    plan = BatchPlan(len(train_set), config.per_device_train_batch_size, config.gradient_accumulation_steps,
+                     world_size)
+    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * plan.steps_per_epoch)
+    ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
+    model = load_model(config)
+    engine, scheduler = build_engine(config, ds_config, SequenceLogps(model, config.logprob_chunk_size),
+                                     world_size, total_steps)
+    if rank == 0:
+        save_config(config, config.output_dir)
+    metrics = MetricsLogger(config.output_dir, config.report_to, config.to_dict(), enabled=rank == 0,
+                            run_name=config.run_name)
+    logger.info("Training %d steps of %d examples (%d ranks x %d accumulation x %d per micro-batch); "
+                "lambda_D=%.3f lambda_U=%.3f.", total_steps, plan.global_batch_size, world_size,
+                config.gradient_accumulation_steps, config.per_device_train_batch_size, *weights)
+
+    def run_eval(step: int) -> dict[str, float]:
+        result = evaluation_metrics(score_dataset(engine, eval_set, config.per_device_eval_batch_size,
+                                                  tokenizer.pad_token_id),
+                                    config.beta, weights)
+        metrics.log(result, step=step, split="eval")
+        return result
+
+    sums, z_refs, window_start = torch.zeros(len(_SUMS), device=engine.device), [], time.perf_counter()
+    progress = tqdm(total=total_steps, disable=rank != 0 or config.disable_tqdm, desc="kto")
+    last_eval = None
+    for step in range(1, total_steps + 1):
+        epoch, step_in_epoch = divmod(step - 1, plan.steps_per_epoch)
+        batches = [_to(collate(train_set, indices, tokenizer.pad_token_id), engine.device)
+                   for indices in plan.micro_batches(step_in_epoch, epoch, config.seed, rank)]
+        step_sums, z_ref = train_step(engine, batches, config, weights)
+        sums += step_sums
+        z_refs.append(z_ref)
+        progress.update(1)
+        if step % config.logging_steps == 0 or step == total_steps:
+            elapsed = time.perf_counter() - window_start
+            logged = summarize_sums(sums)
+            logged.update(kl=torch.stack(z_refs).mean().item(), grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                          learning_rate=scheduler.get_last_lr()[0], epoch=(step_in_epoch + 1) / plan.steps_per_epoch + epoch,
+                          examples_per_s=logged.pop("examples") / elapsed, tokens_per_s=logged.pop("tokens") / elapsed)
+            metrics.log(logged, step=step)
+            progress.set_postfix(loss=f"{logged['loss']:.4f}", kl=f"{logged['kl']:.3f}")
+            sums.zero_()
+            z_refs, window_start = [], time.perf_counter()
+        if eval_set is not None and config.eval_steps and step % config.eval_steps == 0:
+            last_eval = (step, run_eval(step))
+        if step % config.save_steps == 0 and step != total_steps:
+            save_adapter(model, tokenizer, config, Path(config.output_dir) / f"checkpoint-{step}")
+    progress.close()
+
+    final = Path(config.output_dir) / "adapter"
+    save_adapter(model, tokenizer, config, final)
+    if eval_set is not None and (last_eval is None or last_eval[0] != total_steps):
+        last_eval = (total_steps, run_eval(total_steps))
+    metrics.close()
+    shutdown()
+    if rank == 0:
+        if last_eval is not None:
+            print("eval: " + "  ".join(f"{k}={v:.4f}" for k, v in last_eval[1].items()))
+        print(f"adapter saved to {final}")
+    return final

@@ -1,0 +1,25 @@
+"""Every module imports, and the code is ruff-clean."""
+
+import importlib
+import pkgutil
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import kto_scale
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", sorted(m.name for m in pkgutil.walk_packages(kto_scale.__path__, "kto_scale.")))
+def test_module_imports(name):
+    importlib.import_module(name)
+
+
+def test_ruff_clean():
+    ruff = shutil.which("ruff")
+    assert ruff, "ruff is part of the test extra: pip install -e '.[test]'"
+    result = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
