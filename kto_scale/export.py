@@ -1,0 +1,428 @@
+"""Export a trained LoRA adapter: merge it into its base model, or write it as a clean peft adapter.
+
+Merging streams the base: each tensor is read on its own (`safetensors.safe_open`), targeted weights get
+`scale * B @ A` added in float32 (peft's scale: lora_alpha / r, lora_alpha / sqrt(r) with rsLoRA, per-module
+`rank_pattern`/`alpha_pattern`), and the result is cast to the output dtype and written in shards of at most
+`max_shard_size`. Peak memory is about two output shards (safetensors serialises a shard before writing it),
+one input tensor and the adapter, whatever the model's size: lower `max_shard_size` to lower it.
+
+Only plain LoRA on linear layers merges; DoRA, LoRA biases, `modules_to_save`, embedding LoRA and other peft
+variants are refused, and such adapters can still be served unmerged (peft, vLLM).
+
+Quantized training (QLoRA): an adapter trained on a 4/8-bit base merges into the original 16-bit weights, so
+the merged model differs slightly (by the quantization error) from the model it was trained against.
+
+Outputs are written into `<output>.tmp-<pid>` and renamed into place when complete, so an interrupted export
+never leaves a directory that looks like a finished one (a killed run leaves the .tmp dir; delete it).
+DeepSpeed checkpoints are pickles read by DeepSpeed's zero_to_fp32: export only checkpoints you trust.
+"""
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+# Adapter settings whose layers compute more than W x + scale * B A x: merged as plain LoRA they would be wrong.
+_UNMERGEABLE = {
+    "use_dora": "DoRA", "lora_bias": "LoRA bias terms", "modules_to_save": "modules_to_save",
+    "trainable_token_indices": "trainable token embeddings", "target_parameters": "LoRA on nn.Parameters",
+    "layer_replication": "layer replication", "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_qalora": "QA-LoRA", "arrow_config": "Arrow", "use_bdlora": "BD-LoRA", "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+}
+# These initialisations rewrite the base weights, so the adapter only fits that rewritten base.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# A normalised adapter key: `base_model.model.<module>.lora_A.weight` (peft drops the adapter name on save).
+_LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])\.weight")
+
+
+class ExportError(ValueError):
+    """Bad input to an export: the message names the file or setting and what to do."""
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """The LoRA factors of one base weight and the scale peft applies to `B @ A`."""
+
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scale: float
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as "5GB" (10**9, as HF counts), "500MiB" or "1048576"."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match[2].upper() not in units:
+        raise ExportError(f"--max_shard_size {text!r}: expected a size like 5GB, 500MB or 2GiB.")
+    return int(float(match[1]) * units[match[2].upper()])
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file's content, with an error that names the file."""
+    if not path.is_file():
+        raise ExportError(f"{path} is missing.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{path} is not valid JSON ({err}).") from err
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A torch.save'd state dict, memory-mapped so that only the tensors we touch are read."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def _weight_files(base: Path, single: str) -> list[Path]:
+    """The files listed by `<single>.index.json`, else `single` alone, else none."""
+    index = base / f"{single}.index.json"
+    if not index.is_file():
+        return [base / single] if (base / single).is_file() else []
+    weight_map = read_json(index).get("weight_map")
+    if not weight_map:
+        raise ExportError(f"{index} has no weight_map; it is not a Hugging Face weight index.")
+    files = [base / name for name in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ExportError(f"{index} lists weight files that do not exist: {missing}")
+    return files
+
+
+def base_weight_files(base: Path, allow_pickle: bool) -> list[Path]:
+    """The base model's weight files: safetensors (single or sharded), or pickled .bin with `allow_pickle`."""
+    files = _weight_files(base, "model.safetensors")
+    if files:
+        return files
+    files = _weight_files(base, "pytorch_model.bin")
+    if not files:
+        raise ExportError(f"{base} has no model.safetensors(.index.json) or pytorch_model.bin(.index.json).")
+    if not allow_pickle:
+        raise ExportError(f"{base} has only pickled pytorch_model*.bin weights, which can run code when loaded. "
+                          "Pass --allow_pickle if you trust them, or convert them to safetensors.")
+    return files
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the weight files, one at a time, in file order."""
+    for path in files:
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        else:
+            # Memory-mapped tensors may share storage (tied weights); safetensors needs each to own its own.
+            for name, tensor in _load_pickle(path).items():
+                yield name, tensor.clone()
+
+
+def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor, read from the file headers (no tensor data is loaded)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as f:
+                found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        else:
+            found = {name: tuple(t.shape) for name, t in _load_pickle(path).items()}
+        duplicates = sorted(shapes.keys() & found.keys())
+        if duplicates:
+            raise ExportError(f"{path} repeats tensors of another weight file of the base: {duplicates[:5]}")
+        shapes.update(found)
+    return shapes
+
+
+def normalize_key(key: str) -> str:
+    """peft's saved name of an adapter tensor: no wrapper prefix before `base_model.model.`, no `.default`."""
+    start = key.find("base_model.model.")
+    return re.sub(r"\.default(?=\.|$)", "", key[start:] if start >= 0 else key)
+
+
+def _deepspeed_lora_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of a DeepSpeed checkpoint (any ZeRO stage), gathered from all ranks in fp32."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), exclude_frozen_parameters=True)
+    # The gathered tensors are views into one flat buffer; safetensors needs each to own its storage.
+    return {k: v.clone() for k, v in state.items() if "lora_" in k}
+
+
+def load_adapter(source: Path, allow_pickle: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    """adapter_config.json and the normalised LoRA tensors of a peft adapter dir or a DeepSpeed checkpoint dir."""
+    if (source / "latest").is_file():  # written by DeepSpeed's save_checkpoint
+        if not (source / ADAPTER_CONFIG).is_file():
+            raise ExportError(f"{source} is a DeepSpeed checkpoint without {ADAPTER_CONFIG}; kto-scale saves it "
+                              "next to the DeepSpeed files. Copy the run's adapter_config.json into it.")
+        tensors = _deepspeed_lora_tensors(source)
+    elif (source / ADAPTER_WEIGHTS).is_file():
+        tensors = load_file(source / ADAPTER_WEIGHTS)
+    elif (source / "adapter_model.bin").is_file() and allow_pickle:
+        tensors = _load_pickle(source / "adapter_model.bin")
+    else:
+        raise ExportError(f"{source} is neither a peft adapter dir (with {ADAPTER_WEIGHTS}; a pickled "
+                          "adapter_model.bin needs --allow_pickle) nor a DeepSpeed checkpoint dir (with 'latest').")
+    normalized = {normalize_key(k): v for k, v in tensors.items()}
+    if len(normalized) != len(tensors):
+        raise ExportError(f"{source} holds some LoRA tensors twice (with and without an adapter name).")
+    return read_json(source / ADAPTER_CONFIG), normalized
+
+
+def check_mergeable(config: dict, source: Path) -> None:
+    """Refuse adapters whose layers are not plain `W + scale * B @ A`."""
+    if config.get("peft_type") != "LORA":
+        raise ExportError(f"{source / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r} is not LoRA; only "
+                          "LoRA adapters can be merged. Serve this adapter unmerged with peft.")
+    used = [what for setting, what in _UNMERGEABLE.items() if config.get(setting)]
+    if config.get("bias", "none") != "none":
+        used.append(f"bias={config['bias']!r}")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        used.append(f"init_lora_weights={init!r} (it rewrites the base weights)")
+    if used:
+        raise ExportError(f"{source / ADAPTER_CONFIG} uses {', '.join(used)}, which kto-scale cannot merge. "
+                          "The adapter can still be served unmerged (peft, vLLM).")
+
+
+def lora_modules(tensors: dict[str, torch.Tensor], source: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module name -> (A, B) from normalised adapter tensors; anything but plain linear LoRA is refused."""
+    embedding = [key for key in tensors if "lora_embedding_" in key]
+    if embedding:
+        raise ExportError(f"{source}: {embedding[0]} is embedding-layer LoRA, which kto-scale does not export "
+                          "or merge. The adapter can still be served unmerged with peft.")
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.fullmatch(key)
+        if match:
+            halves.setdefault(match["module"], {})[match["half"]] = tensor
+        else:
+            raise ExportError(f"{source}: unexpected adapter tensor {key}; kto-scale exports plain LoRA "
+                              "(lora_A/lora_B of linear layers) only. Serve this adapter unmerged with peft.")
+    incomplete = sorted(m for m, h in halves.items() if len(h) != 2)
+    if incomplete:
+        raise ExportError(f"{source}: LoRA modules without both lora_A and lora_B: {incomplete}")
+    return {module: (h["A"], h["B"]) for module, h in halves.items()}
+
+
+def _pattern_value(patterns: dict, module: str, default: float) -> float:
+    """The value of the first pattern matching the end of the module name (peft's get_pattern_key rule)."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def plan_merge(config: dict, tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+               source: Path) -> dict[str, LoraPair]:
+    """Base weight name -> its LoRA pair, after checking every pair against the base's weights."""
+    plan, problems = {}, []
+    for module, (a, b) in sorted(lora_modules(tensors, source).items()):
+        key = f"{module}.weight"
+        r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        expected = (b.shape[0], a.shape[1])
+        if config.get("fan_in_fan_out"):
+            expected = expected[::-1]
+        if key not in shapes:
+            problems.append(f"{module}: the base has no weight {key}")
+        elif a.shape[0] != r or b.shape[1] != r:
+            problems.append(f"{module}: adapter_config says r={r}, but lora_A is {tuple(a.shape)} and lora_B "
+                            f"{tuple(b.shape)}")
+        elif shapes[key] != expected:
+            problems.append(f"{module}: the base weight is {shapes[key]}, but lora_B @ lora_A is {expected}")
+        else:
+            plan[key] = LoraPair(a, b, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
+    if problems:
+        raise ExportError(f"The adapter {source} does not fit the base model; it was probably trained on "
+                          "another model. Problems:\n  " + "\n  ".join(problems))
+    return plan
+
+
+def check_architecture(base_config: dict, adapter_config: dict, base: Path, source: Path) -> None:
+    """Error when the adapter records another architecture than the base; warn when only the path differs."""
+    recorded = (adapter_config.get("auto_mapping") or {}).get("base_model_class")
+    if recorded and recorded not in base_config.get("architectures", []):
+        raise ExportError(f"{source / ADAPTER_CONFIG} was trained on a {recorded}, but {base} is a "
+                          f"{base_config.get('architectures')}. Pass the base model it was trained on.")
+    if (source / "config.json").is_file():
+        model_type = read_json(source / "config.json").get("model_type")
+        if model_type and model_type != base_config.get("model_type"):
+            raise ExportError(f"{source / 'config.json'} has model_type {model_type!r}, but {base} is "
+                              f"{base_config.get('model_type')!r}. Pass the base model it was trained on.")
+    trained_on = adapter_config.get("base_model_name_or_path")
+    if trained_on and trained_on != str(base):
+        logger.warning("The adapter was trained on %s and is merged into %s. Paths differ between machines, "
+                       "so this is only a warning; the weight shapes were checked.", trained_on, base)
+
+
+def merged_tensors(files: list[Path], plan: dict[str, LoraPair], fan_in_fan_out: bool,
+                   dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The base tensors with their LoRA deltas added, cast to `dtype` (non-float tensors are kept as they are)."""
+    for name, tensor in iter_tensors(files):
+        if name in plan:
+            pair = plan[name]
+            delta = pair.scale * (pair.b.float() @ pair.a.float())
+            tensor = tensor.float() + (delta.T if fan_in_fan_out else delta)
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+            if dtype == torch.float16 and not torch.isfinite(tensor).all():
+                raise ExportError(f"{name} overflows float16 after merging; use --dtype bf16 or fp32.")
+        yield name, tensor
+
+
+def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write one safetensors shard (HF's loaders expect the "format" metadata)."""
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, max_shard_bytes: int) -> None:
+    """Write HF shards of at most `max_shard_bytes` (a bigger tensor gets a shard of its own), with the index.
+
+    Shards get provisional names, since their count is known only at the end (one shard: model.safetensors).
+    """
+    shard_keys: list[list[str]] = []
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes = total_bytes = 0
+    for name, tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if pending and pending_bytes + size > max_shard_bytes:
+            _write_shard(pending, out / f"part-{len(shard_keys)}.safetensors")
+            shard_keys.append(list(pending))
+            pending, pending_bytes = {}, 0
+        pending[name] = tensor
+        pending_bytes += size
+        total_bytes += size
+    _write_shard(pending, out / f"part-{len(shard_keys)}.safetensors")
+    shard_keys.append(list(pending))
+
+    if len(shard_keys) == 1:
+        os.replace(out / "part-0.safetensors", out / "model.safetensors")
+        return
+    weight_map = {}
+    for i, keys in enumerate(shard_keys):
+        name = f"model-{i + 1:05d}-of-{len(shard_keys):05d}.safetensors"
+        os.replace(out / f"part-{i}.safetensors", out / name)
+        weight_map.update(dict.fromkeys(keys, name))
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copy_tokenizer(sources: list[Path], out: Path) -> None:
+    """Copy the tokenizer files of the first source directory that has any."""
+    for source in sources:
+        present = [source / name for name in TOKENIZER_FILES if (source / name).is_file()]
+        if present:
+            for path in present:
+                shutil.copy2(path, out / path.name)
+            return
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output: Path, overwrite: bool, inputs: list[Path]) -> Iterator[Path]:
+    """A temporary sibling of `output` to write into, renamed to `output` only when the block succeeds.
+
+    With `overwrite` an existing output is replaced only after the new one is complete.
+    """
+    if any(output.resolve() == path.resolve() for path in inputs):
+        raise ExportError(f"--output {output} is also an input; write the export somewhere else.")
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"--output {output} is a file; pass a directory path.")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ExportError(f"--output {output} is not empty; pass --overwrite to replace it, or another path.")
+    tmp = output.with_name(f"{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process that had the same pid
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = output.with_name(f"{output.name}.old-{os.getpid()}")
+    if output.exists():
+        os.replace(output, old)  # a directory cannot be renamed onto a non-empty one
+    os.replace(tmp, output)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _output_dtype(requested: str | None, base_config: dict, base: Path) -> torch.dtype:
+    """The requested dtype, else the base's own (config.json `dtype`, or `torch_dtype` before transformers 5)."""
+    if requested is None:
+        stored = base_config.get("dtype") or base_config.get("torch_dtype")
+        by_name = {str(d).removeprefix("torch."): d for d in DTYPES.values()}
+        if stored not in by_name:
+            raise ExportError(f"{base / 'config.json'} records no bf16/fp16/fp32 dtype ({stored!r}); pass --dtype.")
+        return by_name[stored]
+    if requested not in DTYPES:
+        raise ExportError(f"--dtype {requested!r}: choose one of {sorted(DTYPES)}.")
+    return DTYPES[requested]
+
+
+def merge_lora(base: str | Path, adapter: str | Path, output: str | Path, dtype: str | None = None,
+               max_shard_size: str = "5GB", overwrite: bool = False, allow_pickle: bool = False) -> Path:
+    """Merge a LoRA adapter (peft dir or DeepSpeed checkpoint) into its base; write an HF model dir to `output`."""
+    base, adapter, output = Path(base), Path(adapter), Path(output)
+    base_config = read_json(base / "config.json")
+    if base_config.get("quantization_config"):
+        raise ExportError(f"{base} is a quantized checkpoint; merge into the original 16-bit base model instead.")
+    out_dtype = _output_dtype(dtype, base_config, base)
+    max_bytes = parse_size(max_shard_size)
+    files = base_weight_files(base, allow_pickle)
+    adapter_config, tensors = load_adapter(adapter, allow_pickle)
+    check_mergeable(adapter_config, adapter)
+    check_architecture(base_config, adapter_config, base, adapter)
+    plan = plan_merge(adapter_config, tensors, tensor_shapes(files), adapter)
+    logger.info("Merging %d LoRA modules into %s (%d weight files) as %s", len(plan), base, len(files), out_dtype)
+
+    with atomic_output_dir(output, overwrite, inputs=[base, adapter]) as tmp:
+        write_shards(merged_tensors(files, plan, bool(adapter_config.get("fan_in_fan_out")), out_dtype),
+                     tmp, max_bytes)
+        base_config["dtype"] = str(out_dtype).removeprefix("torch.")
+        base_config.pop("torch_dtype", None)  # the pre-transformers-5 name would contradict `dtype`
+        (tmp / "config.json").write_text(json.dumps(base_config, indent=2) + "\n")
+        if (base / "generation_config.json").is_file():
+            shutil.copy2(base / "generation_config.json", tmp)
+        copy_tokenizer([adapter, base], tmp)
+    logger.info("Wrote the merged model to %s", output)
+    return output
+
+
+def export_adapter(base: str | Path, source: str | Path, output: str | Path, overwrite: bool = False,
+                   allow_pickle: bool = False) -> Path:
+    """Write a clean peft adapter dir from a peft adapter dir or a DeepSpeed checkpoint dir.
+
+    `base` (a local dir or a hub id) becomes `base_model_name_or_path`; a local base is checked against the adapter.
+    """
+    source, output = Path(source), Path(output)
+    config, tensors = load_adapter(source, allow_pickle)
+    modules = lora_modules(tensors, source)
+    if (Path(base) / "config.json").is_file():
+        base_config = read_json(Path(base) / "config.json")
+        check_architecture(base_config, config, Path(base), source)
+        plan_merge(config, tensors, tensor_shapes(base_weight_files(Path(base), allow_pickle)), source)
+    else:
+        logger.warning("%s is not a local model dir (a hub id?); the adapter is not checked against it.", base)
+    config["base_model_name_or_path"] = str(base)
+    config["inference_mode"] = True  # as peft's save_pretrained writes it
+
+    with atomic_output_dir(output, overwrite, inputs=[source, Path(base)]) as tmp:
+        # lora_modules() accepted only peft's standard names, so the normalised tensors are the adapter.
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        copy_tokenizer([source], tmp)
+    logger.info("Wrote the adapter (%d LoRA modules) to %s", len(modules), output)
+    return output
