@@ -76,15 +76,17 @@ def collate(dataset, indices: list[int], pad_id: int) -> dict[str, Tensor | dict
 
     Returns {"policy": {input_ids, attention_mask, completion_mask} [B, T], "kl": the same for the
     (prompt, mismatched completion) sequences, "desirable": [B] bool, "weight": [B] float32 (1 real,
-    0 filler), "index": [B] long (dataset row, -1 for filler)}.
+    0 filler), "index": [B] long (the dataset row each row holds), "pair_id": [B] long}.
     """
     real = [i for i in indices if i != PAD_SLOT]
     filler = real[0] if real else 0
-    rows = dataset[[filler if i == PAD_SLOT else i for i in indices]]
+    rows_used = [filler if i == PAD_SLOT else i for i in indices]
+    rows = dataset[rows_used]
     return {
         "policy": _sequences(rows["prompt_ids"], rows["completion_ids"], pad_id),
         "kl": _sequences(rows["prompt_ids"], rows["kl_completion_ids"], pad_id),
         "desirable": torch.tensor(rows["label"], dtype=torch.bool),
         "weight": torch.tensor([0.0 if i == PAD_SLOT else 1.0 for i in indices]),
-        "index": torch.tensor(indices, dtype=torch.long),
+        "index": torch.tensor(rows_used, dtype=torch.long),
+        "pair_id": torch.tensor(rows["pair_id"], dtype=torch.long),
     }

@@ -84,6 +84,11 @@ class KTOConfig:
     """lambda_D, or "auto" to balance the classes: lambda_D n_D / (lambda_U n_U) = 1."""
     undesirable_weight: float | str = 1.0
     """lambda_U, or "auto" (see desirable_weight)."""
+    ref_cache: str | None = None
+    """Directory of reference log-probs precomputed by launch/precompute_ref.py; training then skips
+    the reference forward passes and reads them from there."""
+    precompute_batch_size: int = 32
+    """Examples per forward pass of the reference precompute (no gradients: larger than training's)."""
     kl_baseline: str = "effective_batch"
     """Where z_ref is estimated: "effective_batch" (all ranks and accumulation micro-batches of an
     optimizer step, the default) or "micro_batch" (each micro-batch on its own rank, as TRL does;
@@ -156,7 +161,8 @@ class KTOConfig:
         if not self.dataset_name:
             raise ConfigError("dataset_name is not set: give a data file, a save_to_disk dir or a hub name.")
         positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                    "max_length", "logging_steps", "save_steps", "lora_r", "logprob_chunk_size", "dist_timeout_s"]
+                    "max_length", "logging_steps", "save_steps", "lora_r", "logprob_chunk_size", "dist_timeout_s",
+                    "precompute_batch_size"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}.")
@@ -169,6 +175,8 @@ class KTOConfig:
                 f"max_prompt_length ({self.max_prompt_length}) must be in [1, max_length={self.max_length}) "
                 "so that at least one completion token fits."
             )
+        if self.max_completion_length is not None and self.max_completion_length <= 0:
+            raise ConfigError(f"max_completion_length must be > 0 or null, got {self.max_completion_length}.")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
         if self.eval_fraction > 0 and self.eval_dataset_name:

@@ -12,13 +12,14 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from kto_scale.checkpoint import save_adapter
-from kto_scale.collate import PAD_SLOT, BatchPlan, collate, shard_indices
+from kto_scale.collate import BatchPlan, collate, shard_indices
 from kto_scale.config import CONFIG_FILE, ConfigError, KTOConfig, save_config
 from kto_scale.data import load_examples, split_train_eval
 from kto_scale.distributed import all_gather, all_reduce_sum, global_kl_baseline, init_distributed, shutdown
@@ -27,6 +28,9 @@ from kto_scale.loss import balanced_weights, kl_baseline, kto_losses
 from kto_scale.metrics import MetricsLogger
 from kto_scale.model import SequenceLogps, load_model, load_tokenizer, reference_mode
 from kto_scale.prepare import prepare_dataset
+
+if TYPE_CHECKING:
+    from kto_scale.ref_cache import RefCache
 
 logger = logging.getLogger(__name__)
 
@@ -58,18 +62,26 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: _to(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def no_grad_logps(engine, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
-    """(reference logps, reference KL logps, policy KL logps) of a batch, all without gradients."""
-    with reference_mode(engine.module.model):
-        reference, reference_kl = engine(**batch["policy"]), engine(**batch["kl"])
+def no_grad_logps(engine, batch: dict, cache: "RefCache | None") -> tuple[Tensor, Tensor, Tensor]:
+    """(reference logps, reference KL logps, policy KL logps) of a batch, all without gradients.
+
+    With a precomputed reference cache the two reference passes are skipped: a lookup by dataset row.
+    """
+    if cache is not None:
+        reference, reference_kl = (t.to(engine.device) for t in cache.lookup(batch["index"].cpu()))
+    else:
+        with reference_mode(engine.module.model):
+            reference, reference_kl = engine(**batch["policy"]), engine(**batch["kl"])
     with torch.no_grad():
         policy_kl = engine(**batch["kl"])
     return reference, reference_kl, policy_kl
 
 
-def train_step(engine, batches: list[dict], config: KTOConfig, weights: tuple[float, float]) -> tuple[Tensor, Tensor]:
+def train_step(
+    engine, batches: list[dict], config: KTOConfig, weights: tuple[float, float], cache: "RefCache | None"
+) -> tuple[Tensor, Tensor]:
     """One optimizer step over this rank's micro-batches; returns ([len(_SUMS)] metric sums, [] z_ref)."""
-    no_grad = [no_grad_logps(engine, b) for b in batches]
+    no_grad = [no_grad_logps(engine, b, cache) for b in batches]
     kl_ratios = [(policy_kl - reference_kl) * b["weight"] for b, (_, reference_kl, policy_kl) in zip(batches, no_grad, strict=True)]
     kl_sum = torch.stack([k.sum() for k in kl_ratios]).sum()
     z_ref, n_global = global_kl_baseline(kl_sum, sum(b["weight"].sum() for b in batches))
@@ -110,29 +122,26 @@ def summarize_sums(sums: Tensor) -> dict[str, float]:
     return out
 
 
-def score_dataset(engine, dataset, batch_size: int, pad_id: int) -> dict[str, Tensor]:
+def score_dataset(engine, dataset, batch_size: int, pad_id: int, cache: "RefCache | None") -> dict[str, Tensor]:
     """Policy and reference log-probs of every example and KL pair, gathered from all ranks.
 
     Returns [N] tensors in dataset order (filler rows removed), identical on every rank:
     index, desirable, pair_id, policy, reference, policy_kl, reference_kl.
     """
-    columns = {k: [] for k in ("index", "desirable", "pair_id", "policy", "reference", "policy_kl", "reference_kl")}
+    names = ("index", "desirable", "pair_id", "weight", "policy", "reference", "policy_kl", "reference_kl")
+    columns = {k: [] for k in names}
     for indices in shard_indices(len(dataset), batch_size, engine.world_size, engine.global_rank):
         batch = _to(collate(dataset, indices, pad_id), engine.device)
-        reference, reference_kl, policy_kl = no_grad_logps(engine, batch)
+        reference, reference_kl, policy_kl = no_grad_logps(engine, batch, cache)
         with torch.no_grad():
             policy = engine(**batch["policy"])
-        rows = [max(i, 0) for i in indices]
-        columns["index"].append(batch["index"])
-        columns["desirable"].append(batch["desirable"])
-        columns["pair_id"].append(torch.tensor(dataset[rows]["pair_id"], device=engine.device))
-        for name, value in zip(("policy", "reference", "policy_kl", "reference_kl"),
-                               (policy, reference, policy_kl, reference_kl), strict=True):
-            columns[name].append(value)
+        values = dict(policy=policy, reference=reference, policy_kl=policy_kl, reference_kl=reference_kl)
+        for name in names:
+            columns[name].append(values[name] if name in values else batch[name])
     gathered = {k: all_gather(torch.cat(v)) for k, v in columns.items()}
-    order = gathered["index"].argsort()
-    keep = order[gathered["index"][order] != PAD_SLOT]
-    return {k: v[keep] for k, v in gathered.items()}
+    real = gathered.pop("weight") > 0
+    order = gathered["index"][real].argsort()
+    return {k: v[real][order] for k, v in gathered.items()}
 
 
 def evaluation_metrics(scores: dict[str, Tensor], beta: float, weights: tuple[float, float]) -> dict[str, float]:
@@ -186,6 +195,12 @@ def train(config: KTOConfig) -> Path:
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * plan.steps_per_epoch)
     ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
     model = load_model(config)
+    caches = {}
+    if config.ref_cache:
+        from kto_scale.ref_cache import open_ref_cache
+
+        caches = {split: open_ref_cache(config.ref_cache, config, tokenizer, split, data)
+                  for split, data in (("train", train_set), ("eval", eval_set)) if data is not None}
     engine, scheduler = build_engine(config, ds_config, SequenceLogps(model, config.logprob_chunk_size),
                                      world_size, total_steps)
     if rank == 0:
@@ -198,7 +213,7 @@ def train(config: KTOConfig) -> Path:
 
     def run_eval(step: int) -> dict[str, float]:
         result = evaluation_metrics(score_dataset(engine, eval_set, config.per_device_eval_batch_size,
-                                                  tokenizer.pad_token_id),
+                                                  tokenizer.pad_token_id, caches.get("eval")),
                                     config.beta, weights)
         metrics.log(result, step=step, split="eval")
         return result
@@ -210,7 +225,7 @@ def train(config: KTOConfig) -> Path:
         epoch, step_in_epoch = divmod(step - 1, plan.steps_per_epoch)
         batches = [_to(collate(train_set, indices, tokenizer.pad_token_id), engine.device)
                    for indices in plan.micro_batches(step_in_epoch, epoch, config.seed, rank)]
-        step_sums, z_ref = train_step(engine, batches, config, weights)
+        step_sums, z_ref = train_step(engine, batches, config, weights, caches.get("train"))
         sums += step_sums
         z_refs.append(z_ref)
         progress.update(1)

@@ -113,7 +113,7 @@ def test_saved_adapter_reproduces_final_eval(one_process_run):
         scores = {"policy": module(**batch["policy"]), "policy_kl": module(**batch["kl"])}
     with reference_mode(policy):
         scores.update(reference=module(**batch["policy"]), reference_kl=module(**batch["kl"]))
-    scores.update(desirable=batch["desirable"], pair_id=torch.tensor(eval_set["pair_id"]))
+    scores.update(desirable=batch["desirable"], pair_id=batch["pair_id"])
     expected = evaluation_metrics(scores, config.beta, (config.desirable_weight, config.undesirable_weight))
     logged = _metrics(one_process_run, "eval")[-1]
     assert logged["step"] == 4
