@@ -232,6 +232,11 @@ def _coerce(name: str, value: object, annotation: object) -> object:
             return value
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if option is float and isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if option is str and isinstance(value, str):
             return value
         if typing.get_origin(option) is list:

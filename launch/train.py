@@ -8,12 +8,17 @@
 import logging
 import sys
 
-from kto_scale.assets import DEMO_CONFIG
-from kto_scale.config import load_config
+from kto_scale.config import REPO_ROOT, ConfigError, load_config
+from kto_scale.data import DataError
 from kto_scale.trainer import train
+
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = sys.argv[1:]
     has_config = any(a == "--config" or a.startswith("--config=") for a in args)
-    train(load_config(args, default_config=None if has_config else DEMO_CONFIG))
+    try:
+        train(load_config(args, default_config=None if has_config else DEMO_CONFIG))
+    except (ConfigError, DataError) as e:  # the user's settings or data: a message, not a traceback
+        sys.exit(f"error: {e}")

@@ -22,6 +22,7 @@ def test_values_parse_as_yaml():
 
 def test_int_is_accepted_for_float_but_not_the_reverse():
     assert load_config(BASE + ["--learning_rate", "1"]).learning_rate == 1.0
+    assert load_config(BASE + ["--learning_rate", "3e-3"]).learning_rate == 0.003  # YAML 1.1 gives a str
     with pytest.raises(ConfigError, match="lora_r"):
         load_config(BASE + ["--lora_r", "2.5"])
 

@@ -5,4 +5,3 @@ from pathlib import Path
 ASSETS_DIR = Path(__file__).parent
 TINY_LLAMA_DIR = ASSETS_DIR / "tiny-llama"  # config.json + tokenizer files, no weights (random init)
 DEMO_DATA = ASSETS_DIR / "demo_kto.jsonl"  # unpaired {prompt, completion, label} rows
-DEMO_CONFIG = ASSETS_DIR / "demo.yaml"  # what `python launch/train.py` runs with no arguments
