@@ -13,7 +13,7 @@ from pathlib import Path
 
 import deepspeed
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kto_scale.config import KTOConfig, save_config
 from kto_scale.distributed import barrier, is_main_process
@@ -53,3 +53,14 @@ def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, config: K
                 tokenizer.save_pretrained(tmp)
                 save_config(config, tmp)
     barrier()  # nobody reads or moves on before the directory is complete
+
+
+def save_base_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
+    """Save a randomly initialized base (init_random_weights), so its adapter can be merged or
+    reloaded later. Gathers every weight under ZeRO-3: meant for the demo's and tests' tiny models."""
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        if is_main_process():
+            with atomic_directory(path) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+    barrier()

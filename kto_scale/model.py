@@ -75,7 +75,11 @@ def load_base_model(config: KTOConfig) -> PreTrainedModel:
 
 def load_model(config: KTOConfig) -> PeftModel:
     """The base model with fresh LoRA adapters attached: the trainable policy."""
-    model = load_base_model(config)
+    return add_lora(load_base_model(config), config)
+
+
+def add_lora(model: PreTrainedModel, config: KTOConfig) -> PeftModel:
+    """Attach fresh LoRA adapters to a loaded base model (peft injects them in place)."""
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(

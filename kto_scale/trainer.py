@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kto_scale.checkpoint import save_adapter
+from kto_scale.checkpoint import save_adapter, save_base_model
 from kto_scale.collate import BatchPlan, collate, shard_indices
 from kto_scale.config import CONFIG_FILE, ConfigError, KTOConfig, save_config
 from kto_scale.data import load_examples, split_train_eval
@@ -26,7 +26,7 @@ from kto_scale.distributed import all_gather, all_reduce_sum, global_kl_baseline
 from kto_scale.engine import build_engine, resolve_deepspeed_config
 from kto_scale.loss import balanced_weights, kl_baseline, kto_losses
 from kto_scale.metrics import MetricsLogger
-from kto_scale.model import SequenceLogps, load_model, load_tokenizer, reference_mode
+from kto_scale.model import SequenceLogps, add_lora, load_base_model, load_tokenizer, reference_mode
 from kto_scale.prepare import prepare_dataset
 
 if TYPE_CHECKING:
@@ -194,7 +194,10 @@ def train(config: KTOConfig) -> Path:
                      world_size)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * plan.steps_per_epoch)
     ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
-    model = load_model(config)
+    base = load_base_model(config)
+    if config.init_random_weights:  # the adapter is only meaningful next to these exact weights
+        save_base_model(base, tokenizer, Path(config.output_dir) / "base_model")
+    model = add_lora(base, config)
     caches = {}
     if config.ref_cache:
         from kto_scale.ref_cache import open_ref_cache
