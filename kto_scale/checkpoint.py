@@ -1,22 +1,50 @@
-"""Saving what training produces: the LoRA adapter in standard peft format, atomically.
+"""Saving what training produces, atomically: adapters, full training checkpoints, and resuming.
 
-Every save directory holds `adapter_config.json` + `adapter_model.safetensors` (loadable with
-`PeftModel.from_pretrained`), the tokenizer, and the resolved `kto_config.yaml`. A directory is written
-under a temporary name and renamed when complete, so a crash never leaves one that looks whole.
+- An adapter directory holds `adapter_config.json` + `adapter_model.safetensors` (loadable with
+  `PeftModel.from_pretrained`), the tokenizer and the resolved `kto_config.yaml`.
+- A training checkpoint `checkpoint-<step>/` is an adapter directory plus `deepspeed/` (DeepSpeed's
+  optimizer, scheduler and LoRA shards; the frozen base is never written) and every rank's RNG state.
+  The data position needs no saving: batches are a pure function of (seed, step).
+
+Every directory is written under a temporary name and renamed when complete; `<output_dir>/latest`
+names the newest complete checkpoint and moves only after every rank has finished writing, so a kill
+at any moment never leaves a checkpoint that looks whole.
 """
 
 import contextlib
+import json
+import logging
 import os
+import random
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import deepspeed
+import numpy as np
+import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kto_scale.config import KTOConfig, save_config
+from kto_scale.config import CONFIG_FILE, ConfigError, KTOConfig, save_config
 from kto_scale.distributed import barrier, is_main_process
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+DEEPSPEED_TAG = "deepspeed"
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def _replace_directory(tmp: Path, path: Path) -> None:
+    """Rename tmp to path, replacing an existing path (rename cannot replace a non-empty directory)."""
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -31,27 +59,39 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():  # rename() cannot replace a non-empty directory: move the old one aside first
-        os.replace(path, old)
+    _replace_directory(tmp, path)
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
     os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, config: KTOConfig, path: Path) -> None:
+    """Rank 0 writes the adapter files into `path`; every rank must call (ZeRO-3 gathers from all).
+
+    Only the trainable LoRA parameters are gathered, never the base weights, so this stays cheap for
+    a 70B base. GatheredParameters is a no-op for parameters ZeRO does not partition (stages 0-2).
+    """
+    lora_params = [p for p in model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(lora_params, modifier_rank=None):
+        if is_main_process():
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            save_config(config, path)
 
 
 def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, config: KTOConfig, path: str | Path) -> None:
-    """Save the adapter (all ranks must call: under ZeRO-3 the LoRA weights are gathered from every rank).
-
-    Only the trainable LoRA parameters are gathered, never the base weights, so this stays cheap for a
-    70B base.
-    """
-    lora_params = [p for p in model.parameters() if p.requires_grad]
-    # A no-op for parameters that ZeRO-3 does not partition (ZeRO-0/1/2 keep full copies on each rank).
-    with deepspeed.zero.GatheredParameters(lora_params, modifier_rank=None):
-        if is_main_process():
-            with atomic_directory(path) as tmp:
-                model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-                save_config(config, tmp)
+    """Save the adapter to `path` atomically (all ranks call)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")  # the same name on every rank
+    if is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _write_adapter(model, tokenizer, config, tmp)
+    if is_main_process():
+        _replace_directory(tmp, path)
     barrier()  # nobody reads or moves on before the directory is complete
 
 
@@ -63,4 +103,105 @@ def save_base_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             with atomic_directory(path) as tmp:
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
+    barrier()
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if _CHECKPOINT.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(_CHECKPOINT.fullmatch(p.name).group(1)))
+
+
+def save_checkpoint(engine, model: PeftModel, tokenizer, config: KTOConfig, step: int) -> Path:
+    """Write `checkpoint-<step>` (all ranks call), point `latest` at it, keep the newest save_total_limit."""
+    output = Path(config.output_dir)
+    path, tmp = output / f"checkpoint-{step}", output / f".checkpoint-{step}.tmp"
+    if is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving this step
+        tmp.mkdir(parents=True)
+    barrier()
+    engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
+    torch.save(_rng_state(), tmp / f"rng_state_{engine.global_rank}.pt")
+    _write_adapter(model, tokenizer, config, tmp)
+    if is_main_process():
+        (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, "world_size": engine.world_size}))
+    barrier()  # every rank's shards are on disk before the checkpoint becomes visible
+    if is_main_process():
+        _replace_directory(tmp, path)
+        _write_atomic_text(output / LATEST, path.name)
+        if config.save_total_limit:
+            for old in checkpoints(output)[: -config.save_total_limit]:
+                shutil.rmtree(old)
+    barrier()
+    return path
+
+
+def find_checkpoint(config: KTOConfig) -> Path | None:
+    """The checkpoint `resume_from_checkpoint` names; "latest" with none saved yet means a fresh start
+    (so a requeued job that died before its first save simply starts over)."""
+    if not config.resume_from_checkpoint:
+        return None
+    if config.resume_from_checkpoint == "latest":
+        pointer = Path(config.output_dir) / LATEST
+        if not pointer.exists():
+            logger.info("No checkpoint in %s yet: starting from step 0.", config.output_dir)
+            return None
+        path = Path(config.output_dir) / pointer.read_text().strip()
+    else:
+        path = Path(config.resume_from_checkpoint)
+    if not (path / TRAINER_STATE).is_file() or not (path / DEEPSPEED_TAG).is_dir():
+        raise ConfigError(f"resume_from_checkpoint: {path} is not a complete kto-scale checkpoint "
+                          f"(it needs {TRAINER_STATE} and {DEEPSPEED_TAG}/).")
+    return path
+
+
+def load_checkpoint(engine, path: Path) -> int:
+    """Restore optimizer, scheduler, LoRA weights and this rank's RNG from `path`; return its step."""
+    state = json.loads((path / TRAINER_STATE).read_text())
+    if state["world_size"] != engine.world_size:
+        raise ConfigError(
+            f"{path} was written by {state['world_size']} ranks and this run has {engine.world_size}: "
+            "resume with the same number of ranks (the batch order and optimizer shards depend on it)."
+        )
+    loaded, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_module_strict=False,
+                                       load_optimizer_states=True, load_lr_scheduler_states=True)
+    if loaded is None:
+        raise ConfigError(f"resume_from_checkpoint: DeepSpeed could not load {path / DEEPSPEED_TAG}.")
+    _set_rng_state(torch.load(path / f"rng_state_{engine.global_rank}.pt", weights_only=False))
+    logger.info("Resumed from %s at step %d.", path, state["step"])
+    return state["step"]
+
+
+def prepare_output_dir(config: KTOConfig) -> None:
+    """Refuse to mix two runs in one directory; with overwrite_output_dir, clear the old run's
+    checkpoints and adapter first (all ranks call: everyone checks before rank 0 deletes)."""
+    output = Path(config.output_dir)
+    old_run = (output / CONFIG_FILE).exists() or bool(checkpoints(output))
+    barrier()
+    if not old_run or config.resume_from_checkpoint:
+        return
+    if not config.overwrite_output_dir:
+        raise ConfigError(
+            f"{output} already holds a run (its config or checkpoints): pass --resume_from_checkpoint latest "
+            "to continue it, --overwrite_output_dir true to replace it, or pick another output_dir."
+        )
+    if is_main_process():
+        for old in [*checkpoints(output), output / "adapter"]:
+            shutil.rmtree(old, ignore_errors=True)
+        (output / LATEST).unlink(missing_ok=True)
     barrier()

@@ -146,7 +146,12 @@ class KTOConfig:
     eval_steps: int | None = None
     """Evaluate every this many optimizer steps (and at the end); None: only at the end."""
     save_steps: int = 500
-    """Save the adapter every this many optimizer steps (and at the end)."""
+    """Write a full training checkpoint (adapter + optimizer, scheduler, RNG) every this many steps."""
+    save_total_limit: int | None = None
+    """Keep only the newest this many checkpoints; None keeps all."""
+    resume_from_checkpoint: str | None = None
+    """Continue a run: "latest" (the newest complete checkpoint in output_dir, or a fresh start when
+    there is none yet, convenient for requeued jobs) or a checkpoint directory."""
     report_to: list[str] = field(default_factory=lambda: ["none"])
     """Trackers besides the always-written metrics.jsonl: wandb, tensorboard, or none."""
     run_name: str | None = None
@@ -166,6 +171,8 @@ class KTOConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}.")
+        if self.save_total_limit is not None and self.save_total_limit <= 0:
+            raise ConfigError(f"save_total_limit must be > 0 or null, got {self.save_total_limit}.")
         if self.eval_steps is not None and self.eval_steps <= 0:
             raise ConfigError(f"eval_steps must be > 0 or null, got {self.eval_steps}.")
         if self.bf16 and self.fp16:

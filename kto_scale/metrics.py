@@ -67,7 +67,7 @@ class MetricsLogger:
         *,
         enabled: bool,
         run_name: str | None = None,
-        resume: bool = False,
+        resume_step: int | None = None,
     ) -> None:
         """Open the JSONL file and start the integrations.
 
@@ -77,7 +77,9 @@ class MetricsLogger:
             run_config: the run's configuration, recorded as the wandb run config.
             enabled: False on every rank but 0; a disabled logger writes nothing.
             run_name: the wandb display name (wandb picks one when None).
-            resume: True appends to an existing metrics.jsonl; False truncates it.
+            resume_step: when resuming from the checkpoint of this step, keep the existing lines up
+                to it (those after it were logged by the crashed run and are logged again) and
+                append; None starts a fresh file.
         """
         _check_report_to(report_to)
         self.enabled = enabled
@@ -88,7 +90,15 @@ class MetricsLogger:
             return
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(output_dir / METRICS_FILE, "a" if resume else "w", encoding="utf-8")
+        path = output_dir / METRICS_FILE
+        kept = []
+        if resume_step is not None and path.exists():
+            kept = [r for r in read_metrics(path) if r["step"] <= resume_step]
+        # Rewrite under a temporary name and rename: a crash here keeps the old file whole.
+        tmp = path.with_name(f".{METRICS_FILE}.{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, path)
+        self._file = open(path, "a", encoding="utf-8")
         if "wandb" in report_to:
             self._wandb_run = _start_wandb(output_dir, run_config, run_name)
         if "tensorboard" in report_to:

@@ -18,9 +18,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kto_scale.checkpoint import save_adapter, save_base_model
+from kto_scale.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    prepare_output_dir,
+    save_adapter,
+    save_base_model,
+    save_checkpoint,
+)
 from kto_scale.collate import BatchPlan, collate, shard_indices
-from kto_scale.config import CONFIG_FILE, ConfigError, KTOConfig, save_config
+from kto_scale.config import KTOConfig, save_config
 from kto_scale.data import load_examples, split_train_eval
 from kto_scale.distributed import all_gather, all_reduce_sum, global_kl_baseline, init_distributed, shutdown
 from kto_scale.engine import build_engine, resolve_deepspeed_config
@@ -130,6 +137,7 @@ def score_dataset(engine, dataset, batch_size: int, pad_id: int, cache: "RefCach
     """
     names = ("index", "desirable", "pair_id", "weight", "policy", "reference", "policy_kl", "reference_kl")
     columns = {k: [] for k in names}
+    engine.eval()  # no LoRA dropout while scoring
     for indices in shard_indices(len(dataset), batch_size, engine.world_size, engine.global_rank):
         batch = _to(collate(dataset, indices, pad_id), engine.device)
         reference, reference_kl, policy_kl = no_grad_logps(engine, batch, cache)
@@ -138,6 +146,7 @@ def score_dataset(engine, dataset, batch_size: int, pad_id: int, cache: "RefCach
         values = dict(policy=policy, reference=reference, policy_kl=policy_kl, reference_kl=reference_kl)
         for name in names:
             columns[name].append(values[name] if name in values else batch[name])
+    engine.train()
     gathered = {k: all_gather(torch.cat(v)) for k, v in columns.items()}
     real = gathered.pop("weight") > 0
     order = gathered["index"][real].argsort()
@@ -167,19 +176,10 @@ def evaluation_metrics(scores: dict[str, Tensor], beta: float, weights: tuple[fl
     return out
 
 
-def check_output_dir(config: KTOConfig) -> None:
-    """Refuse to mix two runs in one directory unless asked to."""
-    if (Path(config.output_dir) / CONFIG_FILE).exists() and not config.overwrite_output_dir:
-        raise ConfigError(
-            f"{config.output_dir} already holds a run ({CONFIG_FILE}); pick another output_dir or pass "
-            "--overwrite_output_dir true."
-        )
-
-
 def train(config: KTOConfig) -> Path:
     """Train the LoRA policy with KTO; returns the directory of the final adapter."""
     rank, world_size, _ = init_distributed(config.dist_timeout_s)
-    check_output_dir(config)
+    prepare_output_dir(config)
     tokenizer = load_tokenizer(config)
     train_set, eval_set = prepare_data(config, tokenizer)
     n_desirable = sum(train_set["label"])
@@ -206,10 +206,12 @@ def train(config: KTOConfig) -> Path:
                   for split, data in (("train", train_set), ("eval", eval_set)) if data is not None}
     engine, scheduler = build_engine(config, ds_config, SequenceLogps(model, config.logprob_chunk_size),
                                      world_size, total_steps)
+    checkpoint = find_checkpoint(config)
+    start_step = load_checkpoint(engine, checkpoint) if checkpoint else 0
     if rank == 0:
         save_config(config, config.output_dir)
     metrics = MetricsLogger(config.output_dir, config.report_to, config.to_dict(), enabled=rank == 0,
-                            run_name=config.run_name)
+                            run_name=config.run_name, resume_step=start_step if checkpoint else None)
     logger.info("Training %d steps of %d examples (%d ranks x %d accumulation x %d per micro-batch); "
                 "lambda_D=%.3f lambda_U=%.3f.", total_steps, plan.global_batch_size, world_size,
                 config.gradient_accumulation_steps, config.per_device_train_batch_size, *weights)
@@ -222,9 +224,9 @@ def train(config: KTOConfig) -> Path:
         return result
 
     sums, z_refs, window_start = torch.zeros(len(_SUMS), device=engine.device), [], time.perf_counter()
-    progress = tqdm(total=total_steps, disable=rank != 0 or config.disable_tqdm, desc="kto")
+    progress = tqdm(total=total_steps, initial=start_step, disable=rank != 0 or config.disable_tqdm, desc="kto")
     last_eval = None
-    for step in range(1, total_steps + 1):
+    for step in range(start_step + 1, total_steps + 1):
         epoch, step_in_epoch = divmod(step - 1, plan.steps_per_epoch)
         batches = [_to(collate(train_set, indices, tokenizer.pad_token_id), engine.device)
                    for indices in plan.micro_batches(step_in_epoch, epoch, config.seed, rank)]
@@ -244,8 +246,8 @@ def train(config: KTOConfig) -> Path:
             z_refs, window_start = [], time.perf_counter()
         if eval_set is not None and config.eval_steps and step % config.eval_steps == 0:
             last_eval = (step, run_eval(step))
-        if step % config.save_steps == 0 and step != total_steps:
-            save_adapter(model, tokenizer, config, Path(config.output_dir) / f"checkpoint-{step}")
+        if step % config.save_steps == 0:
+            save_checkpoint(engine, model, tokenizer, config, step)
     progress.close()
 
     final = Path(config.output_dir) / "adapter"

@@ -1,12 +1,27 @@
 """Fixtures shared by the test files."""
 
+from pathlib import Path
+
 import pytest
 from transformers import AutoTokenizer
 
 from kto_scale.assets import TINY_LLAMA_DIR
+from kto_scale.config import KTOConfig
+from kto_scale.model import load_base_model, load_tokenizer
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
     """The packaged tiny byte-level BPE tokenizer (BOS added on its own, chat template, no network)."""
     return AutoTokenizer.from_pretrained(TINY_LLAMA_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The packaged tiny Llama with seeded random weights, saved like a real checkpoint (every run
+    then starts from the same weights, however its ZeRO stage initializes models)."""
+    path = tmp_path_factory.mktemp("model")
+    config = KTOConfig(model_name_or_path=str(TINY_LLAMA_DIR), init_random_weights=True)
+    load_base_model(config).save_pretrained(path)
+    load_tokenizer(config).save_pretrained(path)
+    return path

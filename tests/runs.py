@@ -1,0 +1,74 @@
+"""Helpers for the end-to-end tests: tiny data, run configs, launching runs like a user would."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# The `deepspeed` launcher, run by this interpreter (the venv's bin/ need not be on PATH).
+DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
+TRAIN = [sys.executable, "launch/train.py"]
+
+
+def write_data(path: Path, n: int = 24) -> Path:
+    """n/2 arithmetic prompts, each with a right (desirable) and a wrong (undesirable) answer."""
+    rows = []
+    for i in range(n // 2):
+        a, b = i % 7 + 1, i % 5 + 2
+        prompt = f"Question {i}: what is {a} + {b}?"
+        rows.append({"prompt": prompt, "completion": f" {a} + {b} = {a + b}.", "label": True})
+        rows.append({"prompt": prompt, "completion": f" {a} + {b} = {a + b + 1}.", "label": False})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def config_file(tmp_path: Path, name: str, model: Path, **overrides) -> Path:
+    """A run config for the tiny model: 4 steps of 4 examples, logged every step, fp32, no dropout."""
+    config = {
+        "model_name_or_path": str(model),
+        "dataset_name": str(write_data(tmp_path / "data.jsonl")), "eval_fraction": 0.25,
+        "output_dir": str(tmp_path / name), "max_length": 64, "max_prompt_length": 32,
+        "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 5e-3,
+        "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "max_steps": 4, "logging_steps": 1,
+        "eval_steps": 2, "save_steps": 2, "disable_tqdm": True, "deepspeed": str(ROOT / "ds_configs/zero2.json"),
+    }
+    config.update(overrides)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without a parent's torch.distributed variables."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def run(command: list[str], timeout: int = 480) -> subprocess.CompletedProcess:
+    """Run a command from the repo root; fail the test with its output if it fails."""
+    result = subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+    return result
+
+
+def deepspeed_run(num_ranks: int, config: Path, *args: str) -> subprocess.CompletedProcess:
+    return run([*DEEPSPEED, "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
+                "launch/train.py", "--config", str(config), *args])
+
+
+def metrics(run_dir: Path, split: str) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if line["split"] == split]
