@@ -179,6 +179,8 @@ def evaluation_metrics(scores: dict[str, Tensor], beta: float, weights: tuple[fl
 def train(config: KTOConfig) -> Path:
     """Train the LoRA policy with KTO; returns the directory of the final adapter."""
     rank, world_size, _ = init_distributed(config.dist_timeout_s)
+    if rank != 0:  # one copy of the log, not one per rank
+        logging.getLogger("kto_scale").setLevel(logging.WARNING)
     prepare_output_dir(config)
     tokenizer = load_tokenizer(config)
     train_set, eval_set = prepare_data(config, tokenizer)

@@ -7,6 +7,7 @@
 
 import logging
 import sys
+import warnings
 
 from kto_scale.config import REPO_ROOT, ConfigError, load_config
 from kto_scale.data import DataError
@@ -16,6 +17,8 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # DeepSpeed calls torch.distributed functions that torch has deprecated: one warning per call.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     args = sys.argv[1:]
     has_config = any(a == "--config" or a.startswith("--config=") for a in args)
     try:

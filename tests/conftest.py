@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from runs import TRAIN, config_file, run
 from transformers import AutoTokenizer
 
 from kto_scale.assets import TINY_LLAMA_DIR
@@ -25,3 +26,12 @@ def tiny_model(tmp_path_factory) -> Path:
     load_base_model(config).save_pretrained(path)
     load_tokenizer(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def one_process_run(tmp_path_factory, tiny_model) -> Path:
+    """The reference run: plain `python launch/train.py`, 1 rank x 2 accumulation x 2 per
+    micro-batch, ZeRO-2, 4 steps. Runs with other layouts of the same global batch must match it."""
+    tmp_path = tmp_path_factory.mktemp("one")
+    run([*TRAIN, "--config", str(config_file(tmp_path, "run", tiny_model))])
+    return tmp_path / "run"

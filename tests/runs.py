@@ -51,10 +51,10 @@ def free_port() -> int:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without a parent's torch.distributed variables."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    return env
+    return {**env, **extra}
 
 
 def run(command: list[str], timeout: int = 480) -> subprocess.CompletedProcess:

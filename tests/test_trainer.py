@@ -3,25 +3,17 @@
 
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
-from runs import ROOT, TRAIN, config_file, deepspeed_run, metrics, run
+from runs import ROOT, config_file, deepspeed_run, metrics, run
 from safetensors.torch import load_file
 
 from kto_scale.collate import collate
 from kto_scale.config import load_run_config
 from kto_scale.model import SequenceLogps, load_base_model, load_tokenizer, reference_mode
 from kto_scale.trainer import evaluation_metrics, prepare_data
-
-
-@pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory, tiny_model) -> Path:
-    tmp_path = tmp_path_factory.mktemp("one")
-    run([*TRAIN, "--config", str(config_file(tmp_path, "run", tiny_model))])
-    return tmp_path / "run"
 
 
 def test_one_process_run_trains_and_saves(one_process_run):

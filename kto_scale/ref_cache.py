@@ -1,0 +1,423 @@
+"""Reference log-probs computed once, ahead of training, and read back by dataset row.
+
+The reference is the frozen base model (adapters off), so its log-prob of every example and of every
+KL pair never changes during training. `precompute` (launch/precompute_ref.py) computes them once;
+training with `ref_cache` set then skips both reference forward passes of every micro-batch.
+
+A cache directory holds:
+- `<split>-<NNNNN>.safetensors` shards (split = train or eval), each the values of a set of dataset
+  rows: "row" [n] int64, "key" [n] uint64 (a hash of the row's token ids and label), "reference" and
+  "reference_kl" [n] float32. The header metadata holds the run's fingerprint id and a checksum of the
+  arrays, so a shard can be verified without the manifest (which a killed precompute never wrote).
+- `manifest.json`, written last: format version, the fingerprint of everything the numbers depend on
+  (model, tokenizer, each split's token ids, lengths, data seed, dtype) and each shard's sha256.
+
+Every file is written to a temporary name and renamed. Precompute sorts a split by length (longest
+first, so a batch holds sequences of similar length and little padding) and cuts it into shards of
+SHARD_STEPS batches per rank; rank r scores every world_size-th batch of a shard, the shard is gathered
+to rank 0 and rank 0 writes it. Run again after a kill, it keeps the shards that verify and redoes
+the rest.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+import deepspeed
+import numpy as np
+import torch
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, is_deepspeed_zero3_enabled
+from transformers.utils import cached_file
+
+from kto_scale.collate import collate, shard_indices
+from kto_scale.config import ConfigError, KTOConfig
+from kto_scale.distributed import all_gather, all_reduce_sum, init_distributed, shutdown
+from kto_scale.engine import resolve_deepspeed_config
+from kto_scale.model import SequenceLogps, load_model, load_tokenizer, reference_mode, train_dtype
+from kto_scale.trainer import prepare_data
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_STEPS = 16  # forward batches per rank in a shard: the most work a kill can lose
+TOKEN_COLUMNS = ("prompt_ids", "completion_ids", "kl_completion_ids")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+WEIGHT_SAMPLES, SAMPLE_BYTES = 16, 1 << 16  # bytes read per weight file: 1 MiB, whatever its size
+
+
+class RefCacheError(ConfigError):
+    """The reference cache is incomplete, corrupted, or was computed for another run."""
+
+
+# --- what the numbers depend on -------------------------------------------------------------------
+
+
+def _token_arrays(dataset: datasets.Dataset) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """Each token column as ([N+1] offsets, [total] int64 ids), and [N] int64 labels.
+
+    Read straight from the Arrow table, never as Python lists: fast for millions of rows.
+    """
+    table = dataset.with_format("arrow")[:]
+    columns = []
+    for name in TOKEN_COLUMNS:
+        ids = table.column(name).combine_chunks()
+        offsets = ids.offsets.to_numpy()
+        columns.append((offsets - offsets[0], ids.flatten().to_numpy().astype(np.int64, copy=False)))
+    return columns, table.column("label").to_numpy().astype(np.int64)
+
+
+def dataset_hash(dataset: datasets.Dataset) -> str:
+    """sha256 of a prepared split's token columns and labels."""
+    columns, labels = _token_arrays(dataset)
+    digest = hashlib.sha256()
+    for name, (offsets, ids) in zip(TOKEN_COLUMNS, columns, strict=True):
+        digest.update(name.encode())
+        digest.update(offsets.astype(np.int64).tobytes())
+        digest.update(ids.tobytes())
+    digest.update(labels.tobytes())
+    return digest.hexdigest()
+
+
+def example_keys(dataset: datasets.Dataset) -> np.ndarray:
+    """[N] uint64: for each row a 64-bit hash of its prompt, completion and KL completion ids and label."""
+    columns, labels = _token_arrays(dataset)
+    # Lengths in front of the ids make the byte string unambiguous (no separators needed).
+    header = np.stack([np.diff(offsets) for offsets, _ in columns] + [labels], axis=1).astype(np.int64)
+    header_bytes, width = memoryview(np.ascontiguousarray(header)).cast("B"), header.shape[1] * 8
+    ids_bytes = [(memoryview(ids).cast("B"), offsets * ids.itemsize) for offsets, ids in columns]
+    keys = np.empty(len(labels), dtype=np.uint64)
+    for i in range(len(labels)):
+        digest = hashlib.blake2b(header_bytes[i * width : (i + 1) * width], digest_size=8)
+        for data, starts in ids_bytes:
+            digest.update(data[starts[i] : starts[i + 1]])
+        keys[i] = int.from_bytes(digest.digest(), "little")
+    return keys
+
+
+def _weights_fingerprint(config: KTOConfig, model_dir: Path) -> str:
+    """A hash of the weight files' names, sizes and 16 evenly spaced 64 KiB samples of their bytes.
+
+    Sampling (the safetensors header included) tells retrained weights apart without reading
+    multi-GB files, and unlike mtimes it survives copying the model to another disk.
+    """
+    if config.init_random_weights:  # seeded, but ZeRO-3's partitioned init draws other numbers
+        return f"random init, seed {config.seed}, zero3 {is_deepspeed_zero3_enabled()}"
+    files = sorted(p for p in model_dir.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise RefCacheError(f"{model_dir} has no weight files ({', '.join(WEIGHT_SUFFIXES)}) to fingerprint.")
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size};".encode())
+        with path.open("rb") as f:
+            for offset in np.linspace(0, max(size - SAMPLE_BYTES, 0), WEIGHT_SAMPLES, dtype=np.int64):
+                f.seek(int(offset))
+                digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def run_fingerprint(config: KTOConfig, tokenizer, splits: dict[str, datasets.Dataset | None]) -> dict:
+    """Everything the cached numbers depend on, as JSON values; "dataset/<split>" for each split given.
+
+    Call after the model is loaded: a hub model's files are then in the local cache.
+    """
+    model_dir = Path(cached_file(config.model_name_or_path, "config.json", revision=config.model_revision)).parent
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return {
+        "model_name_or_path": config.model_name_or_path,
+        "model_revision": config.model_revision,
+        "model_config": json.loads((model_dir / "config.json").read_text()),
+        "model_weights": _weights_fingerprint(config, model_dir),
+        "adapter": None,  # the reference is the bare base; a reference adapter's hash would go here
+        "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(),
+        "dtype": str(train_dtype(config)).removeprefix("torch."),
+        "max_length": config.max_length,
+        "max_prompt_length": config.max_prompt_length,
+        "max_completion_length": config.max_completion_length,
+        "data_seed": config.data_seed,
+        **{f"dataset/{split}": None if data is None else dataset_hash(data) for split, data in splits.items()},
+    }
+
+
+def _differences(cache: dict, run: dict, prefix: str = "") -> list[str]:
+    """One "field: cache X, run Y" line per differing field (nested dicts by dotted name)."""
+    lines = []
+    for key in sorted(cache.keys() | run.keys()):
+        a, b = cache.get(key), run.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: cache {a!r}, run {b!r}")
+    return lines
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+# --- files ----------------------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, flush it to disk, rename: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
+    return digest.hexdigest()
+
+
+def _write_shard(path: Path, rows: np.ndarray, keys: np.ndarray, values: Tensor, fingerprint_id: str) -> str:
+    """Write one shard ([n] rows and keys, [n, 2] reference and KL reference logps); return its sha256."""
+    if not torch.isfinite(values).all():
+        bad = rows[~torch.isfinite(values).all(dim=1).numpy()]
+        raise RefCacheError(f"The reference gave non-finite log-probs for rows {bad[:10].tolist()} of {path.name} "
+                            "(fp16 overflow?); try bf16 or fp32.")
+    columns = values.numpy().T.copy()  # contiguous: safetensors writes an array's memory as it lies
+    arrays = {"row": rows.astype(np.int64), "key": keys, "reference": columns[0], "reference_kl": columns[1]}
+    data = save_safetensors(arrays, metadata={"fingerprint": fingerprint_id, "arrays_sha256": _arrays_sha256(arrays)})
+    _write_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_shard(path: Path) -> tuple[str, dict[str, str], dict[str, np.ndarray]]:
+    """(sha256 of the file, its header metadata, its arrays)."""
+    data = path.read_bytes()
+    header_size = int.from_bytes(data[:8], "little")  # safetensors: u64 header size, then a JSON header
+    metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__", {})
+    return hashlib.sha256(data).hexdigest(), metadata, load_safetensors(data)
+
+
+def _finished_shard(path: Path, fingerprint_id: str, rows: np.ndarray) -> str | None:
+    """The sha256 of a shard a previous precompute finished for this run and these rows, else None."""
+    try:
+        sha, metadata, arrays = _read_shard(path)
+    except Exception as e:  # unreadable: redo it
+        logger.warning("Redoing %s: it does not read as a shard (%s).", path, e)
+        return None
+    if (metadata.get("fingerprint") == fingerprint_id and metadata.get("arrays_sha256") == _arrays_sha256(arrays)
+            and np.array_equal(arrays["row"], rows)):
+        return sha
+    logger.warning("Redoing %s: it holds other rows, another run's values, or is corrupted.", path)
+    return None
+
+
+# --- precompute -----------------------------------------------------------------------------------
+
+
+def length_order(dataset: datasets.Dataset) -> np.ndarray:
+    """[N] rows sorted by their longest sequence (prompt + completion or KL completion), longest first."""
+    (prompts, _), (completions, _), (kl_completions, _) = _token_arrays(dataset)[0]
+    lengths = np.diff(prompts) + np.maximum(np.diff(completions), np.diff(kl_completions))
+    return np.argsort(-lengths, kind="stable")
+
+
+def _inference_engine(config: KTOConfig, ds_config: HfTrainerDeepSpeedConfig, model) -> deepspeed.DeepSpeedEngine:
+    """A DeepSpeed engine around SequenceLogps(model) for forward passes only: no optimizer, no scheduler."""
+    for section in ("optimizer", "scheduler"):  # a training JSON is reused as is
+        ds_config.config.pop(section, None)
+    if not ds_config.is_zero3():
+        # ZeRO-1/2 partition only optimizer state and gradients, and DeepSpeed refuses them without an
+        # optimizer; stage 0 keeps the same full copy of the weights on each rank.
+        ds_config.config["zero_optimization"] = {"stage": 0}
+    try:  # fills the "auto" sizes that depend on the model's hidden size
+        ds_config.trainer_config_finalize(SimpleNamespace(get_warmup_steps=lambda steps: 0), model, 1)
+    except ValueError as e:
+        raise ConfigError(f"{config.deepspeed}: {e}") from e
+    engine, *_ = deepspeed.initialize(model=SequenceLogps(model, config.logprob_chunk_size), config=ds_config.config)
+    engine.eval()
+    return engine
+
+
+def _reference_logps(engine, subset: datasets.Dataset, batch_size: int, pad_id: int) -> Tensor:
+    """[n, 3] (reference logp, reference KL logp, tokens) of every row of `subset`, in its order, on CPU.
+
+    Rank r scores every world_size-th batch; a rank short of examples scores weight-0 filler rows, so
+    every rank runs the same forward passes (under ZeRO-3 each one gathers parameters from all ranks).
+    """
+    rows, weights, values = [], [], []
+    for indices in shard_indices(len(subset), batch_size, engine.world_size, engine.global_rank):
+        batch = collate(subset, indices, pad_id)
+        policy, kl = ({k: v.to(engine.device) for k, v in batch[name].items()} for name in ("policy", "kl"))
+        with reference_mode(engine.module.model):
+            logps = [engine(**policy), engine(**kl)]
+        tokens = (policy["attention_mask"].sum(-1) + kl["attention_mask"].sum(-1)).float()
+        values.append(torch.stack([*logps, tokens], dim=1))
+        rows.append(batch["index"])
+        weights.append(batch["weight"])
+    real = all_gather(torch.cat(weights).to(engine.device)) > 0
+    out = torch.full((len(subset), 3), float("nan"), device=engine.device)  # a row left out stays NaN
+    out[all_gather(torch.cat(rows).to(engine.device))[real]] = all_gather(torch.cat(values))[real]
+    return out.cpu()
+
+
+def _precompute_split(engine, config: KTOConfig, dataset: datasets.Dataset, split: str, fingerprint_id: str,
+                      pad_id: int) -> list[dict]:
+    """Write the shards of one split that no earlier precompute finished; return the manifest entries.
+
+    Rank 0 decides which shards are finished and tells the others, so all ranks run the same passes.
+    """
+    cache_dir, rank, batch_size = Path(config.ref_cache), engine.global_rank, config.precompute_batch_size
+    keys, order = example_keys(dataset), length_order(dataset)
+    size = batch_size * engine.world_size * SHARD_STEPS
+    shards = [order[i : i + size] for i in range(0, len(order), size)]
+    paths = [cache_dir / f"{split}-{s:05d}.safetensors" for s in range(len(shards))]
+    shas = [_finished_shard(p, fingerprint_id, r) if rank == 0 and p.exists() else None
+            for p, r in zip(paths, shards, strict=True)]
+    if rank == 0:  # shards of an earlier layout (another batch size or number of ranks)
+        for stale in set(cache_dir.glob(f"{split}-*.safetensors")) - set(paths):
+            stale.unlink()
+    finished = all_reduce_sum(torch.tensor([sha is not None for sha in shas], device=engine.device).long()) > 0
+    if finished.any():
+        logger.info("%s: keeping %d of %d shards from an earlier precompute.", split, finished.sum().item(), len(shards))
+
+    start, tokens = time.perf_counter(), 0.0
+    progress = tqdm(total=len(dataset), disable=rank != 0 or config.disable_tqdm, desc=f"reference {split}")
+    for s, (path, rows) in enumerate(zip(paths, shards, strict=True)):
+        if not finished[s]:
+            values = _reference_logps(engine, dataset.select(rows), batch_size, pad_id)
+            tokens += values[:, 2].sum().item()
+            if rank == 0:
+                shas[s] = _write_shard(path, rows, keys[rows], values[:, :2], fingerprint_id)
+        progress.update(len(rows))
+    progress.close()
+    seconds = time.perf_counter() - start
+    logger.info("%s: %d examples, %d tokens scored in %.1f s (%.0f tokens/s).",
+                split, len(dataset), tokens, seconds, tokens / max(seconds, 1e-9))
+    return [{"file": p.name, "sha256": sha, "examples": len(r)} for p, sha, r in zip(paths, shas, shards, strict=True)]
+
+
+def _prepare_cache_dir(cache_dir: Path, fingerprint: dict) -> None:
+    """Refuse a finished cache of another run; otherwise drop the manifest (it is rewritten last) and
+    the temporary files a kill left behind."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    manifest = cache_dir / MANIFEST
+    if manifest.exists():
+        old = json.loads(manifest.read_text()).get("fingerprint", {})
+        differences = _differences(old, fingerprint)
+        if differences:
+            raise RefCacheError(f"{cache_dir} holds the finished cache of another run; it differs in\n  "
+                                + "\n  ".join(differences) + "\nChoose another --ref_cache or delete it.")
+        manifest.unlink()
+    for tmp in cache_dir.glob(".*.tmp-*"):
+        tmp.unlink()
+
+
+def precompute(config: KTOConfig) -> Path:
+    """Compute the reference log-probs of every train and eval example and KL pair into config.ref_cache.
+
+    Every rank calls this (`deepspeed launch/precompute_ref.py`); rank 0 writes the files.
+    """
+    if not config.ref_cache:
+        raise ConfigError("ref_cache is not set: pass --ref_cache DIR, the directory to write the cache to.")
+    rank, world_size, _ = init_distributed(config.dist_timeout_s)
+    tokenizer = load_tokenizer(config)
+    splits = dict(zip(("train", "eval"), prepare_data(config, tokenizer), strict=True))
+    ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
+    engine = _inference_engine(config, ds_config, load_model(config))
+    fingerprint = run_fingerprint(config, tokenizer, splits)
+    cache_dir = Path(config.ref_cache)
+    if rank == 0:
+        _prepare_cache_dir(cache_dir, fingerprint)
+    manifest = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "splits": {}}
+    for split, data in splits.items():
+        if data is not None:
+            manifest["splits"][split] = _precompute_split(engine, config, data, split, _digest(fingerprint),
+                                                          tokenizer.pad_token_id)
+    if rank == 0:
+        _write_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+        logger.info("Reference cache written to %s.", cache_dir)
+    shutdown()
+    return cache_dir
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+class RefCache:
+    """The reference log-probs of one split, by dataset row (checked complete and matching when opened)."""
+
+    def __init__(self, reference: Tensor, reference_kl: Tensor):
+        self.reference, self.reference_kl = reference, reference_kl
+
+    def lookup(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """[B] long dataset rows -> ([B] reference logps, [B] reference KL logps), float32 on CPU."""
+        if len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < len(self.reference):
+            raise RefCacheError(f"Rows {rows.tolist()} are not all in the cache's {len(self.reference)} examples.")
+        return self.reference[rows], self.reference_kl[rows]
+
+
+def _load_split(cache_dir: Path, shards: list[dict], keys: np.ndarray, split: str) -> np.ndarray:
+    """[N, 2] reference and KL reference logps by row; every shard checksummed, every row present once."""
+    values, seen = np.full((len(keys), 2), np.nan, dtype=np.float32), np.zeros(len(keys), dtype=bool)
+    for shard in shards:
+        path = cache_dir / shard["file"]
+        if not path.is_file():
+            raise RefCacheError(f"{path} is missing; rerun launch/precompute_ref.py with --ref_cache {cache_dir} "
+                                "(finished shards are kept).")
+        sha, _, arrays = _read_shard(path)
+        if sha != shard["sha256"]:
+            raise RefCacheError(f"{path} is corrupted: its sha256 is not the one in {MANIFEST}. Rerun "
+                                f"launch/precompute_ref.py with --ref_cache {cache_dir}: it redoes that shard.")
+        rows = arrays["row"]
+        if ((rows < 0) | (rows >= len(keys))).any() or seen[rows].any():
+            raise RefCacheError(f"{path} holds rows outside the {split} split's {len(keys)}, or rows of another shard.")
+        wrong = rows[arrays["key"] != keys[rows]]
+        if len(wrong):
+            raise RefCacheError(f"{path}: rows {wrong[:10].tolist()} of the {split} split hold other examples "
+                                "than this run's; precompute the cache again for this data.")
+        values[rows] = np.stack([arrays["reference"], arrays["reference_kl"]], axis=1)
+        seen[rows] = True
+    missing = np.flatnonzero(~seen)
+    if len(missing):
+        raise RefCacheError(f"{cache_dir}: {len(missing)} of the {len(keys)} {split} examples are not in the cache "
+                            f"(rows {missing[:10].tolist()}); precompute it again.")
+    return values
+
+
+def open_ref_cache(cache_dir: str, config: KTOConfig, tokenizer, split: str, dataset: datasets.Dataset) -> RefCache:
+    """Validate the cache against this run and load the split's values.
+
+    Raises RefCacheError naming every field that differs ("max_length: cache 512, run 1024"), or the
+    shard that is missing, corrupted or holds other examples.
+    """
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise RefCacheError(f"{path} does not exist: the precompute into {cache_dir} never ran or did not finish. "
+                            f"Run (or rerun: it resumes) launch/precompute_ref.py with --ref_cache {cache_dir}.")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise RefCacheError(f"{path} has format version {manifest.get('format_version')}; this kto-scale reads "
+                            f"version {FORMAT_VERSION}. Precompute the cache again.")
+    run = run_fingerprint(config, tokenizer, {split: dataset})
+    differences = _differences({k: manifest["fingerprint"].get(k) for k in run}, run)
+    if differences:
+        raise RefCacheError(f"{cache_dir} was precomputed for another run ({split} split); it differs in\n  "
+                            + "\n  ".join(differences) + "\nPrecompute a cache for this config or train without "
+                            "ref_cache.")
+    values = _load_split(Path(cache_dir), manifest["splits"][split], example_keys(dataset), split)
+    logger.info("Reference log-probs of %d %s examples read from %s.", len(values), split, cache_dir)
+    return RefCache(torch.from_numpy(values[:, 0].copy()), torch.from_numpy(values[:, 1].copy()))

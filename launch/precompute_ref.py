@@ -1,0 +1,22 @@
+"""Precompute the reference log-probs of a run's data once, so that training skips the reference passes.
+
+    python launch/precompute_ref.py --config configs/my.yaml --ref_cache cache/my-ref
+    deepspeed --num_gpus 8 launch/precompute_ref.py --config configs/my.yaml --ref_cache cache/my-ref
+    deepspeed --num_gpus 8 launch/train.py --config configs/my.yaml --ref_cache cache/my-ref
+
+Stopped or killed, the same command resumes: the finished shards are kept.
+"""
+
+import logging
+import sys
+
+from kto_scale.config import ConfigError, load_config
+from kto_scale.data import DataError
+from kto_scale.ref_cache import precompute
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        precompute(load_config(sys.argv[1:]))
+    except (ConfigError, DataError) as e:  # the user's settings, data or cache: a message, not a traceback
+        sys.exit(f"error: {e}")

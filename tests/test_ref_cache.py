@@ -1,0 +1,180 @@
+"""The precomputed reference cache, end to end on the tiny Llama: a killed precompute resumes; an
+uneven two-rank precompute equals a one-rank one; training from the cache logs the numbers of
+training with the reference computed on the fly (one rank, and two ZeRO-3 ranks); caches that are
+incomplete, corrupted or of another run are refused."""
+
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from runs import DEEPSPEED, ROOT, TRAIN, clean_env, config_file, free_port, metrics, run, write_data
+from safetensors.numpy import load_file, save_file
+
+from kto_scale.collate import collate
+from kto_scale.config import load_config
+from kto_scale.model import SequenceLogps, load_model, load_tokenizer, reference_mode
+from kto_scale.ref_cache import MANIFEST, RefCacheError, open_ref_cache
+from kto_scale.trainer import prepare_data
+
+PRECOMPUTE = [sys.executable, "launch/precompute_ref.py"]
+SPLITS = ("train", "eval")
+
+
+def _data(config_path: Path, **overrides) -> tuple:
+    """(config, tokenizer, {split: prepared dataset}) as a run of this config file sees them."""
+    config = load_config(["--config", str(config_path), *[f"--{k}={v}" for k, v in overrides.items()]])
+    tokenizer = load_tokenizer(config)
+    return config, tokenizer, dict(zip(SPLITS, prepare_data(config, tokenizer), strict=True))
+
+
+def _lookup_all(config_path: Path, cache_dir: Path, split: str, **overrides) -> tuple[torch.Tensor, torch.Tensor]:
+    """Open the cache as training does and look up every row of the split."""
+    config, tokenizer, splits = _data(config_path, **overrides)
+    cache = open_ref_cache(str(cache_dir), config, tokenizer, split, splits[split])
+    return cache.lookup(torch.arange(len(splits[split])))
+
+
+def _kill_after_first_shard(command: list[str], cache: Path, log: Path) -> None:
+    """Start a precompute and SIGKILL it as soon as its first shard file is on disk."""
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while not (cache / "train-00000.safetensors").exists() and process.poll() is None:
+            assert time.monotonic() < deadline, "no shard written within 120 s"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL, log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model) -> dict:
+    """201 examples (151 train, 50 eval: uneven over 2 ranks x 4), configs for one rank (ZeRO-2, one
+    example per precompute batch) and two ranks (ZeRO-3, four), and their caches. The one-rank cache
+    comes from a precompute killed once its first shard was written, then run again."""
+    tmp = tmp_path_factory.mktemp("ref_cache")
+    data = write_data(tmp / "odd.jsonl", 200)
+    with data.open("a") as f:
+        f.write(json.dumps({"prompt": "Question 999: what is 2 + 2?", "completion": " 4.", "label": True}) + "\n")
+    # No intermediate checkpoints or evaluations: the final evaluation is enough here, and quicker.
+    common = dict(dataset_name=str(data), save_steps=1000, eval_steps=None)
+    one = config_file(tmp, "one", tiny_model, precompute_batch_size=1, **common)
+    two = config_file(tmp, "two", tiny_model, precompute_batch_size=4, gradient_accumulation_steps=1,
+                      deepspeed=str(ROOT / "ds_configs/zero3.json"), **common)
+    command = [*PRECOMPUTE, "--config", str(one), "--ref_cache", str(tmp / "cache1")]
+    _kill_after_first_shard(command, tmp / "cache1", tmp / "killed.log")
+    killed = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (tmp / "cache1").glob("*.safetensors")}
+    resumed_log = run(command).stderr
+    run([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/precompute_ref.py",
+         "--config", str(two), "--ref_cache", str(tmp / "cache2")])
+    return {"tmp": tmp, "one": one, "two": two, "cache1": tmp / "cache1", "cache2": tmp / "cache2",
+            "killed": killed, "resumed_log": resumed_log}
+
+
+def test_killed_precompute_resumes_and_holds_the_reference(setup):
+    """The rerun kept the shards finished before the kill, and every value is the row's reference."""
+    assert setup["killed"]
+    train_kept = sum(name.startswith("train") for name in setup["killed"])
+    assert f"train: keeping {train_kept} of 10 shards" in setup["resumed_log"]
+    for name, stat in setup["killed"].items():  # kept as they were, not rewritten
+        assert ((setup["cache1"] / name).stat().st_ino, (setup["cache1"] / name).stat().st_mtime_ns) == stat
+
+    config, tokenizer, splits = _data(setup["one"])
+    model = load_model(config)
+    for split, data in splits.items():
+        batch = collate(data, list(range(len(data))), tokenizer.pad_token_id)
+        with reference_mode(model):  # one plain batch, no DeepSpeed
+            expected = SequenceLogps(model)(**batch["policy"]), SequenceLogps(model)(**batch["kl"])
+        for got, want in zip(_lookup_all(setup["one"], setup["cache1"], split), expected, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_two_rank_uneven_precompute_equals_one_rank(setup):
+    """Neither split fills the last 2 x 4 batches, so a rank scores filler rows; no hang, same values."""
+    for split in SPLITS:
+        one = _lookup_all(setup["one"], setup["cache1"], split)
+        two = _lookup_all(setup["two"], setup["cache2"], split)
+        assert len(one[0]) % 8
+        for a, b in zip(one, two, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_training_from_cache_matches_on_the_fly(setup, ranks):
+    """Per-step train metrics and the eval metrics are those of computing the reference in every step."""
+    config = setup["one" if ranks == 1 else "two"]
+    launch = TRAIN if ranks == 1 else [*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
+                                       "launch/train.py"]
+    runs = {name: setup["tmp"] / f"{name}-{ranks}" for name in ("fly", "cached")}
+    run([*launch, "--config", str(config), "--output_dir", str(runs["fly"])])
+    run([*launch, "--config", str(config), "--output_dir", str(runs["cached"]), "--ref_cache", str(setup["cache1"])])
+    for split in SPLITS:
+        fly, cached = metrics(runs["fly"], split), metrics(runs["cached"], split)
+        assert [m["step"] for m in fly] == [m["step"] for m in cached] and fly
+        for a, b in zip(fly, cached, strict=True):
+            assert a.keys() == b.keys()
+            for key in a.keys() - {"split", "time", "examples_per_s", "tokens_per_s"}:  # loss, kl, rewards, ...
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (split, a["step"], key)
+
+
+def test_refuses_a_cache_of_another_run(setup):
+    """Each differing field is named; another data_seed pairs other KL completions: the data differs too."""
+    with pytest.raises(RefCacheError) as error:
+        _lookup_all(setup["one"], setup["cache1"], "train", max_length=128, data_seed=7)
+    for line in ("max_length: cache 64, run 128", "data_seed: cache 42, run 7", "dataset/train: cache '"):
+        assert line in str(error.value)
+
+
+def _copy_cache(setup, name: str) -> tuple[Path, dict, Path]:
+    """A copy of the one-rank cache, its manifest and its first train shard, to break."""
+    cache = shutil.copytree(setup["cache1"], setup["tmp"] / name)
+    manifest = json.loads((cache / MANIFEST).read_text())
+    return cache, manifest, cache / manifest["splits"]["train"][0]["file"]
+
+
+def _rewrite_shard(cache: Path, manifest: dict, shard: Path, arrays: dict) -> None:
+    """Replace the first train shard and record its new checksum, as if the precompute had written it."""
+    save_file(arrays, shard)
+    manifest["splits"]["train"][0]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (cache / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_unfinished_cache_is_an_error(setup):
+    cache, _, _ = _copy_cache(setup, "unfinished")
+    (cache / MANIFEST).unlink()  # what a killed precompute leaves: shards, no manifest
+    with pytest.raises(RefCacheError, match="did not finish"):
+        _lookup_all(setup["one"], cache, "train")
+
+
+def test_corrupted_shard_is_an_error(setup):
+    cache, _, shard = _copy_cache(setup, "corrupted")
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x01  # one flipped bit in a value
+    shard.write_bytes(bytes(data))
+    with pytest.raises(RefCacheError, match="is corrupted"):
+        _lookup_all(setup["one"], cache, "train")
+
+
+def test_missing_example_is_an_error(setup):
+    cache, manifest, shard = _copy_cache(setup, "missing")
+    arrays = load_file(shard)
+    dropped = int(arrays["row"][0])
+    _rewrite_shard(cache, manifest, shard, {k: v[1:] for k, v in arrays.items()})
+    with pytest.raises(RefCacheError, match=rf"1 of the 151 train examples are not in the cache \(rows \[{dropped}\]\)"):
+        _lookup_all(setup["one"], cache, "train")
+
+
+def test_other_example_under_a_row_is_an_error(setup):
+    cache, manifest, shard = _copy_cache(setup, "other_key")
+    arrays = load_file(shard)
+    arrays["key"][2] += np.uint64(1)
+    _rewrite_shard(cache, manifest, shard, arrays)
+    with pytest.raises(RefCacheError, match=rf"rows \[{arrays['row'][2]}\] of the train split hold other examples"):
+        _lookup_all(setup["one"], cache, "train")

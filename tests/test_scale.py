@@ -1,0 +1,168 @@
+"""Scale-out: ZeRO configs, simulated multi-node, the effective-batch KL baseline, exact resume after
+SIGKILL, and failures that stop a run instead of hanging. Every run is a real subprocess on CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from runs import DEEPSPEED, ROOT, TRAIN, clean_env, config_file, deepspeed_run, free_port, metrics, run
+from safetensors.torch import load_file
+
+from kto_scale.config import ConfigError, load_config
+from kto_scale.engine import resolve_deepspeed_config
+
+
+def _adapter(run_dir: Path) -> dict:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def _assert_same_adapter(a: Path, b: Path, atol: float) -> None:
+    first, second = _adapter(a), _adapter(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert (first[key] - second[key]).abs().max() <= atol, key
+
+
+def _assert_same_steps(a: Path, b: Path, keys=("loss", "kl", "rewards/desirable", "grad_norm"), atol=1e-5) -> None:
+    one, two = metrics(a, "train"), metrics(b, "train")
+    assert [m["step"] for m in one] == [m["step"] for m in two]
+    for x, y in zip(one, two, strict=True):
+        for key in keys:
+            assert y[key] == pytest.approx(x[key], abs=atol), (x["step"], key)
+
+
+@pytest.mark.parametrize("ds_config", ["zero2", "zero3_offload"])
+def test_two_ranks_save_the_one_rank_adapter(tmp_path, tiny_model, one_process_run, ds_config):
+    """Two ranks under each ZeRO config give the adapter (LoRA weights gathered from every rank) of
+    one rank with the same global batch. (Plain ZeRO-3 is covered in test_trainer.py.)"""
+    config = config_file(tmp_path, "two", tiny_model, gradient_accumulation_steps=1,
+                         deepspeed=str(ROOT / f"ds_configs/{ds_config}.json"))
+    deepspeed_run(2, config)
+    _assert_same_steps(one_process_run, tmp_path / "two")
+    _assert_same_adapter(one_process_run, tmp_path / "two", atol=1e-5)
+
+
+def test_two_simulated_nodes_match_one_process(tmp_path, tiny_model, one_process_run):
+    """Two `deepspeed --hostfile H --no_ssh --node_rank 0|1` launchers, one rank each, as on a cluster."""
+    config = config_file(tmp_path, "nodes", tiny_model, gradient_accumulation_steps=1)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port = str(free_port())
+    nodes = [subprocess.Popen([*DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
+                               "--master_addr", "127.0.0.1", "--master_port", port, "launch/train.py",
+                               "--config", str(config)], cwd=ROOT, env=clean_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    _assert_same_steps(one_process_run, tmp_path / "nodes")
+
+
+def test_kl_baseline_is_the_same_for_any_split_of_the_effective_batch(tmp_path, tiny_model):
+    """An effective batch of 8 as 1 rank x 4 accumulation x 2, 2 ranks x 2 x 2 and 1 x 1 x 8: the same
+    z_ref, loss and gradient norm at every step, and the same adapter at the end (fp32).
+
+    adam_epsilon is large here so that each update is nearly linear in the gradient: with the usual
+    1e-8, Adam turns gradient components at float-noise level (lora_A's, while lora_B is still 0)
+    into full-size steps, and the adapters would differ by summation order alone."""
+    common = dict(max_steps=3, eval_fraction=0.0, save_steps=100, learning_rate=1e-2, adam_epsilon=1e-3)
+    layouts = {"1x4x2": (1, 4, 2), "2x2x2": (2, 2, 2), "1x1x8": (1, 1, 8)}
+    for name, (ranks, accumulation, micro) in layouts.items():
+        config = config_file(tmp_path, name, tiny_model, gradient_accumulation_steps=accumulation,
+                             per_device_train_batch_size=micro, **common)
+        if ranks == 1:
+            run([*TRAIN, "--config", str(config)])
+        else:
+            deepspeed_run(ranks, config)
+    for name in ("2x2x2", "1x1x8"):
+        _assert_same_steps(tmp_path / "1x4x2", tmp_path / name)
+        _assert_same_adapter(tmp_path / "1x4x2", tmp_path / name, atol=1e-5)
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model):
+    """Kill a two-rank run with SIGKILL right after a checkpoint, resume it, and get the uninterrupted
+    run's losses after the resume and its final adapter (LoRA dropout on: the RNG state is restored)."""
+    options = dict(gradient_accumulation_steps=1, max_steps=16, save_steps=3, eval_steps=8, lora_dropout=0.1,
+                   deepspeed=str(ROOT / "ds_configs/zero3.json"))
+    deepspeed_run(2, config_file(tmp_path, "whole", tiny_model, **options))
+
+    killed = config_file(tmp_path, "killed", tiny_model, **options)
+    out = tmp_path / "killed"
+    job = subprocess.Popen([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+                            "--config", str(killed)], cwd=ROOT, env=clean_env(), start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out / "latest").exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks, like a node going down
+    job.wait()
+    resumed_from = int((out / "latest").read_text().split("-")[1])
+    assert not (out / "adapter").exists() and resumed_from < 16, "the run finished before it was killed"
+
+    deepspeed_run(2, killed, "--resume_from_checkpoint", "latest")
+    whole, resumed = metrics(tmp_path / "whole", "train"), metrics(out, "train")
+    assert [m["step"] for m in resumed] == list(range(1, 17))
+    for a, b in zip(whole[resumed_from:], resumed[resumed_from:], strict=True):
+        for key in ("loss", "kl", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
+    _assert_same_adapter(tmp_path / "whole", out, atol=1e-6)
+
+
+def test_a_dead_rank_stops_the_others_within_the_timeout(tmp_path, tiny_model):
+    """Two ranks started without a launcher (as srun or torchrun would); SIGKILL one: the other must
+    fail with an error well within dist_timeout_s, not hang."""
+    config = config_file(tmp_path, "dying", tiny_model, gradient_accumulation_steps=1, max_steps=100000,
+                         eval_fraction=0.0, save_steps=100000, dist_timeout_s=30)
+    port = str(free_port())
+    logs = [open(tmp_path / f"rank{r}.log", "w") for r in (0, 1)]  # files: a full pipe would block a rank
+    ranks = [subprocess.Popen([*TRAIN, "--config", str(config)], cwd=ROOT, stdout=logs[r], stderr=subprocess.STDOUT,
+                              env=clean_env(RANK=str(r), LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                            MASTER_PORT=port))
+             for r in (0, 1)]
+    metrics_file = tmp_path / "dying" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while (not metrics_file.exists() or metrics_file.read_text().count("\n") < 3) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ranks[0].poll() is None, "rank 0 stopped before the test killed rank 1"
+        ranks[1].kill()
+        start = time.monotonic()
+        ranks[0].wait(timeout=60)
+        elapsed = time.monotonic() - start
+    finally:
+        for rank in ranks:
+            rank.kill()
+        for log in logs:
+            log.close()
+    output = (tmp_path / "rank0.log").read_text()
+    assert ranks[0].returncode != 0, output[-3000:]
+    assert elapsed < 45
+    assert "Error" in output
+
+
+def test_contradicting_deepspeed_json_fails_before_loading_anything(tmp_path):
+    """A DeepSpeed JSON whose explicit values contradict the training config is refused at once."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": "auto",
+                                "zero_optimization": {"stage": 2}}))
+    config = load_config(["--model_name_or_path", "m", "--dataset_name", "d", "--deepspeed", str(path),
+                          "--per_device_train_batch_size", "2"])
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=3"):
+        resolve_deepspeed_config(config, world_size=1)
+
+
+def test_output_dir_with_another_run_is_refused(tmp_path, tiny_model, one_process_run):
+    """Reusing an output dir needs --resume_from_checkpoint or --overwrite_output_dir."""
+    config = yaml.safe_load((one_process_run / "kto_config.yaml").read_text())
+    config.update(overwrite_output_dir=False, resume_from_checkpoint=None)
+    path = tmp_path / "again.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run([*TRAIN, "--config", str(path)], cwd=ROOT, env=clean_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0
+    assert "already holds a run" in result.stderr and "--resume_from_checkpoint latest" in result.stderr
