@@ -8,6 +8,7 @@ rank runs the same number of forward/backward passes (ZeRO-3 collectives need al
 example is dropped or counted twice.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 PAD_SLOT = -1  # an index that marks a weight-0 filler row
+MEGABATCH = 50  # global batches sorted together by group_by_length (as transformers' LengthGroupedSampler)
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class BatchPlan:
     micro_batch_size: int
     accumulation_steps: int
     world_size: int
+    lengths: tuple[int, ...] | None = None  # tokens per example, to group batches by length
 
     @property
     def global_batch_size(self) -> int:
@@ -34,10 +37,20 @@ class BatchPlan:
     def steps_per_epoch(self) -> int:
         return math.ceil(self.num_examples / self.global_batch_size)
 
-    def micro_batches(self, step_in_epoch: int, epoch: int, seed: int, rank: int) -> list[list[int]]:
-        """This rank's micro-batches (example indices, PAD_SLOT for filler rows) for one optimizer step."""
+    @functools.lru_cache(maxsize=1)  # noqa: B019 (one plan per run; the cache holds one epoch's order)
+    def epoch_order(self, epoch: int, seed: int) -> list[int]:
+        """The epoch's example order: a fresh permutation, length-grouped when lengths are given."""
         generator = torch.Generator().manual_seed(seed + epoch)
         order = torch.randperm(self.num_examples, generator=generator).tolist()
+        if self.lengths is None:
+            return order
+        size = MEGABATCH * self.global_batch_size
+        return [i for start in range(0, len(order), size)
+                for i in sorted(order[start : start + size], key=lambda i: -self.lengths[i])]
+
+    def micro_batches(self, step_in_epoch: int, epoch: int, seed: int, rank: int) -> list[list[int]]:
+        """This rank's micro-batches (example indices, PAD_SLOT for filler rows) for one optimizer step."""
+        order = self.epoch_order(epoch, seed)
         start = step_in_epoch * self.global_batch_size
         batch = order[start : start + self.global_batch_size]
         batch += [PAD_SLOT] * (self.global_batch_size - len(batch))

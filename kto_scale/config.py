@@ -73,6 +73,9 @@ class KTOConfig:
     """Prompts keep their last max_prompt_length tokens. None: never cut (too-long examples are dropped)."""
     max_completion_length: int | None = None
     """Completions keep their first max_completion_length tokens."""
+    group_by_length: bool = False
+    """Put examples of similar length into the same batches (less padding; batches are still
+    shuffled by epoch and cover every example once)."""
     data_seed: int = 42
     """Seed of the eval split and the KL pairing. Fixed at data preparation, so that a precomputed
     reference cache stays valid when the training seed changes."""
@@ -137,6 +140,8 @@ class KTOConfig:
     """DeepSpeed JSON config; its "auto" fields are filled from this config."""
     logprob_chunk_size: int = 1024
     """Completion tokens whose logits are computed at once (bounds the [tokens, vocab] buffer)."""
+    max_bad_steps: int = 5
+    """Stop after this many optimizer steps in a row are skipped for non-finite gradients."""
     dist_timeout_s: int = 1800
     """Seconds a collective may wait for another rank before the run fails."""
 
@@ -166,7 +171,7 @@ class KTOConfig:
         if not self.dataset_name:
             raise ConfigError("dataset_name is not set: give a data file, a save_to_disk dir or a hub name.")
         positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                    "max_length", "logging_steps", "save_steps", "lora_r", "logprob_chunk_size", "dist_timeout_s",
+                    "max_length", "logging_steps", "save_steps", "lora_r", "logprob_chunk_size", "dist_timeout_s", "max_bad_steps",
                     "precompute_batch_size"]
         for name in positive:
             if getattr(self, name) <= 0:

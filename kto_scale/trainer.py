@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import datasets
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from kto_scale.checkpoint import (
+    atomic_directory,
     find_checkpoint,
     load_checkpoint,
     prepare_output_dir,
@@ -29,7 +31,15 @@ from kto_scale.checkpoint import (
 from kto_scale.collate import BatchPlan, collate, shard_indices
 from kto_scale.config import KTOConfig, save_config
 from kto_scale.data import load_examples, split_train_eval
-from kto_scale.distributed import all_gather, all_reduce_sum, global_kl_baseline, init_distributed, shutdown
+from kto_scale.distributed import (
+    all_gather,
+    all_reduce_sum,
+    barrier,
+    global_kl_baseline,
+    init_distributed,
+    is_main_process,
+    shutdown,
+)
 from kto_scale.engine import build_engine, resolve_deepspeed_config
 from kto_scale.loss import balanced_weights, kl_baseline, kto_losses
 from kto_scale.metrics import MetricsLogger
@@ -63,6 +73,23 @@ def prepare_data(config: KTOConfig, tokenizer) -> tuple:
                 stats.examples, stats.desirable, stats.undesirable, stats.dropped_too_long)
     evaluation = prepare_dataset(eval_examples, tokenizer, **lengths)[0] if eval_examples else None
     return train, evaluation
+
+
+def shared_prepared_data(config: KTOConfig, tokenizer) -> tuple:
+    """`prepare_data` run once, not once per rank: rank 0 tokenizes and KL-pairs, saves the result to
+    <output_dir>/prepared/, and every rank loads it from there (memory-mapped Arrow, so the ranks of a
+    node share one copy through the page cache). Like DeepSpeed's checkpoints, this assumes the
+    output dir is on storage every node sees."""
+    path = Path(config.output_dir) / "prepared"
+    if is_main_process():
+        train, evaluation = prepare_data(config, tokenizer)
+        with atomic_directory(path) as tmp:
+            train.save_to_disk(tmp / "train")
+            if evaluation is not None:
+                evaluation.save_to_disk(tmp / "eval")
+    barrier()
+    evaluation = datasets.load_from_disk(path / "eval") if (path / "eval").exists() else None
+    return datasets.load_from_disk(path / "train"), evaluation
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -183,7 +210,7 @@ def train(config: KTOConfig) -> Path:
         logging.getLogger("kto_scale").setLevel(logging.WARNING)
     prepare_output_dir(config)
     tokenizer = load_tokenizer(config)
-    train_set, eval_set = prepare_data(config, tokenizer)
+    train_set, eval_set = shared_prepared_data(config, tokenizer)
     n_desirable = sum(train_set["label"])
     weights = balanced_weights(config.desirable_weight, config.undesirable_weight,
                                n_desirable, len(train_set) - n_desirable)
@@ -192,8 +219,11 @@ def train(config: KTOConfig) -> Path:
         logger.warning("lambda_D n_D / (lambda_U n_U) = %.3f is outside the paper's recommended [1, 4/3]; "
                        "consider desirable_weight/undesirable_weight 'auto'.", ratio)
 
+    lengths = None
+    if config.group_by_length:
+        lengths = tuple(len(p) + len(c) for p, c in zip(train_set["prompt_ids"], train_set["completion_ids"], strict=True))
     plan = BatchPlan(len(train_set), config.per_device_train_batch_size, config.gradient_accumulation_steps,
-                     world_size)
+                     world_size, lengths)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * plan.steps_per_epoch)
     ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
     base = load_base_model(config)
@@ -227,12 +257,21 @@ def train(config: KTOConfig) -> Path:
 
     sums, z_refs, window_start = torch.zeros(len(_SUMS), device=engine.device), [], time.perf_counter()
     progress = tqdm(total=total_steps, initial=start_step, disable=rank != 0 or config.disable_tqdm, desc="kto")
-    last_eval = None
+    last_eval, bad_steps = None, 0
     for step in range(start_step + 1, total_steps + 1):
         epoch, step_in_epoch = divmod(step - 1, plan.steps_per_epoch)
         batches = [_to(collate(train_set, indices, tokenizer.pad_token_id), engine.device)
                    for indices in plan.micro_batches(step_in_epoch, epoch, config.seed, rank)]
         step_sums, z_ref = train_step(engine, batches, config, weights, caches.get("train"))
+        # DeepSpeed skips an update whose gradient norm is not finite (fp16 overflow, NaN/inf in
+        # fp32/bf16); the decision is global, so every rank takes the same branch here.
+        bad_steps = 0 if engine.was_step_applied() else bad_steps + 1
+        if bad_steps:
+            logger.warning("Step %d skipped: non-finite gradients (%d in a row).", step, bad_steps)
+        if bad_steps >= config.max_bad_steps:
+            raise RuntimeError(f"{bad_steps} optimizer steps in a row had non-finite gradients (max_bad_steps="
+                               f"{config.max_bad_steps}); stopping at step {step}. Lower the learning rate or "
+                               "check the data of these steps.")
         sums += step_sums
         z_refs.append(z_ref)
         progress.update(1)
@@ -241,7 +280,8 @@ def train(config: KTOConfig) -> Path:
             logged = summarize_sums(sums)
             logged.update(kl=torch.stack(z_refs).mean().item(), grad_norm=float(engine.get_global_grad_norm() or 0.0),
                           learning_rate=scheduler.get_last_lr()[0], epoch=(step_in_epoch + 1) / plan.steps_per_epoch + epoch,
-                          examples_per_s=logged.pop("examples") / elapsed, tokens_per_s=logged.pop("tokens") / elapsed)
+                          examples_per_s=logged.pop("examples") / elapsed, tokens_per_s=logged.pop("tokens") / elapsed,
+                          skipped_steps=engine.skipped_steps)
             metrics.log(logged, step=step)
             progress.set_postfix(loss=f"{logged['loss']:.4f}", kl=f"{logged['kl']:.3f}")
             sums.zero_()

@@ -63,8 +63,8 @@ def setup(tmp_path_factory, tiny_model) -> dict:
     data = write_data(tmp / "odd.jsonl", 200)
     with data.open("a") as f:
         f.write(json.dumps({"prompt": "Question 999: what is 2 + 2?", "completion": " 4.", "label": True}) + "\n")
-    # No intermediate checkpoints or evaluations: the final evaluation is enough here, and quicker.
-    common = dict(dataset_name=str(data), save_steps=1000, eval_steps=None)
+    # One evaluation (at the end) in one batch per rank, no checkpoints: ZeRO-3 forwards are slow on CPU.
+    common = dict(dataset_name=str(data), save_steps=1000, eval_steps=None, per_device_eval_batch_size=32)
     one = config_file(tmp, "one", tiny_model, precompute_batch_size=1, **common)
     two = config_file(tmp, "two", tiny_model, precompute_batch_size=4, gradient_accumulation_steps=1,
                       deepspeed=str(ROOT / "ds_configs/zero3.json"), **common)

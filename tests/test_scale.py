@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -166,3 +167,42 @@ def test_output_dir_with_another_run_is_refused(tmp_path, tiny_model, one_proces
                             text=True, timeout=120)
     assert result.returncode != 0
     assert "already holds a run" in result.stderr and "--resume_from_checkpoint latest" in result.stderr
+
+
+_NAN_RUN = """
+import sys
+from kto_scale import trainer
+from kto_scale.config import load_config
+
+nan_steps, calls, kto_losses = {nan_steps}, [], trainer.kto_losses
+
+def losses_with_nans(*args, **kwargs):  # one micro-batch per step here: the call count is the step
+    losses, rewards = kto_losses(*args, **kwargs)
+    calls.append(1)
+    return (losses * float("nan"), rewards) if len(calls) in nan_steps else (losses, rewards)
+
+trainer.kto_losses = losses_with_nans
+trainer.train(load_config(sys.argv[1:]))
+"""
+
+
+def _train_with_nan_losses(tmp_path, tiny_model, nan_steps: set[int], *args: str) -> subprocess.CompletedProcess:
+    """A one-process run whose loss is NaN at the listed optimizer steps (patched in the child)."""
+    config = config_file(tmp_path, "nan", tiny_model, gradient_accumulation_steps=1, max_steps=6,
+                         eval_fraction=0.0, save_steps=100)
+    return subprocess.run([sys.executable, "-c", _NAN_RUN.format(nan_steps=nan_steps), "--config", str(config), *args],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, tiny_model):
+    result = _train_with_nan_losses(tmp_path, tiny_model, {2, 3})
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapter = load_file(tmp_path / "nan" / "adapter" / "adapter_model.safetensors")
+    assert all(t.isfinite().all() for t in adapter.values())
+    assert metrics(tmp_path / "nan", "train")[-1]["skipped_steps"] == 2
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, tiny_model):
+    result = _train_with_nan_losses(tmp_path, tiny_model, {2, 3}, "--max_bad_steps", "2")
+    assert result.returncode != 0
+    assert "2 optimizer steps in a row had non-finite gradients (max_bad_steps=2)" in result.stderr
