@@ -47,6 +47,15 @@ class KTOConfig:
     """transformers attention backend ("sdpa", "flash_attention_2", "eager"); None lets it choose."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (about 30% slower)."""
+    load_in_4bit: bool = False
+    """QLoRA: load the base in 4 bits with bitsandbytes (ZeRO-2 only). The reference uses the same
+    quantized weights."""
+    load_in_8bit: bool = False
+    """Load the base in 8 bits with bitsandbytes (ZeRO-2 only)."""
+    bnb_4bit_quant_type: str = "nf4"
+    """4-bit data type: "nf4" (QLoRA's) or "fp4"."""
+    use_bnb_nested_quant: bool = True
+    """Double quantization: quantize the 4-bit quantization constants too (saves ~0.4 bits/weight)."""
 
     # --- LoRA (the policy) ---
     lora_r: int = 16
@@ -182,6 +191,12 @@ class KTOConfig:
             raise ConfigError(f"eval_steps must be > 0 or null, got {self.eval_steps}.")
         if self.bf16 and self.fp16:
             raise ConfigError("bf16 and fp16 are both set: choose one.")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("load_in_4bit and load_in_8bit are both set: choose one.")
+        if (self.load_in_4bit or self.load_in_8bit) and self.init_random_weights:
+            raise ConfigError("init_random_weights cannot be quantized: save the model first and load it.")
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise ConfigError(f"bnb_4bit_quant_type must be nf4 or fp4, got {self.bnb_4bit_quant_type!r}.")
         if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
             raise ConfigError(
                 f"max_prompt_length ({self.max_prompt_length}) must be in [1, max_length={self.max_length}) "

@@ -42,6 +42,9 @@ def resolve_deepspeed_config(config: KTOConfig, world_size: int) -> HfTrainerDee
     """Read the JSON and fill the fields that need only the training config (call before loading the model)."""
     ds_config = HfTrainerDeepSpeedConfig(str(find_deepspeed_config(config.deepspeed)))
     ds_config.trainer_config_process(_trainer_args(config, world_size))
+    if ds_config.is_zero3() and (config.load_in_4bit or config.load_in_8bit):
+        raise ConfigError(f"{config.deepspeed} is ZeRO-3, which partitions weights and cannot shard a "
+                          "bitsandbytes-quantized base: use ds_configs/zero2.json with load_in_4bit/load_in_8bit.")
     if ds_config.mismatches:  # fail now, before any heavy work, not after the model is loaded
         raise ConfigError(f"{config.deepspeed} contradicts the training config (set these to \"auto\"):\n"
                           + "\n".join(ds_config.mismatches))

@@ -10,12 +10,13 @@ import logging
 from collections.abc import Iterator
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import Tensor, nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -46,6 +47,20 @@ def load_tokenizer(config: KTOConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def _quantization(config: KTOConfig) -> dict:
+    """from_pretrained arguments for a bitsandbytes 4/8-bit base (none without quantization)."""
+    if not (config.load_in_4bit or config.load_in_8bit):
+        return {}
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=config.load_in_4bit, load_in_8bit=config.load_in_8bit,
+        bnb_4bit_quant_type=config.bnb_4bit_quant_type, bnb_4bit_use_double_quant=config.use_bnb_nested_quant,
+        bnb_4bit_compute_dtype=train_dtype(config),
+    )
+    # Weights are quantized as they are placed: straight onto this rank's GPU, not moved later.
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": quantization, "device_map": {"": device}}
+
+
 def load_base_model(config: KTOConfig) -> PreTrainedModel:
     """The base causal LM, frozen weights as loaded (or seeded random weights with init_random_weights)."""
     dtype = train_dtype(config)
@@ -62,6 +77,7 @@ def load_base_model(config: KTOConfig) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_pretrained(
             config.model_name_or_path, revision=config.model_revision, dtype=dtype,
             trust_remote_code=config.trust_remote_code, attn_implementation=config.attn_implementation,
+            **_quantization(config),
         )
     for name in _LOGIT_POSTPROCESSING:
         if getattr(model.config, name, None) not in (None, 1.0):
@@ -80,7 +96,12 @@ def load_model(config: KTOConfig) -> PeftModel:
 
 def add_lora(model: PreTrainedModel, config: KTOConfig) -> PeftModel:
     """Attach fresh LoRA adapters to a loaded base model (peft injects them in place)."""
-    if config.gradient_checkpointing:
+    if config.load_in_4bit or config.load_in_8bit:
+        # peft's preparation: norms in fp32 and input gradients on, so LoRA trains through frozen
+        # quantized layers; it also turns on gradient checkpointing when asked.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
         r=config.lora_r,
