@@ -139,7 +139,8 @@ def save_checkpoint(engine, model: PeftModel, tokenizer, config: KTOConfig, step
     torch.save(_rng_state(), tmp / f"rng_state_{engine.global_rank}.pt")
     _write_adapter(model, tokenizer, config, tmp)
     if is_main_process():
-        (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, "world_size": engine.world_size}))
+        state = {"step": step, "world_size": engine.world_size, "global_batch_size": engine.train_batch_size()}
+        (tmp / TRAINER_STATE).write_text(json.dumps(state))
     barrier()  # every rank's shards are on disk before the checkpoint becomes visible
     if is_main_process():
         _replace_directory(tmp, path)
@@ -173,10 +174,17 @@ def find_checkpoint(config: KTOConfig) -> Path | None:
 def load_checkpoint(engine, path: Path) -> int:
     """Restore optimizer, scheduler, LoRA weights and this rank's RNG from `path`; return its step."""
     state = json.loads((path / TRAINER_STATE).read_text())
-    if state["world_size"] != engine.world_size:
+    if state["global_batch_size"] != engine.train_batch_size():
         raise ConfigError(
-            f"{path} was written by {state['world_size']} ranks and this run has {engine.world_size}: "
-            "resume with the same number of ranks (the batch order and optimizer shards depend on it)."
+            f"{path} was trained with a global batch of {state['global_batch_size']} examples and this run has "
+            f"{engine.train_batch_size()} (ranks x gradient_accumulation_steps x per_device_train_batch_size): "
+            "keep it equal so the resumed run sees the batches the original would have."
+        )
+    if state["world_size"] != engine.world_size:
+        # DeepSpeed 0.19 reloads ZeRO optimizer shards only on the data-parallel size that wrote them.
+        raise ConfigError(
+            f"{path} was written by {state['world_size']} ranks and this run has {engine.world_size}: resume on "
+            f"{state['world_size']} ranks, or convert the checkpoint with DeepSpeed's ds_to_universal first."
         )
     loaded, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_module_strict=False,
                                        load_optimizer_states=True, load_lr_scheduler_states=True)

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -51,6 +52,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_STEPS = 16  # forward batches per rank in a shard: the most work a kill can lose
 TOKEN_COLUMNS = ("prompt_ids", "completion_ids", "kl_completion_ids")
+QUANTIZATION = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_SAMPLES, SAMPLE_BYTES = 16, 1 << 16  # bytes read per weight file: 1 MiB, whatever its size
 
@@ -139,6 +141,8 @@ def run_fingerprint(config: KTOConfig, tokenizer, splits: dict[str, datasets.Dat
         "model_config": json.loads((model_dir / "config.json").read_text()),
         "model_weights": _weights_fingerprint(config, model_dir),
         "adapter": None,  # the reference is the bare base; a reference adapter's hash would go here
+        "quantization": {name: getattr(config, name) for name in QUANTIZATION}
+        if config.load_in_4bit or config.load_in_8bit else None,
         "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(),
         "dtype": str(train_dtype(config)).removeprefix("torch."),
         "max_length": config.max_length,
@@ -159,10 +163,6 @@ def _differences(cache: dict, run: dict, prefix: str = "") -> list[str]:
         elif a != b:
             lines.append(f"{prefix}{key}: cache {a!r}, run {b!r}")
     return lines
-
-
-def _digest(value: object) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 # --- files ----------------------------------------------------------------------------------------
@@ -290,9 +290,10 @@ def _precompute_split(engine, config: KTOConfig, dataset: datasets.Dataset, spli
     if rank == 0:  # shards of an earlier layout (another batch size or number of ranks)
         for stale in set(cache_dir.glob(f"{split}-*.safetensors")) - set(paths):
             stale.unlink()
-    finished = all_reduce_sum(torch.tensor([sha is not None for sha in shas], device=engine.device).long()) > 0
-    if finished.any():
-        logger.info("%s: keeping %d of %d shards from an earlier precompute.", split, finished.sum().item(), len(shards))
+    finished = all_reduce_sum(torch.tensor([sha is not None for sha in shas], device=engine.device).long())
+    finished = [bool(done) for done in finished.tolist()]  # rank 0's verdict, on every rank
+    if any(finished):
+        logger.info("%s: keeping %d of %d shards from an earlier precompute.", split, sum(finished), len(shards))
 
     start, tokens = time.perf_counter(), 0.0
     progress = tqdm(total=len(dataset), disable=rank != 0 or config.disable_tqdm, desc=f"reference {split}")
@@ -334,6 +335,8 @@ def precompute(config: KTOConfig) -> Path:
     if not config.ref_cache:
         raise ConfigError("ref_cache is not set: pass --ref_cache DIR, the directory to write the cache to.")
     rank, world_size, _ = init_distributed(config.dist_timeout_s)
+    if rank != 0:  # one copy of the log, not one per rank
+        logging.getLogger("kto_scale").setLevel(logging.WARNING)
     tokenizer = load_tokenizer(config)
     splits = dict(zip(("train", "eval"), prepare_data(config, tokenizer), strict=True))
     ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
@@ -342,10 +345,11 @@ def precompute(config: KTOConfig) -> Path:
     cache_dir = Path(config.ref_cache)
     if rank == 0:
         _prepare_cache_dir(cache_dir, fingerprint)
+    fingerprint_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
     manifest = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "splits": {}}
     for split, data in splits.items():
         if data is not None:
-            manifest["splits"][split] = _precompute_split(engine, config, data, split, _digest(fingerprint),
+            manifest["splits"][split] = _precompute_split(engine, config, data, split, fingerprint_id,
                                                           tokenizer.pad_token_id)
     if rank == 0:
         _write_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -357,15 +361,16 @@ def precompute(config: KTOConfig) -> Path:
 # --- reading --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
 class RefCache:
-    """The reference log-probs of one split, by dataset row (checked complete and matching when opened)."""
+    """The reference log-probs of one split by dataset row, [N] float32 each (complete, keys checked at open)."""
 
-    def __init__(self, reference: Tensor, reference_kl: Tensor):
-        self.reference, self.reference_kl = reference, reference_kl
+    reference: Tensor
+    reference_kl: Tensor
 
     def lookup(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """[B] long dataset rows -> ([B] reference logps, [B] reference KL logps), float32 on CPU."""
-        if len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < len(self.reference):
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self.reference)):
             raise RefCacheError(f"Rows {rows.tolist()} are not all in the cache's {len(self.reference)} examples.")
         return self.reference[rows], self.reference_kl[rows]
 

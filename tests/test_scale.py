@@ -206,3 +206,14 @@ def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, tiny_model):
     result = _train_with_nan_losses(tmp_path, tiny_model, {2, 3}, "--max_bad_steps", "2")
     assert result.returncode != 0
     assert "2 optimizer steps in a row had non-finite gradients (max_bad_steps=2)" in result.stderr
+
+
+def test_resume_with_other_ranks_or_batch_is_refused(tmp_path, tiny_model):
+    """A checkpoint resumes only where it can be exact: same global batch, same number of ranks."""
+    config = config_file(tmp_path, "r", tiny_model, gradient_accumulation_steps=1, max_steps=2, eval_fraction=0.0)
+    deepspeed_run(2, config)
+    for args, message in ((["--gradient_accumulation_steps", "2"], "written by 2 ranks"),
+                          (["--per_device_train_batch_size", "1"], "global batch of 4")):
+        result = subprocess.run([*TRAIN, "--config", str(config), "--resume_from_checkpoint", "latest", *args],
+                                cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
