@@ -48,20 +48,44 @@ def test_two_ranks_save_the_one_rank_adapter(tmp_path, tiny_model, one_process_r
     _assert_same_adapter(one_process_run, tmp_path / "two", atol=1e-5)
 
 
-def test_two_simulated_nodes_match_one_process(tmp_path, tiny_model, one_process_run):
-    """Two `deepspeed --hostfile H --no_ssh --node_rank 0|1` launchers, one rank each, as on a cluster."""
+_SCONTROL = "#!/bin/bash\nprintf '127.0.0.1\\nnode-b\\n'\n"  # `scontrol show hostnames`: two nodes
+_SRUN = """#!/bin/bash
+# srun [options] COMMAND...: run COMMAND once per node, as SLURM would on each, and fail if any fails.
+while [[ $1 == --* ]]; do shift; done
+SLURM_NODEID=0 "$@" & first=$!
+SLURM_NODEID=1 "$@" & second=$!
+wait $first && wait $second
+"""
+
+
+def test_slurm_script_on_two_simulated_nodes_matches_one_process(tmp_path, tiny_model, one_process_run):
+    """launch/slurm/kto.sbatch with stand-ins for scontrol and srun: two `deepspeed --hostfile H
+    --no_ssh --node_rank 0|1 --master_addr 127.0.0.1` launchers, one rank each, as on a cluster."""
     config = config_file(tmp_path, "nodes", tiny_model, gradient_accumulation_steps=1)
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    port = str(free_port())
-    nodes = [subprocess.Popen([*DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
-                               "--master_addr", "127.0.0.1", "--master_port", port, "launch/train.py",
-                               "--config", str(config)], cwd=ROOT, env=clean_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in (0, 1)]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    for name, text in (("scontrol", _SCONTROL), ("srun", _SRUN)):
+        (shims / name).write_text(text)
+        (shims / name).chmod(0o755)
+    env = clean_env(PATH=f"{shims}:{Path(sys.executable).parent}:{os.environ['PATH']}", CONFIG=str(config),
+                    GPUS_PER_NODE="1", MASTER_PORT=str(free_port()), HOSTFILE=str(tmp_path / "hostfile"),
+                    SLURM_JOB_ID="1", SLURM_JOB_NODELIST="node-[a-b]", SLURM_JOB_NUM_NODES="2")
+    result = subprocess.run(["bash", "launch/slurm/kto.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "hostfile").read_text() == "127.0.0.1 slots=1\nnode-b slots=1\n"
     _assert_same_steps(one_process_run, tmp_path / "nodes")
+
+
+def test_slurm_script_refuses_a_short_hostfile(tmp_path):
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "scontrol").write_text(_SCONTROL)
+    (shims / "scontrol").chmod(0o755)
+    env = clean_env(PATH=f"{shims}:{os.environ['PATH']}", CONFIG="configs/demo.yaml", HOSTFILE=str(tmp_path / "h"),
+                    SLURM_JOB_ID="1", SLURM_JOB_NODELIST="x", SLURM_JOB_NUM_NODES="3")
+    result = subprocess.run(["bash", "launch/slurm/kto.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "lists 2 nodes, the allocation has 3" in result.stderr
 
 
 def test_kl_baseline_is_the_same_for_any_split_of_the_effective_batch(tmp_path, tiny_model):
