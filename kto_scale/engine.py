@@ -82,3 +82,20 @@ def build_engine(
         config=ds_config.config,
     )
     return engine, scheduler
+
+
+def build_inference_engine(config: KTOConfig, ds_config: HfTrainerDeepSpeedConfig, model) -> deepspeed.DeepSpeedEngine:
+    """A DeepSpeed engine around SequenceLogps(model) for forward passes only: no optimizer, no scheduler."""
+    for section in ("optimizer", "scheduler"):  # a training JSON is reused as is
+        ds_config.config.pop(section, None)
+    if not ds_config.is_zero3():
+        # ZeRO-1/2 partition only optimizer state and gradients, and DeepSpeed refuses them without an
+        # optimizer; stage 0 keeps the same full copy of the weights on each rank.
+        ds_config.config["zero_optimization"] = {"stage": 0}
+    try:  # fills the "auto" sizes that depend on the model's hidden size
+        ds_config.trainer_config_finalize(SimpleNamespace(get_warmup_steps=lambda steps: 0), model, 1)
+    except ValueError as e:
+        raise ConfigError(f"{config.deepspeed}: {e}") from e
+    engine, *_ = deepspeed.initialize(model=SequenceLogps(model, config.logprob_chunk_size), config=ds_config.config)
+    engine.eval()
+    return engine

@@ -118,9 +118,15 @@ def add_lora(model: PreTrainedModel, config: KTOConfig) -> PeftModel:
 
 @contextlib.contextmanager
 def reference_mode(model: PeftModel) -> Iterator[None]:
-    """Forward passes inside this block are the reference: adapters off, no gradients."""
-    with model.disable_adapter(), torch.no_grad():
-        yield
+    """Forward passes inside this block are the reference: adapters off, no gradients, no dropout
+    (the reference is a fixed function, whether computed on the fly or precomputed)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter(), torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 class SequenceLogps(nn.Module):

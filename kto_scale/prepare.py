@@ -1,5 +1,8 @@
 """Tokenizing examples, truncating them, and pairing each with a mismatched completion for KTO's KL baseline.
 
+`prepare_dataset` does it for a list of examples; `prepare_data` for a run's configured train and eval
+sources; `shared_prepared_data` once per run rather than once per rank.
+
 Each example becomes `prompt_ids` followed by `completion_ids`; only the completion is scored. The
 prompt starts with exactly one BOS when the tokenizer adds one on its own (Llama does); the completion
 ends with EOS. Conversations are rendered with the tokenizer's chat template, and the completion is the
@@ -21,10 +24,14 @@ batch size or ranks), so reference log-probs of the KL sequences can be computed
 import logging
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 
-from kto_scale.data import DataError, Example
+from kto_scale.checkpoint import atomic_directory
+from kto_scale.config import KTOConfig
+from kto_scale.data import DataError, Example, load_examples, split_train_eval
+from kto_scale.distributed import barrier, is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -188,3 +195,38 @@ def kl_partners(prompts: list[list[int]], sources: list[str], seed: int) -> list
     for position, i in enumerate(ring):
         partners[i] = ring[(position + k) % n]
     return partners
+
+
+def prepare_data(config: KTOConfig, tokenizer) -> tuple:
+    """Load, split and tokenize the training (and eval) data; returns (train, eval or None)."""
+    examples, skipped = load_examples(config.dataset_name, skip_bad_rows=config.skip_bad_rows)
+    if skipped:
+        logger.warning("Skipped %d bad rows of %s (skip_bad_rows is on).", skipped, config.dataset_name)
+    eval_examples = []
+    if config.eval_dataset_name:
+        eval_examples, _ = load_examples(config.eval_dataset_name, skip_bad_rows=config.skip_bad_rows)
+    elif config.eval_fraction > 0:
+        examples, eval_examples = split_train_eval(examples, config.eval_fraction, config.data_seed)
+    lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+                   max_completion_length=config.max_completion_length, seed=config.data_seed)
+    train, stats = prepare_dataset(examples, tokenizer, **lengths)
+    logger.info("Training examples: %d (%d desirable, %d undesirable, %d dropped as too long).",
+                stats.examples, stats.desirable, stats.undesirable, stats.dropped_too_long)
+    evaluation = prepare_dataset(eval_examples, tokenizer, **lengths)[0] if eval_examples else None
+    return train, evaluation
+
+
+def shared_prepared_data(config: KTOConfig, tokenizer, path: Path) -> tuple:
+    """`prepare_data` run once, not once per rank: rank 0 tokenizes and KL-pairs, saves the result to
+    `path`, and every rank loads it from there (memory-mapped Arrow, so the ranks of a node share one
+    copy through the page cache). Like DeepSpeed's checkpoints, this assumes `path` is on storage
+    every node sees."""
+    if is_main_process():
+        train, evaluation = prepare_data(config, tokenizer)
+        with atomic_directory(path) as tmp:
+            train.save_to_disk(tmp / "train")
+            if evaluation is not None:
+                evaluation.save_to_disk(tmp / "eval")
+    barrier()
+    evaluation = datasets.load_from_disk(path / "eval") if (path / "eval").exists() else None
+    return datasets.load_from_disk(path / "train"), evaluation

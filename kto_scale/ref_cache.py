@@ -26,25 +26,23 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import datasets
-import deepspeed
 import numpy as np
 import torch
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, is_deepspeed_zero3_enabled
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.utils import cached_file
 
 from kto_scale.collate import collate, shard_indices
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.distributed import all_gather, all_reduce_sum, init_distributed, shutdown
-from kto_scale.engine import resolve_deepspeed_config
-from kto_scale.model import SequenceLogps, load_model, load_tokenizer, reference_mode, train_dtype
-from kto_scale.trainer import prepare_data
+from kto_scale.engine import build_inference_engine, resolve_deepspeed_config
+from kto_scale.model import load_model, load_tokenizer, reference_mode, train_dtype
+from kto_scale.prepare import shared_prepared_data
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +181,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """A checksum of a shard's arrays, kept in its header: verifiable before any manifest exists."""
     digest = hashlib.sha256()
     for name in sorted(arrays):
         digest.update(name.encode())
@@ -203,24 +202,23 @@ def _write_shard(path: Path, rows: np.ndarray, keys: np.ndarray, values: Tensor,
     return hashlib.sha256(data).hexdigest()
 
 
-def _read_shard(path: Path) -> tuple[str, dict[str, str], dict[str, np.ndarray]]:
-    """(sha256 of the file, its header metadata, its arrays)."""
-    data = path.read_bytes()
+def _parse_shard(data: bytes) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """A shard file's header metadata and arrays."""
     header_size = int.from_bytes(data[:8], "little")  # safetensors: u64 header size, then a JSON header
-    metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__", {})
-    return hashlib.sha256(data).hexdigest(), metadata, load_safetensors(data)
+    return json.loads(data[8 : 8 + header_size]).get("__metadata__", {}), load_safetensors(data)
 
 
 def _finished_shard(path: Path, fingerprint_id: str, rows: np.ndarray) -> str | None:
     """The sha256 of a shard a previous precompute finished for this run and these rows, else None."""
+    data = path.read_bytes()
     try:
-        sha, metadata, arrays = _read_shard(path)
+        metadata, arrays = _parse_shard(data)
     except Exception as e:  # unreadable: redo it
         logger.warning("Redoing %s: it does not read as a shard (%s).", path, e)
         return None
     if (metadata.get("fingerprint") == fingerprint_id and metadata.get("arrays_sha256") == _arrays_sha256(arrays)
             and np.array_equal(arrays["row"], rows)):
-        return sha
+        return hashlib.sha256(data).hexdigest()
     logger.warning("Redoing %s: it holds other rows, another run's values, or is corrupted.", path)
     return None
 
@@ -233,23 +231,6 @@ def length_order(dataset: datasets.Dataset) -> np.ndarray:
     (prompts, _), (completions, _), (kl_completions, _) = _token_arrays(dataset)[0]
     lengths = np.diff(prompts) + np.maximum(np.diff(completions), np.diff(kl_completions))
     return np.argsort(-lengths, kind="stable")
-
-
-def _inference_engine(config: KTOConfig, ds_config: HfTrainerDeepSpeedConfig, model) -> deepspeed.DeepSpeedEngine:
-    """A DeepSpeed engine around SequenceLogps(model) for forward passes only: no optimizer, no scheduler."""
-    for section in ("optimizer", "scheduler"):  # a training JSON is reused as is
-        ds_config.config.pop(section, None)
-    if not ds_config.is_zero3():
-        # ZeRO-1/2 partition only optimizer state and gradients, and DeepSpeed refuses them without an
-        # optimizer; stage 0 keeps the same full copy of the weights on each rank.
-        ds_config.config["zero_optimization"] = {"stage": 0}
-    try:  # fills the "auto" sizes that depend on the model's hidden size
-        ds_config.trainer_config_finalize(SimpleNamespace(get_warmup_steps=lambda steps: 0), model, 1)
-    except ValueError as e:
-        raise ConfigError(f"{config.deepspeed}: {e}") from e
-    engine, *_ = deepspeed.initialize(model=SequenceLogps(model, config.logprob_chunk_size), config=ds_config.config)
-    engine.eval()
-    return engine
 
 
 def _reference_logps(engine, subset: datasets.Dataset, batch_size: int, pad_id: int) -> Tensor:
@@ -330,7 +311,8 @@ def _prepare_cache_dir(cache_dir: Path, fingerprint: dict) -> None:
 def precompute(config: KTOConfig) -> Path:
     """Compute the reference log-probs of every train and eval example and KL pair into config.ref_cache.
 
-    Every rank calls this (`deepspeed launch/precompute_ref.py`); rank 0 writes the files.
+    Every rank calls this (`deepspeed launch/precompute_ref.py`); rank 0 writes the files. Training
+    reads them on every rank: on several nodes, put the cache on storage that every node sees.
     """
     if not config.ref_cache:
         raise ConfigError("ref_cache is not set: pass --ref_cache DIR, the directory to write the cache to.")
@@ -338,9 +320,10 @@ def precompute(config: KTOConfig) -> Path:
     if rank != 0:  # one copy of the log, not one per rank
         logging.getLogger("kto_scale").setLevel(logging.WARNING)
     tokenizer = load_tokenizer(config)
-    splits = dict(zip(("train", "eval"), prepare_data(config, tokenizer), strict=True))
+    data = shared_prepared_data(config, tokenizer, Path(config.ref_cache) / "prepared")
+    splits = dict(zip(("train", "eval"), data, strict=True))
     ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
-    engine = _inference_engine(config, ds_config, load_model(config))
+    engine = build_inference_engine(config, ds_config, load_model(config))
     fingerprint = run_fingerprint(config, tokenizer, splits)
     cache_dir = Path(config.ref_cache)
     if rank == 0:
@@ -383,10 +366,11 @@ def _load_split(cache_dir: Path, shards: list[dict], keys: np.ndarray, split: st
         if not path.is_file():
             raise RefCacheError(f"{path} is missing; rerun launch/precompute_ref.py with --ref_cache {cache_dir} "
                                 "(finished shards are kept).")
-        sha, _, arrays = _read_shard(path)
-        if sha != shard["sha256"]:
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != shard["sha256"]:
             raise RefCacheError(f"{path} is corrupted: its sha256 is not the one in {MANIFEST}. Rerun "
                                 f"launch/precompute_ref.py with --ref_cache {cache_dir}: it redoes that shard.")
+        arrays = _parse_shard(data)[1]
         rows = arrays["row"]
         if ((rows < 0) | (rows >= len(keys))).any() or seen[rows].any():
             raise RefCacheError(f"{path} holds rows outside the {split} split's {len(keys)}, or rows of another shard.")

@@ -12,15 +12,12 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import datasets
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from kto_scale.checkpoint import (
-    atomic_directory,
     find_checkpoint,
     load_checkpoint,
     prepare_output_dir,
@@ -30,24 +27,20 @@ from kto_scale.checkpoint import (
 )
 from kto_scale.collate import BatchPlan, collate, shard_indices
 from kto_scale.config import KTOConfig, save_config
-from kto_scale.data import load_examples, split_train_eval
 from kto_scale.distributed import (
     all_gather,
     all_reduce_sum,
-    barrier,
     global_kl_baseline,
     init_distributed,
-    is_main_process,
     shutdown,
 )
 from kto_scale.engine import build_engine, resolve_deepspeed_config
 from kto_scale.loss import balanced_weights, kl_baseline, kto_losses
 from kto_scale.metrics import MetricsLogger
 from kto_scale.model import SequenceLogps, add_lora, load_base_model, load_tokenizer, reference_mode
-from kto_scale.prepare import prepare_dataset
-
-if TYPE_CHECKING:
-    from kto_scale.ref_cache import RefCache
+from kto_scale.plot import plot_runs
+from kto_scale.prepare import shared_prepared_data
+from kto_scale.ref_cache import RefCache, open_ref_cache
 
 logger = logging.getLogger(__name__)
 
@@ -56,47 +49,11 @@ _SUMS = ("loss", "examples", "rewards/desirable", "desirable", "rewards/undesira
          "logps/desirable", "logps/undesirable", "tokens")
 
 
-def prepare_data(config: KTOConfig, tokenizer) -> tuple:
-    """Load, split and tokenize the training (and eval) data; returns (train, eval or None)."""
-    examples, skipped = load_examples(config.dataset_name, skip_bad_rows=config.skip_bad_rows)
-    if skipped:
-        logger.warning("Skipped %d bad rows of %s (skip_bad_rows is on).", skipped, config.dataset_name)
-    eval_examples = []
-    if config.eval_dataset_name:
-        eval_examples, _ = load_examples(config.eval_dataset_name, skip_bad_rows=config.skip_bad_rows)
-    elif config.eval_fraction > 0:
-        examples, eval_examples = split_train_eval(examples, config.eval_fraction, config.data_seed)
-    lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                   max_completion_length=config.max_completion_length, seed=config.data_seed)
-    train, stats = prepare_dataset(examples, tokenizer, **lengths)
-    logger.info("Training examples: %d (%d desirable, %d undesirable, %d dropped as too long).",
-                stats.examples, stats.desirable, stats.undesirable, stats.dropped_too_long)
-    evaluation = prepare_dataset(eval_examples, tokenizer, **lengths)[0] if eval_examples else None
-    return train, evaluation
-
-
-def shared_prepared_data(config: KTOConfig, tokenizer) -> tuple:
-    """`prepare_data` run once, not once per rank: rank 0 tokenizes and KL-pairs, saves the result to
-    <output_dir>/prepared/, and every rank loads it from there (memory-mapped Arrow, so the ranks of a
-    node share one copy through the page cache). Like DeepSpeed's checkpoints, this assumes the
-    output dir is on storage every node sees."""
-    path = Path(config.output_dir) / "prepared"
-    if is_main_process():
-        train, evaluation = prepare_data(config, tokenizer)
-        with atomic_directory(path) as tmp:
-            train.save_to_disk(tmp / "train")
-            if evaluation is not None:
-                evaluation.save_to_disk(tmp / "eval")
-    barrier()
-    evaluation = datasets.load_from_disk(path / "eval") if (path / "eval").exists() else None
-    return datasets.load_from_disk(path / "train"), evaluation
-
-
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: _to(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def no_grad_logps(engine, batch: dict, cache: "RefCache | None") -> tuple[Tensor, Tensor, Tensor]:
+def no_grad_logps(engine, batch: dict, cache: RefCache | None) -> tuple[Tensor, Tensor, Tensor]:
     """(reference logps, reference KL logps, policy KL logps) of a batch, all without gradients.
 
     With a precomputed reference cache the two reference passes are skipped: a lookup by dataset row.
@@ -112,7 +69,7 @@ def no_grad_logps(engine, batch: dict, cache: "RefCache | None") -> tuple[Tensor
 
 
 def train_step(
-    engine, batches: list[dict], config: KTOConfig, weights: tuple[float, float], cache: "RefCache | None"
+    engine, batches: list[dict], config: KTOConfig, weights: tuple[float, float], cache: RefCache | None
 ) -> tuple[Tensor, Tensor]:
     """One optimizer step over this rank's micro-batches; returns ([len(_SUMS)] metric sums, [] z_ref)."""
     no_grad = [no_grad_logps(engine, b, cache) for b in batches]
@@ -156,7 +113,7 @@ def summarize_sums(sums: Tensor) -> dict[str, float]:
     return out
 
 
-def score_dataset(engine, dataset, batch_size: int, pad_id: int, cache: "RefCache | None") -> dict[str, Tensor]:
+def score_dataset(engine, dataset, batch_size: int, pad_id: int, cache: RefCache | None) -> dict[str, Tensor]:
     """Policy and reference log-probs of every example and KL pair, gathered from all ranks.
 
     Returns [N] tensors in dataset order (filler rows removed), identical on every rank:
@@ -210,7 +167,7 @@ def train(config: KTOConfig) -> Path:
         logging.getLogger("kto_scale").setLevel(logging.WARNING)
     prepare_output_dir(config)
     tokenizer = load_tokenizer(config)
-    train_set, eval_set = shared_prepared_data(config, tokenizer)
+    train_set, eval_set = shared_prepared_data(config, tokenizer, Path(config.output_dir) / "prepared")
     n_desirable = sum(train_set["label"])
     weights = balanced_weights(config.desirable_weight, config.undesirable_weight,
                                n_desirable, len(train_set) - n_desirable)
@@ -232,8 +189,6 @@ def train(config: KTOConfig) -> Path:
     model = add_lora(base, config)
     caches = {}
     if config.ref_cache:
-        from kto_scale.ref_cache import open_ref_cache
-
         caches = {split: open_ref_cache(config.ref_cache, config, tokenizer, split, data)
                   for split, data in (("train", train_set), ("eval", eval_set)) if data is not None}
     engine, scheduler = build_engine(config, ds_config, SequenceLogps(model, config.logprob_chunk_size),
@@ -302,4 +257,5 @@ def train(config: KTOConfig) -> Path:
         if last_eval is not None:
             print("eval: " + "  ".join(f"{k}={v:.4f}" for k, v in last_eval[1].items()))
         print(f"adapter saved to {final}")
+        print(f"plots saved to {plot_runs([config.output_dir])}")
     return final

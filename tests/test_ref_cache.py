@@ -21,8 +21,8 @@ from safetensors.numpy import load_file, save_file
 from kto_scale.collate import collate
 from kto_scale.config import load_config
 from kto_scale.model import SequenceLogps, load_model, load_tokenizer, reference_mode
+from kto_scale.prepare import prepare_data
 from kto_scale.ref_cache import MANIFEST, RefCacheError, open_ref_cache
-from kto_scale.trainer import prepare_data
 
 PRECOMPUTE = [sys.executable, "launch/precompute_ref.py"]
 SPLITS = ("train", "eval")
@@ -153,10 +153,11 @@ def test_unfinished_cache_is_an_error(setup):
         _lookup_all(setup["one"], cache, "train")
 
 
-def test_corrupted_shard_is_an_error(setup):
-    cache, _, shard = _copy_cache(setup, "corrupted")
+@pytest.mark.parametrize("where", [12, -3])  # in the JSON header, in a value
+def test_corrupted_shard_is_an_error(setup, where):
+    cache, _, shard = _copy_cache(setup, f"corrupted{where}")
     data = bytearray(shard.read_bytes())
-    data[-3] ^= 0x01  # one flipped bit in a value
+    data[where] ^= 0x01  # one flipped bit
     shard.write_bytes(bytes(data))
     with pytest.raises(RefCacheError, match="is corrupted"):
         _lookup_all(setup["one"], cache, "train")

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from kto_scale.collate import collate
 from kto_scale.config import load_run_config
 from kto_scale.model import SequenceLogps, load_base_model, load_tokenizer, reference_mode
-from kto_scale.trainer import evaluation_metrics, prepare_data
+from kto_scale.prepare import prepare_data
+from kto_scale.trainer import evaluation_metrics
 
 
 def test_one_process_run_trains_and_saves(one_process_run):
