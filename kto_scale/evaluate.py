@@ -1,0 +1,64 @@
+"""Score a dataset with a trained adapter: one JSON line per example, and the summary.
+
+    python launch/evaluate.py --config outputs/run/kto_config.yaml --adapter outputs/run/adapter --output eval/
+
+Each line of `examples.jsonl` holds the example's row, label, prompt and completion text, the policy and
+reference log-probs and the implicit reward beta * (policy - reference), so the best and worst
+examples can be read off; `summary.json` holds the same numbers evaluation logs during training
+(loss, z_ref, mean rewards, reward and pair accuracy). All ranks score a share of the data; the
+numbers do not depend on how many ranks there are.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+from peft import PeftModel
+
+from kto_scale.checkpoint import atomic_directory
+from kto_scale.config import ConfigError, KTOConfig
+from kto_scale.distributed import init_distributed, is_main_process, shutdown
+from kto_scale.engine import build_inference_engine, resolve_deepspeed_config
+from kto_scale.loss import balanced_weights
+from kto_scale.model import load_base_model, load_tokenizer
+from kto_scale.prepare import shared_prepared_data
+from kto_scale.trainer import evaluation_metrics, score_dataset
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: str = "eval") -> dict[str, float]:
+    """Score `split` ("eval" or "train") of the config's data with base + adapter; write to `output`."""
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter {adapter} is not a peft adapter directory (no adapter_config.json).")
+    _, world_size, _ = init_distributed(config.dist_timeout_s)
+    output = Path(output)
+    tokenizer = load_tokenizer(config)
+    train, evaluation = shared_prepared_data(config, tokenizer, output.with_name(f".{output.name}.prepared"))
+    dataset = {"train": train, "eval": evaluation}[split]
+    if dataset is None:
+        raise ConfigError("The config has no eval data: set eval_dataset_name or eval_fraction, or pass --split train.")
+    ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
+    model = PeftModel.from_pretrained(load_base_model(config), str(adapter))
+    engine = build_inference_engine(config, ds_config, model)
+    scores = score_dataset(engine, dataset, config.per_device_eval_batch_size, tokenizer.pad_token_id, cache=None)
+    n_desirable = int(scores["desirable"].sum())
+    weights = balanced_weights(config.desirable_weight, config.undesirable_weight,
+                               n_desirable, len(dataset) - n_desirable)
+    summary = evaluation_metrics(scores, config.beta, weights)
+    if is_main_process():
+        with atomic_directory(output) as tmp:
+            with open(tmp / "examples.jsonl", "w") as f:
+                for i, row in enumerate(scores["index"].tolist()):
+                    example = dataset[row]
+                    f.write(json.dumps({
+                        "row": row, "label": bool(example["label"]), "pair_id": example["pair_id"],
+                        "prompt": tokenizer.decode(example["prompt_ids"], skip_special_tokens=True),
+                        "completion": tokenizer.decode(example["completion_ids"], skip_special_tokens=True),
+                        "policy_logp": scores["policy"][i].item(), "reference_logp": scores["reference"][i].item(),
+                        "reward": config.beta * (scores["policy"][i] - scores["reference"][i]).item(),
+                    }) + "\n")
+            (tmp / "summary.json").write_text(json.dumps({"split": split, "examples": len(dataset), **summary}, indent=1))
+        logger.info("Scored %d %s examples; wrote %s", len(dataset), split, output)
+    shutdown()
+    return summary

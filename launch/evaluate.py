@@ -1,0 +1,31 @@
+"""Score a dataset with a trained adapter (see kto_scale.evaluate).
+
+    python launch/evaluate.py --config outputs/run/kto_config.yaml --adapter outputs/run/adapter --output outputs/run/eval
+    deepspeed --num_gpus 8 launch/evaluate.py --config ... --adapter ... --output ... [--split train]
+
+Any training option can be overridden as in launch/train.py (e.g. --eval_dataset_name other.jsonl).
+"""
+
+import argparse
+import logging
+import sys
+import warnings
+
+from kto_scale.config import ConfigError, load_config
+from kto_scale.data import DataError
+from kto_scale.evaluate import evaluate
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", required=True, help="peft adapter directory (e.g. outputs/run/adapter)")
+    parser.add_argument("--output", required=True, help="directory for examples.jsonl and summary.json")
+    parser.add_argument("--split", choices=("eval", "train"), default="eval", help="which split of the data")
+    args, config_args = parser.parse_known_args()  # the rest are training options, --config first
+    try:
+        summary = evaluate(load_config(config_args), args.adapter, args.output, args.split)
+    except (ConfigError, DataError) as e:
+        sys.exit(f"error: {e}")
+    print("  ".join(f"{k}={v:.4f}" for k, v in summary.items()))

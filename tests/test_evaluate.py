@@ -1,0 +1,31 @@
+"""launch/evaluate.py: per-example scores and a summary equal to what training logged, on 1 and 2 ranks."""
+
+import json
+import sys
+
+import pytest
+from runs import DEEPSPEED, free_port, metrics, run
+
+
+def _evaluate(command: list[str], run_dir, output) -> tuple[list[dict], dict]:
+    run([*command, "launch/evaluate.py", "--config", str(run_dir / "kto_config.yaml"),
+         "--adapter", str(run_dir / "adapter"), "--output", str(output)])
+    lines = [json.loads(line) for line in (output / "examples.jsonl").read_text().splitlines()]
+    return lines, json.loads((output / "summary.json").read_text())
+
+
+def test_evaluate_matches_the_runs_final_eval_on_any_number_of_ranks(tmp_path, one_process_run):
+    lines, summary = _evaluate([sys.executable], one_process_run, tmp_path / "one")
+    logged = metrics(one_process_run, "eval")[-1]
+    assert summary["examples"] == len(lines) == 6
+    for key in ("loss", "kl", "rewards/desirable", "rewards/undesirable", "reward_accuracy"):
+        assert summary[key] == pytest.approx(logged[key], abs=1e-5), key
+    for line in lines:
+        assert line["reward"] == pytest.approx(0.1 * (line["policy_logp"] - line["reference_logp"]), abs=1e-6)
+        assert line["prompt"].startswith("Question") and line["completion"].strip()
+    assert [line["row"] for line in lines] == sorted(line["row"] for line in lines)
+
+    two_lines, two_summary = _evaluate([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port())],
+                                       one_process_run, tmp_path / "two")
+    assert two_summary == pytest.approx(summary, abs=1e-5)
+    assert [line["row"] for line in two_lines] == [line["row"] for line in lines]
