@@ -11,14 +11,11 @@ names the newest complete checkpoint and moves only after every rank has finishe
 at any moment never leaves a checkpoint that looks whole.
 """
 
-import contextlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import deepspeed
@@ -27,6 +24,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kto_scale.atomic import atomic_directory, replace_directory, write_atomic
 from kto_scale.config import CONFIG_FILE, ConfigError, KTOConfig, save_config
 from kto_scale.distributed import barrier, is_main_process
 
@@ -36,36 +34,6 @@ LATEST = "latest"
 DEEPSPEED_TAG = "deepspeed"
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
-
-
-def _replace_directory(tmp: Path, path: Path) -> None:
-    """Rename tmp to path, replacing an existing path (rename cannot replace a non-empty directory)."""
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` to write into; on success it replaces `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _replace_directory(tmp, path)
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _write_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, config: KTOConfig, path: Path) -> None:
@@ -91,7 +59,7 @@ def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, config: K
         tmp.mkdir(parents=True)
     _write_adapter(model, tokenizer, config, tmp)
     if is_main_process():
-        _replace_directory(tmp, path)
+        replace_directory(tmp, path)
     barrier()  # nobody reads or moves on before the directory is complete
 
 
@@ -143,8 +111,8 @@ def save_checkpoint(engine, model: PeftModel, tokenizer, config: KTOConfig, step
         (tmp / TRAINER_STATE).write_text(json.dumps(state))
     barrier()  # every rank's shards are on disk before the checkpoint becomes visible
     if is_main_process():
-        _replace_directory(tmp, path)
-        _write_atomic_text(output / LATEST, path.name)
+        replace_directory(tmp, path)
+        write_atomic(output / LATEST, path.name)
         if config.save_total_limit:
             for old in checkpoints(output)[: -config.save_total_limit]:
                 shutil.rmtree(old)

@@ -9,14 +9,14 @@ errors. The resolved config is written to `<output_dir>/kto_config.yaml`, and la
 import dataclasses
 import difflib
 import logging
-import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from kto_scale.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -325,11 +325,8 @@ def save_config(config: KTOConfig, output_dir: str | Path) -> Path:
     """Write the resolved config to output_dir/kto_config.yaml atomically."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".kto_config.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
     path = output_dir / CONFIG_FILE
-    os.replace(tmp, path)
+    write_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
     return path
 
 

@@ -32,6 +32,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from kto_scale.atomic import atomic_directory
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -344,19 +346,8 @@ def atomic_output_dir(output: Path, overwrite: bool, inputs: list[Path]) -> Iter
         raise ExportError(f"--output {output} is a file; pass a directory path.")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ExportError(f"--output {output} is not empty; pass --overwrite to replace it, or another path.")
-    tmp = output.with_name(f"{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process that had the same pid
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(output) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = output.with_name(f"{output.name}.old-{os.getpid()}")
-    if output.exists():
-        os.replace(output, old)  # a directory cannot be renamed onto a non-empty one
-    os.replace(tmp, output)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _output_dtype(requested: str | None, base_config: dict, base: Path) -> torch.dtype:

@@ -21,6 +21,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from kto_scale.atomic import write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 REPORTERS = ("wandb", "tensorboard", "none")
 SPLITS = ("train", "eval")
@@ -94,10 +96,7 @@ class MetricsLogger:
         kept = []
         if resume_step is not None and path.exists():
             kept = [r for r in read_metrics(path) if r["step"] <= resume_step]
-        # Rewrite under a temporary name and rename: a crash here keeps the old file whole.
-        tmp = path.with_name(f".{METRICS_FILE}.{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))  # a crash here keeps the old file
         self._file = open(path, "a", encoding="utf-8")
         if "wandb" in report_to:
             self._wandb_run = _start_wandb(output_dir, run_config, run_name)

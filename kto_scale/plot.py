@@ -4,7 +4,7 @@ One colour per run; train values are solid lines, eval values dashed lines with 
 whose metric no run logged says "no data".
 """
 
-import os
+import io
 from pathlib import Path
 
 from matplotlib.axes import Axes
@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from kto_scale.atomic import write_atomic
 from kto_scale.metrics import METRICS_FILE, SPLITS, read_metrics
 
 # (metric key in metrics.jsonl, panel title), in grid order.
@@ -114,15 +115,11 @@ def default_output(run_dirs: list[str | Path]) -> Path:
 
 
 def save_png(fig: Figure, output: Path) -> None:
-    """Write `fig` to `output` through a temporary file, so a reader never sees a half-written PNG."""
+    """Write `fig` to `output` atomically, so a reader never sees a half-written PNG."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory as the output, so the rename is atomic (same filesystem).
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    write_atomic(output, png.getvalue())
 
 
 def plot_runs(run_dirs: list[str | Path], output: str | Path | None = None) -> Path:

@@ -22,7 +22,6 @@ the rest.
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.utils import cached_file
 
+from kto_scale.atomic import write_atomic
 from kto_scale.collate import collate, shard_indices
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.distributed import all_gather, all_reduce_sum, init_distributed, shutdown
@@ -166,20 +166,6 @@ def _differences(cache: dict, run: dict, prefix: str = "") -> list[str]:
 # --- files ----------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, flush it to disk, rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
     """A checksum of a shard's arrays, kept in its header: verifiable before any manifest exists."""
     digest = hashlib.sha256()
@@ -198,7 +184,7 @@ def _write_shard(path: Path, rows: np.ndarray, keys: np.ndarray, values: Tensor,
     columns = values.numpy().T.copy()  # contiguous: safetensors writes an array's memory as it lies
     arrays = {"row": rows.astype(np.int64), "key": keys, "reference": columns[0], "reference_kl": columns[1]}
     data = save_safetensors(arrays, metadata={"fingerprint": fingerprint_id, "arrays_sha256": _arrays_sha256(arrays)})
-    _write_atomic(path, data)
+    write_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -335,7 +321,7 @@ def precompute(config: KTOConfig) -> Path:
             manifest["splits"][split] = _precompute_split(engine, config, data, split, fingerprint_id,
                                                           tokenizer.pad_token_id)
     if rank == 0:
-        _write_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+        write_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
         logger.info("Reference cache written to %s.", cache_dir)
     shutdown()
     return cache_dir

@@ -257,7 +257,7 @@ def test_killed_merge_leaves_no_output(base_and_adapter, tmp_path):
     assert result.returncode == -9
     assert not (tmp_path / "merged").exists()
     (leftover,) = tmp_path.iterdir()  # only the temporary dir, which nothing loads as a model
-    assert leftover.name.startswith("merged.tmp-") and not (leftover / "config.json").exists()
+    assert leftover.name.startswith(".merged.tmp-") and not (leftover / "config.json").exists()
 
 
 MEMORY_PROBE = """
