@@ -103,7 +103,9 @@ def save_checkpoint(engine, model: PeftModel, tokenizer, config: KTOConfig, step
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving this step
         tmp.mkdir(parents=True)
     barrier()
-    engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
+    # save_latest writes DeepSpeed's own `latest` (naming the tag) inside the checkpoint, so that
+    # merge_lora.py can also read it as a DeepSpeed checkpoint (fp32 master weights, any ZeRO stage).
+    engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=True, exclude_frozen_parameters=True)
     torch.save(_rng_state(), tmp / f"rng_state_{engine.global_rank}.pt")
     _write_adapter(model, tokenizer, config, tmp)
     if is_main_process():

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from runs import DEEPSPEED, ROOT, TRAIN, clean_env, config_file, deepspeed_run, free_port, metrics, run
 from safetensors.torch import load_file
@@ -136,6 +137,14 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model):
         for key in ("loss", "kl", "grad_norm"):
             assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
     _assert_same_adapter(tmp_path / "whole", out, atol=1e-6)
+
+    # A ZeRO-3 checkpoint's LoRA shards, gathered by the export command, are the adapter it saved.
+    checkpoint = tmp_path / "whole" / "checkpoint-15"
+    run([sys.executable, "launch/merge_lora.py", "--base", str(tiny_model), "--adapter", str(checkpoint),
+         "--output", str(tmp_path / "exported"), "--adapter_only"])
+    exported = load_file(tmp_path / "exported" / "adapter_model.safetensors")
+    saved = load_file(checkpoint / "adapter_model.safetensors")
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
 
 
 def test_a_dead_rank_stops_the_others_within_the_timeout(tmp_path, tiny_model):
