@@ -67,39 +67,54 @@ def shard_indices(num_examples: int, batch_size: int, world_size: int, rank: int
     return [padded[i + rank * batch_size : i + (rank + 1) * batch_size] for i in range(0, len(padded), step)]
 
 
+def _lengths(prompts: list[list[int]], completions: list[list[int]]) -> Tensor:
+    return torch.tensor([len(p) + len(c) for p, c in zip(prompts, completions, strict=True)], dtype=torch.long)
+
+
 def _pad(sequences: list[list[int]], value: int) -> Tensor:
     width = max(len(s) for s in sequences)
     return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
 
 
-def _sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, Tensor]:
+def _sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int, packed: bool) -> dict[str, Tensor]:
+    """Prompt + completion sequences: right-padded to [B, T], or packed back to back into [1, N]."""
     ids = [p + c for p, c in zip(prompts, completions, strict=True)]
     masks = [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions, strict=True)]
-    attention = [[1] * len(s) for s in ids]
+    if packed:
+        return {
+            "input_ids": torch.tensor([[t for s in ids for t in s]], dtype=torch.long),
+            "completion_mask": torch.tensor([[m for s in masks for m in s]], dtype=torch.bool),
+            "sequence_lengths": torch.tensor([len(s) for s in ids], dtype=torch.long),
+        }
     return {
         "input_ids": _pad(ids, pad_id),
-        "attention_mask": _pad(attention, 0),
         "completion_mask": _pad(masks, 0).bool(),
+        "attention_mask": _pad([[1] * len(s) for s in ids], 0),
     }
 
 
-def collate(dataset, indices: list[int], pad_id: int) -> dict[str, Tensor | dict[str, Tensor]]:
-    """Right-padded tensors for the examples at `indices` (PAD_SLOT rows become weight-0 copies of a
-    real example, so shapes and collectives stay the same on every rank).
+def collate(dataset, indices: list[int], pad_id: int, packed: bool = False) -> dict[str, Tensor | dict[str, Tensor]]:
+    """Tensors for the examples at `indices` (PAD_SLOT rows become weight-0 copies of a real example,
+    so shapes and collectives stay the same on every rank).
 
-    Returns {"policy": {input_ids, attention_mask, completion_mask} [B, T], "kl": the same for the
-    (prompt, mismatched completion) sequences, "desirable": [B] bool, "weight": [B] float32 (1 real,
-    0 filler), "index": [B] long (the dataset row each row holds), "pair_id": [B] long}.
+    Returns {"policy": the model inputs of the (prompt, completion) sequences (see `_sequences`:
+    padded {input_ids, completion_mask, attention_mask} [B, T], or packed {input_ids,
+    completion_mask} [1, N] and sequence_lengths [B]), "kl": the same for the (prompt, mismatched
+    completion) sequences, "desirable": [B] bool, "weight": [B] float32 (1 real, 0 filler),
+    "index": [B] long (the dataset row each row holds), "pair_id": [B] long, "tokens" and
+    "kl_tokens": [B] long (tokens of each example's sequence and of its KL sequence)}.
     """
     real = [i for i in indices if i != PAD_SLOT]
     filler = real[0] if real else 0
     rows_used = [filler if i == PAD_SLOT else i for i in indices]
     rows = dataset[rows_used]
     return {
-        "policy": _sequences(rows["prompt_ids"], rows["completion_ids"], pad_id),
-        "kl": _sequences(rows["prompt_ids"], rows["kl_completion_ids"], pad_id),
+        "policy": _sequences(rows["prompt_ids"], rows["completion_ids"], pad_id, packed),
+        "kl": _sequences(rows["prompt_ids"], rows["kl_completion_ids"], pad_id, packed),
         "desirable": torch.tensor(rows["label"], dtype=torch.bool),
         "weight": torch.tensor([0.0 if i == PAD_SLOT else 1.0 for i in indices]),
         "index": torch.tensor(rows_used, dtype=torch.long),
         "pair_id": torch.tensor(rows["pair_id"], dtype=torch.long),
+        "tokens": _lengths(rows["prompt_ids"], rows["completion_ids"]),
+        "kl_tokens": _lengths(rows["prompt_ids"], rows["kl_completion_ids"]),
     }

@@ -82,6 +82,10 @@ class KTOConfig:
     """Prompts keep their last max_prompt_length tokens. None: never cut (too-long examples are dropped)."""
     max_completion_length: int | None = None
     """Completions keep their first max_completion_length tokens."""
+    padding_free: bool = False
+    """Pack each micro-batch's sequences back to back into one row (position ids restart per
+    sequence, attention never crosses them): no padding at all. Best with attn_implementation
+    "flash_attention_2" on GPU; sdpa and eager build a block-diagonal mask instead."""
     group_by_length: bool = False
     """Put examples of similar length into the same batches (less padding; batches are still
     shuffled by epoch and cover every example once)."""

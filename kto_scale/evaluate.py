@@ -41,7 +41,8 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
     ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
     model = PeftModel.from_pretrained(load_base_model(config), str(adapter))
     engine = build_inference_engine(config, ds_config, model)
-    scores = score_dataset(engine, dataset, config.per_device_eval_batch_size, tokenizer.pad_token_id, cache=None)
+    scores = score_dataset(engine, dataset, config.per_device_eval_batch_size, tokenizer.pad_token_id, cache=None,
+                           packed=config.padding_free)
     n_desirable = int(scores["desirable"].sum())
     weights = balanced_weights(config.desirable_weight, config.undesirable_weight,
                                n_desirable, len(dataset) - n_desirable)

@@ -46,6 +46,8 @@ def chunked_completion_logps(
     input_ids: Tensor,
     completion_mask: Tensor,
     chunk_size: int = 1024,
+    sequence_ids: Tensor | None = None,
+    num_sequences: int | None = None,
 ) -> Tensor:
     """Completion log-probs from the final hidden states, without materializing full logits.
 
@@ -57,13 +59,21 @@ def chunked_completion_logps(
         chunk_size: rows of logits computed at once; peak extra memory is about
             chunk_size * V * 4 bytes. When gradients are on, each chunk is checkpointed so backward
             recomputes its logits instead of keeping them all alive.
+        sequence_ids: [B, T] long, for packed rows holding several sequences: the sequence each
+            token belongs to (0 .. num_sequences - 1). A position scores the next token only within
+            the same sequence. None: each row is one sequence.
+        num_sequences: how many sequences `sequence_ids` numbers (required with it).
 
     Returns:
-        [B] float32, equal to `completion_logps(lm_head(hidden), input_ids, completion_mask)`.
+        [B] (or [num_sequences]) float32, equal to
+        `completion_logps(lm_head(hidden), input_ids, completion_mask)` on the unpacked sequences.
     """
     # Position t scores token t + 1: keep the positions whose next token is a completion token.
     # nonzero() is a host-device sync (its output size depends on the data); one per forward.
-    rows, cols = completion_mask[:, 1:].nonzero(as_tuple=True)
+    scored = completion_mask[:, 1:]
+    if sequence_ids is not None:
+        scored = scored & (sequence_ids[:, 1:] == sequence_ids[:, :-1])
+    rows, cols = scored.nonzero(as_tuple=True)
     scoring_hidden = hidden[rows, cols]
     targets = input_ids[rows, cols + 1]
 
@@ -77,5 +87,8 @@ def chunked_completion_logps(
             chunks.append(_token_logps(h, t, lm_head))
     # With no completion token at all, keep the result attached to the graph so backward still runs.
     token_logps = torch.cat(chunks) if chunks else scoring_hidden.float().sum(-1)
-    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=hidden.device)
-    return sums.index_add(0, rows, token_logps)
+    if sequence_ids is None:
+        sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=hidden.device)
+        return sums.index_add(0, rows, token_logps)
+    sums = torch.zeros(num_sequences, dtype=torch.float32, device=hidden.device)
+    return sums.index_add(0, sequence_ids[rows, cols + 1], token_logps)

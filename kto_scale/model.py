@@ -142,10 +142,34 @@ class SequenceLogps(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> Tensor:
-        """[B, T] ids, attention mask and completion mask -> [B] float32 completion log-probs."""
+    def forward(
+        self,
+        input_ids: Tensor,
+        completion_mask: Tensor,
+        attention_mask: Tensor | None = None,
+        sequence_lengths: Tensor | None = None,
+    ) -> Tensor:
+        """Completion log-probs, one float32 per sequence.
+
+        Padded: [B, T] input_ids, completion_mask and attention_mask -> [B].
+        Packed (padding-free): [1, N] input_ids and completion_mask holding B sequences back to back,
+        and [B] sequence_lengths -> [B]. Position ids restart at 0 for each sequence, which
+        transformers turns into attention that never crosses sequences.
+        """
         base = self.model.get_base_model()
-        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        position_ids = sequence_ids = None
+        if sequence_lengths is not None:
+            # Computed on the device from static sizes: no host sync.
+            total = input_ids.shape[1]
+            sequence_ids = torch.repeat_interleave(
+                torch.arange(len(sequence_lengths), device=input_ids.device), sequence_lengths, output_size=total
+            )
+            starts = torch.cumsum(sequence_lengths, 0) - sequence_lengths
+            position_ids = (torch.arange(total, device=input_ids.device) - starts[sequence_ids]).unsqueeze(0)
+            sequence_ids = sequence_ids.unsqueeze(0)
+        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False)
         return chunked_completion_logps(
-            hidden.last_hidden_state, base.get_output_embeddings(), input_ids, completion_mask, self.chunk_size
+            hidden.last_hidden_state, base.get_output_embeddings(), input_ids, completion_mask, self.chunk_size,
+            sequence_ids, None if sequence_lengths is None else len(sequence_lengths),
         )

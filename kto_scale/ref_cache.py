@@ -219,7 +219,7 @@ def length_order(dataset: datasets.Dataset) -> np.ndarray:
     return np.argsort(-lengths, kind="stable")
 
 
-def _reference_logps(engine, subset: datasets.Dataset, batch_size: int, pad_id: int) -> Tensor:
+def _reference_logps(engine, subset: datasets.Dataset, batch_size: int, pad_id: int, packed: bool) -> Tensor:
     """[n, 3] (reference logp, reference KL logp, tokens) of every row of `subset`, in its order, on CPU.
 
     Rank r scores every world_size-th batch; a rank short of examples scores weight-0 filler rows, so
@@ -227,11 +227,11 @@ def _reference_logps(engine, subset: datasets.Dataset, batch_size: int, pad_id: 
     """
     rows, weights, values = [], [], []
     for indices in shard_indices(len(subset), batch_size, engine.world_size, engine.global_rank):
-        batch = collate(subset, indices, pad_id)
+        batch = collate(subset, indices, pad_id, packed)
         policy, kl = ({k: v.to(engine.device) for k, v in batch[name].items()} for name in ("policy", "kl"))
         with reference_mode(engine.module.model):
             logps = [engine(**policy), engine(**kl)]
-        tokens = (policy["attention_mask"].sum(-1) + kl["attention_mask"].sum(-1)).float()
+        tokens = (batch["tokens"] + batch["kl_tokens"]).float().to(engine.device)
         values.append(torch.stack([*logps, tokens], dim=1))
         rows.append(batch["index"])
         weights.append(batch["weight"])
@@ -266,7 +266,7 @@ def _precompute_split(engine, config: KTOConfig, dataset: datasets.Dataset, spli
     progress = tqdm(total=len(dataset), disable=rank != 0 or config.disable_tqdm, desc=f"reference {split}")
     for s, (path, rows) in enumerate(zip(paths, shards, strict=True)):
         if not finished[s]:
-            values = _reference_logps(engine, dataset.select(rows), batch_size, pad_id)
+            values = _reference_logps(engine, dataset.select(rows), batch_size, pad_id, config.padding_free)
             tokens += values[:, 2].sum().item()
             if rank == 0:
                 shas[s] = _write_shard(path, rows, keys[rows], values[:, :2], fingerprint_id)

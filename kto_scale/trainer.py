@@ -94,7 +94,7 @@ def train_step(
             (losses.detach() * w).sum(), w.sum(),
             (rewards * desirable).sum(), desirable.sum(), (rewards * undesirable).sum(), undesirable.sum(),
             (policy.detach() * desirable).sum(), (policy.detach() * undesirable).sum(),
-            (batch["policy"]["attention_mask"].sum(-1) * w).sum(),
+            (batch["tokens"] * w).sum(),
         ])
     return sums, z_ref
 
@@ -113,7 +113,8 @@ def summarize_sums(sums: Tensor) -> dict[str, float]:
     return out
 
 
-def score_dataset(engine, dataset, batch_size: int, pad_id: int, cache: RefCache | None) -> dict[str, Tensor]:
+def score_dataset(engine, dataset, batch_size: int, pad_id: int, cache: RefCache | None,
+                  packed: bool = False) -> dict[str, Tensor]:
     """Policy and reference log-probs of every example and KL pair, gathered from all ranks.
 
     Returns [N] tensors in dataset order (filler rows removed), identical on every rank:
@@ -123,7 +124,7 @@ def score_dataset(engine, dataset, batch_size: int, pad_id: int, cache: RefCache
     columns = {k: [] for k in names}
     engine.eval()  # no LoRA dropout while scoring
     for indices in shard_indices(len(dataset), batch_size, engine.world_size, engine.global_rank):
-        batch = _to(collate(dataset, indices, pad_id), engine.device)
+        batch = _to(collate(dataset, indices, pad_id, packed), engine.device)
         reference, reference_kl, policy_kl = no_grad_logps(engine, batch, cache)
         with torch.no_grad():
             policy = engine(**batch["policy"])
@@ -178,7 +179,10 @@ def train(config: KTOConfig) -> Path:
 
     lengths = None
     if config.group_by_length:
-        lengths = tuple(len(p) + len(c) for p, c in zip(train_set["prompt_ids"], train_set["completion_ids"], strict=True))
+        # The longer of each example's two sequences: both are padded per batch (or packed).
+        lengths = tuple(len(p) + max(len(c), len(k)) for p, c, k in
+                        zip(train_set["prompt_ids"], train_set["completion_ids"], train_set["kl_completion_ids"],
+                            strict=True))
     plan = BatchPlan(len(train_set), config.per_device_train_batch_size, config.gradient_accumulation_steps,
                      world_size, lengths)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * plan.steps_per_epoch)
@@ -205,7 +209,7 @@ def train(config: KTOConfig) -> Path:
 
     def run_eval(step: int) -> dict[str, float]:
         result = evaluation_metrics(score_dataset(engine, eval_set, config.per_device_eval_batch_size,
-                                                  tokenizer.pad_token_id, caches.get("eval")),
+                                                  tokenizer.pad_token_id, caches.get("eval"), config.padding_free),
                                     config.beta, weights)
         metrics.log(result, step=step, split="eval")
         return result
@@ -215,7 +219,7 @@ def train(config: KTOConfig) -> Path:
     last_eval, bad_steps = None, 0
     for step in range(start_step + 1, total_steps + 1):
         epoch, step_in_epoch = divmod(step - 1, plan.steps_per_epoch)
-        batches = [_to(collate(train_set, indices, tokenizer.pad_token_id), engine.device)
+        batches = [_to(collate(train_set, indices, tokenizer.pad_token_id, config.padding_free), engine.device)
                    for indices in plan.micro_batches(step_in_epoch, epoch, config.seed, rank)]
         step_sums, z_ref = train_step(engine, batches, config, weights, caches.get("train"))
         # DeepSpeed skips an update whose gradient norm is not finite (fp16 overflow, NaN/inf in
@@ -231,8 +235,8 @@ def train(config: KTOConfig) -> Path:
         z_refs.append(z_ref)
         progress.update(1)
         if step % config.logging_steps == 0 or step == total_steps:
+            logged = summarize_sums(sums)  # a host sync: the window's device work is done after it
             elapsed = time.perf_counter() - window_start
-            logged = summarize_sums(sums)
             logged.update(kl=torch.stack(z_refs).mean().item(), grad_norm=float(engine.get_global_grad_norm() or 0.0),
                           learning_rate=scheduler.get_last_lr()[0], epoch=(step_in_epoch + 1) / plan.steps_per_epoch + epoch,
                           examples_per_s=logged.pop("examples") / elapsed, tokens_per_s=logged.pop("tokens") / elapsed,

@@ -249,3 +249,33 @@ def test_chunked_bf16_hidden_and_head():
     torch.testing.assert_close(out, same_logits, atol=1e-3, rtol=0)
     out.sum().backward()
     assert hidden_bf16.grad.dtype == torch.bfloat16 and torch.isfinite(hidden_bf16.grad.float()).all()
+
+
+def test_packed_sequences_equal_padded_rows():
+    """Sequences packed back to back in one row (sequence_ids) give the same per-sequence values and
+    gradients as the same sequences right-padded one per row; no position scores across a boundary
+    (here every sequence starts with a completion-free prompt token, except the one that starts
+    with a completion token, which must still not be scored by the previous sequence's last token)."""
+    torch.manual_seed(0)
+    H, V = 6, 13
+    lengths, prompts = [5, 3, 7], [2, 0, 3]  # sequence 1 has an empty prompt: its first token is a completion token
+    head = torch.nn.Linear(H, V)
+    hidden = [torch.randn(n, H, requires_grad=True) for n in lengths]
+    ids = [torch.randint(0, V, (n,)) for n in lengths]
+    masks = [torch.arange(n) >= p for n, p in zip(lengths, prompts, strict=True)]
+
+    T = max(lengths)
+    padded_hidden = torch.stack([torch.cat([h, torch.zeros(T - len(h), H)]) for h in hidden])
+    padded_ids = torch.stack([torch.cat([i, torch.zeros(T - len(i), dtype=torch.long)]) for i in ids])
+    padded_mask = torch.stack([torch.cat([m, torch.zeros(T - len(m), dtype=torch.bool)]) for m in masks])
+    expected = chunked_completion_logps(padded_hidden, head, padded_ids, padded_mask, chunk_size=4)
+
+    sequence_ids = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths)).unsqueeze(0)
+    got = chunked_completion_logps(torch.cat(hidden)[None], head, torch.cat(ids)[None], torch.cat(masks)[None],
+                                   chunk_size=4, sequence_ids=sequence_ids, num_sequences=3)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    weights = torch.tensor([1.0, -2.0, 0.5])
+    grads_expected = torch.autograd.grad((expected * weights).sum(), hidden)
+    grads_got = torch.autograd.grad((got * weights).sum(), hidden)
+    for a, b in zip(grads_expected, grads_got, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
