@@ -219,7 +219,7 @@ def length_order(dataset: datasets.Dataset) -> np.ndarray:
     return np.argsort(-lengths, kind="stable")
 
 
-def _reference_logps(engine, subset: datasets.Dataset, batch_size: int, pad_id: int, packed: bool) -> Tensor:
+def _reference_logps(engine, subset: datasets.Dataset, batch_size: int, pad_id: int) -> Tensor:
     """[n, 3] (reference logp, reference KL logp, tokens) of every row of `subset`, in its order, on CPU.
 
     Rank r scores every world_size-th batch; a rank short of examples scores weight-0 filler rows, so
@@ -227,7 +227,9 @@ def _reference_logps(engine, subset: datasets.Dataset, batch_size: int, pad_id: 
     """
     rows, weights, values = [], [], []
     for indices in shard_indices(len(subset), batch_size, engine.world_size, engine.global_rank):
-        batch = collate(subset, indices, pad_id, packed)
+        # Padded even with padding_free: the rows are length-sorted, so batches pad little, while packing
+        # precompute_batch_size sequences into one row makes sdpa's block mask quadratic in its length.
+        batch = collate(subset, indices, pad_id)
         policy, kl = ({k: v.to(engine.device) for k, v in batch[name].items()} for name in ("policy", "kl"))
         with reference_mode(engine.module.model):
             logps = [engine(**policy), engine(**kl)]
@@ -266,7 +268,7 @@ def _precompute_split(engine, config: KTOConfig, dataset: datasets.Dataset, spli
     progress = tqdm(total=len(dataset), disable=rank != 0 or config.disable_tqdm, desc=f"reference {split}")
     for s, (path, rows) in enumerate(zip(paths, shards, strict=True)):
         if not finished[s]:
-            values = _reference_logps(engine, dataset.select(rows), batch_size, pad_id, config.padding_free)
+            values = _reference_logps(engine, dataset.select(rows), batch_size, pad_id)
             tokens += values[:, 2].sum().item()
             if rank == 0:
                 shas[s] = _write_shard(path, rows, keys[rows], values[:, :2], fingerprint_id)
