@@ -485,3 +485,19 @@ def test_gradient_matches_finite_differences():
         expected.append(-lam * beta * s * sigmoid(u) * (1.0 - sigmoid(u)) / B)
     torch.testing.assert_close(gp, torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=1e-5)
     assert (gp.abs() > 1e-3).all()
+
+
+def test_balanced_weights_auto():
+    """'auto' solves lambda_D n_D / (lambda_U n_U) = 1 for the weight it stands for:
+    n_D = 30, n_U = 10 -> desirable auto with lambda_U = 1: lambda_D = 1 * 10 / 30 = 1/3;
+    undesirable auto with lambda_D = 2: lambda_U = 2 * 30 / 10 = 6; both auto keep lambda_U = 1;
+    numbers pass through; a missing class leaves an 'auto' weight at 1."""
+    from kto_scale.loss import balanced_weights
+
+    assert balanced_weights("auto", 1.0, 30, 10) == pytest.approx((1 / 3, 1.0))
+    assert balanced_weights(2.0, "auto", 30, 10) == pytest.approx((2.0, 6.0))
+    assert balanced_weights("auto", "auto", 30, 10) == pytest.approx((1 / 3, 1.0))
+    assert balanced_weights(1.33, 1.0, 30, 10) == (1.33, 1.0)
+    assert balanced_weights("auto", 1.0, 0, 10) == (1.0, 1.0)
+    for d, u in (balanced_weights("auto", 1.0, 7, 3), balanced_weights(1.5, "auto", 7, 3)):
+        assert d * 7 / (u * 3) == pytest.approx(1.0)
