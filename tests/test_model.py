@@ -63,7 +63,7 @@ def test_sequence_logps_match_model_logits():
     ids, attention, completion = _batch(policy.config.vocab_size)
     logits = policy(input_ids=ids, attention_mask=attention).logits
     expected = completion_logps(logits, ids, completion)
-    got = module(ids, attention, completion)
+    got = module(input_ids=ids, attention_mask=attention, completion_mask=completion)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     lora_b = next(p for n, p in policy.named_parameters() if "lora_B" in n)
     (g_expected,) = torch.autograd.grad(expected.sum(), lora_b)
