@@ -36,6 +36,11 @@ def init_distributed(timeout_s: int) -> tuple[int, int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo":
+        # On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce that only its inference path uses.
+        # That build takes a minute on a fresh machine, and a process killed while holding torch's build
+        # lock leaves the lock file behind, which hangs every later DeepSpeed start on the machine.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

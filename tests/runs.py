@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -49,19 +51,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Torch's extension builds for the runs, seeded with the lock file a process killed mid-build leaves
+# behind: every run in the suite then proves that a start never waits on DeepSpeed's JIT builds (a
+# stale lock made every DeepSpeed start on a machine hang forever), and no test touches ~/.cache.
+TORCH_EXTENSIONS_DIR = Path(tempfile.mkdtemp(prefix="kto-scale-torch-extensions-"))
+(TORCH_EXTENSIONS_DIR / "deepspeed_shm_comm").mkdir()
+(TORCH_EXTENSIONS_DIR / "deepspeed_shm_comm" / "lock").touch()
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without a parent's torch.distributed variables."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": str(TORCH_EXTENSIONS_DIR)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return {**env, **extra}
 
 
 def run(command: list[str], timeout: int = 480) -> subprocess.CompletedProcess:
-    """Run a command from the repo root; fail the test with its output if it fails."""
-    result = subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
-    return result
+    """Run a command from the repo root; fail the test with its output if it fails.
+
+    The command gets its own process group, so a timeout kills the launcher and every rank it started
+    (subprocess.run alone would kill only the launcher and leave the ranks running)."""
+    process = subprocess.Popen(command, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {command}\n{stdout[-4000:]}{stderr[-6000:]}") from None
+    assert process.returncode == 0, stdout[-4000:] + stderr[-6000:]
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def deepspeed_run(num_ranks: int, config: Path, *args: str) -> subprocess.CompletedProcess:

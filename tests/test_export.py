@@ -253,7 +253,7 @@ def test_killed_merge_leaves_no_output(base_and_adapter, tmp_path):
         export._write_shard = kill_after_first_shard
         export.merge_lora({str(base)!r}, {str(adapter)!r}, {str(tmp_path / "merged")!r}, max_shard_size="60KB")
     """
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert result.returncode == -9
     assert not (tmp_path / "merged").exists()
     (leftover,) = tmp_path.iterdir()  # only the temporary dir, which nothing loads as a model
@@ -289,7 +289,7 @@ def test_merge_streams_the_base(tmp_path):
 
     args = [tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"]
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(MEMORY_PROBE), *map(str, args)],
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, check=True)
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, check=True, timeout=300)
     growth = json.loads(result.stdout.splitlines()[-1])["growth"]
     print(f"model {model_bytes / 2**20:.0f} MiB, merge peak RSS growth {growth / 2**20:.1f} MiB")
     # Inherent: a shard, its serialised copy (safetensors' save_file), one input tensor: ~15 MB here.
@@ -320,6 +320,7 @@ DEEPSPEED_RUN = """
     import sys, deepspeed, torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
+    from kto_scale.distributed import init_distributed
 
     class Wrapper(torch.nn.Module):  # kto-scale's engine wraps a module whose `model` is the PeftModel
         def __init__(self, model):
@@ -336,7 +337,7 @@ DEEPSPEED_RUN = """
         if "lora_B" in name:
             torch.nn.init.normal_(param)
     model.save_pretrained(sys.argv[2])  # the reference tensors, and the adapter_config.json kto-scale keeps
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(timeout_s=60)  # kto-scale's own setup (it skips DeepSpeed's CPU inference op build)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
         model=Wrapper(model), model_parameters=params, optimizer=torch.optim.AdamW(params),
@@ -353,7 +354,7 @@ def test_adapter_only_from_deepspeed_zero3(tmp_path):
            "LOCAL_RANK": "0"}
     checkpoint, reference, base = tmp_path / "checkpoint", tmp_path / "reference", tmp_path / "base"
     subprocess.run([sys.executable, "-c", textwrap.dedent(DEEPSPEED_RUN), str(checkpoint), str(reference),
-                    str(base)], env=env, check=True, capture_output=True)
+                    str(base)], env=env, check=True, capture_output=True, timeout=300)
 
     with pytest.raises(ExportError, match="Copy the run's adapter_config.json"):
         export_adapter("meta-llama/Llama-3.1-8B", checkpoint, tmp_path / "clean")

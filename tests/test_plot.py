@@ -91,9 +91,9 @@ def test_series_keeps_last_value_of_a_relogged_step():
 def test_command_line(two_runs, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     command = [sys.executable, str(REPO_ROOT / "launch" / "plot.py")]
-    done = subprocess.run(command + [str(two_runs[0])], env=env, capture_output=True, text=True)
+    done = subprocess.run(command + [str(two_runs[0])], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(two_runs[0] / "plots.png")
     missing = tmp_path / "nowhere"
-    done = subprocess.run(command + [str(missing)], env=env, capture_output=True, text=True)
+    done = subprocess.run(command + [str(missing)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and str(missing) in done.stderr

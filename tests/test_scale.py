@@ -85,7 +85,8 @@ def test_slurm_script_refuses_a_short_hostfile(tmp_path):
     (shims / "scontrol").chmod(0o755)
     env = clean_env(PATH=f"{shims}:{os.environ['PATH']}", CONFIG="configs/demo.yaml", HOSTFILE=str(tmp_path / "h"),
                     SLURM_JOB_ID="1", SLURM_JOB_NODELIST="x", SLURM_JOB_NUM_NODES="3")
-    result = subprocess.run(["bash", "launch/slurm/kto.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(["bash", "launch/slurm/kto.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode != 0 and "lists 2 nodes, the allocation has 3" in result.stderr
 
 
@@ -126,7 +127,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model):
     while not (out / "latest").exists() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks, like a node going down
-    job.wait()
+    job.wait(timeout=60)
     resumed_from = int((out / "latest").read_text().split("-")[1])
     assert not (out / "adapter").exists() and resumed_from < 16, "the run finished before it was killed"
 
