@@ -3,7 +3,8 @@
 - An adapter directory holds `adapter_config.json` + `adapter_model.safetensors` (loadable with
   `PeftModel.from_pretrained`), the tokenizer and the resolved `kto_config.yaml`.
 - A training checkpoint `checkpoint-<step>/` is an adapter directory plus `deepspeed/` (DeepSpeed's
-  optimizer, scheduler and LoRA shards; the frozen base is never written) and every rank's RNG state.
+  optimizer, scheduler and LoRA shards; the frozen base is never written) and every rank's RNG state;
+  resuming on another rank count adds `universal/`, the same states in DeepSpeed's rank-independent layout.
   The data position needs no saving: batches are a pure function of (seed, step).
 
 Every directory is written under a temporary name and renamed when complete; `<output_dir>/latest`
@@ -16,6 +17,8 @@ import logging
 import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import deepspeed
@@ -32,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 LATEST = "latest"
 DEEPSPEED_TAG = "deepspeed"
+UNIVERSAL_TAG = "universal"  # the rank-independent copy made to resume on another rank count
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
@@ -141,26 +145,52 @@ def find_checkpoint(config: KTOConfig) -> Path | None:
     return path
 
 
-def load_checkpoint(engine, path: Path) -> int:
-    """Restore optimizer, scheduler, LoRA weights and this rank's RNG from `path`; return its step."""
+def resume_tag(path: Path, config: KTOConfig, ds_config: dict, world_size: int) -> str:
+    """Check that `path` can continue this run and return the DeepSpeed tag to load from it.
+
+    All ranks call, before the engine exists. On the rank count that wrote it, DeepSpeed's own shards.
+    On another, DeepSpeed 0.19 cannot re-partition ZeRO optimizer shards, so rank 0 converts them once
+    with DeepSpeed's ds_to_universal into a rank-independent copy (`<path>/universal/`, only the LoRA
+    states: seconds even for a 70B base) and `ds_config` is switched to load that.
+    """
     state = json.loads((path / TRAINER_STATE).read_text())
-    if state["global_batch_size"] != engine.train_batch_size():
+    global_batch = world_size * config.gradient_accumulation_steps * config.per_device_train_batch_size
+    if state["global_batch_size"] != global_batch:
         raise ConfigError(
             f"{path} was trained with a global batch of {state['global_batch_size']} examples and this run has "
-            f"{engine.train_batch_size()} (ranks x gradient_accumulation_steps x per_device_train_batch_size): "
+            f"{global_batch} (ranks x gradient_accumulation_steps x per_device_train_batch_size): "
             "keep it equal so the resumed run sees the batches the original would have."
         )
-    if state["world_size"] != engine.world_size:
-        # DeepSpeed 0.19 reloads ZeRO optimizer shards only on the data-parallel size that wrote them.
-        raise ConfigError(
-            f"{path} was written by {state['world_size']} ranks and this run has {engine.world_size}: resume on "
-            f"{state['world_size']} ranks, or convert the checkpoint with DeepSpeed's ds_to_universal first."
-        )
-    loaded, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_module_strict=False,
+    if state["world_size"] == world_size:
+        return DEEPSPEED_TAG
+    if is_main_process() and not (path / UNIVERSAL_TAG).is_dir():
+        logger.info("%s was written by %d ranks and this run has %d: converting it with ds_to_universal.",
+                    path, state["world_size"], world_size)
+        with atomic_directory(path / UNIVERSAL_TAG) as tmp:
+            command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                       str(path / DEEPSPEED_TAG), "--output_folder", str(tmp), "--inject_missing_state"]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise ConfigError(f"Could not convert {path} for {world_size} ranks (resume on "
+                                  f"{state['world_size']} ranks instead):\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+        write_atomic(path / "latest_universal", UNIVERSAL_TAG)  # the converter's names its temporary folder
+    barrier()  # a rank 0 that failed exits, and the others see its connection drop here
+    ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    return UNIVERSAL_TAG
+
+
+def load_checkpoint(engine, path: Path, tag: str) -> int:
+    """Restore optimizer, scheduler, LoRA weights and (same rank count) this rank's RNG from `path`; return its step."""
+    state = json.loads((path / TRAINER_STATE).read_text())
+    loaded, _ = engine.load_checkpoint(str(path), tag=tag, load_module_strict=False,
                                        load_optimizer_states=True, load_lr_scheduler_states=True)
     if loaded is None:
-        raise ConfigError(f"resume_from_checkpoint: DeepSpeed could not load {path / DEEPSPEED_TAG}.")
-    _set_rng_state(torch.load(path / f"rng_state_{engine.global_rank}.pt", weights_only=False))
+        raise ConfigError(f"resume_from_checkpoint: DeepSpeed could not load {path / tag}.")
+    if state["world_size"] == engine.world_size:
+        _set_rng_state(torch.load(path / f"rng_state_{engine.global_rank}.pt", weights_only=False))
+    else:  # RNG streams are per rank: with dropout, masks from here on differ from an uninterrupted run
+        logger.warning("Resumed on %d ranks from a checkpoint of %d: the random streams (dropout) start afresh.",
+                       engine.world_size, state["world_size"])
     logger.info("Resumed from %s at step %d.", path, state["step"])
     return state["step"]
 

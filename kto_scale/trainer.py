@@ -21,6 +21,7 @@ from kto_scale.checkpoint import (
     find_checkpoint,
     load_checkpoint,
     prepare_output_dir,
+    resume_tag,
     save_adapter,
     save_base_model,
     save_checkpoint,
@@ -195,10 +196,11 @@ def train(config: KTOConfig) -> Path:
     if config.ref_cache:
         caches = {split: open_ref_cache(config.ref_cache, config, tokenizer, split, data)
                   for split, data in (("train", train_set), ("eval", eval_set)) if data is not None}
+    checkpoint = find_checkpoint(config)
+    tag = resume_tag(checkpoint, config, ds_config.config, world_size) if checkpoint else None
     engine, scheduler = build_engine(config, ds_config, SequenceLogps(model, config.logprob_chunk_size),
                                      world_size, total_steps)
-    checkpoint = find_checkpoint(config)
-    start_step = load_checkpoint(engine, checkpoint) if checkpoint else 0
+    start_step = load_checkpoint(engine, checkpoint, tag) if checkpoint else 0
     if rank == 0:
         save_config(config, config.output_dir)
     metrics = MetricsLogger(config.output_dir, config.report_to, config.to_dict(), enabled=rank == 0,
