@@ -93,6 +93,12 @@ def _sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: i
     }
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A collated batch (nested dicts of tensors) moved to `device`."""
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True)
+            for k, v in batch.items()}
+
+
 def collate(dataset, indices: list[int], pad_id: int, packed: bool = False) -> dict[str, Tensor | dict[str, Tensor]]:
     """Tensors for the examples at `indices` (PAD_SLOT rows become weight-0 copies of a real example,
     so shapes and collectives stay the same on every rank).

@@ -43,21 +43,25 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
     engine = build_inference_engine(config, ds_config, model)
     scores = score_dataset(engine, dataset, config.per_device_eval_batch_size, tokenizer.pad_token_id, cache=None,
                            packed=config.padding_free)
-    n_desirable = int(scores["desirable"].sum())
+    # The class weights training used: "auto" is solved from the train split's counts, whatever is scored.
+    n_desirable = sum(train["label"])
     weights = balanced_weights(config.desirable_weight, config.undesirable_weight,
-                               n_desirable, len(dataset) - n_desirable)
+                               n_desirable, len(train) - n_desirable)
     summary = evaluation_metrics(scores, config.beta, weights)
     if is_main_process():
+        # score_dataset returns every row in dataset order, so columns line up with the scores.
+        data = dataset[:]  # the columns as lists
+        prompts = tokenizer.batch_decode(data["prompt_ids"], skip_special_tokens=True)
+        completions = tokenizer.batch_decode(data["completion_ids"], skip_special_tokens=True)
+        columns = zip(scores["index"].tolist(), data["label"], data["pair_id"], prompts, completions,
+                      scores["policy"].tolist(), scores["reference"].tolist(), strict=True)
         with atomic_directory(output) as tmp:
             with open(tmp / "examples.jsonl", "w") as f:
-                for i, row in enumerate(scores["index"].tolist()):
-                    example = dataset[row]
+                for row, label, pair_id, prompt, completion, policy, reference in columns:
                     f.write(json.dumps({
-                        "row": row, "label": bool(example["label"]), "pair_id": example["pair_id"],
-                        "prompt": tokenizer.decode(example["prompt_ids"], skip_special_tokens=True),
-                        "completion": tokenizer.decode(example["completion_ids"], skip_special_tokens=True),
-                        "policy_logp": scores["policy"][i].item(), "reference_logp": scores["reference"][i].item(),
-                        "reward": config.beta * (scores["policy"][i] - scores["reference"][i]).item(),
+                        "row": row, "label": bool(label), "pair_id": pair_id, "prompt": prompt,
+                        "completion": completion, "policy_logp": policy, "reference_logp": reference,
+                        "reward": config.beta * (policy - reference),
                     }) + "\n")
             (tmp / "summary.json").write_text(json.dumps({"split": split, "examples": len(dataset), **summary}, indent=1))
         logger.info("Scored %d %s examples; wrote %s", len(dataset), split, output)

@@ -37,7 +37,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.utils import cached_file
 
 from kto_scale.atomic import write_atomic
-from kto_scale.collate import collate, shard_indices
+from kto_scale.collate import collate, shard_indices, to_device
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.distributed import all_gather, all_reduce_sum, init_distributed, shutdown
 from kto_scale.engine import build_inference_engine, resolve_deepspeed_config
@@ -229,17 +229,16 @@ def _reference_logps(engine, subset: datasets.Dataset, batch_size: int, pad_id: 
     for indices in shard_indices(len(subset), batch_size, engine.world_size, engine.global_rank):
         # Padded even with padding_free: the rows are length-sorted, so batches pad little, while packing
         # precompute_batch_size sequences into one row makes sdpa's block mask quadratic in its length.
-        batch = collate(subset, indices, pad_id)
-        policy, kl = ({k: v.to(engine.device) for k, v in batch[name].items()} for name in ("policy", "kl"))
+        batch = to_device(collate(subset, indices, pad_id), engine.device)
         with reference_mode(engine.module.model):
-            logps = [engine(**policy), engine(**kl)]
-        tokens = (batch["tokens"] + batch["kl_tokens"]).float().to(engine.device)
+            logps = [engine(**batch["policy"]), engine(**batch["kl"])]
+        tokens = (batch["tokens"] + batch["kl_tokens"]).float()
         values.append(torch.stack([*logps, tokens], dim=1))
         rows.append(batch["index"])
         weights.append(batch["weight"])
-    real = all_gather(torch.cat(weights).to(engine.device)) > 0
+    real = all_gather(torch.cat(weights)) > 0
     out = torch.full((len(subset), 3), float("nan"), device=engine.device)  # a row left out stays NaN
-    out[all_gather(torch.cat(rows).to(engine.device))[real]] = all_gather(torch.cat(values))[real]
+    out[all_gather(torch.cat(rows))[real]] = all_gather(torch.cat(values))[real]
     return out.cpu()
 
 

@@ -26,7 +26,7 @@ from kto_scale.checkpoint import (
     save_base_model,
     save_checkpoint,
 )
-from kto_scale.collate import BatchPlan, collate, shard_indices
+from kto_scale.collate import BatchPlan, collate, shard_indices, to_device
 from kto_scale.config import KTOConfig, save_config
 from kto_scale.distributed import (
     all_gather,
@@ -48,10 +48,6 @@ logger = logging.getLogger(__name__)
 # Per-step sums accumulated on the device (no host sync per step) and reduced over ranks when logged.
 _SUMS = ("loss", "examples", "rewards/desirable", "desirable", "rewards/undesirable", "undesirable",
          "logps/desirable", "logps/undesirable", "tokens")
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: _to(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def no_grad_logps(engine, batch: dict, cache: RefCache | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -125,7 +121,7 @@ def score_dataset(engine, dataset, batch_size: int, pad_id: int, cache: RefCache
     columns = {k: [] for k in names}
     engine.eval()  # no LoRA dropout while scoring
     for indices in shard_indices(len(dataset), batch_size, engine.world_size, engine.global_rank):
-        batch = _to(collate(dataset, indices, pad_id, packed), engine.device)
+        batch = to_device(collate(dataset, indices, pad_id, packed), engine.device)
         reference, reference_kl, policy_kl = no_grad_logps(engine, batch, cache)
         with torch.no_grad():
             policy = engine(**batch["policy"])
@@ -221,7 +217,7 @@ def train(config: KTOConfig) -> Path:
     last_eval, bad_steps = None, 0
     for step in range(start_step + 1, total_steps + 1):
         epoch, step_in_epoch = divmod(step - 1, plan.steps_per_epoch)
-        batches = [_to(collate(train_set, indices, tokenizer.pad_token_id, config.padding_free), engine.device)
+        batches = [to_device(collate(train_set, indices, tokenizer.pad_token_id, config.padding_free), engine.device)
                    for indices in plan.micro_batches(step_in_epoch, epoch, config.seed, rank)]
         step_sums, z_ref = train_step(engine, batches, config, weights, caches.get("train"))
         # DeepSpeed skips an update whose gradient norm is not finite (fp16 overflow, NaN/inf in

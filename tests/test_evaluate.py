@@ -23,6 +23,12 @@ def test_evaluate_matches_the_runs_final_eval_on_any_number_of_ranks(tmp_path, o
     for line in lines:
         assert line["reward"] == pytest.approx(0.1 * (line["policy_logp"] - line["reference_logp"]), abs=1e-6)
         assert line["prompt"].startswith("Question") and line["completion"].strip()
+        # runs.write_data: the desirable completion of "a + b" states the right sum, the undesirable one not.
+        a, b, total = (int(x) for x in line["completion"].strip(" .").replace("+", "=").split("="))
+        assert line["label"] == (a + b == total), line
+    for label in ("desirable", "undesirable"):  # each line's reward is the one behind the summary
+        rewards = [line["reward"] for line in lines if line["label"] == (label == "desirable")]
+        assert summary[f"rewards/{label}"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-5)
     assert [line["row"] for line in lines] == sorted(line["row"] for line in lines)
 
     two_lines, two_summary = _evaluate([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port())],

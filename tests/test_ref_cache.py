@@ -116,7 +116,9 @@ def test_training_from_cache_matches_on_the_fly(setup, ranks):
                                        "launch/train.py"]
     runs = {name: setup["tmp"] / f"{name}-{ranks}" for name in ("fly", "cached")}
     run([*launch, "--config", str(config), "--output_dir", str(runs["fly"])])
-    run([*launch, "--config", str(config), "--output_dir", str(runs["cached"]), "--ref_cache", str(setup["cache1"])])
+    cached = run([*launch, "--config", str(config), "--output_dir", str(runs["cached"]),
+                  "--ref_cache", str(setup["cache1"])])
+    assert "Reference log-probs of 151 train examples read from" in cached.stderr  # the cache was used
     for split in SPLITS:
         fly, cached = metrics(runs["fly"], split), metrics(runs["cached"], split)
         assert [m["step"] for m in fly] == [m["step"] for m in cached] and fly
