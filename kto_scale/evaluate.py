@@ -15,7 +15,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from kto_scale.checkpoint import atomic_directory
+from kto_scale.atomic import atomic_directory
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.distributed import init_distributed, is_main_process, shutdown
 from kto_scale.engine import build_inference_engine, resolve_deepspeed_config

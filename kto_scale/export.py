@@ -4,7 +4,8 @@ Merging streams the base: each tensor is read on its own (`safetensors.safe_open
 `scale * B @ A` added in float32 (peft's scale: lora_alpha / r, lora_alpha / sqrt(r) with rsLoRA, per-module
 `rank_pattern`/`alpha_pattern`), and the result is cast to the output dtype and written in shards of at most
 `max_shard_size`. Peak memory is about two output shards (safetensors serialises a shard before writing it),
-one input tensor and the adapter, whatever the model's size: lower `max_shard_size` to lower it.
+a few float32 copies of the largest merged weight and the adapter, whatever the model's size: lower
+`max_shard_size` to lower it.
 
 Only plain LoRA on linear layers merges; DoRA, LoRA biases, `modules_to_save`, embedding LoRA and other peft
 variants are refused, and such adapters can still be served unmerged (peft, vLLM).
@@ -12,8 +13,9 @@ variants are refused, and such adapters can still be served unmerged (peft, vLLM
 Quantized training (QLoRA): an adapter trained on a 4/8-bit base merges into the original 16-bit weights, so
 the merged model differs slightly (by the quantization error) from the model it was trained against.
 
-Outputs are written into `<output>.tmp-<pid>` and renamed into place when complete, so an interrupted export
-never leaves a directory that looks like a finished one (a killed run leaves the .tmp dir; delete it).
+Outputs are written into `.<output name>.tmp-<pid>` beside it and renamed into place when complete, so an
+interrupted export never leaves a directory that looks like a finished one (a killed run leaves that hidden
+.tmp dir; delete it).
 DeepSpeed checkpoints are pickles read by DeepSpeed's zero_to_fp32: export only checkpoints you trust.
 """
 
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -222,11 +225,8 @@ def lora_modules(tensors: dict[str, torch.Tensor], source: Path) -> dict[str, tu
 
 
 def _pattern_value(patterns: dict, module: str, default: float) -> float:
-    """The value of the first pattern matching the end of the module name (peft's get_pattern_key rule)."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
+    """The rank_pattern/alpha_pattern value for a module, matched the way peft matches it."""
+    return patterns.get(get_pattern_key(patterns.keys(), module), default)
 
 
 def plan_merge(config: dict, tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
@@ -412,7 +412,7 @@ def export_adapter(base: str | Path, source: str | Path, output: str | Path, ove
 
     with atomic_output_dir(output, overwrite, inputs=[source, Path(base)]) as tmp:
         # lora_modules() accepted only peft's standard names, so the normalised tensors are the adapter.
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        _write_shard({k: v.contiguous() for k, v in tensors.items()}, tmp / ADAPTER_WEIGHTS)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         copy_tokenizer([source], tmp)
     logger.info("Wrote the adapter (%d LoRA modules) to %s", len(modules), output)

@@ -1,7 +1,7 @@
 """Tokenizing examples, truncating them, and pairing each with a mismatched completion for KTO's KL baseline.
 
 `prepare_dataset` does it for a list of examples; `prepare_data` for a run's configured train and eval
-sources; `shared_prepared_data` once per run rather than once per rank.
+sources; `shared_prepared_data` once per command (train, precompute, evaluate) rather than once per rank.
 
 Each example becomes `prompt_ids` followed by `completion_ids`; only the completion is scored. The
 prompt starts with exactly one BOS when the tokenizer adds one on its own (Llama does); the completion
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import datasets
 
-from kto_scale.checkpoint import atomic_directory
+from kto_scale.atomic import atomic_directory
 from kto_scale.config import KTOConfig
 from kto_scale.data import DataError, Example, load_examples, split_train_eval
 from kto_scale.distributed import barrier, is_main_process
@@ -197,14 +197,20 @@ def kl_partners(prompts: list[list[int]], sources: list[str], seed: int) -> list
     return partners
 
 
+def _load_logged(source: str, skip_bad_rows: bool) -> list:
+    """load_examples, with a warning that counts the rows skip_bad_rows skipped."""
+    examples, skipped = load_examples(source, skip_bad_rows=skip_bad_rows)
+    if skipped:
+        logger.warning("Skipped %d bad rows of %s (skip_bad_rows is on).", skipped, source)
+    return examples
+
+
 def prepare_data(config: KTOConfig, tokenizer) -> tuple:
     """Load, split and tokenize the training (and eval) data; returns (train, eval or None)."""
-    examples, skipped = load_examples(config.dataset_name, skip_bad_rows=config.skip_bad_rows)
-    if skipped:
-        logger.warning("Skipped %d bad rows of %s (skip_bad_rows is on).", skipped, config.dataset_name)
+    examples = _load_logged(config.dataset_name, config.skip_bad_rows)
     eval_examples = []
     if config.eval_dataset_name:
-        eval_examples, _ = load_examples(config.eval_dataset_name, skip_bad_rows=config.skip_bad_rows)
+        eval_examples = _load_logged(config.eval_dataset_name, config.skip_bad_rows)
     elif config.eval_fraction > 0:
         examples, eval_examples = split_train_eval(examples, config.eval_fraction, config.data_seed)
     lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,

@@ -212,11 +212,15 @@ def _finished_shard(path: Path, fingerprint_id: str, rows: np.ndarray) -> str | 
 # --- precompute -----------------------------------------------------------------------------------
 
 
-def length_order(dataset: datasets.Dataset) -> np.ndarray:
-    """[N] rows sorted by their longest sequence (prompt + completion or KL completion), longest first."""
+def sequence_lengths(dataset: datasets.Dataset) -> np.ndarray:
+    """[N] each row's longer sequence: prompt + completion or prompt + KL completion (both get padded)."""
     (prompts, _), (completions, _), (kl_completions, _) = _token_arrays(dataset)[0]
-    lengths = np.diff(prompts) + np.maximum(np.diff(completions), np.diff(kl_completions))
-    return np.argsort(-lengths, kind="stable")
+    return np.diff(prompts) + np.maximum(np.diff(completions), np.diff(kl_completions))
+
+
+def length_order(dataset: datasets.Dataset) -> np.ndarray:
+    """[N] rows sorted by their longest sequence, longest first."""
+    return np.argsort(-sequence_lengths(dataset), kind="stable")
 
 
 def _reference_logps(engine, subset: datasets.Dataset, batch_size: int, pad_id: int) -> Tensor:

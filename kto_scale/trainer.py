@@ -41,7 +41,7 @@ from kto_scale.metrics import MetricsLogger
 from kto_scale.model import SequenceLogps, add_lora, load_base_model, load_tokenizer, reference_mode
 from kto_scale.plot import plot_runs
 from kto_scale.prepare import shared_prepared_data
-from kto_scale.ref_cache import RefCache, open_ref_cache
+from kto_scale.ref_cache import RefCache, open_ref_cache, sequence_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -174,12 +174,7 @@ def train(config: KTOConfig) -> Path:
         logger.warning("lambda_D n_D / (lambda_U n_U) = %.3f is outside the paper's recommended [1, 4/3]; "
                        "consider desirable_weight/undesirable_weight 'auto'.", ratio)
 
-    lengths = None
-    if config.group_by_length:
-        # The longer of each example's two sequences: both are padded per batch (or packed).
-        lengths = tuple(len(p) + max(len(c), len(k)) for p, c, k in
-                        zip(train_set["prompt_ids"], train_set["completion_ids"], train_set["kl_completion_ids"],
-                            strict=True))
+    lengths = tuple(sequence_lengths(train_set).tolist()) if config.group_by_length else None
     plan = BatchPlan(len(train_set), config.per_device_train_batch_size, config.gradient_accumulation_steps,
                      world_size, lengths)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * plan.steps_per_epoch)

@@ -54,7 +54,8 @@ def test_collate_masks_and_filler_rows():
     assert batch["kl"]["attention_mask"].tolist()[1] == [1, 1, 1, 1, 0, 0]
     assert batch["weight"].tolist() == [1.0, 1.0, 0.0]
     assert batch["desirable"].tolist() == [True, False, True]
-    assert batch["index"].dtype == torch.long
+    assert batch["index"].dtype == torch.long and batch["index"].tolist()[:2] == [0, 1]
+    assert batch["tokens"].tolist() == [5, 5, 5] and batch["kl_tokens"].tolist() == [6, 4, 6]  # prompt + KL completion
 
 
 def test_group_by_length_pads_less_and_still_covers_everything():
