@@ -43,6 +43,7 @@ from kto_scale.distributed import all_gather, all_reduce_sum, init_distributed, 
 from kto_scale.engine import build_inference_engine, resolve_deepspeed_config
 from kto_scale.model import load_model, load_tokenizer, reference_mode, train_dtype
 from kto_scale.prepare import shared_prepared_data
+from kto_scale.sft_adapter import check_sft_adapter, sft_adapter_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def run_fingerprint(config: KTOConfig, tokenizer, splits: dict[str, datasets.Dat
         "model_revision": config.model_revision,
         "model_config": json.loads((model_dir / "config.json").read_text()),
         "model_weights": _weights_fingerprint(config, model_dir),
-        "adapter": None,  # the reference is the bare base; a reference adapter's hash would go here
+        "adapter": sft_adapter_fingerprint(config),  # None: the reference is the bare base
         "quantization": {name: getattr(config, name) for name in QUANTIZATION}
         if config.load_in_4bit or config.load_in_8bit else None,
         "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(),
@@ -313,6 +314,7 @@ def precompute(config: KTOConfig) -> Path:
     tokenizer = load_tokenizer(config)
     data = shared_prepared_data(config, tokenizer, Path(config.ref_cache) / "prepared")
     splits = dict(zip(("train", "eval"), data, strict=True))
+    check_sft_adapter(config, tokenizer)
     ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
     engine = build_inference_engine(config, ds_config, load_model(config))
     fingerprint = run_fingerprint(config, tokenizer, splits)

@@ -42,6 +42,7 @@ from kto_scale.model import SequenceLogps, add_lora, load_base_model, load_token
 from kto_scale.plot import plot_runs
 from kto_scale.prepare import shared_prepared_data
 from kto_scale.ref_cache import RefCache, open_ref_cache, sequence_lengths
+from kto_scale.sft_adapter import check_sft_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ def train(config: KTOConfig) -> Path:
     plan = BatchPlan(len(train_set), config.per_device_train_batch_size, config.gradient_accumulation_steps,
                      world_size, lengths)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * plan.steps_per_epoch)
+    check_sft_adapter(config, tokenizer)
     ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
     base = load_base_model(config)
     if config.init_random_weights:  # the adapter is only meaningful next to these exact weights
