@@ -114,27 +114,32 @@ def test_adapters_that_cannot_be_continued_are_refused(tmp_path, tiny_model, sft
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model, sft) -> dict:
-    """One rank on the fly, one rank from a cache precomputed with the SFT reference, two ZeRO-3 ranks."""
+    """One rank on the fly; one rank from a cache precomputed with the SFT reference, padding-free;
+    two ZeRO-3 ranks with parameters and optimizer offloaded to the CPU."""
     tmp = tmp_path_factory.mktemp("sft_runs")
     one = config_file(tmp, "one", tiny_model, sft_adapter=str(sft))
     zero3 = config_file(tmp, "zero3", tiny_model, sft_adapter=str(sft), gradient_accumulation_steps=1,
-                        deepspeed=str(ROOT / "ds_configs/zero3.json"))
+                        deepspeed=str(ROOT / "ds_configs/zero3_offload.json"))
     logs = {"one": run([*TRAIN, "--config", str(one)]).stderr}
     run([*PRECOMPUTE, "--config", str(one), "--ref_cache", str(tmp / "cache")])
-    run([*TRAIN, "--config", str(one), "--output_dir", str(tmp / "cached"), "--ref_cache", str(tmp / "cache")])
+    run([*TRAIN, "--config", str(one), "--output_dir", str(tmp / "cached"), "--ref_cache", str(tmp / "cache"),
+         "--padding_free", "true"])
     deepspeed_run(2, zero3)
     return {"tmp": tmp, "one": tmp / "one", "cached": tmp / "cached", "zero3": tmp / "zero3", "config": one,
             "cache": tmp / "cache", "logs": logs}
 
 
 def test_rewards_start_at_zero_and_the_policy_moves(runs, sft):
-    """Step 1 is scored before its update: policy == reference, so every reward and z_ref is exactly 0.
+    """Step 1 is scored before its update: policy == reference, so every reward and z_ref is exactly 0
+    (from the cache, within float rounding: its values come from differently padded batches).
     A reference that silently were the raw base or the moving policy fails here or below."""
     assert "the run's lora_r=4, lora_alpha=8" in runs["logs"]["one"]  # the adapter's settings won, and said so
-    for name in ("one", "cached", "zero3"):
+    for name, atol in (("one", 0), ("zero3", 0), ("cached", 1e-6)):
         first = metrics(runs[name], "train")[0]
-        assert (first["step"], first["rewards/desirable"], first["rewards/undesirable"], first["kl"]) == (1, 0, 0, 0)
-        assert metrics(runs[name], "train")[-1]["margins"] != 0
+        assert first["step"] == 1
+        for key in ("rewards/desirable", "rewards/undesirable", "kl"):
+            assert abs(first[key]) <= atol, (name, key, first[key])
+        assert abs(metrics(runs[name], "train")[-1]["margins"]) > 1e-3
     trained, start = load_file(runs["one"] / "adapter" / "adapter_model.safetensors"), load_file(
         sft / "adapter_model.safetensors")
     assert trained.keys() == start.keys()  # the policy only, named so that peft loads it as "default"
