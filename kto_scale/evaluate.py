@@ -35,11 +35,11 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
     _, world_size, _ = init_distributed(config.dist_timeout_s)
     output = Path(output)
     tokenizer = load_tokenizer(config)
+    check_sft_adapter(config, tokenizer)  # before the data and the model: fail fast
     train, evaluation = shared_prepared_data(config, tokenizer, output.with_name(f".{output.name}.prepared"))
     dataset = {"train": train, "eval": evaluation}[split]
     if dataset is None:
         raise ConfigError("The config has no eval data: set eval_dataset_name or eval_fraction, or pass --split train.")
-    check_sft_adapter(config, tokenizer)
     ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
     model = PeftModel.from_pretrained(load_base_model(config), str(adapter))
     if config.sft_adapter:  # the reference training used: base + the SFT adapter

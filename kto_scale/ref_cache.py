@@ -312,9 +312,9 @@ def precompute(config: KTOConfig) -> Path:
     if rank != 0:  # one copy of the log, not one per rank
         logging.getLogger("kto_scale").setLevel(logging.WARNING)
     tokenizer = load_tokenizer(config)
+    check_sft_adapter(config, tokenizer)  # before the data and the model: fail fast
     data = shared_prepared_data(config, tokenizer, Path(config.ref_cache) / "prepared")
     splits = dict(zip(("train", "eval"), data, strict=True))
-    check_sft_adapter(config, tokenizer)
     ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
     engine = build_inference_engine(config, ds_config, load_model(config))
     fingerprint = run_fingerprint(config, tokenizer, splits)

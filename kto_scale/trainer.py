@@ -166,6 +166,7 @@ def train(config: KTOConfig) -> Path:
         logging.getLogger("kto_scale").setLevel(logging.WARNING)
     prepare_output_dir(config)
     tokenizer = load_tokenizer(config)
+    check_sft_adapter(config, tokenizer)  # before the data and the model: fail fast
     train_set, eval_set = shared_prepared_data(config, tokenizer, Path(config.output_dir) / "prepared")
     n_desirable = sum(train_set["label"])
     weights = balanced_weights(config.desirable_weight, config.undesirable_weight,
@@ -179,7 +180,6 @@ def train(config: KTOConfig) -> Path:
     plan = BatchPlan(len(train_set), config.per_device_train_batch_size, config.gradient_accumulation_steps,
                      world_size, lengths)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * plan.steps_per_epoch)
-    check_sft_adapter(config, tokenizer)
     ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
     base = load_base_model(config)
     if config.init_random_weights:  # the adapter is only meaningful next to these exact weights

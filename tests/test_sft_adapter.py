@@ -5,13 +5,14 @@ fingerprints the adapter; adapters that cannot be continued are refused before t
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from runs import DEEPSPEED, ROOT, TRAIN, config_file, deepspeed_run, free_port, metrics, run
+from runs import DEEPSPEED, ROOT, TRAIN, clean_env, config_file, deepspeed_run, free_port, metrics, run
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -110,6 +111,17 @@ def test_adapters_that_cannot_be_continued_are_refused(tmp_path, tiny_model, sft
         with pytest.raises(ConfigError, match="sft_adapter") as error:
             check_sft_adapter(config, load_tokenizer(config))
         assert message in str(error.value), (message, str(error.value))
+
+    # Before the model loads: this base has no weights at all, yet the adapter is what is refused.
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model / name, weightless)
+    config = config_file(tmp_path, "early", weightless, sft_adapter=str(cases["uses DoRA"]))
+    result = subprocess.run([*TRAIN, "--config", str(config)], cwd=ROOT, env=clean_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "error: sft_adapter" in result.stderr and "uses DoRA" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
