@@ -1,7 +1,7 @@
 """Reference log-probs computed once, ahead of training, and read back by dataset row.
 
-The reference is the frozen base model (adapters off), so its log-prob of every example and of every
-KL pair never changes during training. `precompute` (launch/precompute_ref.py) computes them once;
+The reference is the frozen base model (adapters off; with sft_adapter, base + that adapter), so its
+log-prob of every example and of every KL pair never changes during training. `precompute` (launch/precompute_ref.py) computes them once;
 training with `ref_cache` set then skips both reference forward passes of every micro-batch.
 
 A cache directory holds:
@@ -10,7 +10,7 @@ A cache directory holds:
   "reference_kl" [n] float32. The header metadata holds the run's fingerprint id and a checksum of the
   arrays, so a shard can be verified without the manifest (which a killed precompute never wrote).
 - `manifest.json`, written last: format version, the fingerprint of everything the numbers depend on
-  (model, tokenizer, each split's token ids, lengths, data seed, dtype) and each shard's sha256.
+  (model, reference adapter, tokenizer, each split's token ids, lengths, data seed, dtype) and each shard's sha256.
 
 Every file is written to a temporary name and renamed. Precompute sorts a split by length (longest
 first, so a batch holds sequences of similar length and little padding) and cuts it into shards of

@@ -136,6 +136,7 @@ def add_reference_adapter(model: PeftModel, config: KTOConfig) -> None:
 
 
 def has_reference_adapter(model: PeftModel) -> bool:
+    """Whether `model` carries a frozen reference adapter (else the reference is the bare base)."""
     return REFERENCE_ADAPTER in model.peft_config
 
 
