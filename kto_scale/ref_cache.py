@@ -1,8 +1,9 @@
 """Reference log-probs computed once, ahead of training, and read back by dataset row.
 
 The reference is the frozen base model (adapters off; with sft_adapter, base + that adapter), so its
-log-prob of every example and of every KL pair never changes during training. `precompute` (launch/precompute_ref.py) computes them once;
-training with `ref_cache` set then skips both reference forward passes of every micro-batch.
+log-prob of every example and of every KL pair never changes during training. `precompute`
+(launch/precompute_ref.py) computes them once; training with `ref_cache` set then skips both
+reference forward passes of every micro-batch.
 
 A cache directory holds:
 - `<split>-<NNNNN>.safetensors` shards (split = train or eval), each the values of a set of dataset
