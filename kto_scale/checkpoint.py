@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kto_scale.atomic import atomic_directory, replace_directory, write_atomic
 from kto_scale.config import CONFIG_FILE, ConfigError, KTOConfig, save_config
 from kto_scale.distributed import barrier, is_main_process
+from kto_scale.sft_adapter import POLICY_ADAPTER
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def _write_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, config:
     lora_params = [p for p in model.parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters(lora_params, modifier_rank=None):
         if is_main_process():
-            model.save_pretrained(path)
+            # Only the policy: with sft_adapter, the frozen reference adapter is not the run's output.
+            model.save_pretrained(path, selected_adapters=[POLICY_ADAPTER])
             tokenizer.save_pretrained(path)
             save_config(config, path)
 

@@ -66,6 +66,11 @@ class KTOConfig:
     """Dropout on the LoRA input."""
     lora_target_modules: list[str] | None = None
     """Module names to adapt; None adapts every attention and MLP projection ("all-linear")."""
+    sft_adapter: str | None = None
+    """Start from this LoRA adapter (a peft adapter dir or hub id, e.g. the output of an SFT run): the
+    reference is base + this adapter, frozen, and the policy starts as an exact, trainable copy of it.
+    Its own r, alpha, target modules and rsLoRA setting are used; lora_r/lora_alpha/lora_target_modules
+    are then ignored (a differing value is logged), while lora_dropout still applies to the policy."""
 
     # --- data ---
     dataset_name: str | None = None

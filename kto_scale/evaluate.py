@@ -22,6 +22,7 @@ from kto_scale.engine import build_inference_engine, resolve_deepspeed_config
 from kto_scale.loss import balanced_weights
 from kto_scale.model import load_base_model, load_tokenizer
 from kto_scale.prepare import shared_prepared_data
+from kto_scale.sft_adapter import add_reference_adapter, check_sft_adapter
 from kto_scale.trainer import evaluation_metrics, score_dataset
 
 logger = logging.getLogger(__name__)
@@ -34,12 +35,15 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
     _, world_size, _ = init_distributed(config.dist_timeout_s)
     output = Path(output)
     tokenizer = load_tokenizer(config)
+    check_sft_adapter(config, tokenizer)  # before the data and the model: fail fast
     train, evaluation = shared_prepared_data(config, tokenizer, output.with_name(f".{output.name}.prepared"))
     dataset = {"train": train, "eval": evaluation}[split]
     if dataset is None:
         raise ConfigError("The config has no eval data: set eval_dataset_name or eval_fraction, or pass --split train.")
     ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
     model = PeftModel.from_pretrained(load_base_model(config), str(adapter))
+    if config.sft_adapter:  # the reference training used: base + the SFT adapter
+        add_reference_adapter(model, config)
     engine = build_inference_engine(config, ds_config, model)
     scores = score_dataset(engine, dataset, config.per_device_eval_batch_size, tokenizer.pad_token_id, cache=None,
                            packed=config.padding_free)

@@ -188,17 +188,23 @@ def load_adapter(source: Path, allow_pickle: bool) -> tuple[dict, dict[str, torc
     return read_json(source / ADAPTER_CONFIG), normalized
 
 
-def check_mergeable(config: dict, source: Path) -> None:
-    """Refuse adapters whose layers are not plain `W + scale * B @ A`."""
-    if config.get("peft_type") != "LORA":
-        raise ExportError(f"{source / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r} is not LoRA; only "
-                          "LoRA adapters can be merged. Serve this adapter unmerged with peft.")
+def unsupported_settings(config: dict) -> list[str]:
+    """The settings of a LoRA adapter_config whose layers are not plain `W + scale * B @ A` on the original base."""
     used = [what for setting, what in _UNMERGEABLE.items() if config.get(setting)]
     if config.get("bias", "none") != "none":
         used.append(f"bias={config['bias']!r}")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
         used.append(f"init_lora_weights={init!r} (it rewrites the base weights)")
+    return used
+
+
+def check_mergeable(config: dict, source: Path) -> None:
+    """Refuse adapters whose layers are not plain `W + scale * B @ A`."""
+    if config.get("peft_type") != "LORA":
+        raise ExportError(f"{source / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r} is not LoRA; only "
+                          "LoRA adapters can be merged. Serve this adapter unmerged with peft.")
+    used = unsupported_settings(config)
     if used:
         raise ExportError(f"{source / ADAPTER_CONFIG} uses {', '.join(used)}, which kto-scale cannot merge. "
                           "The adapter can still be served unmerged (peft, vLLM).")

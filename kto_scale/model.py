@@ -1,6 +1,7 @@
 """The policy (LoRA adapters on the base model) and the reference (the same base with adapters off).
 
-There is never a second copy of the model: `reference_mode` disables the adapters for a forward pass.
+There is never a second copy of the model: `reference_mode` disables the adapters for a forward pass
+(with `sft_adapter`, it switches to the frozen reference adapter instead: kto_scale.sft_adapter).
 `SequenceLogps` is the module DeepSpeed wraps; its forward returns one completion log-prob per row,
 computed from the decoder's hidden states by the chunked LM head of `kto_scale.logprobs`.
 """
@@ -23,6 +24,7 @@ from transformers import (
 
 from kto_scale.config import KTOConfig
 from kto_scale.logprobs import chunked_completion_logps
+from kto_scale.sft_adapter import add_sft_adapters, has_reference_adapter, reference_adapter_active
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +97,8 @@ def load_model(config: KTOConfig) -> PeftModel:
 
 
 def add_lora(model: PreTrainedModel, config: KTOConfig) -> PeftModel:
-    """Attach fresh LoRA adapters to a loaded base model (peft injects them in place)."""
+    """Attach fresh LoRA adapters (or, with sft_adapter, the SFT adapter twice: policy and reference)
+    to a loaded base model (peft injects them in place)."""
     if config.load_in_4bit or config.load_in_8bit:
         # peft's preparation: norms in fp32 and input gradients on, so LoRA trains through frozen
         # quantized layers; it also turns on gradient checkpointing when asked.
@@ -103,6 +106,8 @@ def add_lora(model: PreTrainedModel, config: KTOConfig) -> PeftModel:
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.sft_adapter:  # continue an SFT adapter: its own settings and weights
+        return add_sft_adapters(model, config)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -118,12 +123,14 @@ def add_lora(model: PreTrainedModel, config: KTOConfig) -> PeftModel:
 
 @contextlib.contextmanager
 def reference_mode(model: PeftModel) -> Iterator[None]:
-    """Forward passes inside this block are the reference: adapters off, no gradients, no dropout
-    (the reference is a fixed function, whether computed on the fly or precomputed)."""
+    """Forward passes inside this block are the reference: adapters off (or, with sft_adapter, the
+    frozen reference adapter on), no gradients, no dropout (the reference is a fixed function,
+    whether computed on the fly or precomputed)."""
     was_training = model.training
     model.eval()
+    adapters = reference_adapter_active(model) if has_reference_adapter(model) else model.disable_adapter()
     try:
-        with model.disable_adapter(), torch.no_grad():
+        with adapters, torch.no_grad():
             yield
     finally:
         model.train(was_training)

@@ -1,8 +1,9 @@
 """Reference log-probs computed once, ahead of training, and read back by dataset row.
 
-The reference is the frozen base model (adapters off), so its log-prob of every example and of every
-KL pair never changes during training. `precompute` (launch/precompute_ref.py) computes them once;
-training with `ref_cache` set then skips both reference forward passes of every micro-batch.
+The reference is the frozen base model (adapters off; with sft_adapter, base + that adapter), so its
+log-prob of every example and of every KL pair never changes during training. `precompute`
+(launch/precompute_ref.py) computes them once; training with `ref_cache` set then skips both
+reference forward passes of every micro-batch.
 
 A cache directory holds:
 - `<split>-<NNNNN>.safetensors` shards (split = train or eval), each the values of a set of dataset
@@ -10,7 +11,7 @@ A cache directory holds:
   "reference_kl" [n] float32. The header metadata holds the run's fingerprint id and a checksum of the
   arrays, so a shard can be verified without the manifest (which a killed precompute never wrote).
 - `manifest.json`, written last: format version, the fingerprint of everything the numbers depend on
-  (model, tokenizer, each split's token ids, lengths, data seed, dtype) and each shard's sha256.
+  (model, reference adapter, tokenizer, each split's token ids, lengths, data seed, dtype) and each shard's sha256.
 
 Every file is written to a temporary name and renamed. Precompute sorts a split by length (longest
 first, so a batch holds sequences of similar length and little padding) and cuts it into shards of
@@ -43,6 +44,7 @@ from kto_scale.distributed import all_gather, all_reduce_sum, init_distributed, 
 from kto_scale.engine import build_inference_engine, resolve_deepspeed_config
 from kto_scale.model import load_model, load_tokenizer, reference_mode, train_dtype
 from kto_scale.prepare import shared_prepared_data
+from kto_scale.sft_adapter import check_sft_adapter, sft_adapter_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +140,7 @@ def run_fingerprint(config: KTOConfig, tokenizer, splits: dict[str, datasets.Dat
         "model_revision": config.model_revision,
         "model_config": json.loads((model_dir / "config.json").read_text()),
         "model_weights": _weights_fingerprint(config, model_dir),
-        "adapter": None,  # the reference is the bare base; a reference adapter's hash would go here
+        "adapter": sft_adapter_fingerprint(config),  # None: the reference is the bare base
         "quantization": {name: getattr(config, name) for name in QUANTIZATION}
         if config.load_in_4bit or config.load_in_8bit else None,
         "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(),
@@ -311,6 +313,7 @@ def precompute(config: KTOConfig) -> Path:
     if rank != 0:  # one copy of the log, not one per rank
         logging.getLogger("kto_scale").setLevel(logging.WARNING)
     tokenizer = load_tokenizer(config)
+    check_sft_adapter(config, tokenizer)  # before the data and the model: fail fast
     data = shared_prepared_data(config, tokenizer, Path(config.ref_cache) / "prepared")
     splits = dict(zip(("train", "eval"), data, strict=True))
     ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned

@@ -42,6 +42,7 @@ from kto_scale.model import SequenceLogps, add_lora, load_base_model, load_token
 from kto_scale.plot import plot_runs
 from kto_scale.prepare import shared_prepared_data
 from kto_scale.ref_cache import RefCache, open_ref_cache, sequence_lengths
+from kto_scale.sft_adapter import check_sft_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ def train(config: KTOConfig) -> Path:
         logging.getLogger("kto_scale").setLevel(logging.WARNING)
     prepare_output_dir(config)
     tokenizer = load_tokenizer(config)
+    check_sft_adapter(config, tokenizer)  # before the data and the model: fail fast
     train_set, eval_set = shared_prepared_data(config, tokenizer, Path(config.output_dir) / "prepared")
     n_desirable = sum(train_set["label"])
     weights = balanced_weights(config.desirable_weight, config.undesirable_weight,

@@ -61,3 +61,26 @@ def test_zero3_with_a_quantized_base_is_refused():
                           "--deepspeed", str(ROOT / "ds_configs/zero3.json")])
     with pytest.raises(ConfigError, match="use ds_configs/zero2.json"):
         resolve_deepspeed_config(config, world_size=1)
+
+
+def test_sft_reference_on_a_4bit_base(tmp_path, quantizable_model):
+    """With sft_adapter, the reference is the quantized base + the SFT adapter (never merged into the
+    4-bit weights), as peft loads it; the policy starts exactly there."""
+    from peft import PeftModel
+    from test_sft_adapter import make_sft_adapter
+
+    sft = make_sft_adapter(quantizable_model, tmp_path / "sft")
+    config = KTOConfig(model_name_or_path=str(quantizable_model), sft_adapter=str(sft), lora_dropout=0.0,
+                       load_in_4bit=True)
+    policy = load_model(config)
+    plain = PeftModel.from_pretrained(load_base_model(config), sft).eval()
+    ids = torch.randint(3, 500, (2, 10))
+    with reference_mode(policy):
+        reference = policy(input_ids=ids).logits
+    with torch.no_grad():
+        expected, step0, base = plain(input_ids=ids).logits, policy(input_ids=ids).logits, plain.get_base_model()
+        with plain.disable_adapter():
+            bare = plain(input_ids=ids).logits
+    assert any("Linear4bit" in type(m).__name__ for m in base.modules())
+    torch.testing.assert_close(reference, expected, atol=1e-5, rtol=0)
+    assert torch.equal(step0, reference) and not torch.allclose(reference, bare)

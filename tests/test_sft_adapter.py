@@ -1,0 +1,229 @@
+"""sft_adapter: KTO starting from an SFT LoRA adapter. The reference is base + that adapter, frozen,
+equal to a plain `PeftModel.from_pretrained(base, sft_adapter)` (1 rank and 2 ZeRO-3 ranks); the
+policy starts as an exact copy (every reward 0 at step 0) and is what trains and is saved; the cache
+fingerprints the adapter; adapters that cannot be continued are refused before the model loads."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from runs import DEEPSPEED, ROOT, TRAIN, clean_env, config_file, deepspeed_run, free_port, metrics, run
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from kto_scale.collate import collate
+from kto_scale.config import ConfigError, load_config
+from kto_scale.export import merge_lora
+from kto_scale.model import SequenceLogps, load_model, load_tokenizer, reference_mode
+from kto_scale.prepare import prepare_data
+from kto_scale.ref_cache import RefCacheError, open_ref_cache
+from kto_scale.sft_adapter import check_sft_adapter
+
+PRECOMPUTE = [sys.executable, "launch/precompute_ref.py"]
+# Not the runs' lora_r=4/lora_alpha=8 (config_file): the adapter's own settings must win.
+SFT_SETTINGS = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True)
+
+
+def make_sft_adapter(base_dir: Path, path: Path, seed: int = 0, **settings) -> Path:
+    """An "SFT" adapter on the model in base_dir: random non-zero lora_B, so it changes the model."""
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(task_type="CAUSAL_LM", **{**SFT_SETTINGS, **settings}))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.3)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(path)  # as SFT trainers do
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory, tiny_model) -> Path:
+    return make_sft_adapter(tiny_model, tmp_path_factory.mktemp("sft") / "adapter")
+
+
+def plain_logps(base_dir: Path, adapter: Path, config_path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's (completion, KL completion) log-probs under PeftModel.from_pretrained(base, adapter)."""
+    config = load_config(["--config", str(config_path)])
+    tokenizer = load_tokenizer(config)
+    data = dict(zip(("train", "eval"), prepare_data(config, tokenizer), strict=True))[split]
+    batch = collate(data, list(range(len(data))), tokenizer.pad_token_id)
+    module = SequenceLogps(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval())
+    with torch.no_grad():
+        return module(**batch["policy"]), module(**batch["kl"])
+
+
+def test_reference_is_base_plus_sft_and_the_policy_its_copy(tmp_path, tiny_model, sft):
+    config = load_config(["--config", str(config_file(tmp_path, "r", tiny_model, sft_adapter=str(sft)))])
+    policy = load_model(config)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), sft).eval()
+    raw = AutoModelForCausalLM.from_pretrained(tiny_model)
+    ids = torch.randint(3, 900, (3, 12))
+    with reference_mode(policy):
+        reference = policy(input_ids=ids).logits
+    with torch.no_grad():
+        expected, step0, bare = plain(input_ids=ids).logits, policy(input_ids=ids).logits, raw(input_ids=ids).logits
+    torch.testing.assert_close(reference, expected, atol=1e-5, rtol=0)
+    assert torch.equal(step0, reference)  # the policy starts exactly at the reference
+    assert (reference - bare).abs().max() > 0.1  # the SFT adapter matters: not the raw base
+    settings = policy.peft_config["default"]
+    assert (settings.r, settings.lora_alpha, settings.use_rslora, set(settings.target_modules)) == (
+        8, 16, True, set(SFT_SETTINGS["target_modules"]))
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    frozen_reference = {n for n, p in policy.named_parameters() if ".reference." in n}
+    assert trainable and all(".default." in n for n in trainable)
+    assert frozen_reference and not frozen_reference & trainable
+
+
+def _edited_copy(src: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(src, dst)
+    settings = json.loads((dst / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**settings, **changes}))
+    return dst
+
+
+def test_adapters_that_cannot_be_continued_are_refused(tmp_path, tiny_model, sft):
+    """DoRA, modules_to_save, another base (other shapes) or vocabulary: a ConfigError naming it."""
+    narrow = AutoConfig.from_pretrained(tiny_model)
+    narrow.intermediate_size //= 2
+    AutoModelForCausalLM.from_config(narrow).save_pretrained(tmp_path / "other_base")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "other_base")
+    other_vocab = shutil.copytree(sft, tmp_path / "vocab")
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    tokenizer.add_tokens(["<|sft_only|>"])
+    tokenizer.save_pretrained(other_vocab)
+    cases = {
+        "uses DoRA": _edited_copy(sft, tmp_path / "dora", use_dora=True),
+        "uses modules_to_save": _edited_copy(sft, tmp_path / "mts", modules_to_save=["lm_head"]),
+        "is not LoRA": _edited_copy(sft, tmp_path / "ia3", peft_type="IA3"),
+        "the base weight is (64, 176), but lora_B @ lora_A is (64, 88)":
+            make_sft_adapter(tmp_path / "other_base", tmp_path / "other"),
+        "vocabulary differs": other_vocab,
+    }
+    for message, adapter in cases.items():
+        config = load_config(["--config", str(config_file(tmp_path, "r", tiny_model, sft_adapter=str(adapter)))])
+        with pytest.raises(ConfigError, match="sft_adapter") as error:
+            check_sft_adapter(config, load_tokenizer(config))
+        assert message in str(error.value), (message, str(error.value))
+
+    # Before the model loads: this base has no weights at all, yet the adapter is what is refused.
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model / name, weightless)
+    config = config_file(tmp_path, "early", weightless, sft_adapter=str(cases["uses DoRA"]))
+    result = subprocess.run([*TRAIN, "--config", str(config)], cwd=ROOT, env=clean_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "error: sft_adapter" in result.stderr and "uses DoRA" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model, sft) -> dict:
+    """One rank on the fly; one rank from a cache precomputed with the SFT reference, padding-free;
+    two ZeRO-3 ranks with parameters and optimizer offloaded to the CPU."""
+    tmp = tmp_path_factory.mktemp("sft_runs")
+    one = config_file(tmp, "one", tiny_model, sft_adapter=str(sft))
+    zero3 = config_file(tmp, "zero3", tiny_model, sft_adapter=str(sft), gradient_accumulation_steps=1,
+                        deepspeed=str(ROOT / "ds_configs/zero3_offload.json"))
+    logs = {"one": run([*TRAIN, "--config", str(one)]).stderr}
+    run([*PRECOMPUTE, "--config", str(one), "--ref_cache", str(tmp / "cache")])
+    run([*TRAIN, "--config", str(one), "--output_dir", str(tmp / "cached"), "--ref_cache", str(tmp / "cache"),
+         "--padding_free", "true"])
+    deepspeed_run(2, zero3)
+    return {"tmp": tmp, "one": tmp / "one", "cached": tmp / "cached", "zero3": tmp / "zero3", "config": one,
+            "cache": tmp / "cache", "logs": logs}
+
+
+def test_rewards_start_at_zero_and_the_policy_moves(runs, sft):
+    """Step 1 is scored before its update: policy == reference, so every reward and z_ref is exactly 0
+    (from the cache, within float rounding: its values come from differently padded batches).
+    A reference that silently were the raw base or the moving policy fails here or below."""
+    assert "the run's lora_r=4, lora_alpha=8" in runs["logs"]["one"]  # the adapter's settings won, and said so
+    for name, atol in (("one", 0), ("zero3", 0), ("cached", 1e-6)):
+        first = metrics(runs[name], "train")[0]
+        assert first["step"] == 1
+        for key in ("rewards/desirable", "rewards/undesirable", "kl"):
+            assert abs(first[key]) <= atol, (name, key, first[key])
+        assert abs(metrics(runs[name], "train")[-1]["margins"]) > 1e-3
+    trained, start = load_file(runs["one"] / "adapter" / "adapter_model.safetensors"), load_file(
+        sft / "adapter_model.safetensors")
+    assert trained.keys() == start.keys()  # the policy only, named so that peft loads it as "default"
+    assert not (runs["one"] / "adapter" / "reference").exists()  # where peft would save a second adapter
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+
+
+def test_cache_and_two_zero3_ranks_match_one_rank_on_the_fly(runs):
+    for name in ("cached", "zero3"):
+        for split in ("train", "eval"):
+            one, other = metrics(runs["one"], split), metrics(runs[name], split)
+            assert [m["step"] for m in one] == [m["step"] for m in other] and one
+            for a, b in zip(one, other, strict=True):
+                assert a.keys() == b.keys()
+                for key in a.keys() & {"loss", "kl", "rewards/desirable", "rewards/undesirable", "logps/desirable"}:
+                    assert b[key] == pytest.approx(a[key], abs=1e-5), (name, split, a["step"], key)
+
+
+def test_cache_holds_the_sft_reference_and_is_refused_for_another(runs, tiny_model, tmp_path, sft):
+    config = load_config(["--config", str(runs["config"])])
+    tokenizer = load_tokenizer(config)
+    train = prepare_data(config, tokenizer)[0]
+    cache = open_ref_cache(str(runs["cache"]), config, tokenizer, "train", train)
+    for got, want in zip(cache.lookup(torch.arange(len(train))),
+                         plain_logps(tiny_model, sft, runs["config"], "train"), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    other = make_sft_adapter(tiny_model, tmp_path / "other", seed=1)
+    for sft_adapter, field in ((None, "adapter: cache {'config'"), (str(other), "adapter.weights: cache '")):
+        config.sft_adapter = sft_adapter
+        with pytest.raises(RefCacheError) as error:
+            open_ref_cache(str(runs["cache"]), config, tokenizer, "train", train)
+        assert field in str(error.value)
+
+
+def test_evaluate_on_two_zero3_ranks_scores_against_the_sft_reference(runs, tiny_model, sft, tmp_path):
+    """launch/evaluate.py after training: reference log-probs are still base + SFT adapter (the reference
+    never moved), the policy's are base + the trained adapter."""
+    run([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/evaluate.py",
+         "--config", str(runs["zero3"] / "kto_config.yaml"), "--adapter", str(runs["zero3"] / "adapter"),
+         "--output", str(tmp_path / "eval")])
+    lines = [json.loads(line) for line in (tmp_path / "eval" / "examples.jsonl").read_text().splitlines()]
+    config = runs["zero3"] / "kto_config.yaml"
+    reference = plain_logps(tiny_model, sft, config, "eval")[0]
+    policy = plain_logps(tiny_model, runs["zero3"] / "adapter", config, "eval")[0]
+    torch.testing.assert_close(torch.tensor([line["reference_logp"] for line in lines]), reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor([line["policy_logp"] for line in lines]), policy, atol=1e-5, rtol=0)
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["loss"] == pytest.approx(metrics(runs["zero3"], "eval")[-1]["loss"], abs=1e-5)
+
+
+def test_resume_merge_and_adapter_only_export(runs, tiny_model, tmp_path):
+    """Checkpoints hold the policy only; a resume rebuilds the reference from sft_adapter and ends with
+    the uninterrupted run's adapter; merge_lora and --adapter_only export the trained policy."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(runs["one"], resumed)
+    shutil.rmtree(resumed / "checkpoint-4")
+    shutil.rmtree(resumed / "adapter")
+    (resumed / "latest").write_text("checkpoint-2")
+    run([*TRAIN, "--config", str(runs["config"]), "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    whole = load_file(runs["one"] / "adapter" / "adapter_model.safetensors")
+    again = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert whole.keys() == again.keys()
+    for key in whole:
+        torch.testing.assert_close(again[key], whole[key], atol=1e-5, rtol=0)
+
+    run([sys.executable, "launch/merge_lora.py", "--base", str(tiny_model), "--adapter",
+         str(runs["one"] / "checkpoint-4"), "--output", str(tmp_path / "clean"), "--adapter_only"])
+    exported = load_file(tmp_path / "clean" / "adapter_model.safetensors")
+    assert exported.keys() == whole.keys()
+    merge_lora(tiny_model, runs["one"] / "adapter", tmp_path / "merged")
+    ids = torch.randint(3, 900, (2, 9))
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), runs["one"] / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits,
+                                   peft(ids).logits, atol=1e-5, rtol=1e-5)
