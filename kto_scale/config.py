@@ -6,8 +6,11 @@ errors. The resolved config is written to `<output_dir>/kto_config.yaml`, and la
 (precompute, merge, evaluate) read it from there.
 """
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import json
 import logging
 import types
 import typing
@@ -22,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "kto_config.yaml"
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"  # what `python launch/train.py` with no arguments runs
+# Inputs a config file may name by a path relative to itself (outputs stay relative to the working dir).
+INPUT_PATHS = ("model_name_or_path", "dataset_name", "eval_dataset_name", "deepspeed")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORTERS = ("none", "wandb", "tensorboard")
 KL_BASELINES = ("effective_batch", "micro_batch")
@@ -241,10 +247,19 @@ class KTOConfig:
         return dataclasses.asdict(self)
 
 
+_FIELDS = [f.name for f in dataclasses.fields(KTOConfig)]
+
+
 def find_deepspeed_config(path: str) -> Path:
-    """The JSON file, relative to the working directory or, failing that, to the kto-scale checkout."""
+    """The JSON file, relative to the working directory or, failing that, to the kto-scale checkout;
+    a file that is not valid JSON is an error naming its line and column."""
     for candidate in (Path(path), REPO_ROOT / path):
         if candidate.is_file():
+            try:
+                json.loads(candidate.read_text())
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"deepspeed config {candidate}, line {error.lineno} column {error.colno}: "
+                                  f"invalid JSON ({error.msg}). Fix the file.") from None
             return candidate
     raise ConfigError(f"deepspeed config {path!r} does not exist (the shipped ones are in ds_configs/).")
 
@@ -277,17 +292,20 @@ def _coerce(name: str, value: object, annotation: object) -> object:
     raise ConfigError(f"{name}={value!r} has the wrong type; expected {annotation}.")
 
 
+def _check_known(keys, source: str) -> None:
+    """Unknown option names are errors that say where they came from and suggest a close one."""
+    for key in keys:
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, _FIELDS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown option {key!r}.{hint} (--help lists every option.)")
+
+
 def config_from_dict(values: dict, source: str = "config") -> KTOConfig:
     """Build and validate a KTOConfig; unknown keys are errors with a suggestion."""
+    _check_known(values, source)
     hints = typing.get_type_hints(KTOConfig)
-    kwargs = {}
-    for key, value in values.items():
-        if key not in hints:
-            close = difflib.get_close_matches(key, hints, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{source}: unknown option {key!r}.{hint}")
-        kwargs[key] = _coerce(key, value, hints[key])
-    config = KTOConfig(**kwargs)
+    config = KTOConfig(**{key: _coerce(key, value, hints[key]) for key, value in values.items()})
     config.validate()
     return config
 
@@ -311,18 +329,75 @@ def parse_overrides(args: list[str]) -> dict:
 
 
 def load_config(argv: list[str], default_config: str | Path | None = None) -> KTOConfig:
-    """`--config file.yaml` (or default_config) then command-line overrides of any field."""
+    """`--config file.yaml` then command-line overrides of any field. `default_config` is used only
+    when the command line holds no option at all (`python launch/train.py` runs the demo; any other
+    command line starts from the documented defaults)."""
     overrides = parse_overrides(argv)
     overrides.pop("local_rank", None)  # the deepspeed launcher appends --local_rank; LOCAL_RANK is in env
-    path = overrides.pop("config", None) or default_config
+    path = overrides.pop("config", None) or (None if overrides else default_config)
+    _check_known(overrides, "command line")
     values = {}
     if path is not None:
         with open(path) as f:
             values = yaml.safe_load(f) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of option: value.")
+        _check_known(values, str(path))
+        values = _resolve_input_paths(values, Path(path).parent)
     values.update(overrides)
     return config_from_dict(values, source=str(path or "command line"))
+
+
+def _resolve_input_paths(values: dict, config_dir: Path) -> dict:
+    """A relative input path that does not exist from the working directory but does next to the config
+    file (or in the kto-scale checkout, for the shipped configs) becomes that absolute path, so a
+    config runs from any directory. Hub ids and paths that exist as given are left alone."""
+    resolved = dict(values)
+    for key in INPUT_PATHS:
+        value = values.get(key)
+        if not isinstance(value, str) or Path(value).is_absolute() or Path(value).exists():
+            continue
+        for base in (config_dir, REPO_ROOT):
+            if (base / value).exists():
+                resolved[key] = str((base / value).resolve())
+                break
+    return resolved
+
+
+def _field_docs() -> dict[str, str]:
+    """Each KTOConfig field's docstring (the string under it in config.py): the one source of --help."""
+    tree = ast.parse(inspect.getsource(KTOConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _type_name(annotation: object) -> str:
+    options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if isinstance(annotation, types.UnionType) and len(options) > 1:
+        return "|".join(_type_name(a) for a in options)
+    option = options[0]
+    return "LIST" if typing.get_origin(option) is list else getattr(option, "__name__", str(option)).upper()
+
+
+def options_help() -> str:
+    """Every option: `--name TYPE (default: value)` and its meaning, from the dataclass and its docs."""
+    docs, hints = _field_docs(), typing.get_type_hints(KTOConfig)
+    lines = ["options (--config FILE.yaml first, then any of these as --name value; values are YAML):"]
+    for f in dataclasses.fields(KTOConfig):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        lines += [f"  --{f.name} {_type_name(hints[f.name])} (default: {default})", f"      {docs.get(f.name, '')}"]
+    return "\n".join(lines)
+
+
+def exit_if_help(argv: list[str], usage: str) -> None:
+    """For the config-driven scripts: print `usage` and every option, then exit, on -h/--help."""
+    if "-h" in argv or "--help" in argv:
+        print(f"usage: {usage.strip()}\n\n{options_help()}")
+        raise SystemExit(0)
 
 
 def save_config(config: KTOConfig, output_dir: str | Path) -> Path:

@@ -31,7 +31,7 @@ import datasets
 from kto_scale.atomic import atomic_directory
 from kto_scale.config import KTOConfig
 from kto_scale.data import DataError, Example, load_examples, split_train_eval
-from kto_scale.distributed import barrier, is_main_process
+from kto_scale.distributed import on_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -227,12 +227,14 @@ def shared_prepared_data(config: KTOConfig, tokenizer, path: Path) -> tuple:
     `path`, and every rank loads it from there (memory-mapped Arrow, so the ranks of a node share one
     copy through the page cache). Like DeepSpeed's checkpoints, this assumes `path` is on storage
     every node sees."""
-    if is_main_process():
+
+    def prepare_and_save() -> None:
         train, evaluation = prepare_data(config, tokenizer)
         with atomic_directory(path) as tmp:
             train.save_to_disk(tmp / "train")
             if evaluation is not None:
                 evaluation.save_to_disk(tmp / "eval")
-    barrier()
+
+    on_main_process(prepare_and_save)  # bad data fails every rank at once, none waits for rank 0
     evaluation = datasets.load_from_disk(path / "eval") if (path / "eval").exists() else None
     return datasets.load_from_disk(path / "train"), evaluation

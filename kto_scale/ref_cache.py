@@ -39,9 +39,10 @@ from transformers.utils import cached_file
 from kto_scale.atomic import write_atomic
 from kto_scale.collate import collate, shard_indices, to_device
 from kto_scale.config import ConfigError, KTOConfig
-from kto_scale.distributed import all_gather, all_reduce_sum, init_distributed, shutdown
+from kto_scale.distributed import all_gather, all_reduce_sum, init_distributed, on_main_process, shutdown
 from kto_scale.engine import build_inference_engine, resolve_deepspeed_config
 from kto_scale.model import load_model, load_tokenizer, reference_mode, train_dtype
+from kto_scale.outdir import LOCK_FILE, lock_directory
 from kto_scale.prepare import shared_prepared_data
 
 logger = logging.getLogger(__name__)
@@ -310,6 +311,7 @@ def precompute(config: KTOConfig) -> Path:
     rank, world_size, _ = init_distributed(config.dist_timeout_s)
     if rank != 0:  # one copy of the log, not one per rank
         logging.getLogger("kto_scale").setLevel(logging.WARNING)
+    on_main_process(lambda: lock_directory(Path(config.ref_cache) / LOCK_FILE, f"ref_cache {config.ref_cache}"))
     tokenizer = load_tokenizer(config)
     data = shared_prepared_data(config, tokenizer, Path(config.ref_cache) / "prepared")
     splits = dict(zip(("train", "eval"), data, strict=True))

@@ -25,6 +25,7 @@ from kto_scale.checkpoint import (
     save_adapter,
     save_base_model,
     save_checkpoint,
+    set_aside_previous_run,
 )
 from kto_scale.collate import BatchPlan, collate, shard_indices, to_device
 from kto_scale.config import KTOConfig, save_config
@@ -179,16 +180,17 @@ def train(config: KTOConfig) -> Path:
                      world_size, lengths)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * plan.steps_per_epoch)
     ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
-    base = load_base_model(config)
-    if config.init_random_weights:  # the adapter is only meaningful next to these exact weights
-        save_base_model(base, tokenizer, Path(config.output_dir) / "base_model")
-    model = add_lora(base, config)
     caches = {}
     if config.ref_cache:
         caches = {split: open_ref_cache(config.ref_cache, config, tokenizer, split, data)
                   for split, data in (("train", train_set), ("eval", eval_set)) if data is not None}
     checkpoint = find_checkpoint(config)
     tag = resume_tag(checkpoint, config, ds_config.config, world_size) if checkpoint else None
+    base = load_base_model(config)
+    set_aside_previous_run(config)  # every check passed: only now does the old run make way
+    if config.init_random_weights:  # the adapter is only meaningful next to these exact weights
+        save_base_model(base, tokenizer, Path(config.output_dir) / "base_model")
+    model = add_lora(base, config)
     engine, scheduler = build_engine(config, ds_config, SequenceLogps(model, config.logprob_chunk_size),
                                      world_size, total_steps)
     start_step = load_checkpoint(engine, checkpoint, tag) if checkpoint else 0

@@ -10,11 +10,12 @@ Stopped or killed, the same command resumes: the finished shards are kept.
 import logging
 import sys
 
-from kto_scale.config import ConfigError, load_config
+from kto_scale.config import ConfigError, exit_if_help, load_config
 from kto_scale.data import DataError
 from kto_scale.ref_cache import precompute
 
 if __name__ == "__main__":
+    exit_if_help(sys.argv[1:], __doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         precompute(load_config(sys.argv[1:]))
