@@ -401,5 +401,11 @@ def open_ref_cache(cache_dir: str, config: KTOConfig, tokenizer, split: str, dat
                             + "\n  ".join(differences) + "\nPrecompute a cache for this config or train without "
                             "ref_cache.")
     values = _load_split(Path(cache_dir), manifest["splits"][split], example_keys(dataset), split)
+    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    if len(bad):  # a NaN would make every step holding the example "bad"; name it instead
+        prompt = tokenizer.decode(dataset[int(bad[0])]["prompt_ids"], skip_special_tokens=True)
+        raise RefCacheError(f"{cache_dir}: the reference log-probs of {len(bad)} {split} examples are not finite (rows "
+                            f"{bad[:10].tolist()}; row {bad[0]}'s prompt begins {prompt[:60]!r}). Precompute the "
+                            "cache again into a new --ref_cache.")
     logger.info("Reference log-probs of %d %s examples read from %s.", len(values), split, cache_dir)
     return RefCache(torch.from_numpy(values[:, 0].copy()), torch.from_numpy(values[:, 1].copy()))

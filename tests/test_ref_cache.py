@@ -183,3 +183,14 @@ def test_other_example_under_a_row_is_an_error(setup):
     _rewrite_shard(cache, manifest, shard, arrays)
     with pytest.raises(RefCacheError, match=rf"rows \[{arrays['row'][2]}\] of the train split hold other examples"):
         _lookup_all(setup["one"], cache, "train")
+
+
+def test_non_finite_value_is_an_error_naming_the_example(setup):
+    """A NaN whose checksums match is refused on load, naming the row and its prompt."""
+    cache, manifest, shard = _copy_cache(setup, "non_finite")
+    arrays = load_file(shard)
+    arrays["reference_kl"][1] = np.nan
+    _rewrite_shard(cache, manifest, shard, arrays)
+    with pytest.raises(RefCacheError, match=rf"reference log-probs of 1 train examples are not finite \(rows "
+                                            rf"\[{arrays['row'][1]}\]; row {arrays['row'][1]}'s prompt begins 'Question"):
+        _lookup_all(setup["one"], cache, "train")
