@@ -159,6 +159,21 @@ def evaluation_metrics(scores: dict[str, Tensor], beta: float, weights: tuple[fl
     return out
 
 
+def class_balance_warning(n_desirable: int, n_undesirable: int, weights: tuple[float, float]) -> str | None:
+    """What is wrong with the training set's class balance for KTO, or None when nothing is."""
+    if not n_desirable or not n_undesirable:
+        present, missing = ("desirable", "undesirable") if n_desirable else ("undesirable", "desirable")
+        return (f"The training set has no {missing} examples (all {n_desirable + n_undesirable} are {present}): KTO "
+                f"then only moves {present} completions against the KL baseline and never learns what to avoid "
+                f"(or prefer); class weights cannot change that. Add {missing} examples (label "
+                f"{str(missing == 'desirable').lower()}) or pairs.")
+    ratio = weights[0] * n_desirable / (weights[1] * n_undesirable)
+    if not 1.0 <= ratio <= 4 / 3:
+        return (f"lambda_D n_D / (lambda_U n_U) = {ratio:.3f} is outside the paper's recommended [1, 4/3]; "
+                "consider desirable_weight/undesirable_weight 'auto'.")
+    return None
+
+
 def train(config: KTOConfig) -> Path:
     """Train the LoRA policy with KTO; returns the directory of the final adapter."""
     rank, world_size, _ = init_distributed(config.dist_timeout_s)
@@ -170,10 +185,9 @@ def train(config: KTOConfig) -> Path:
     n_desirable = sum(train_set["label"])
     weights = balanced_weights(config.desirable_weight, config.undesirable_weight,
                                n_desirable, len(train_set) - n_desirable)
-    ratio = weights[0] * n_desirable / max(weights[1] * (len(train_set) - n_desirable), 1)
-    if not 1.0 <= ratio <= 4 / 3:
-        logger.warning("lambda_D n_D / (lambda_U n_U) = %.3f is outside the paper's recommended [1, 4/3]; "
-                       "consider desirable_weight/undesirable_weight 'auto'.", ratio)
+    balance = class_balance_warning(n_desirable, len(train_set) - n_desirable, weights)
+    if balance:
+        logger.warning(balance)
 
     lengths = tuple(sequence_lengths(train_set).tolist()) if config.group_by_length else None
     plan = BatchPlan(len(train_set), config.per_device_train_batch_size, config.gradient_accumulation_steps,
