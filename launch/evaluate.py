@@ -11,9 +11,10 @@ import logging
 import sys
 import warnings
 
-from kto_scale.config import ConfigError, load_config, options_help
+from kto_scale.config import ConfigError, load_config
 from kto_scale.data import DataError
 from kto_scale.evaluate import evaluate
+from kto_scale.usage import options_help
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -10,9 +10,10 @@ Stopped or killed, the same command resumes: the finished shards are kept.
 import logging
 import sys
 
-from kto_scale.config import ConfigError, exit_if_help, load_config
+from kto_scale.config import ConfigError, load_config
 from kto_scale.data import DataError
 from kto_scale.ref_cache import precompute
+from kto_scale.usage import exit_if_help
 
 if __name__ == "__main__":
     exit_if_help(sys.argv[1:], __doc__)

@@ -9,9 +9,10 @@ import logging
 import sys
 import warnings
 
-from kto_scale.config import DEMO_CONFIG, ConfigError, exit_if_help, load_config
+from kto_scale.config import DEMO_CONFIG, ConfigError, load_config
 from kto_scale.data import DataError
 from kto_scale.trainer import train
+from kto_scale.usage import exit_if_help
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,9 +1,19 @@
 """Config: YAML + command-line overrides, types, unknown keys, cross-field rules, round trip."""
 
+import dataclasses
+
 import pytest
 import yaml
 
-from kto_scale.config import ConfigError, load_config, load_run_config, parse_overrides, save_config
+from kto_scale.config import (
+    ConfigError,
+    KTOConfig,
+    load_config,
+    load_run_config,
+    parse_overrides,
+    save_config,
+)
+from kto_scale.usage import options_help
 
 BASE = ["--model_name_or_path", "m", "--dataset_name", "d.jsonl"]
 
@@ -95,3 +105,12 @@ def test_relative_inputs_of_a_config_file_resolve_from_its_directory(tmp_path, m
     config = load_config(["--config", str(path)])
     assert config.dataset_name == str(tmp_path / "data.jsonl")
     assert config.model_name_or_path == "org/hub-model" and config.output_dir == "out"
+
+
+def test_help_lists_every_option_with_type_default_and_meaning():
+    text = options_help()
+    for f in dataclasses.fields(KTOConfig):
+        line = next(line for line in text.splitlines() if line.startswith(f"  --{f.name} "))
+        meaning = text.splitlines()[text.splitlines().index(line) + 1].strip()
+        assert "(default: " in line and meaning, f.name
+    assert "  --desirable_weight FLOAT|STR (default: 1.0)\n      lambda_D, or \"auto\"" in text
