@@ -223,7 +223,7 @@ def set_aside_previous_run(config: KTOConfig) -> None:
     output = Path(config.output_dir)
 
     def move() -> None:
-        if config.resume_from_checkpoint or not _holds_run(output):
+        if not config.overwrite_output_dir or config.resume_from_checkpoint or not _holds_run(output):
             return
         aside = move_previous_run(output, keep=(PREPARED,))
         logger.warning("overwrite_output_dir: the previous run in %s was moved to %s (delete it when you no "
