@@ -319,8 +319,7 @@ def precompute(config: KTOConfig) -> Path:
     engine = build_inference_engine(config, ds_config, load_model(config))
     fingerprint = run_fingerprint(config, tokenizer, splits)
     cache_dir = Path(config.ref_cache)
-    if rank == 0:
-        _prepare_cache_dir(cache_dir, fingerprint)
+    on_main_process(lambda: _prepare_cache_dir(cache_dir, fingerprint))  # a refusal stops every rank
     fingerprint_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
     manifest = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "splits": {}}
     for split, data in splits.items():
