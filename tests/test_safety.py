@@ -115,11 +115,13 @@ def test_help_on_every_entry_point():
     """`--help` prints usage and every option with its type, default and meaning, for every script."""
     scripts = sorted((ROOT / "launch").glob("*.py"))
     assert {s.name for s in scripts} >= {"train.py", "precompute_ref.py", "evaluate.py", "merge_lora.py", "plot.py"}
+    running = {s.name: subprocess.Popen([sys.executable, str(s), "--help"], cwd=ROOT, env=clean_env(), text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for s in scripts}  # at once
     helps = {}
-    for script in scripts:
-        result = _run([sys.executable, str(script), "--help"], timeout=120)
-        assert result.returncode == 0 and "usage:" in result.stdout, (script, result.stderr[-2000:])
-        helps[script.name] = result.stdout
+    for name, process in running.items():
+        stdout, stderr = process.communicate(timeout=180)
+        assert process.returncode == 0 and "usage:" in stdout, (name, stderr[-2000:])
+        helps[name] = stdout
     for name in ("train.py", "precompute_ref.py", "evaluate.py"):  # the config-driven ones list every option
         assert "--beta FLOAT (default: 0.1)" in helps[name] and "KTO temperature" in helps[name]
         assert "--lora_target_modules LIST (default: None)" in helps[name]
