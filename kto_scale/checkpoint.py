@@ -29,7 +29,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kto_scale.atomic import atomic_directory, replace_directory, write_atomic
 from kto_scale.config import CONFIG_FILE, ConfigError, KTOConfig, save_config
-from kto_scale.distributed import barrier, is_main_process
+from kto_scale.distributed import barrier, is_main_process, on_main_process
+from kto_scale.outdir import LOCK_FILE, lock_directory, move_previous_run
 from kto_scale.sft_adapter import POLICY_ADAPTER
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ LATEST = "latest"
 DEEPSPEED_TAG = "deepspeed"
 UNIVERSAL_TAG = "universal"  # the rank-independent copy made to resume on another rank count
 TRAINER_STATE = "trainer_state.json"
+PREPARED = "prepared"  # the run's tokenized data, rewritten by every run
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -198,20 +200,39 @@ def load_checkpoint(engine, path: Path, tag: str) -> int:
 
 
 def prepare_output_dir(config: KTOConfig) -> None:
-    """Refuse to mix two runs in one directory; with overwrite_output_dir, clear the old run's
-    checkpoints and adapter first (all ranks call: everyone checks before rank 0 deletes)."""
+    """Lock output_dir for this run (rank 0 holds the lock) and refuse to mix two runs in one directory.
+
+    All ranks call; a refusal is raised on every rank. Nothing is moved or deleted here: with
+    overwrite_output_dir the old run is moved aside by `set_aside_previous_run`, once this run has
+    passed its checks (config, data, model) and is about to write.
+    """
     output = Path(config.output_dir)
-    old_run = (output / CONFIG_FILE).exists() or bool(checkpoints(output))
-    barrier()
-    if not old_run or config.resume_from_checkpoint:
-        return
-    if not config.overwrite_output_dir:
-        raise ConfigError(
-            f"{output} already holds a run (its config or checkpoints): pass --resume_from_checkpoint latest "
-            "to continue it, --overwrite_output_dir true to replace it, or pick another output_dir."
-        )
-    if is_main_process():
-        for old in [*checkpoints(output), output / "adapter"]:
-            shutil.rmtree(old, ignore_errors=True)
-        (output / LATEST).unlink(missing_ok=True)
-    barrier()
+
+    def check() -> None:
+        lock_directory(output / LOCK_FILE, f"output_dir {output}")
+        if _holds_run(output) and not config.resume_from_checkpoint and not config.overwrite_output_dir:
+            raise ConfigError(
+                f"{output} already holds a run (its config or checkpoints): pass --resume_from_checkpoint latest "
+                "to continue it, --overwrite_output_dir true to replace it, or pick another output_dir."
+            )
+
+    on_main_process(check)
+
+
+def set_aside_previous_run(config: KTOConfig) -> None:
+    """With overwrite_output_dir, move the run already in output_dir into `.previous-run-<time>/` inside
+    it, out of the new run's way (all ranks call). Nothing is deleted: remove it when no longer needed."""
+    output = Path(config.output_dir)
+
+    def move() -> None:
+        if not config.overwrite_output_dir or config.resume_from_checkpoint or not _holds_run(output):
+            return
+        aside = move_previous_run(output, keep=(PREPARED,))
+        logger.warning("overwrite_output_dir: the previous run in %s was moved to %s (delete it when you no "
+                       "longer need it).", output, aside)
+
+    on_main_process(move)
+
+
+def _holds_run(output: Path) -> bool:
+    return (output / CONFIG_FILE).exists() or bool(checkpoints(output))

@@ -8,6 +8,7 @@ errors. The resolved config is written to `<output_dir>/kto_config.yaml`, and la
 
 import dataclasses
 import difflib
+import json
 import logging
 import types
 import typing
@@ -22,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "kto_config.yaml"
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"  # what `python launch/train.py` with no arguments runs
+# Inputs a config file may name by a path relative to itself (outputs stay relative to the working dir).
+INPUT_PATHS = ("model_name_or_path", "dataset_name", "eval_dataset_name", "deepspeed")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORTERS = ("none", "wandb", "tensorboard")
 KL_BASELINES = ("effective_batch", "micro_batch")
@@ -246,10 +250,19 @@ class KTOConfig:
         return dataclasses.asdict(self)
 
 
+_FIELDS = [f.name for f in dataclasses.fields(KTOConfig)]
+
+
 def find_deepspeed_config(path: str) -> Path:
-    """The JSON file, relative to the working directory or, failing that, to the kto-scale checkout."""
+    """The JSON file, relative to the working directory or, failing that, to the kto-scale checkout;
+    a file that is not valid JSON is an error naming its line and column."""
     for candidate in (Path(path), REPO_ROOT / path):
         if candidate.is_file():
+            try:
+                json.loads(candidate.read_text())
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"deepspeed config {candidate}, line {error.lineno} column {error.colno}: "
+                                  f"invalid JSON ({error.msg}). Fix the file.") from None
             return candidate
     raise ConfigError(f"deepspeed config {path!r} does not exist (the shipped ones are in ds_configs/).")
 
@@ -282,17 +295,20 @@ def _coerce(name: str, value: object, annotation: object) -> object:
     raise ConfigError(f"{name}={value!r} has the wrong type; expected {annotation}.")
 
 
+def _check_known(keys, source: str) -> None:
+    """Unknown option names are errors that say where they came from and suggest a close one."""
+    for key in keys:
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, _FIELDS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown option {key!r}.{hint} (--help lists every option.)")
+
+
 def config_from_dict(values: dict, source: str = "config") -> KTOConfig:
     """Build and validate a KTOConfig; unknown keys are errors with a suggestion."""
+    _check_known(values, source)
     hints = typing.get_type_hints(KTOConfig)
-    kwargs = {}
-    for key, value in values.items():
-        if key not in hints:
-            close = difflib.get_close_matches(key, hints, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{source}: unknown option {key!r}.{hint}")
-        kwargs[key] = _coerce(key, value, hints[key])
-    config = KTOConfig(**kwargs)
+    config = KTOConfig(**{key: _coerce(key, value, hints[key]) for key, value in values.items()})
     config.validate()
     return config
 
@@ -316,18 +332,39 @@ def parse_overrides(args: list[str]) -> dict:
 
 
 def load_config(argv: list[str], default_config: str | Path | None = None) -> KTOConfig:
-    """`--config file.yaml` (or default_config) then command-line overrides of any field."""
+    """`--config file.yaml` then command-line overrides of any field. `default_config` is used only
+    when the command line holds no option at all (`python launch/train.py` runs the demo; any other
+    command line starts from the documented defaults)."""
     overrides = parse_overrides(argv)
     overrides.pop("local_rank", None)  # the deepspeed launcher appends --local_rank; LOCAL_RANK is in env
-    path = overrides.pop("config", None) or default_config
+    path = overrides.pop("config", None) or (None if overrides else default_config)
+    _check_known(overrides, "command line")
     values = {}
     if path is not None:
         with open(path) as f:
             values = yaml.safe_load(f) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of option: value.")
+        _check_known(values, str(path))
+        values = _resolve_input_paths(values, Path(path).parent)
     values.update(overrides)
     return config_from_dict(values, source=str(path or "command line"))
+
+
+def _resolve_input_paths(values: dict, config_dir: Path) -> dict:
+    """A relative input path that does not exist from the working directory but does next to the config
+    file (or in the kto-scale checkout, for the shipped configs) becomes that absolute path, so a
+    config runs from any directory. Hub ids and paths that exist as given are left alone."""
+    resolved = dict(values)
+    for key in INPUT_PATHS:
+        value = values.get(key)
+        if not isinstance(value, str) or Path(value).is_absolute() or Path(value).exists():
+            continue
+        for base in (config_dir, REPO_ROOT):
+            if (base / value).exists():
+                resolved[key] = str((base / value).resolve())
+                break
+    return resolved
 
 
 def save_config(config: KTOConfig, output_dir: str | Path) -> Path:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,22 +135,32 @@ def _numbered(rows, word: str) -> Iterator[tuple[int, str, object]]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, str, object]]:
-    """Lines of a .jsonl(.gz) file, numbered from 1; blank lines are skipped."""
+    """Lines of a .jsonl(.gz) file as bytes, numbered from 1; blank lines are skipped. Lines are decoded
+    one by one in `_parse`, so bytes that are not UTF-8 are a bad row with its line number."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                yield number, f"line {number}", line.strip()
+    number = 0
+    try:
+        with opener(path, "rb") as lines:
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    yield number, f"line {number}", line.strip()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise DataError(f"{path}: the gzip stream is truncated or corrupt after line {number} ({error}). "
+                        "Copy or compress the file again (gzip -t checks it).") from None
 
 
 def _read_json(path: Path) -> Iterator[tuple[int, str, object]]:
     """A .json file: one JSON array of rows, or JSON lines."""
-    text = path.read_text(encoding="utf-8")
-    if not text.lstrip().startswith("["):
+    data = path.read_bytes()
+    if not data.lstrip().startswith(b"["):
         yield from _read_jsonl(path)
         return
     try:
-        rows = json.loads(text)
+        rows = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: bytes that are not UTF-8 text ({error.reason}). "
+                        "Save the file as UTF-8.") from None
     except json.JSONDecodeError as error:
         raise DataError(f"{path}, line {error.lineno}: invalid JSON ({error.msg}). Fix the file.") from None
     yield from _numbered(rows, "row")
@@ -204,6 +215,12 @@ def _to_examples(raw: object, index: int, source: str) -> list[Example]:
 
 
 def _parse(raw: object) -> dict:
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise _BadRow(f"bytes that are not UTF-8 text at column {error.start + 1} ({error.reason}); "
+                          "save the file as UTF-8.") from None
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)

@@ -8,7 +8,9 @@ call every function here the same number of times, in the same order.
 import logging
 import os
 import socket
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 import deepspeed
 import torch
@@ -18,6 +20,7 @@ from torch import Tensor
 from kto_scale.loss import kl_baseline
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _free_port() -> int:
@@ -78,6 +81,29 @@ def global_kl_baseline(kl_ratio_sum: Tensor, count: Tensor) -> tuple[Tensor, Ten
     """
     totals = all_reduce_sum(torch.stack([kl_ratio_sum.float(), count.float()]))
     return kl_baseline(totals[0], totals[1]), totals[1]
+
+
+def on_main_process(work: Callable[[], T]) -> T | None:
+    """Run `work` on rank 0 only and raise its failure on every rank, so that no rank waits at the
+    next collective for a rank 0 that already gave up (returns None on the other ranks).
+
+    A ValueError (ConfigError, DataError: the user's input) is re-raised as it is everywhere, so every
+    rank prints the same message; any other failure becomes a RuntimeError naming it on the others.
+    """
+    result, failure = None, None
+    if is_main_process():
+        try:
+            result = work()
+        except Exception as error:  # shared below, then raised on every rank
+            failure = error
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [failure if failure is None or isinstance(failure, ValueError)
+                  else RuntimeError(f"rank 0 failed: {type(failure).__name__}: {failure}")]
+        dist.broadcast_object_list(shared, src=0)
+        failure = failure if is_main_process() else shared[0]
+    if failure is not None:
+        raise failure
+    return result
 
 
 def barrier() -> None:

@@ -36,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kto_scale.atomic import atomic_directory
+from kto_scale.outdir import DirectoryBusy, lock_directory, unlock_and_remove
 
 logger = logging.getLogger(__name__)
 
@@ -340,20 +341,48 @@ def copy_tokenizer(sources: list[Path], out: Path) -> None:
             return
 
 
+# What a merge or an adapter export writes: an --output holding anything else was not made by one.
+_EXPORT_FILES = re.compile(r"(config|generation_config|adapter_config)\.json|model(-\d+-of-\d+)?\.safetensors"
+                           r"|model\.safetensors\.index\.json|adapter_model\.safetensors")
+
+
+def check_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """Refuse an --output that overlaps an input, or whose files a replacement would lose."""
+    resolved = output.resolve()
+    for path in inputs:
+        source = path.resolve()
+        if resolved == source or resolved in source.parents or source in resolved.parents:
+            raise ExportError(f"--output {output} contains or lies inside the input {path}; replacing it would "
+                              "delete that input. Write the export somewhere else.")
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"--output {output} is a file; pass a directory path.")
+    present = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
+    if present and not overwrite:
+        raise ExportError(f"--output {output} is not empty; pass --overwrite to replace it, or another path.")
+    foreign = [name for name in present if not (_EXPORT_FILES.fullmatch(name) or name in TOKENIZER_FILES)]
+    if foreign:
+        raise ExportError(f"--output {output} holds files an export does not write ({', '.join(foreign[:5])}), so "
+                          "it is not an earlier merge output and --overwrite will not replace it. Choose another path.")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(output: Path, overwrite: bool, inputs: list[Path]) -> Iterator[Path]:
     """A temporary sibling of `output` to write into, renamed to `output` only when the block succeeds.
 
-    With `overwrite` an existing output is replaced only after the new one is complete.
+    With `overwrite` an existing output is replaced only after the new one is complete. A lock next to
+    `output` refuses a second export into it while this one runs.
     """
-    if any(output.resolve() == path.resolve() for path in inputs):
-        raise ExportError(f"--output {output} is also an input; write the export somewhere else.")
-    if output.exists() and not output.is_dir():
-        raise ExportError(f"--output {output} is a file; pass a directory path.")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ExportError(f"--output {output} is not empty; pass --overwrite to replace it, or another path.")
-    with atomic_directory(output) as tmp:
-        yield tmp
+    lock_file = output.parent / f".{output.name}.lock"
+    try:
+        lock_directory(lock_file, f"--output {output}")
+    except DirectoryBusy as busy:
+        raise ExportError(str(busy)) from None
+    try:
+        check_output(output, overwrite, inputs)
+        with atomic_directory(output) as tmp:
+            yield tmp
+    finally:
+        unlock_and_remove(lock_file)
 
 
 def _output_dtype(requested: str | None, base_config: dict, base: Path) -> torch.dtype:

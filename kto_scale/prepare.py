@@ -31,7 +31,7 @@ import datasets
 from kto_scale.atomic import atomic_directory
 from kto_scale.config import KTOConfig
 from kto_scale.data import DataError, Example, load_examples, split_train_eval
-from kto_scale.distributed import barrier, is_main_process
+from kto_scale.distributed import on_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ class PrepareStats:
     dropped_too_long: int
     desirable: int
     undesirable: int
+    completions_cut: int = 0  # kept examples whose completion lost tokens to truncation
+    lost_eos: int = 0  # of those, the ones whose EOS was cut off (the model never learns to stop there)
 
 
 def prepare_dataset(
@@ -82,6 +84,10 @@ def prepare_dataset(
             f"No examples left to train on: all {len(examples)} were dropped as too long. "
             "Raise max_length, or set max_prompt_length to cut long prompts."
         )
+    cut = [i for i in keep if len(cuts[i][1]) < len(completions[i])]
+    eos = [tokenizer.eos_token_id]
+    lost_eos = sum(completions[i][-1:] == eos and cuts[i][1][-1:] != eos for i in cut)
+    _warn_if_cut(len(cut), lost_eos, len(keep), max_length, max_prompt_length, max_completion_length)
     prompts, completions = [cuts[i][0] for i in keep], [cuts[i][1] for i in keep]
     partners = kl_partners(prompts, [examples[i].source for i in keep], seed)
     labels = [examples[i].label for i in keep]
@@ -95,8 +101,22 @@ def prepare_dataset(
             completions[j][: max_length - len(p)] for p, j in zip(prompts, partners, strict=True)
         ],
     }
-    stats = PrepareStats(len(keep), dropped, sum(labels), len(labels) - sum(labels))
+    stats = PrepareStats(len(keep), dropped, sum(labels), len(labels) - sum(labels), len(cut), lost_eos)
     return datasets.Dataset.from_dict(columns), stats
+
+
+def _warn_if_cut(cut: int, lost_eos: int, kept: int, max_length: int, max_prompt_length: int | None,
+                 max_completion_length: int | None) -> None:
+    """Say how many completions truncation cut, loudly when it is most of them."""
+    if not cut:
+        return
+    limits = f"max_length={max_length}, max_prompt_length={max_prompt_length}, max_completion_length={max_completion_length}"
+    if 2 * cut > kept:
+        logger.warning("TRUNCATION CUTS MOST OF THE DATA: %d of %d completions were cut and %d lost their EOS (%s). "
+                       "KTO then scores only their first tokens; raise max_length or lower max_prompt_length.",
+                       cut, kept, lost_eos, limits)
+    else:
+        logger.info("Truncation cut %d of %d completions (%d lost their EOS; %s).", cut, kept, lost_eos, limits)
 
 
 def adds_bos(tokenizer) -> bool:
@@ -216,10 +236,18 @@ def prepare_data(config: KTOConfig, tokenizer) -> tuple:
     lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                    max_completion_length=config.max_completion_length, seed=config.data_seed)
     train, stats = prepare_dataset(examples, tokenizer, **lengths)
-    logger.info("Training examples: %d (%d desirable, %d undesirable, %d dropped as too long).",
-                stats.examples, stats.desirable, stats.undesirable, stats.dropped_too_long)
-    evaluation = prepare_dataset(eval_examples, tokenizer, **lengths)[0] if eval_examples else None
-    return train, evaluation
+    logger.info("Training examples: %d (%d desirable, %d undesirable, %d dropped as too long, %d completions cut, "
+                "%d without EOS).", stats.examples, stats.desirable, stats.undesirable, stats.dropped_too_long,
+                stats.completions_cut, stats.lost_eos)
+    if not eval_examples:
+        return train, None
+    try:
+        return train, prepare_dataset(eval_examples, tokenizer, **lengths)[0]
+    except DataError as error:  # say it is the eval split, and how to get a usable one
+        source = (f"eval_dataset_name {config.eval_dataset_name}" if config.eval_dataset_name else
+                  f"the {len(eval_examples)} examples eval_fraction={config.eval_fraction} holds out of {config.dataset_name}")
+        raise DataError(f"The eval split ({source}) cannot be used: {error} Give more eval data (a larger "
+                        "eval_fraction or eval_dataset_name), or set eval_fraction 0 to train without evaluation.") from None
 
 
 def shared_prepared_data(config: KTOConfig, tokenizer, path: Path) -> tuple:
@@ -227,12 +255,14 @@ def shared_prepared_data(config: KTOConfig, tokenizer, path: Path) -> tuple:
     `path`, and every rank loads it from there (memory-mapped Arrow, so the ranks of a node share one
     copy through the page cache). Like DeepSpeed's checkpoints, this assumes `path` is on storage
     every node sees."""
-    if is_main_process():
+
+    def prepare_and_save() -> None:
         train, evaluation = prepare_data(config, tokenizer)
         with atomic_directory(path) as tmp:
             train.save_to_disk(tmp / "train")
             if evaluation is not None:
                 evaluation.save_to_disk(tmp / "eval")
-    barrier()
+
+    on_main_process(prepare_and_save)  # bad data fails every rank at once, none waits for rank 0
     evaluation = datasets.load_from_disk(path / "eval") if (path / "eval").exists() else None
     return datasets.load_from_disk(path / "train"), evaluation

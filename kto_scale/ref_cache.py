@@ -40,9 +40,10 @@ from transformers.utils import cached_file
 from kto_scale.atomic import write_atomic
 from kto_scale.collate import collate, shard_indices, to_device
 from kto_scale.config import ConfigError, KTOConfig
-from kto_scale.distributed import all_gather, all_reduce_sum, init_distributed, shutdown
+from kto_scale.distributed import all_gather, all_reduce_sum, init_distributed, on_main_process, shutdown
 from kto_scale.engine import build_inference_engine, resolve_deepspeed_config
 from kto_scale.model import load_model, load_tokenizer, reference_mode, train_dtype
+from kto_scale.outdir import LOCK_FILE, lock_directory
 from kto_scale.prepare import shared_prepared_data
 from kto_scale.sft_adapter import check_sft_adapter, sft_adapter_fingerprint
 
@@ -312,6 +313,7 @@ def precompute(config: KTOConfig) -> Path:
     rank, world_size, _ = init_distributed(config.dist_timeout_s)
     if rank != 0:  # one copy of the log, not one per rank
         logging.getLogger("kto_scale").setLevel(logging.WARNING)
+    on_main_process(lambda: lock_directory(Path(config.ref_cache) / LOCK_FILE, f"ref_cache {config.ref_cache}"))
     tokenizer = load_tokenizer(config)
     check_sft_adapter(config, tokenizer)  # before the data and the model: fail fast
     data = shared_prepared_data(config, tokenizer, Path(config.ref_cache) / "prepared")
@@ -320,8 +322,7 @@ def precompute(config: KTOConfig) -> Path:
     engine = build_inference_engine(config, ds_config, load_model(config))
     fingerprint = run_fingerprint(config, tokenizer, splits)
     cache_dir = Path(config.ref_cache)
-    if rank == 0:
-        _prepare_cache_dir(cache_dir, fingerprint)
+    on_main_process(lambda: _prepare_cache_dir(cache_dir, fingerprint))  # a refusal stops every rank
     fingerprint_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
     manifest = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "splits": {}}
     for split, data in splits.items():
@@ -402,5 +403,11 @@ def open_ref_cache(cache_dir: str, config: KTOConfig, tokenizer, split: str, dat
                             + "\n  ".join(differences) + "\nPrecompute a cache for this config or train without "
                             "ref_cache.")
     values = _load_split(Path(cache_dir), manifest["splits"][split], example_keys(dataset), split)
+    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    if len(bad):  # a NaN would make every step holding the example "bad"; name it instead
+        prompt = tokenizer.decode(dataset[int(bad[0])]["prompt_ids"], skip_special_tokens=True)
+        raise RefCacheError(f"{cache_dir}: the reference log-probs of {len(bad)} {split} examples are not finite (rows "
+                            f"{bad[:10].tolist()}; row {bad[0]}'s prompt begins {prompt[:60]!r}). Precompute the "
+                            "cache again into a new --ref_cache.")
     logger.info("Reference log-probs of %d %s examples read from %s.", len(values), split, cache_dir)
     return RefCache(torch.from_numpy(values[:, 0].copy()), torch.from_numpy(values[:, 1].copy()))

@@ -25,6 +25,7 @@ from kto_scale.checkpoint import (
     save_adapter,
     save_base_model,
     save_checkpoint,
+    set_aside_previous_run,
 )
 from kto_scale.collate import BatchPlan, collate, shard_indices, to_device
 from kto_scale.config import KTOConfig, save_config
@@ -159,6 +160,21 @@ def evaluation_metrics(scores: dict[str, Tensor], beta: float, weights: tuple[fl
     return out
 
 
+def class_balance_warning(n_desirable: int, n_undesirable: int, weights: tuple[float, float]) -> str | None:
+    """What is wrong with the training set's class balance for KTO, or None when nothing is."""
+    if not n_desirable or not n_undesirable:
+        present, missing = ("desirable", "undesirable") if n_desirable else ("undesirable", "desirable")
+        return (f"The training set has no {missing} examples (all {n_desirable + n_undesirable} are {present}): KTO "
+                f"then only moves {present} completions against the KL baseline and never learns what to avoid "
+                f"(or prefer); class weights cannot change that. Add {missing} examples (label "
+                f"{str(missing == 'desirable').lower()}) or pairs.")
+    ratio = weights[0] * n_desirable / (weights[1] * n_undesirable)
+    if not 1.0 <= ratio <= 4 / 3:
+        return (f"lambda_D n_D / (lambda_U n_U) = {ratio:.3f} is outside the paper's recommended [1, 4/3]; "
+                "consider desirable_weight/undesirable_weight 'auto'.")
+    return None
+
+
 def train(config: KTOConfig) -> Path:
     """Train the LoRA policy with KTO; returns the directory of the final adapter."""
     rank, world_size, _ = init_distributed(config.dist_timeout_s)
@@ -171,26 +187,26 @@ def train(config: KTOConfig) -> Path:
     n_desirable = sum(train_set["label"])
     weights = balanced_weights(config.desirable_weight, config.undesirable_weight,
                                n_desirable, len(train_set) - n_desirable)
-    ratio = weights[0] * n_desirable / max(weights[1] * (len(train_set) - n_desirable), 1)
-    if not 1.0 <= ratio <= 4 / 3:
-        logger.warning("lambda_D n_D / (lambda_U n_U) = %.3f is outside the paper's recommended [1, 4/3]; "
-                       "consider desirable_weight/undesirable_weight 'auto'.", ratio)
+    balance = class_balance_warning(n_desirable, len(train_set) - n_desirable, weights)
+    if balance:
+        logger.warning(balance)
 
     lengths = tuple(sequence_lengths(train_set).tolist()) if config.group_by_length else None
     plan = BatchPlan(len(train_set), config.per_device_train_batch_size, config.gradient_accumulation_steps,
                      world_size, lengths)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * plan.steps_per_epoch)
     ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
-    base = load_base_model(config)
-    if config.init_random_weights:  # the adapter is only meaningful next to these exact weights
-        save_base_model(base, tokenizer, Path(config.output_dir) / "base_model")
-    model = add_lora(base, config)
     caches = {}
     if config.ref_cache:
         caches = {split: open_ref_cache(config.ref_cache, config, tokenizer, split, data)
                   for split, data in (("train", train_set), ("eval", eval_set)) if data is not None}
     checkpoint = find_checkpoint(config)
     tag = resume_tag(checkpoint, config, ds_config.config, world_size) if checkpoint else None
+    base = load_base_model(config)
+    set_aside_previous_run(config)  # every check passed: only now does the old run make way
+    if config.init_random_weights:  # the adapter is only meaningful next to these exact weights
+        save_base_model(base, tokenizer, Path(config.output_dir) / "base_model")
+    model = add_lora(base, config)
     engine, scheduler = build_engine(config, ds_config, SequenceLogps(model, config.logprob_chunk_size),
                                      world_size, total_steps)
     start_step = load_checkpoint(engine, checkpoint, tag) if checkpoint else 0

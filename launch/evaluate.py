@@ -14,11 +14,12 @@ import warnings
 from kto_scale.config import ConfigError, load_config
 from kto_scale.data import DataError
 from kto_scale.evaluate import evaluate
+from kto_scale.usage import options_help
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, epilog=options_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True, help="peft adapter directory (e.g. outputs/run/adapter)")
     parser.add_argument("--output", required=True, help="directory for examples.jsonl and summary.json")

@@ -13,8 +13,10 @@ import sys
 from kto_scale.config import ConfigError, load_config
 from kto_scale.data import DataError
 from kto_scale.ref_cache import precompute
+from kto_scale.usage import exit_if_help
 
 if __name__ == "__main__":
+    exit_if_help(sys.argv[1:], __doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         precompute(load_config(sys.argv[1:]))

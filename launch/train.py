@@ -9,19 +9,17 @@ import logging
 import sys
 import warnings
 
-from kto_scale.config import REPO_ROOT, ConfigError, load_config
+from kto_scale.config import DEMO_CONFIG, ConfigError, load_config
 from kto_scale.data import DataError
 from kto_scale.trainer import train
-
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+from kto_scale.usage import exit_if_help
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # DeepSpeed calls torch.distributed functions that torch has deprecated: one warning per call.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    args = sys.argv[1:]
-    has_config = any(a == "--config" or a.startswith("--config=") for a in args)
+    exit_if_help(sys.argv[1:], __doc__)
     try:
-        train(load_config(args, default_config=None if has_config else DEMO_CONFIG))
+        train(load_config(sys.argv[1:], default_config=DEMO_CONFIG))  # the demo only without any option
     except (ConfigError, DataError) as e:  # the user's settings or data: a message, not a traceback
         sys.exit(f"error: {e}")

@@ -1,9 +1,19 @@
 """Config: YAML + command-line overrides, types, unknown keys, cross-field rules, round trip."""
 
+import dataclasses
+
 import pytest
 import yaml
 
-from kto_scale.config import ConfigError, load_config, load_run_config, parse_overrides, save_config
+from kto_scale.config import (
+    ConfigError,
+    KTOConfig,
+    load_config,
+    load_run_config,
+    parse_overrides,
+    save_config,
+)
+from kto_scale.usage import options_help
 
 BASE = ["--model_name_or_path", "m", "--dataset_name", "d.jsonl"]
 
@@ -64,3 +74,43 @@ def test_warmup_steps():
     config = load_config(BASE + ["--warmup_ratio", "0.1"])
     assert config.warmup_steps_for(95) == 10
     assert load_config(BASE + ["--warmup_steps", "3"]).warmup_steps_for(95) == 3
+
+
+def test_unknown_option_says_where_it_came_from(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model_name_or_path": "m", "dataset_name": "d"}))
+    with pytest.raises(ConfigError, match=r"^command line: unknown option 'betta'. Did you mean 'beta'"):
+        load_config(["--config", str(path), "--betta", "0.2"])
+    path.write_text(yaml.safe_dump({"model_name_or_path": "m", "dataset_name": "d", "betta": 0.2}))
+    with pytest.raises(ConfigError, match=rf"^{path}: unknown option 'betta'"):
+        load_config(["--config", str(path), "--beta", "0.2"])
+
+
+def test_deepspeed_json_syntax_error_names_file_line_and_column(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{\n  "zero_optimization": {"stage": 2},\n  "gradient_clipping": "auto",,\n}\n')
+    with pytest.raises(ConfigError, match=rf"deepspeed config {path}, line 3 column 31: invalid JSON"):
+        load_config(BASE + ["--deepspeed", str(path)])
+
+
+def test_relative_inputs_of_a_config_file_resolve_from_its_directory(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    path = tmp_path / "configs" / "c.yaml"
+    path.write_text(yaml.safe_dump({"model_name_or_path": "org/hub-model", "dataset_name": "../data.jsonl",
+                                    "output_dir": "out"}))
+    monkeypatch.chdir(tmp_path / "configs")  # as given, ../data.jsonl exists: left alone
+    assert load_config(["--config", "c.yaml"]).dataset_name == "../data.jsonl"
+    monkeypatch.chdir("/")
+    config = load_config(["--config", str(path)])
+    assert config.dataset_name == str(tmp_path / "data.jsonl")
+    assert config.model_name_or_path == "org/hub-model" and config.output_dir == "out"
+
+
+def test_help_lists_every_option_with_type_default_and_meaning():
+    text = options_help()
+    for f in dataclasses.fields(KTOConfig):
+        line = next(line for line in text.splitlines() if line.startswith(f"  --{f.name} "))
+        meaning = text.splitlines()[text.splitlines().index(line) + 1].strip()
+        assert "(default: " in line and meaning, f.name
+    assert "  --desirable_weight FLOAT|STR (default: 1.0)\n      lambda_D, or \"auto\"" in text

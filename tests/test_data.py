@@ -282,3 +282,24 @@ def test_split_keeps_pairs_together_and_is_deterministic():
 def test_split_without_eval_fraction_keeps_everything():
     examples = _mixed_examples()
     assert split_train_eval(examples, 0.0, seed=0) == (examples, [])
+
+
+def test_truncated_gzip_names_the_file(tmp_path):
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(gzip.compress(("\n".join(json.dumps(r) for r in UNPAIRED * 50) + "\n").encode())[:-30])
+    with pytest.raises(DataError, match=rf"{path}: the gzip stream is truncated or corrupt after line \d+"):
+        load_examples(str(path))
+
+
+def test_bytes_that_are_not_utf8_name_the_line_and_can_be_skipped(tmp_path):
+    path = tmp_path / "d.jsonl"
+    latin1 = '{"prompt": "caf\xe9?", "completion": "Oui.", "label": true}'.encode("latin-1")
+    path.write_bytes(b"\n".join([json.dumps(UNPAIRED[0]).encode(), latin1, json.dumps(UNPAIRED[1]).encode()]) + b"\n")
+    with pytest.raises(DataError, match=rf"{path}, line 2: bytes that are not UTF-8 text at column 16"):
+        load_examples(str(path))
+    examples, skipped = load_examples(str(path), skip_bad_rows=True)
+    assert skipped == 1 and [e.source for e in examples] == [f"{path}:1", f"{path}:3"]
+    array = tmp_path / "d.json"
+    array.write_bytes(b"[\n" + json.dumps(UNPAIRED[0]).encode() + b",\n" + latin1 + b"\n]")
+    with pytest.raises(DataError, match=rf"{array}, line 3: bytes that are not UTF-8 text"):
+        load_examples(str(array))

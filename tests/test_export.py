@@ -190,11 +190,56 @@ def test_non_empty_output_needs_overwrite(base_and_adapter, tmp_path):
     with pytest.raises(ExportError, match="not empty; pass --overwrite"):
         merge_lora(base, adapter, out)
     assert (out / "old.txt").read_text() == "keep me"
+    (out / "old.txt").unlink()
+    (out / "config.json").write_text("{}")  # what an interrupted earlier merge might have left
     merge_lora(base, adapter, out, overwrite=True)
-    assert not (out / "old.txt").exists() and (out / "config.json").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
-    with pytest.raises(ExportError, match="also an input"):
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temporary and no lock file left
+    with pytest.raises(ExportError, match="contains or lies inside the input"):
         merge_lora(base, adapter, base, overwrite=True)
+
+
+def test_output_around_or_inside_an_input_is_refused(base_and_adapter, tmp_path):
+    """`--output outputs/demo` with inputs in outputs/demo/ would delete them: refused, whatever the spelling."""
+    run = tmp_path / "run"
+    base, adapter = shutil.copytree(base_and_adapter[0], run / "base_model"), shutil.copytree(base_and_adapter[1], run / "adapter")
+    (tmp_path / "link").symlink_to(run)
+    for output in (run, tmp_path / "link", run / "adapter" / ".." , run / "adapter" / "merged"):
+        with pytest.raises(ExportError, match="contains or lies inside the input"):
+            merge_lora(base, adapter, output, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "base_model"]
+    assert (base / "config.json").is_file() and (adapter / "adapter_config.json").is_file()
+
+
+def test_overwrite_replaces_only_an_earlier_export(base_and_adapter, tmp_path):
+    """--overwrite replaces a directory of merge output, never one holding other files."""
+    base, adapter = base_and_adapter
+    out = merge_lora(base, adapter, tmp_path / "merged")
+    merge_lora(base, adapter, out, overwrite=True)  # an earlier merge: replaced
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match=r"holds files an export does not write \(notes.txt\)"):
+        merge_lora(base, adapter, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_second_export_into_the_same_output_is_refused(base_and_adapter, tmp_path):
+    """While one merge holds the output, another process is refused with its host and pid."""
+    base, adapter = base_and_adapter
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from kto_scale.outdir import lock_directory
+        lock_directory({str(tmp_path / ".merged.lock")!r}, "x")
+        print("locked", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ExportError, match=f"in use by host {socket.gethostname()} pid {holder.pid}"):
+            merge_lora(base, adapter, tmp_path / "merged")
+    finally:
+        holder.kill()
+        holder.wait()
+    merge_lora(base, adapter, tmp_path / "merged")  # the OS released the dead holder's lock
 
 
 def test_pickle_base_needs_allow_pickle(tmp_path):
@@ -256,8 +301,11 @@ def test_killed_merge_leaves_no_output(base_and_adapter, tmp_path):
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert result.returncode == -9
     assert not (tmp_path / "merged").exists()
-    (leftover,) = tmp_path.iterdir()  # only the temporary dir, which nothing loads as a model
+    # only the temporary dir, which nothing loads as a model, and the lock file, which the OS unlocked
+    lock, leftover = sorted(tmp_path.iterdir())
     assert leftover.name.startswith(".merged.tmp-") and not (leftover / "config.json").exists()
+    assert lock.name == ".merged.lock"
+    merge_lora(base, adapter, tmp_path / "merged")  # a killed merge never blocks the next one
 
 
 MEMORY_PROBE = """

@@ -7,8 +7,9 @@ import pytest
 from transformers import AutoConfig, AutoTokenizer
 
 from kto_scale.assets import DEMO_DATA, TINY_LLAMA_DIR
+from kto_scale.config import KTOConfig
 from kto_scale.data import DataError, Example, load_examples
-from kto_scale.prepare import kl_partners, prepare_dataset, truncate
+from kto_scale.prepare import kl_partners, prepare_data, prepare_dataset, truncate
 
 BOS, EOS = 0, 1
 DIGITS = "1234567890"  # the tiny tokenizer splits digits: one token each
@@ -215,3 +216,27 @@ def test_demo_data_prepares_with_the_demo_lengths(tokenizer):
     data, stats = prepare(examples, tokenizer, max_length=128, max_prompt_length=64)
     assert stats.dropped_too_long == 0 and len(data) == len(examples)
     assert json.dumps(data[0])  # plain python values only
+
+
+def test_cut_completions_are_counted_and_most_cut_is_a_loud_warning(tokenizer, caplog):
+    """max_length 4 with max_prompt_length 3 leaves one-token completions without EOS: counted, and warned."""
+    examples = varied(8, 4)
+    with caplog.at_level(logging.INFO, logger="kto_scale.prepare"):
+        data, stats = prepare(examples, tokenizer, max_length=4, max_prompt_length=3)
+    assert stats.dropped_too_long == 0 and (stats.completions_cut, stats.lost_eos) == (8, 8)
+    assert all(len(c) == 1 and c != [tokenizer.eos_token_id] for c in data["completion_ids"])
+    assert "TRUNCATION CUTS MOST OF THE DATA: 8 of 8 completions were cut and 8 lost their EOS" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kto_scale.prepare"):
+        _, stats = prepare(examples, tokenizer, max_length=512)
+    assert (stats.completions_cut, stats.lost_eos) == (0, 0) and "cut" not in caplog.text
+
+
+def test_an_eval_split_too_small_to_pair_says_so(tmp_path, tokenizer):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}?", "completion": f"A{i}.", "label": i % 2 == 0}) + "\n"
+                            for i in range(3)))
+    config = KTOConfig(model_name_or_path="m", dataset_name=str(data), eval_fraction=0.1)
+    with pytest.raises(DataError, match=r"^The eval split \(the 1 examples eval_fraction=0.1 holds out of .*d.jsonl\) "
+                                        r"cannot be used: KL pairing .* set eval_fraction 0"):
+        prepare_data(config, tokenizer)

@@ -183,3 +183,24 @@ def test_other_example_under_a_row_is_an_error(setup):
     _rewrite_shard(cache, manifest, shard, arrays)
     with pytest.raises(RefCacheError, match=rf"rows \[{arrays['row'][2]}\] of the train split hold other examples"):
         _lookup_all(setup["one"], cache, "train")
+
+
+def test_non_finite_value_is_an_error_naming_the_example(setup):
+    """A NaN whose checksums match is refused on load, naming the row and its prompt."""
+    cache, manifest, shard = _copy_cache(setup, "non_finite")
+    arrays = load_file(shard)
+    arrays["reference_kl"][1] = np.nan
+    _rewrite_shard(cache, manifest, shard, arrays)
+    with pytest.raises(RefCacheError, match=rf"reference log-probs of 1 train examples are not finite \(rows "
+                                            rf"\[{arrays['row'][1]}\]; row {arrays['row'][1]}'s prompt begins 'Question"):
+        _lookup_all(setup["one"], cache, "train")
+
+
+def test_two_rank_precompute_into_another_runs_cache_fails_on_every_rank(setup):
+    """Rank 0 refuses the cache; the other rank reports the same instead of running on without it."""
+    result = subprocess.run([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/precompute_ref.py",
+                             "--config", str(setup["two"]), "--ref_cache", str(setup["cache2"]), "--max_length", "60"],
+                            cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count(f"error: {setup['cache2']} holds the finished cache of another run") == 2, output[-3000:]

@@ -14,7 +14,7 @@ from kto_scale.collate import collate
 from kto_scale.config import load_run_config
 from kto_scale.model import SequenceLogps, load_base_model, load_tokenizer, reference_mode
 from kto_scale.prepare import prepare_data
-from kto_scale.trainer import evaluation_metrics
+from kto_scale.trainer import class_balance_warning, evaluation_metrics
 
 
 def test_one_process_run_trains_and_saves(one_process_run):
@@ -85,3 +85,12 @@ def test_padding_free_run_matches_padded_run(tmp_path, tiny_model, one_process_r
         for a, b in zip(metrics(one_process_run, split), metrics(tmp_path / "packed", split), strict=True):
             for key in keys:
                 assert b[key] == pytest.approx(a[key], abs=1e-5), (split, a["step"], key)
+
+
+def test_class_balance_warning_says_when_a_class_is_missing():
+    """Only desirable examples: the warning says a class is missing, not that 'auto' weights would help."""
+    message = class_balance_warning(264, 0, (1.0, 1.0))
+    assert "no undesirable examples (all 264 are desirable)" in message and "auto" not in message
+    assert "Add desirable examples (label true)" in class_balance_warning(0, 10, (1.0, 1.0))
+    assert "3.000 is outside" in class_balance_warning(30, 10, (1.0, 1.0))
+    assert class_balance_warning(30, 10, (1.0, 3.0)) is None
