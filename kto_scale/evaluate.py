@@ -52,8 +52,9 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
     summary = evaluation_metrics(scores, config.beta, weights)
     generations = []
     if config.generate_during_eval:  # all ranks take part; "step" is null: an adapter has no step of its own
-        generations = PromptGenerations(model, dataset["prompt_ids"], tokenizer, config,
-                                        synced_gpus=ds_config.is_zero3() and world_size > 1).rows(step=None)
+        prompts = PromptGenerations(model, dataset["prompt_ids"], tokenizer, config,
+                                    synced_gpus=ds_config.is_zero3() and world_size > 1, device=engine.device)
+        generations = prompts.rows(step=None)
     if is_main_process():
         # score_dataset returns every row in dataset order, so columns line up with the scores.
         data = dataset[:]  # the columns as lists

@@ -47,9 +47,9 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 
 def generate_texts(model: PeftModel, prompts: list[list[int]], tokenizer: PreTrainedTokenizerBase,
-                   config: KTOConfig, synced_gpus: bool) -> list[str]:
-    """Complete `prompts` with `model` as it is (adapters on or off); all ranks call under ZeRO-3."""
-    device = next(model.parameters()).device
+                   config: KTOConfig, synced_gpus: bool, device: torch.device) -> list[str]:
+    """Complete `prompts` with `model` as it is (adapters on or off) on `device` (the engine's: under
+    ZeRO-3 a parameter's own tensor is an empty placeholder, on the CPU with offload); all ranks call."""
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
     sampling = {}
     if config.generation_do_sample:  # top_k=0: only temperature and top_p shape the distribution
@@ -79,9 +79,9 @@ class PromptGenerations:
     """A fixed set of prompts and the reference's completions of them; the policy's on request."""
 
     def __init__(self, model: PeftModel, prompt_ids: list[list[int]], tokenizer: PreTrainedTokenizerBase,
-                 config: KTOConfig, synced_gpus: bool) -> None:
+                 config: KTOConfig, synced_gpus: bool, device: torch.device) -> None:
         """Pick the prompts from a split's `prompt_ids` and generate the reference (all ranks call)."""
-        self._args = (tokenizer, config, synced_gpus)
+        self._args = (tokenizer, config, synced_gpus, device)
         self.model = model
         self.prompt_ids = generation_prompts(prompt_ids, config.num_generation_prompts, config.data_seed)
         self.prompts = tokenizer.batch_decode(self.prompt_ids, skip_special_tokens=True)

@@ -204,7 +204,7 @@ def train(config: KTOConfig) -> Path:
     generations = generation_log = None
     if config.generate_during_eval:
         generations = PromptGenerations(model, eval_set["prompt_ids"], tokenizer, config,
-                                        synced_gpus=ds_config.is_zero3() and world_size > 1)
+                                        synced_gpus=ds_config.is_zero3() and world_size > 1, device=engine.device)
         generation_log = GenerationLog(config.output_dir, metrics, start_step if checkpoint else None)
         if start_step == 0:  # the untrained policy: "before" text for every later step to compare with
             generation_log.write(generations.rows(0), step=0)

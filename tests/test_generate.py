@@ -48,6 +48,7 @@ def _config(tiny_model, **overrides) -> KTOConfig:
     return KTOConfig(model_name_or_path=str(tiny_model), dataset_name="unused", max_new_tokens=12, **overrides)
 
 
+CPU = torch.device("cpu")
 PROMPTS = [[0, 40, 41, 42, 43, 44, 45], [0, 50, 51], [0, 60, 61, 62, 63]]  # different lengths: left padding
 
 
@@ -55,7 +56,7 @@ def test_greedy_text_equals_plain_generate_of_each_prompt(tiny_model, tokenizer,
     """Batched, left-padded, eval mode: the tokens of transformers' generate on each prompt alone, for the
     policy (adapters on, dropout off) and the reference (adapters off) alike."""
     config = _config(tiny_model)
-    generations = PromptGenerations(policy, PROMPTS, tokenizer, config, synced_gpus=False)
+    generations = PromptGenerations(policy, PROMPTS, tokenizer, config, synced_gpus=False, device=CPU)
     rows = generations.rows(step=3)
     assert policy.training  # put back in training mode
     policy.eval()
@@ -84,7 +85,7 @@ def test_generation_uses_the_kv_cache_and_leaves_the_model_config(tiny_model, to
     lengths = []
     hook = policy.get_base_model().get_input_embeddings().register_forward_hook(
         lambda module, args, output: lengths.append(args[0].shape[1]))
-    generate_texts(policy, PROMPTS, tokenizer, _config(tiny_model), synced_gpus=False)
+    generate_texts(policy, PROMPTS, tokenizer, _config(tiny_model), synced_gpus=False, device=CPU)
     hook.remove()
     assert lengths[0] == 7 and set(lengths[1:]) == {1}  # the prompt once, then one new token per step
     assert policy.config.use_cache is False and policy.generation_config.use_cache is False
@@ -94,14 +95,13 @@ def test_sampling_is_seeded_and_leaves_the_training_rng_alone(tiny_model, tokeni
     config = _config(tiny_model, generation_do_sample=True, generation_temperature=2.0, seed=7)
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    first = generate_texts(policy, PROMPTS, tokenizer, config, synced_gpus=False)
+    first = generate_texts(policy, PROMPTS, tokenizer, config, synced_gpus=False, device=CPU)
     assert torch.equal(torch.get_rng_state(), state)
-    assert generate_texts(policy, PROMPTS, tokenizer, config, synced_gpus=False) == first
-    others = [generate_texts(policy, PROMPTS, tokenizer, _config(tiny_model, generation_do_sample=True,
-                                                                  generation_temperature=2.0, seed=s), synced_gpus=False)
-              for s in (8, 9)]
+    assert generate_texts(policy, PROMPTS, tokenizer, config, synced_gpus=False, device=CPU) == first
+    reseeded = [_config(tiny_model, generation_do_sample=True, generation_temperature=2.0, seed=s) for s in (8, 9)]
+    others = [generate_texts(policy, PROMPTS, tokenizer, c, synced_gpus=False, device=CPU) for c in reseeded]
     assert first not in others  # the seed, not chance, fixes the draw
-    greedy = generate_texts(policy, PROMPTS, tokenizer, _config(tiny_model), synced_gpus=False)
+    greedy = generate_texts(policy, PROMPTS, tokenizer, _config(tiny_model), synced_gpus=False, device=CPU)
     assert first != greedy
 
 
