@@ -150,7 +150,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model):
         for key in ("loss", "kl", "grad_norm"):
             assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
     _assert_same_adapter(tmp_path / "whole", out, atol=1e-6)
-    # generations.jsonl: the lines up to the checkpoint are kept (no second step 0), the rest written as uninterrupted.
+    # generations.jsonl: the lines up to the checkpoint kept (no second step 0), the rest as uninterrupted.
     assert generations(out) == generations(tmp_path / "whole")
     assert [line["step"] for line in generations(out)] == [0, 0, 8, 8, 16, 16]
 
