@@ -7,7 +7,8 @@ reference log-probs and the implicit reward beta * (policy - reference), so the 
 examples can be read off; `summary.json` holds the same numbers evaluation logs during training
 (loss, z_ref, mean rewards, reward and pair accuracy). All ranks score a share of the data; the
 numbers do not depend on how many ranks there are. With `generate_during_eval`, `generations.jsonl`
-holds the adapter's and the reference's completions of the prompts training completed (kto_scale.generate).
+holds the adapter's and the reference's completions of the prompts training picks, from the scored split
+(kto_scale.generate).
 """
 
 import json
