@@ -153,7 +153,7 @@ class KTOConfig:
     warmup_steps: int = 0
     """Warmup steps; overrides warmup_ratio when > 0."""
     seed: int = 42
-    """Seed of random init, dropout and the per-epoch shuffling of training batches."""
+    """Seed of random init, dropout, the per-epoch shuffling of training batches and sampled generation."""
     bf16: bool = False
     """Train in bfloat16 (fp32 master weights in the optimizer)."""
     fp16: bool = False
@@ -172,6 +172,19 @@ class KTOConfig:
     """Log metrics every this many optimizer steps."""
     eval_steps: int | None = None
     """Evaluate every this many optimizer steps (and at the end); None: only at the end."""
+    generate_during_eval: bool = False
+    """At step 0 and every evaluation, complete num_generation_prompts held-out prompts with the policy
+    (and once with the reference) into <output_dir>/generations.jsonl and, with wandb, a table."""
+    num_generation_prompts: int = 8
+    """How many distinct eval prompts to complete (chosen by data_seed; the same ones all run)."""
+    max_new_tokens: int = 128
+    """Most tokens generated per prompt (generation stops earlier at EOS)."""
+    generation_do_sample: bool = False
+    """Sample (seeded with `seed` at every evaluation) instead of greedy decoding."""
+    generation_temperature: float = 1.0
+    """Sampling temperature (with generation_do_sample)."""
+    generation_top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with this much probability (1.0 keeps all)."""
     save_steps: int = 500
     """Write a full training checkpoint (adapter + optimizer, scheduler, RNG) every this many steps."""
     save_total_limit: int | None = None
@@ -202,6 +215,14 @@ class KTOConfig:
             raise ConfigError(f"save_total_limit must be > 0 or null, got {self.save_total_limit}.")
         if self.eval_steps is not None and self.eval_steps <= 0:
             raise ConfigError(f"eval_steps must be > 0 or null, got {self.eval_steps}.")
+        if self.generate_during_eval and not (self.eval_dataset_name or self.eval_fraction > 0):
+            raise ConfigError("generate_during_eval completes held-out prompts: set eval_dataset_name or "
+                              "eval_fraction, or turn generate_during_eval off.")
+        for name in ("num_generation_prompts", "max_new_tokens", "generation_temperature"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}.")
+        if not 0.0 < self.generation_top_p <= 1.0:
+            raise ConfigError(f"generation_top_p must be in (0, 1], got {self.generation_top_p}.")
         if self.bf16 and self.fp16:
             raise ConfigError("bf16 and fp16 are both set: choose one.")
         if self.load_in_4bit and self.load_in_8bit:

@@ -6,7 +6,9 @@ Each line of `examples.jsonl` holds the example's row, label, prompt and complet
 reference log-probs and the implicit reward beta * (policy - reference), so the best and worst
 examples can be read off; `summary.json` holds the same numbers evaluation logs during training
 (loss, z_ref, mean rewards, reward and pair accuracy). All ranks score a share of the data; the
-numbers do not depend on how many ranks there are.
+numbers do not depend on how many ranks there are. With `generate_during_eval`, `generations.jsonl`
+holds the adapter's and the reference's completions of the prompts training picks, from the scored split
+(kto_scale.generate).
 """
 
 import json
@@ -19,6 +21,7 @@ from kto_scale.atomic import atomic_directory
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.distributed import init_distributed, is_main_process, shutdown
 from kto_scale.engine import build_inference_engine, resolve_deepspeed_config
+from kto_scale.generate import GENERATIONS_FILE, PromptGenerations
 from kto_scale.loss import balanced_weights
 from kto_scale.model import load_base_model, load_tokenizer
 from kto_scale.prepare import shared_prepared_data
@@ -52,6 +55,11 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
     weights = balanced_weights(config.desirable_weight, config.undesirable_weight,
                                n_desirable, len(train) - n_desirable)
     summary = evaluation_metrics(scores, config.beta, weights)
+    generations = []
+    if config.generate_during_eval:  # all ranks take part; "step" is null: an adapter has no step of its own
+        prompts = PromptGenerations(model, dataset["prompt_ids"], tokenizer, config,
+                                    synced_gpus=ds_config.is_zero3() and world_size > 1, device=engine.device)
+        generations = prompts.rows(step=None)
     if is_main_process():
         # score_dataset returns every row in dataset order, so columns line up with the scores.
         data = dataset[:]  # the columns as lists
@@ -67,6 +75,8 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
                         "completion": completion, "policy_logp": policy, "reference_logp": reference,
                         "reward": config.beta * (policy - reference),
                     }) + "\n")
+            if generations:
+                (tmp / GENERATIONS_FILE).write_text("".join(json.dumps(row) + "\n" for row in generations))
             (tmp / "summary.json").write_text(json.dumps({"split": split, "examples": len(dataset), **summary}, indent=1))
         logger.info("Scored %d %s examples; wrote %s", len(dataset), split, output)
     shutdown()

@@ -19,7 +19,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from kto_scale.atomic import write_atomic
 
@@ -92,12 +92,7 @@ class MetricsLogger:
             return
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        path = output_dir / METRICS_FILE
-        kept = []
-        if resume_step is not None and path.exists():
-            kept = [r for r in read_metrics(path) if r["step"] <= resume_step]
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))  # a crash here keeps the old file
-        self._file = open(path, "a", encoding="utf-8")
+        self._file, _ = open_log(output_dir / METRICS_FILE, resume_step)
         if "wandb" in report_to:
             self._wandb_run = _start_wandb(output_dir, run_config, run_name)
         if "tensorboard" in report_to:
@@ -130,6 +125,16 @@ class MetricsLogger:
             for tag, value in tagged.items():
                 self._tb_writer.add_scalar(tag, value, global_step=int(step))
 
+    def log_table(self, key: str, rows: list[dict], *, step: int) -> None:
+        """Show `rows` (dicts with the same keys) as a wandb Table under `key`; a no-op without wandb."""
+        if self._wandb_run is None or not rows:
+            return
+        import wandb
+
+        columns = list(rows[0])
+        table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+        self._wandb_run.log({key: table}, step=int(step))
+
     def close(self) -> None:
         """Flush and close everything; safe to call more than once."""
         if self._file is not None:
@@ -141,6 +146,19 @@ class MetricsLogger:
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
+
+
+def open_log(path: Path, resume_step: int | None) -> tuple[TextIO, list[dict]]:
+    """Open a JSONL log of records with a "step" key for appending, and return the records it keeps.
+
+    resume_step: when resuming from the checkpoint of this step, keep the lines up to it (those after
+    it were logged by the crashed run and are logged again); None starts the file empty.
+    """
+    kept = []
+    if resume_step is not None and path.exists():
+        kept = [r for r in read_metrics(path) if r["step"] <= resume_step]
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))  # a crash here keeps the old file
+    return open(path, "a", encoding="utf-8"), kept
 
 
 def read_metrics(path: str | Path) -> list[dict]:

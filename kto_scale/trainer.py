@@ -37,6 +37,7 @@ from kto_scale.distributed import (
     shutdown,
 )
 from kto_scale.engine import build_engine, resolve_deepspeed_config
+from kto_scale.generate import GenerationLog, PromptGenerations
 from kto_scale.loss import balanced_weights, kl_baseline, kto_losses
 from kto_scale.metrics import MetricsLogger
 from kto_scale.model import SequenceLogps, add_lora, load_base_model, load_tokenizer, reference_mode
@@ -218,11 +219,21 @@ def train(config: KTOConfig) -> Path:
                 "lambda_D=%.3f lambda_U=%.3f.", total_steps, plan.global_batch_size, world_size,
                 config.gradient_accumulation_steps, config.per_device_train_batch_size, *weights)
 
+    generations = generation_log = None
+    if config.generate_during_eval:
+        generations = PromptGenerations(model, eval_set["prompt_ids"], tokenizer, config,
+                                        synced_gpus=ds_config.is_zero3() and world_size > 1, device=engine.device)
+        generation_log = GenerationLog(config.output_dir, metrics, start_step if checkpoint else None)
+        if start_step == 0:  # the untrained policy: "before" text for every later step to compare with
+            generation_log.write(generations.rows(0), step=0)
+
     def run_eval(step: int) -> dict[str, float]:
         result = evaluation_metrics(score_dataset(engine, eval_set, config.per_device_eval_batch_size,
                                                   tokenizer.pad_token_id, caches.get("eval"), config.padding_free),
                                     config.beta, weights)
         metrics.log(result, step=step, split="eval")
+        if generations is not None:
+            generation_log.write(generations.rows(step), step=step)
         return result
 
     sums, z_refs, window_start = torch.zeros(len(_SUMS), device=engine.device), [], time.perf_counter()
@@ -266,6 +277,8 @@ def train(config: KTOConfig) -> Path:
     save_adapter(model, tokenizer, config, final)
     if eval_set is not None and (last_eval is None or last_eval[0] != total_steps):
         last_eval = (total_steps, run_eval(total_steps))
+    if generation_log is not None:
+        generation_log.close()
     metrics.close()
     shutdown()
     if rank == 0:

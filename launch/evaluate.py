@@ -22,7 +22,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, epilog=options_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True, help="peft adapter directory (e.g. outputs/run/adapter)")
-    parser.add_argument("--output", required=True, help="directory for examples.jsonl and summary.json")
+    parser.add_argument("--output", required=True, help="directory for examples.jsonl and summary.json "
+                        "(and generations.jsonl with --generate_during_eval true)")
     parser.add_argument("--split", choices=("eval", "train"), default="eval", help="which split of the data")
     args, config_args = parser.parse_known_args()  # the rest are training options, --config first
     try:

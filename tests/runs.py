@@ -30,7 +30,8 @@ def write_data(path: Path, n: int = 24) -> Path:
 
 
 def config_file(tmp_path: Path, name: str, model: Path, **overrides) -> Path:
-    """A run config for the tiny model: 4 steps of 4 examples, logged every step, fp32, no dropout."""
+    """A run config for the tiny model: 4 steps of 4 examples, logged every step, fp32, no dropout;
+    greedy generations of 2 eval prompts at steps 0, 2 and 4 (when there is eval data)."""
     config = {
         "model_name_or_path": str(model),
         "dataset_name": str(write_data(tmp_path / "data.jsonl")), "eval_fraction": 0.25,
@@ -38,8 +39,10 @@ def config_file(tmp_path: Path, name: str, model: Path, **overrides) -> Path:
         "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 5e-3,
         "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "max_steps": 4, "logging_steps": 1,
         "eval_steps": 2, "save_steps": 2, "disable_tqdm": True, "deepspeed": str(ROOT / "ds_configs/zero2.json"),
+        "num_generation_prompts": 2, "max_new_tokens": 8,
     }
     config.update(overrides)
+    config.setdefault("generate_during_eval", config["eval_fraction"] > 0)  # generation needs held-out prompts
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -93,3 +96,7 @@ def deepspeed_run(num_ranks: int, config: Path, *args: str) -> subprocess.Comple
 def metrics(run_dir: Path, split: str) -> list[dict]:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [line for line in lines if line["split"] == split]
+
+
+def generations(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]

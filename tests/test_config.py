@@ -48,6 +48,9 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
     (["--eval_fraction", "0.1", "--eval_dataset_name", "e.jsonl"], "choose one"),
     (["--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
     (["--beta"], "needs a value"),
+    (["--generate_during_eval", "true"], "generate_during_eval.*eval_fraction"),
+    (["--max_new_tokens", "0"], "max_new_tokens"),
+    (["--generation_top_p", "1.5"], "generation_top_p"),
 ])
 def test_bad_settings_are_named(args, message):
     with pytest.raises(ConfigError, match=message):

@@ -4,7 +4,7 @@ import json
 import sys
 
 import pytest
-from runs import DEEPSPEED, free_port, metrics, run
+from runs import DEEPSPEED, free_port, generations, metrics, run
 
 
 def _evaluate(command: list[str], run_dir, output) -> tuple[list[dict], dict]:
@@ -30,8 +30,12 @@ def test_evaluate_matches_the_runs_final_eval_on_any_number_of_ranks(tmp_path, o
         rewards = [line["reward"] for line in lines if line["label"] == (label == "desirable")]
         assert summary[f"rewards/{label}"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-5)
     assert [line["row"] for line in lines] == sorted(line["row"] for line in lines)
+    # The final adapter completes the run's generation prompts as the run did at its last step.
+    final = [{**line, "step": None} for line in generations(one_process_run)[-2:]]
+    assert generations(tmp_path / "one") == final
 
     two_lines, two_summary = _evaluate([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port())],
                                        one_process_run, tmp_path / "two")
     assert two_summary == pytest.approx(summary, abs=1e-5)
     assert [line["row"] for line in two_lines] == [line["row"] for line in lines]
+    assert generations(tmp_path / "two") == final

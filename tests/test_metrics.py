@@ -118,7 +118,13 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     logger = make_logger(tmp_path, report_to=["wandb"], run_name="offline-test")
     logger.log({"loss": 0.5, "rewards/desirable": 0.1}, step=1)
     logger.log({"reward_accuracy": 0.75}, step=1, split="eval")
+    rows = [{"step": 1, "prompt": "Hi", "reference": "Hello.", "policy": "Hello there!"}]
+    logger.log_table("eval/generations", rows, step=1)
     logger.close()
+    (table,) = (tmp_path / "run" / "wandb").glob("offline-run-*/files/media/table/eval/generations_1_*.table.json")
+    written = json.loads(table.read_text())
+    assert written["columns"] == ["step", "prompt", "reference", "policy"]
+    assert written["data"] == [[1, "Hi", "Hello.", "Hello there!"]]
     (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
     # The run file is wandb's binary transaction log; no public reader exists for offline runs, but
     # the history keys and run metadata are stored as plain strings inside it. wandb's background

@@ -13,7 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from runs import DEEPSPEED, ROOT, TRAIN, clean_env, config_file, deepspeed_run, free_port, metrics, run
+from runs import (
+    DEEPSPEED,
+    ROOT,
+    TRAIN,
+    clean_env,
+    config_file,
+    deepspeed_run,
+    free_port,
+    generations,
+    metrics,
+    run,
+)
 from safetensors.torch import load_file
 
 from kto_scale.config import ConfigError, load_config
@@ -139,6 +150,9 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model):
         for key in ("loss", "kl", "grad_norm"):
             assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
     _assert_same_adapter(tmp_path / "whole", out, atol=1e-6)
+    # generations.jsonl: the lines up to the checkpoint kept (no second step 0), the rest as uninterrupted.
+    assert generations(out) == generations(tmp_path / "whole")
+    assert [line["step"] for line in generations(out)] == [0, 0, 8, 8, 16, 16]
 
     # A ZeRO-3 checkpoint's LoRA shards, gathered by the export command, are the adapter it saved.
     checkpoint = tmp_path / "whole" / "checkpoint-15"

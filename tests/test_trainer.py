@@ -7,11 +7,12 @@ import sys
 import pytest
 import torch
 from peft import PeftModel
-from runs import ROOT, config_file, deepspeed_run, metrics, run
+from runs import ROOT, TRAIN, config_file, deepspeed_run, generations, metrics, run
 from safetensors.torch import load_file
 
 from kto_scale.collate import collate
 from kto_scale.config import load_run_config
+from kto_scale.generate import generation_prompts
 from kto_scale.model import SequenceLogps, load_base_model, load_tokenizer, reference_mode
 from kto_scale.prepare import prepare_data
 from kto_scale.trainer import class_balance_warning, evaluation_metrics
@@ -50,6 +51,41 @@ def test_saved_adapter_reproduces_final_eval(one_process_run):
         assert logged[key] == pytest.approx(expected[key], abs=1e-5), key
 
 
+def _plain_generate(model, prompt: list[int], tokenizer) -> str:
+    """transformers' greedy generate of one prompt (no padding), cut at EOS (8 new tokens as runs.py)."""
+    with torch.no_grad():
+        ids = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    ids = ids[0, len(prompt):].tolist()
+    return tokenizer.decode(ids[: ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids,
+                            skip_special_tokens=True)
+
+
+def test_generations_of_held_out_prompts(one_process_run):
+    """generations.jsonl: 2 distinct eval prompts at step 0 and each evaluation; at step 0 the policy
+    (LoRA B = 0) writes the reference's text; the final policy's and the reference's texts are what
+    plain transformers + peft generate from the saved adapter and the base."""
+    config = load_run_config(one_process_run)
+    tokenizer = load_tokenizer(config)
+    _, eval_set = prepare_data(config, tokenizer)
+    lines = generations(one_process_run)
+    assert [line["step"] for line in lines] == [0, 0, 2, 2, 4, 4]
+    prompts = [line["prompt"] for line in lines[:2]]
+    assert [line["prompt"] for line in lines] == prompts * 3 and len(set(prompts)) == 2
+    eval_prompts = set(tokenizer.batch_decode(eval_set[:]["prompt_ids"], skip_special_tokens=True))
+    assert set(prompts) <= eval_prompts
+    assert all(line["policy"] == line["reference"] for line in lines[:2])
+    assert len({line["reference"] for line in lines[::2]}) == 1  # the reference is generated once
+    assert lines[-2]["policy"] != lines[-2]["reference"]  # training changed what the policy writes
+
+    chosen = generation_prompts(eval_set["prompt_ids"], 2, config.data_seed)
+    assert tokenizer.batch_decode(chosen, skip_special_tokens=True) == prompts
+    policy = PeftModel.from_pretrained(load_base_model(config), one_process_run / "adapter").eval()
+    assert [line["policy"] for line in lines[-2:]] == [_plain_generate(policy, p, tokenizer) for p in chosen]
+    base = load_base_model(config).eval()
+    assert [line["reference"] for line in lines[-2:]] == [_plain_generate(base, p, tokenizer) for p in chosen]
+
+
 def test_two_rank_zero3_matches_one_process(tmp_path, tiny_model, one_process_run):
     """2 ranks x 1 accumulation x 2 per micro-batch under ZeRO-3 vs 1 rank x 2 x 2 under ZeRO-2:
     the same global batches, so the same per-step losses, KL baselines and eval numbers."""
@@ -62,6 +98,7 @@ def test_two_rank_zero3_matches_one_process(tmp_path, tiny_model, one_process_ru
         for a, b in zip(one, two, strict=True):
             for key in keys:
                 assert b[key] == pytest.approx(a[key], abs=1e-4), (split, a["step"], key)
+    assert generations(tmp_path / "two") == generations(one_process_run)  # synced_gpus generation
 
 
 def test_merge_of_trained_adapter_matches_peft(tmp_path, tiny_model, one_process_run):
@@ -85,6 +122,24 @@ def test_padding_free_run_matches_padded_run(tmp_path, tiny_model, one_process_r
         for a, b in zip(metrics(one_process_run, split), metrics(tmp_path / "packed", split), strict=True):
             for key in keys:
                 assert b[key] == pytest.approx(a[key], abs=1e-5), (split, a["step"], key)
+    assert generations(tmp_path / "packed") == generations(one_process_run)  # generation pads as usual
+
+
+def test_sampled_generation_leaves_the_training_alone(tmp_path, tiny_model):
+    """With LoRA dropout drawing on the training RNG, a run that samples generations at step 0 and after
+    step 1 logs exactly the losses of a run without generation: generating neither draws from the
+    training's random stream nor leaves the model in eval mode (dropout off)."""
+    args = dict(lora_dropout=0.3, max_steps=2, eval_steps=1, save_steps=100)
+    run([*TRAIN, "--config", str(config_file(tmp_path, "sampled", tiny_model, generation_do_sample=True, **args))])
+    run([*TRAIN, "--config", str(config_file(tmp_path, "off", tiny_model, generate_during_eval=False, **args))])
+    for split in ("train", "eval"):
+        assert ([m["loss"] for m in metrics(tmp_path / "sampled", split)]
+                == [m["loss"] for m in metrics(tmp_path / "off", split)]), split
+    assert not (tmp_path / "off" / "generations.jsonl").exists()
+    lines = generations(tmp_path / "sampled")
+    assert [line["step"] for line in lines] == [0, 0, 1, 1, 2, 2]
+    # Sampled with the same seed from the same distribution: at step 0 the policy draws the reference's text.
+    assert all(line["policy"] == line["reference"] for line in lines[:2])
 
 
 def test_class_balance_warning_says_when_a_class_is_missing():

@@ -1,0 +1,119 @@
+"""Generations to read: the policy's and the reference's completions of a fixed set of held-out prompts.
+
+With `generate_during_eval`, a run picks `num_generation_prompts` distinct prompts of the eval split
+(by `data_seed`, so every run on the same data reads the same prompts), completes them once with the
+reference (adapters off) and, at step 0 and every evaluation, with the policy (adapters on), and
+appends one line per prompt to `<output_dir>/generations.jsonl`:
+
+    {"step": 200, "prompt": "...", "reference": "...", "policy": "..."}
+
+Every rank generates all the prompts, in one left-padded batch with the KV cache: the same inputs and
+weights give the same text on each rank, whatever the rank count, and rank 0 writes it. Under ZeRO-3
+with several ranks, `synced_gpus` keeps every rank in each forward pass (each holds a shard of every
+weight) until all are done. Generation runs in eval mode (no LoRA dropout) inside a forked RNG seeded
+with `seed`: sampled text is reproducible, the same seed is used at every evaluation (differences
+between steps come from the model, not the draw), and the training's random stream is untouched.
+"""
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from kto_scale.config import KTOConfig
+from kto_scale.metrics import MetricsLogger, open_log
+from kto_scale.model import reference_mode
+
+GENERATIONS_FILE = "generations.jsonl"
+
+
+def generation_prompts(prompt_ids: list[list[int]], n: int, seed: int) -> list[list[int]]:
+    """`n` distinct prompts (all of them when there are fewer), chosen by `seed`, in dataset order."""
+    distinct = list(dict.fromkeys(tuple(p) for p in prompt_ids))
+    chosen = sorted(random.Random(seed).sample(range(len(distinct)), min(n, len(distinct))))
+    return [list(distinct[i]) for i in chosen]
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """([B, T] input_ids, [B, T] attention_mask), padded on the left so every prompt ends at column T."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return input_ids, attention_mask
+
+
+def generate_texts(model: PeftModel, prompts: list[list[int]], tokenizer: PreTrainedTokenizerBase,
+                   config: KTOConfig, synced_gpus: bool, device: torch.device) -> list[str]:
+    """Complete `prompts` with `model` as it is (adapters on or off) on `device` (the engine's: under
+    ZeRO-3 a parameter's own tensor is an empty placeholder, on the CPU with offload); all ranks call."""
+    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
+    sampling = {}
+    if config.generation_do_sample:  # top_k=0: only temperature and top_p shape the distribution
+        sampling = dict(temperature=config.generation_temperature, top_p=config.generation_top_p, top_k=0)
+    was_training = model.training
+    model.eval()  # no LoRA dropout
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(config.seed)
+            output = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                max_new_tokens=config.max_new_tokens, do_sample=config.generation_do_sample, **sampling,
+                use_cache=True, synced_gpus=synced_gpus,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+    finally:
+        model.train(was_training)
+    texts = []
+    for tokens in output[:, input_ids.shape[1]:].tolist():
+        if tokenizer.eos_token_id in tokens:  # what follows the first EOS is padding
+            tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
+    return texts
+
+
+class PromptGenerations:
+    """A fixed set of prompts and the reference's completions of them; the policy's on request."""
+
+    def __init__(self, model: PeftModel, prompt_ids: list[list[int]], tokenizer: PreTrainedTokenizerBase,
+                 config: KTOConfig, synced_gpus: bool, device: torch.device) -> None:
+        """Pick the prompts from a split's `prompt_ids` and generate the reference (all ranks call)."""
+        self._args = (tokenizer, config, synced_gpus, device)
+        self.model = model
+        self.prompt_ids = generation_prompts(prompt_ids, config.num_generation_prompts, config.data_seed)
+        self.prompts = tokenizer.batch_decode(self.prompt_ids, skip_special_tokens=True)
+        with reference_mode(model):
+            self.reference = generate_texts(model, self.prompt_ids, *self._args)
+
+    def rows(self, step: int | None) -> list[dict]:
+        """The policy's completions now, one row per prompt with the reference's (all ranks call)."""
+        policy = generate_texts(self.model, self.prompt_ids, *self._args)
+        return [{"step": step, "prompt": prompt, "reference": reference, "policy": text}
+                for prompt, reference, text in zip(self.prompts, self.reference, policy, strict=True)]
+
+
+class GenerationLog:
+    """Appends rows to `<output_dir>/generations.jsonl` and shows them all as a wandb table (rank 0)."""
+
+    def __init__(self, output_dir: str | Path, metrics: MetricsLogger, resume_step: int | None) -> None:
+        """Open the file; resume_step keeps the lines up to that step (like metrics.jsonl), None starts empty."""
+        self._metrics = metrics
+        self._file, self._rows = None, []
+        if metrics.enabled:
+            self._file, self._rows = open_log(Path(output_dir) / GENERATIONS_FILE, resume_step)
+
+    def write(self, rows: list[dict], step: int) -> None:
+        if self._file is None:
+            return
+        self._file.write("".join(json.dumps(row) + "\n" for row in rows))
+        self._file.flush()
+        self._rows += rows
+        self._metrics.log_table("eval/generations", self._rows, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
