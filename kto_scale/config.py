@@ -25,7 +25,7 @@ CONFIG_FILE = "kto_config.yaml"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"  # what `python launch/train.py` with no arguments runs
 # Inputs a config file may name by a path relative to itself (outputs stay relative to the working dir).
-INPUT_PATHS = ("model_name_or_path", "dataset_name", "eval_dataset_name", "deepspeed")
+INPUT_PATHS = ("model_name_or_path", "dataset_name", "eval_dataset_name", "deepspeed", "sft_adapter")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORTERS = ("none", "wandb", "tensorboard")
 KL_BASELINES = ("effective_batch", "micro_batch")
