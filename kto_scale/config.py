@@ -112,8 +112,9 @@ class KTOConfig:
     """Examples per forward pass of the reference precompute (no gradients: larger than training's)."""
     kl_baseline: str = "effective_batch"
     """Where z_ref is estimated: "effective_batch" (all ranks and accumulation micro-batches of an
-    optimizer step, the default) or "micro_batch" (each micro-batch on its own rank, as TRL does;
-    for comparison only)."""
+    optimizer step, the default) or "micro_batch" (each accumulation micro-batch on its own, summed
+    over the ranks, as TRL does; for comparison only: the step's logged `kl` is then the mean of its
+    micro-batches' z_refs)."""
 
     # --- optimization ---
     output_dir: str = "outputs/run"
