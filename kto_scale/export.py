@@ -337,6 +337,8 @@ def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], split: StateDictSp
         shard[name] = tensor
         if len(shard) == len(split.filename_to_tensors[filename]):
             _write_shard(pending.pop(filename), out / filename)
+    if pending:  # the plan came from the headers: only files changed mid-merge can leave a shard incomplete
+        raise ExportError(f"The base's weight files changed during the merge; {sorted(pending)} are incomplete.")
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
