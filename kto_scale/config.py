@@ -43,8 +43,9 @@ class KTOConfig:
     model_revision: str | None = None
     """Hub revision (branch, tag or commit) of the model and tokenizer."""
     init_random_weights: bool = False
-    """Build the model from its config.json with random weights (seeded) instead of loading weights.
-    For the demo and tests only."""
+    """Build the model from its config.json with random weights (seeded) instead of loading weights:
+    the same weights on every ZeRO stage and rank count (each rank builds the whole model before
+    DeepSpeed partitions it). For the demo and tests only."""
     trust_remote_code: bool = False
     """Allow model code from the hub repository to run. Off unless you trust it."""
     attn_implementation: str | None = None
@@ -116,8 +117,9 @@ class KTOConfig:
     """Examples per forward pass of the reference precompute (no gradients: larger than training's)."""
     kl_baseline: str = "effective_batch"
     """Where z_ref is estimated: "effective_batch" (all ranks and accumulation micro-batches of an
-    optimizer step, the default) or "micro_batch" (each micro-batch on its own rank, as TRL does;
-    for comparison only)."""
+    optimizer step, the default) or "micro_batch" (each accumulation micro-batch on its own, summed
+    over the ranks, as TRL does; for comparison only: the step's logged `kl` is then the mean of its
+    micro-batches' z_refs)."""
 
     # --- optimization ---
     output_dir: str = "outputs/run"

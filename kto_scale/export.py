@@ -3,12 +3,15 @@
 Merging streams the base: each tensor is read on its own (`safetensors.safe_open`), targeted weights get
 `scale * B @ A` added in float32 (peft's scale: lora_alpha / r, lora_alpha / sqrt(r) with rsLoRA, per-module
 `rank_pattern`/`alpha_pattern`), and the result is cast to the output dtype and written in shards of at most
-`max_shard_size`. Peak memory is about two output shards (safetensors serialises a shard before writing it),
-a few float32 copies of the largest merged weight and the adapter, whatever the model's size: lower
-`max_shard_size` to lower it.
+`max_shard_size`, cut as `save_pretrained` cuts them (huggingface_hub's split, planned from the weight files'
+headers before any tensor is read). Peak memory is about two output shards (safetensors serialises a shard
+before writing it), a few float32 copies of the largest merged weight and the adapter, whatever the model's
+size: lower `max_shard_size` to lower it.
 
-Only plain LoRA on linear layers merges; DoRA, LoRA biases, `modules_to_save`, embedding LoRA and other peft
-variants are refused, and such adapters can still be served unmerged (peft, vLLM).
+Only plain LoRA on linear layers merges. adapter_config.json is checked against an allow-list of the LoRA
+settings the merge implements; every other peft option must hold peft's default, so DoRA, LoRA biases,
+`modules_to_save`, embedding LoRA, other peft variants and options of a newer peft are refused, naming the
+setting. Such adapters can still be served unmerged (peft, vLLM).
 
 Quantized training (QLoRA): an adapter trained on a 4/8-bit base merges into the original 16-bit weights, so
 the merged model differs slightly (by the quantization error) from the model it was trained against.
@@ -20,10 +23,10 @@ DeepSpeed checkpoints are pickles read by DeepSpeed's zero_to_fp32: export only 
 """
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
-import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -31,9 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import StateDictSplit, split_torch_state_dict_into_shards
+from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers.modeling_utils import str_to_torch_dtype
 
 from kto_scale.atomic import atomic_directory
 from kto_scale.outdir import DirectoryBusy, lock_directory, unlock_and_remove
@@ -45,16 +51,24 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
-# Adapter settings whose layers compute more than W x + scale * B A x: merged as plain LoRA they would be wrong.
-_UNMERGEABLE = {
-    "use_dora": "DoRA", "lora_bias": "LoRA bias terms", "modules_to_save": "modules_to_save",
-    "trainable_token_indices": "trainable token embeddings", "target_parameters": "LoRA on nn.Parameters",
-    "layer_replication": "layer replication", "alora_invocation_tokens": "activated LoRA (aLoRA)",
-    "use_qalora": "QA-LoRA", "arrow_config": "Arrow", "use_bdlora": "BD-LoRA", "kasa_config": "KaSA",
-    "monteclora_config": "MonteCLoRA",
+# The allow-list: adapter_config.json settings the merge implements with these values (None: any value).
+# They are metadata, choose or scale the adapted modules (plan_merge reads them), or act only in training.
+# Every other setting must hold peft's LoraConfig default (a key this peft does not know: null, false or
+# empty), so a layer that computes more than W x + scale * B A x is refused, never merged wrongly.
+_MERGEABLE = {
+    **dict.fromkeys(("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                     "revision", "inference_mode", "r", "lora_alpha", "rank_pattern", "alpha_pattern",
+                     "use_rslora", "fan_in_fan_out", "target_modules", "exclude_modules", "layers_to_transform",
+                     "layers_pattern", "lora_dropout", "eva_config")),
+    # The other initialisations (PiSSA, OLoRA, CorDA, LoftQ, ...) rewrite the base weights.
+    "init_lora_weights": (True, False, "gaussian", "eva", "orthogonal"),
 }
-# These initialisations rewrite the base weights, so the adapter only fits that rewritten base.
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+_LORA_DEFAULTS = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                  for f in dataclasses.fields(LoraConfig)}
+_OFF = (None, False, {}, [])
+# Names for the messages, where the option's name alone does not say what it is.
+_WHAT = {"use_dora": "DoRA", "lora_bias": "LoRA bias terms", "trainable_token_indices": "trainable token embeddings",
+         "target_parameters": "LoRA on nn.Parameters", "init_lora_weights": "an init that rewrites the base weights"}
 # A normalised adapter key: `base_model.model.<module>.lora_A.weight` (peft drops the adapter name on save).
 _LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])\.weight")
 
@@ -70,15 +84,6 @@ class LoraPair:
     a: torch.Tensor  # [r, in]
     b: torch.Tensor  # [out, r]
     scale: float
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a size such as "5GB" (10**9, as HF counts), "500MiB" or "1048576"."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
-    if not match or match[2].upper() not in units:
-        raise ExportError(f"--max_shard_size {text!r}: expected a size like 5GB, 500MB or 2GiB.")
-    return int(float(match[1]) * units[match[2].upper()])
 
 
 def read_json(path: Path) -> dict:
@@ -138,20 +143,33 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, tensor.clone()
 
 
-def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor, read from the file headers (no tensor data is loaded)."""
-    shapes: dict[str, tuple[int, ...]] = {}
+def _meta_tensor(path: Path, f, name: str) -> torch.Tensor:
+    """A safetensors entry as a meta tensor: its shape and dtype from the header, no data."""
+    header = f.get_slice(name)
+    if header.get_dtype() not in str_to_torch_dtype:
+        raise ExportError(f"{path}: {name} is stored as {header.get_dtype()}, which kto-scale cannot merge.")
+    return torch.empty(header.get_shape(), dtype=str_to_torch_dtype[header.get_dtype()], device="meta")
+
+
+def meta_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of the weight files as a meta tensor (shape and dtype, read from the headers; no data)."""
+    tensors: dict[str, torch.Tensor] = {}
     for path in files:
         if path.suffix == ".safetensors":
             with safe_open(path, framework="pt") as f:
-                found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+                found = {name: _meta_tensor(path, f, name) for name in f.keys()}
         else:
-            found = {name: tuple(t.shape) for name, t in _load_pickle(path).items()}
-        duplicates = sorted(shapes.keys() & found.keys())
+            found = {name: t.to("meta") for name, t in _load_pickle(path).items()}
+        duplicates = sorted(tensors.keys() & found.keys())
         if duplicates:
             raise ExportError(f"{path} repeats tensors of another weight file of the base: {duplicates[:5]}")
-        shapes.update(found)
-    return shapes
+        tensors.update(found)
+    return tensors
+
+
+def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor, read from the file headers (no tensor data is loaded)."""
+    return {name: tuple(t.shape) for name, t in meta_tensors(files).items()}
 
 
 def normalize_key(key: str) -> str:
@@ -189,15 +207,17 @@ def load_adapter(source: Path, allow_pickle: bool) -> tuple[dict, dict[str, torc
     return read_json(source / ADAPTER_CONFIG), normalized
 
 
+def _mergeable(key: str, value) -> bool:
+    """Whether a LoRA adapter_config setting leaves its layers plain `W + scale * B @ A` on the original base."""
+    if key in _MERGEABLE:
+        return _MERGEABLE[key] is None or value in _MERGEABLE[key]
+    return value == _LORA_DEFAULTS[key] if key in _LORA_DEFAULTS else value in _OFF
+
+
 def unsupported_settings(config: dict) -> list[str]:
-    """The settings of a LoRA adapter_config whose layers are not plain `W + scale * B @ A` on the original base."""
-    used = [what for setting, what in _UNMERGEABLE.items() if config.get(setting)]
-    if config.get("bias", "none") != "none":
-        used.append(f"bias={config['bias']!r}")
-    init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
-        used.append(f"init_lora_weights={init!r} (it rewrites the base weights)")
-    return used
+    """The settings of a LoRA adapter_config outside the allow-list: each as `what (key=value)`."""
+    refused = [(key, value) for key, value in config.items() if not _mergeable(key, value)]
+    return [f"{_WHAT[key]} ({key}={value!r})" if key in _WHAT else f"{key}={value!r}" for key, value in refused]
 
 
 def check_mergeable(config: dict, source: Path) -> None:
@@ -299,36 +319,30 @@ def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
-def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, max_shard_bytes: int) -> None:
-    """Write HF shards of at most `max_shard_bytes` (a bigger tensor gets a shard of its own), with the index.
+def plan_shards(base: dict[str, torch.Tensor], dtype: torch.dtype, max_shard_size: str) -> StateDictSplit:
+    """The merged model's shards, cut by huggingface_hub as save_pretrained cuts them, from the base's meta
+    tensors (floating ones written in `dtype`): shard names and index are known before anything is read."""
+    merged = {name: t.to(dtype) if t.is_floating_point() else t for name, t in base.items()}
+    try:
+        return split_torch_state_dict_into_shards(merged, max_shard_size=max_shard_size)
+    except ValueError as err:  # huggingface_hub's size parser: "5GB", "500MB", as save_pretrained takes
+        raise ExportError(f"--max_shard_size {max_shard_size!r}: {err}") from None
 
-    Shards get provisional names, since their count is known only at the end (one shard: model.safetensors).
-    """
-    shard_keys: list[list[str]] = []
-    pending: dict[str, torch.Tensor] = {}
-    pending_bytes = total_bytes = 0
+
+def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], split: StateDictSplit, out: Path) -> None:
+    """Write each planned shard as soon as its last tensor streams in, then the index (when sharded)."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors:
-        size = tensor.numel() * tensor.element_size()
-        if pending and pending_bytes + size > max_shard_bytes:
-            _write_shard(pending, out / f"part-{len(shard_keys)}.safetensors")
-            shard_keys.append(list(pending))
-            pending, pending_bytes = {}, 0
-        pending[name] = tensor
-        pending_bytes += size
-        total_bytes += size
-    _write_shard(pending, out / f"part-{len(shard_keys)}.safetensors")
-    shard_keys.append(list(pending))
-
-    if len(shard_keys) == 1:
-        os.replace(out / "part-0.safetensors", out / "model.safetensors")
-        return
-    weight_map = {}
-    for i, keys in enumerate(shard_keys):
-        name = f"model-{i + 1:05d}-of-{len(shard_keys):05d}.safetensors"
-        os.replace(out / f"part-{i}.safetensors", out / name)
-        weight_map.update(dict.fromkeys(keys, name))
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        filename = split.tensor_to_filename[name]
+        shard = pending.setdefault(filename, {})
+        shard[name] = tensor
+        if len(shard) == len(split.filename_to_tensors[filename]):
+            _write_shard(pending.pop(filename), out / filename)
+    if pending:  # the plan came from the headers: only files changed mid-merge can leave a shard incomplete
+        raise ExportError(f"The base's weight files changed during the merge; {sorted(pending)} are incomplete.")
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def copy_tokenizer(sources: list[Path], out: Path) -> None:
@@ -406,17 +420,18 @@ def merge_lora(base: str | Path, adapter: str | Path, output: str | Path, dtype:
     if base_config.get("quantization_config"):
         raise ExportError(f"{base} is a quantized checkpoint; merge into the original 16-bit base model instead.")
     out_dtype = _output_dtype(dtype, base_config, base)
-    max_bytes = parse_size(max_shard_size)
     files = base_weight_files(base, allow_pickle)
+    base_tensors = meta_tensors(files)
+    shards = plan_shards(base_tensors, out_dtype, max_shard_size)
     adapter_config, tensors = load_adapter(adapter, allow_pickle)
     check_mergeable(adapter_config, adapter)
     check_architecture(base_config, adapter_config, base, adapter)
-    plan = plan_merge(adapter_config, tensors, tensor_shapes(files), adapter)
+    plan = plan_merge(adapter_config, tensors, {k: tuple(t.shape) for k, t in base_tensors.items()}, adapter)
     logger.info("Merging %d LoRA modules into %s (%d weight files) as %s", len(plan), base, len(files), out_dtype)
 
     with atomic_output_dir(output, overwrite, inputs=[base, adapter]) as tmp:
         write_shards(merged_tensors(files, plan, bool(adapter_config.get("fan_in_fan_out")), out_dtype),
-                     tmp, max_bytes)
+                     shards, tmp)
         base_config["dtype"] = str(out_dtype).removeprefix("torch.")
         base_config.pop("torch_dtype", None)  # the pre-transformers-5 name would contradict `dtype`
         (tmp / "config.json").write_text(json.dumps(base_config, indent=2) + "\n")

@@ -21,6 +21,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.modeling_utils import set_zero3_state
 
 from kto_scale.config import KTOConfig
 from kto_scale.logprobs import chunked_completion_logps
@@ -63,18 +64,31 @@ def _quantization(config: KTOConfig) -> dict:
     return {"quantization_config": quantization, "device_map": {"": device}}
 
 
+def _random_model(config: KTOConfig, dtype: torch.dtype) -> PreTrainedModel:
+    """The model with random weights seeded by config.seed, the same on every engine, stage and rank count.
+
+    Under ZeRO-3, transformers builds models inside deepspeed.zero.Init and initializes them module by
+    module on rank 0, which draws other random numbers than a plain build. So the model is built whole
+    on every rank, as without DeepSpeed (`set_zero3_state` is transformers' switch that skips
+    zero.Init), and DeepSpeed partitions it when the engine is created, broadcasting rank 0's weights.
+    Each rank holds the whole model until then: fine for the tiny models random weights are meant for.
+    """
+    model_config = AutoConfig.from_pretrained(
+        config.model_name_or_path, revision=config.model_revision, trust_remote_code=config.trust_remote_code
+    )
+    torch.manual_seed(config.seed)
+    with set_zero3_state():
+        return AutoModelForCausalLM.from_config(
+            model_config, dtype=dtype, trust_remote_code=config.trust_remote_code,
+            attn_implementation=config.attn_implementation,
+        )
+
+
 def load_base_model(config: KTOConfig) -> PreTrainedModel:
     """The base causal LM, frozen weights as loaded (or seeded random weights with init_random_weights)."""
     dtype = train_dtype(config)
     if config.init_random_weights:
-        model_config = AutoConfig.from_pretrained(
-            config.model_name_or_path, revision=config.model_revision, trust_remote_code=config.trust_remote_code
-        )
-        torch.manual_seed(config.seed)
-        model = AutoModelForCausalLM.from_config(
-            model_config, dtype=dtype, trust_remote_code=config.trust_remote_code,
-            attn_implementation=config.attn_implementation,
-        )
+        model = _random_model(config, dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             config.model_name_or_path, revision=config.model_revision, dtype=dtype,

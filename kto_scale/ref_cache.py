@@ -34,7 +34,6 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.utils import cached_file
 
 from kto_scale.atomic import write_atomic
@@ -113,8 +112,8 @@ def _weights_fingerprint(config: KTOConfig, model_dir: Path) -> str:
     Sampling (the safetensors header included) tells retrained weights apart without reading
     multi-GB files, and unlike mtimes it survives copying the model to another disk.
     """
-    if config.init_random_weights:  # seeded, but ZeRO-3's partitioned init draws other numbers
-        return f"random init, seed {config.seed}, zero3 {is_deepspeed_zero3_enabled()}"
+    if config.init_random_weights:  # seeded: the same weights on every engine, stage and rank count
+        return f"random init, seed {config.seed}"
     files = sorted(p for p in model_dir.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
     if not files:
         raise RefCacheError(f"{model_dir} has no weight files ({', '.join(WEIGHT_SUFFIXES)}) to fingerprint.")

@@ -71,21 +71,28 @@ def no_grad_logps(engine, batch: dict, cache: RefCache | None) -> tuple[Tensor, 
 def train_step(
     engine, batches: list[dict], config: KTOConfig, weights: tuple[float, float], cache: RefCache | None
 ) -> tuple[Tensor, Tensor]:
-    """One optimizer step over this rank's micro-batches; returns ([len(_SUMS)] metric sums, [] z_ref)."""
+    """One optimizer step over this rank's micro-batches; returns ([len(_SUMS)] metric sums, [] z_ref).
+
+    The z_ref returned (logged as `kl`) is the one the step used; with kl_baseline "micro_batch", the
+    mean of its micro-batches' z_refs.
+    """
     no_grad = [no_grad_logps(engine, b, cache) for b in batches]
     kl_ratios = [(policy_kl - reference_kl) * b["weight"] for b, (_, reference_kl, policy_kl) in zip(batches, no_grad, strict=True)]
     kl_sum = torch.stack([k.sum() for k in kl_ratios]).sum()
     z_ref, n_global = global_kl_baseline(kl_sum, sum(b["weight"].sum() for b in batches))
+    z_refs = [z_ref] * len(batches)
+    if config.kl_baseline == "micro_batch":  # TRL's estimate, for comparison: micro-batch i of every rank
+        z_refs = [global_kl_baseline(kl.sum(), b["weight"].sum())[0]
+                  for b, kl in zip(batches, kl_ratios, strict=True)]
+        z_ref = torch.stack(z_refs).mean()
     # DeepSpeed averages gradients over ranks and accumulation steps; undo that and divide by the
     # global example count so the step's gradient is the mean over the effective batch's real examples.
     scale = engine.world_size * len(batches) / n_global
 
     sums = torch.zeros(len(_SUMS), device=engine.device)
-    for batch, (reference, _, _), kl in zip(batches, no_grad, kl_ratios, strict=True):
-        if config.kl_baseline == "micro_batch":  # the peers' estimate, for comparison
-            z_ref = global_kl_baseline(kl.sum(), batch["weight"].sum())[0]
+    for batch, (reference, _, _), micro_z_ref in zip(batches, no_grad, z_refs, strict=True):
         policy = engine(**batch["policy"])
-        losses, rewards = kto_losses(policy, reference, batch["desirable"], z_ref, config.beta, *weights)
+        losses, rewards = kto_losses(policy, reference, batch["desirable"], micro_z_ref, config.beta, *weights)
         w = batch["weight"]
         engine.backward((losses * w).sum() * scale)
         engine.step()

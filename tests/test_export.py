@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from kto_scale import export
-from kto_scale.export import ExportError, export_adapter, merge_lora, parse_size
+from kto_scale.export import ExportError, export_adapter, merge_lora
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -161,6 +162,24 @@ def test_unmergeable_adapters_refused(base_and_adapter, tmp_path, lora, message)
         merge_lora(base, tmp_path / "adapter", tmp_path / "merged")
     assert "unmerged" in str(err.value)
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize(("key", "on", "off", "message"), [
+    ("use_warp_lora", True, None, "use_warp_lora=True"),  # an option of a newer peft than this one
+    ("layer_replication", [[0, 1]], None, "layer_replication=[[0, 1]]"),  # a LoraConfig option off the allow-list
+    ("init_lora_weights", "pissa_niter_4", "gaussian", "rewrites the base weights (init_lora_weights='pissa_niter_4')"),
+], ids=["unknown_option", "off_the_allow_list", "base_rewriting_init"])
+def test_settings_outside_the_allow_list_are_refused_by_name(base_and_adapter, tmp_path, key, on, off, message):
+    """Only the settings the merge implements pass; any other must hold peft's default (off), and merges then."""
+    base, adapter = base_and_adapter
+    shutil.copytree(adapter, tmp_path / "adapter")
+    config = json.loads((adapter / export.ADAPTER_CONFIG).read_text())
+    (tmp_path / "adapter" / export.ADAPTER_CONFIG).write_text(json.dumps({**config, key: on}))
+    with pytest.raises(ExportError, match=re.escape(message)):
+        merge_lora(base, tmp_path / "adapter", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    (tmp_path / "adapter" / export.ADAPTER_CONFIG).write_text(json.dumps({**config, key: off}))
+    merge_lora(base, tmp_path / "adapter", tmp_path / "merged")
 
 
 def test_adapter_of_another_model_reported(base_and_adapter, tmp_path):
@@ -433,7 +452,13 @@ def test_command_line_reports_bad_input(base_and_adapter, tmp_path):
     assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "float16"
 
 
-def test_parse_size():
-    assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size("100") == 100
-    with pytest.raises(ExportError, match="--max_shard_size"):
-        parse_size("5 parsecs")
+def test_max_shard_size_is_read_as_save_pretrained_reads_it(base_and_adapter, tmp_path):
+    """huggingface_hub's parser and split: "0.06MB" cuts the shards 60KB does; other units are an error
+    naming the option, before anything is written."""
+    base, adapter = base_and_adapter
+    decimal = merge_lora(base, adapter, tmp_path / "decimal", max_shard_size="0.06MB")
+    kilo = merge_lora(base, adapter, tmp_path / "kilo", max_shard_size="60KB")
+    assert (decimal / "model.safetensors.index.json").read_text() == (kilo / "model.safetensors.index.json").read_text()
+    with pytest.raises(ExportError, match="--max_shard_size '5 parsecs'"):
+        merge_lora(base, adapter, tmp_path / "bad", max_shard_size="5 parsecs")
+    assert not (tmp_path / "bad").exists()

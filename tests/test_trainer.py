@@ -10,9 +10,10 @@ from peft import PeftModel
 from runs import ROOT, TRAIN, config_file, deepspeed_run, generations, metrics, run
 from safetensors.torch import load_file
 
-from kto_scale.collate import collate
+from kto_scale.collate import BatchPlan, collate
 from kto_scale.config import load_run_config
 from kto_scale.generate import generation_prompts
+from kto_scale.loss import kl_baseline
 from kto_scale.model import SequenceLogps, load_base_model, load_tokenizer, reference_mode
 from kto_scale.prepare import prepare_data
 from kto_scale.trainer import class_balance_warning, evaluation_metrics
@@ -149,3 +150,29 @@ def test_class_balance_warning_says_when_a_class_is_missing():
     assert "Add desirable examples (label true)" in class_balance_warning(0, 10, (1.0, 1.0))
     assert "3.000 is outside" in class_balance_warning(30, 10, (1.0, 1.0))
     assert class_balance_warning(30, 10, (1.0, 3.0)) is None
+
+
+def test_micro_batch_kl_baseline_logs_the_mean_of_the_micro_batch_z_refs(tmp_path, tiny_model):
+    """kl_baseline: micro_batch, 1 rank x 2 accumulation x 2: step 3's logged kl is the mean of the z_refs
+    of its two micro-batches, recomputed here from the step's batches and the policy checkpointed
+    after step 2 (the old code logged the last micro-batch's z_ref alone)."""
+    config = config_file(tmp_path, "micro", tiny_model, kl_baseline="micro_batch", max_steps=3, save_steps=2,
+                         eval_fraction=0.0, learning_rate=5e-2)
+    run([sys.executable, "launch/train.py", "--config", str(config)])
+    config = load_run_config(tmp_path / "micro")
+    tokenizer = load_tokenizer(config)
+    train_set, _ = prepare_data(config, tokenizer)
+    plan = BatchPlan(len(train_set), config.per_device_train_batch_size, config.gradient_accumulation_steps, 1)
+    policy = PeftModel.from_pretrained(load_base_model(config), tmp_path / "micro" / "checkpoint-2")
+    module = SequenceLogps(policy)
+    z_refs = []
+    for indices in plan.micro_batches(step_in_epoch=2, epoch=0, seed=config.seed, rank=0):
+        batch = collate(train_set, indices, tokenizer.pad_token_id)
+        with reference_mode(policy):
+            reference_kl = module(**batch["kl"])
+        with torch.no_grad():
+            kl = module(**batch["kl"]) - reference_kl
+        z_refs.append(kl_baseline(kl.sum(), kl.numel()).item())
+    assert abs(z_refs[0] - z_refs[1]) > 1e-3, z_refs  # else the test could not tell the mean from the last
+    logged = metrics(tmp_path / "micro", "train")[2]
+    assert logged["step"] == 3 and logged["kl"] == pytest.approx(sum(z_refs) / 2, abs=1e-6)
