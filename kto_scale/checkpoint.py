@@ -39,7 +39,11 @@ LATEST = "latest"
 DEEPSPEED_TAG = "deepspeed"
 UNIVERSAL_TAG = "universal"  # the rank-independent copy made to resume on another rank count
 TRAINER_STATE = "trainer_state.json"
-PREPARED = "prepared"  # the run's tokenized data, rewritten by every run
+# What a run writes into output_dir, and overwrite_output_dir moves aside (prepared/, the tokenized
+# data, is rewritten by every run and stays).
+RUN_FILES = re.compile(r"adapter|base_model|\.?checkpoint-\d+(\.tmp)?|latest|kto_config\.yaml|metrics\.jsonl|"
+                       r"generations\.jsonl|plots\.png|tensorboard|wandb")
+INPUTS = ("model_name_or_path", "sft_adapter", "dataset_name", "eval_dataset_name", "ref_cache")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -167,7 +171,9 @@ def resume_tag(path: Path, config: KTOConfig, ds_config: dict, world_size: int) 
         )
     if state["world_size"] == world_size:
         return DEEPSPEED_TAG
-    if is_main_process() and not (path / UNIVERSAL_TAG).is_dir():
+    def convert() -> None:
+        if (path / UNIVERSAL_TAG).is_dir():
+            return
         logger.info("%s was written by %d ranks and this run has %d: converting it with ds_to_universal.",
                     path, state["world_size"], world_size)
         with atomic_directory(path / UNIVERSAL_TAG) as tmp:
@@ -178,7 +184,8 @@ def resume_tag(path: Path, config: KTOConfig, ds_config: dict, world_size: int) 
                 raise ConfigError(f"Could not convert {path} for {world_size} ranks (resume on "
                                   f"{state['world_size']} ranks instead):\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
         write_atomic(path / "latest_universal", UNIVERSAL_TAG)  # the converter's names its temporary folder
-    barrier()  # a rank 0 that failed exits, and the others see its connection drop here
+
+    on_main_process(convert)  # rank 0 converts; a failure is raised on every rank, none waits for it
     ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     return UNIVERSAL_TAG
 
@@ -210,11 +217,19 @@ def prepare_output_dir(config: KTOConfig) -> None:
 
     def check() -> None:
         lock_directory(output / LOCK_FILE, f"output_dir {output}")
-        if _holds_run(output) and not config.resume_from_checkpoint and not config.overwrite_output_dir:
+        if not _holds_run(output) or config.resume_from_checkpoint:
+            return
+        if not config.overwrite_output_dir:
             raise ConfigError(
                 f"{output} already holds a run (its config or checkpoints): pass --resume_from_checkpoint latest "
                 "to continue it, --overwrite_output_dir true to replace it, or pick another output_dir."
             )
+        for name in INPUTS:  # e.g. sft_adapter: outputs/run/adapter with output_dir outputs/run
+            value = getattr(config, name)
+            inside = value and _inside_run_files(Path(value), output)
+            if inside:
+                raise ConfigError(f"{name} {value} lies inside {inside}, which overwrite_output_dir would move "
+                                  "aside before it is read: copy it out of output_dir, or pick another output_dir.")
 
     on_main_process(check)
 
@@ -227,11 +242,20 @@ def set_aside_previous_run(config: KTOConfig) -> None:
     def move() -> None:
         if not config.overwrite_output_dir or config.resume_from_checkpoint or not _holds_run(output):
             return
-        aside = move_previous_run(output, keep=(PREPARED,))
+        aside = move_previous_run(output, RUN_FILES)
         logger.warning("overwrite_output_dir: the previous run in %s was moved to %s (delete it when you no "
                        "longer need it).", output, aside)
 
     on_main_process(move)
+
+
+def _inside_run_files(path: Path, output: Path) -> Path | None:
+    """The entry of output/ that `path` is or lies inside, when it is one a run writes."""
+    path, output = path.resolve(), output.resolve()
+    if output not in path.parents:
+        return None
+    entry = output / path.relative_to(output).parts[0]
+    return entry if RUN_FILES.fullmatch(entry.name) else None
 
 
 def _holds_run(output: Path) -> bool:

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -364,26 +365,35 @@ def load_config(argv: list[str], default_config: str | Path | None = None) -> KT
     _check_known(overrides, "command line")
     values = {}
     if path is not None:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"--config {path}: cannot read it ({e.strerror}). Check the path "
+                              f"(relative to {os.getcwd()}).") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML ({e}).") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of option: value.")
         _check_known(values, str(path))
         values = _resolve_input_paths(values, Path(path).parent)
-    values.update(overrides)
+    values.update(_resolve_input_paths(overrides, Path.cwd()))
+    if "deepspeed" not in values:  # the default JSON, saved as the absolute path it resolves to like any input
+        values["deepspeed"] = str(find_deepspeed_config(KTOConfig.deepspeed).resolve())
     return config_from_dict(values, source=str(path or "command line"))
 
 
 def _resolve_input_paths(values: dict, config_dir: Path) -> dict:
-    """A relative input path that does not exist from the working directory but does next to the config
-    file (or in the kto-scale checkout, for the shipped configs) becomes that absolute path, so a
-    config runs from any directory. Hub ids and paths that exist as given are left alone."""
+    """A relative input path becomes absolute: as it exists from the working directory, else next to the
+    config file (or in the kto-scale checkout, for the shipped configs), so a config runs from any
+    directory and the resolved config a run saves works for later steps run from anywhere. Hub ids
+    (no such local path) are left alone."""
     resolved = dict(values)
     for key in INPUT_PATHS:
         value = values.get(key)
-        if not isinstance(value, str) or Path(value).is_absolute() or Path(value).exists():
+        if not isinstance(value, str) or Path(value).is_absolute():
             continue
-        for base in (config_dir, REPO_ROOT):
+        for base in (Path.cwd(), config_dir, REPO_ROOT):
             if (base / value).exists():
                 resolved[key] = str((base / value).resolve())
                 break

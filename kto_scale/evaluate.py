@@ -24,19 +24,24 @@ from kto_scale.engine import build_inference_engine, resolve_deepspeed_config
 from kto_scale.generate import GENERATIONS_FILE, PromptGenerations
 from kto_scale.loss import balanced_weights
 from kto_scale.model import load_base_model, load_tokenizer
+from kto_scale.outdir import overlapping_input
 from kto_scale.prepare import shared_prepared_data
 from kto_scale.sft_adapter import add_reference_adapter, check_sft_adapter
 from kto_scale.trainer import evaluation_metrics, score_dataset
 
 logger = logging.getLogger(__name__)
 
+EVAL_FILES = ("examples.jsonl", "summary.json", GENERATIONS_FILE)  # all that --output may hold
+
 
 def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: str = "eval") -> dict[str, float]:
     """Score `split` ("eval" or "train") of the config's data with base + adapter; write to `output`."""
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter {adapter} is not a peft adapter directory (no adapter_config.json).")
-    _, world_size, _ = init_distributed(config.dist_timeout_s)
     output = Path(output)
+    check_output(output, [Path(adapter), *(Path(p) for p in (config.model_name_or_path, config.sft_adapter,
+                                                               config.dataset_name, config.eval_dataset_name) if p)])
+    _, world_size, _ = init_distributed(config.dist_timeout_s)
     tokenizer = load_tokenizer(config)
     check_sft_adapter(config, tokenizer)  # before the data and the model: fail fast
     train, evaluation = shared_prepared_data(config, tokenizer, output.with_name(f".{output.name}.prepared"))
@@ -81,3 +86,18 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
         logger.info("Scored %d %s examples; wrote %s", len(dataset), split, output)
     shutdown()
     return summary
+
+
+def check_output(output: Path, inputs: list[Path]) -> None:
+    """--output is replaced as a whole at the end: refuse one that holds an input or anything an
+    evaluation did not write (e.g. `--output outputs/run`, the training run itself)."""
+    clash = overlapping_input(output, [p for p in inputs if p.exists()])
+    if clash:
+        raise ConfigError(f"--output {output} contains or lies inside the input {clash}; replacing it would "
+                          "delete that input. Write the evaluation somewhere else.")
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} is a file; pass a directory path.")
+    foreign = sorted(p.name for p in output.iterdir() if p.name not in EVAL_FILES) if output.is_dir() else []
+    if foreign:
+        raise ConfigError(f"--output {output} holds files an evaluation does not write ({', '.join(foreign[:5])}), "
+                          "and it is replaced as a whole: pass a new directory.")

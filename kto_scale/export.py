@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from transformers.modeling_utils import str_to_torch_dtype
 
 from kto_scale.atomic import atomic_directory
-from kto_scale.outdir import DirectoryBusy, lock_directory, unlock_and_remove
+from kto_scale.outdir import DirectoryBusy, lock_directory, overlapping_input, unlock_and_remove
 
 logger = logging.getLogger(__name__)
 
@@ -362,12 +362,10 @@ _EXPORT_FILES = re.compile(r"(config|generation_config|adapter_config)\.json|mod
 
 def check_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Refuse an --output that overlaps an input, or whose files a replacement would lose."""
-    resolved = output.resolve()
-    for path in inputs:
-        source = path.resolve()
-        if resolved == source or resolved in source.parents or source in resolved.parents:
-            raise ExportError(f"--output {output} contains or lies inside the input {path}; replacing it would "
-                              "delete that input. Write the export somewhere else.")
+    clash = overlapping_input(output, inputs)
+    if clash:
+        raise ExportError(f"--output {output} contains or lies inside the input {clash}; replacing it would "
+                          "delete that input. Write the export somewhere else.")
     if output.exists() and not output.is_dir():
         raise ExportError(f"--output {output} is a file; pass a directory path.")
     present = sorted(p.name for p in output.iterdir()) if output.is_dir() else []

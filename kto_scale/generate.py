@@ -2,7 +2,7 @@
 
 With `generate_during_eval`, a run picks `num_generation_prompts` distinct prompts of the eval split
 (by `data_seed`, so every run on the same data reads the same prompts), completes them once with the
-reference (adapters off) and, at step 0 and every evaluation, with the policy (adapters on), and
+reference (adapters off; with sft_adapter, base + that adapter) and, at step 0 and every evaluation, with the policy (adapters on), and
 appends one line per prompt to `<output_dir>/generations.jsonl`:
 
     {"step": 200, "prompt": "...", "reference": "...", "policy": "..."}

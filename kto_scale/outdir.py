@@ -3,12 +3,13 @@
 - `lock_directory` takes an exclusive `fcntl.flock` on a lock file for the life of the process. The
   OS releases it when the process ends however it ends (a SIGKILLed job leaves no stale lock), and
   the file names the holder's host and pid, so a second writer is refused with who holds it.
-- `move_previous_run` puts what an earlier run left in an output directory into a dated
+- `move_previous_run` puts what an earlier run wrote into an output directory into a dated
   `.previous-run-*` directory inside it (one rename per entry, nothing copied or deleted).
 """
 
 import fcntl
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -61,12 +62,12 @@ def unlock_and_remove(lock_file: str | Path) -> None:
         handle.close()
 
 
-def move_previous_run(output_dir: str | Path, keep: tuple[str, ...]) -> Path | None:
-    """Move every entry of `output_dir` except `keep`, the lock and earlier moved-aside runs into
-    `<output_dir>/.previous-run-<UTC time>/`; return that directory, or None when there was nothing."""
+def move_previous_run(output_dir: str | Path, run_files: re.Pattern) -> Path | None:
+    """Move the entries of `output_dir` whose names match `run_files` (what a run writes; the user's
+    own files, the lock and earlier moved-aside runs stay) into `<output_dir>/.previous-run-<UTC time>/`;
+    return that directory, or None when there was nothing to move."""
     output_dir = Path(output_dir)
-    entries = [p for p in sorted(output_dir.iterdir())
-               if p.name not in (*keep, LOCK_FILE) and not p.name.startswith(PREVIOUS_RUN)]
+    entries = [p for p in sorted(output_dir.iterdir()) if run_files.fullmatch(p.name)]
     if not entries:
         return None
     name = f"{PREVIOUS_RUN}{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
@@ -77,3 +78,14 @@ def move_previous_run(output_dir: str | Path, keep: tuple[str, ...]) -> Path | N
     for entry in entries:
         os.replace(entry, aside / entry.name)  # same filesystem: each rename is atomic
     return aside
+
+
+def overlapping_input(output: str | Path, inputs: list[Path]) -> Path | None:
+    """The first input that `output` is, contains or lies inside (after resolving links and ".."):
+    replacing `output` would delete it."""
+    resolved = Path(output).resolve()
+    for path in inputs:
+        source = path.resolve()
+        if resolved == source or resolved in source.parents or source in resolved.parents:
+            return path
+    return None

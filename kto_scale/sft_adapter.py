@@ -99,9 +99,11 @@ def check_sft_adapter(config: KTOConfig, tokenizer: PreTrainedTokenizerBase) -> 
         if AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab():
             raise ConfigError(f"{where} holds a tokenizer whose vocabulary differs from {config.model_name_or_path}'s: "
                               "the adapter was trained with other token ids. Use the SFT run's base and tokenizer.")
-    targets = sorted(config.lora_target_modules) if config.lora_target_modules else "all-linear"
-    run = {"lora_r": (config.lora_r, settings.get("r")), "lora_alpha": (config.lora_alpha, settings.get("lora_alpha")),
-           "lora_target_modules": (targets, sorted(settings.get("target_modules") or []))}
+    run = {"lora_r": (config.lora_r, settings.get("r")), "lora_alpha": (config.lora_alpha, settings.get("lora_alpha"))}
+    if config.lora_target_modules:  # None means "whatever the adapter targets" here
+        theirs = settings.get("target_modules") or []
+        run["lora_target_modules"] = (sorted(config.lora_target_modules),
+                                      theirs if isinstance(theirs, str) else sorted(theirs))  # a str is a regex
     ignored = [f"{name}={ours}" for name, (ours, theirs) in run.items() if ours != theirs]
     if ignored:
         logger.info("The policy continues %s with its own settings (r=%s, lora_alpha=%s, target_modules=%s); "
@@ -131,7 +133,9 @@ def add_sft_adapters(model: PreTrainedModel, config: KTOConfig) -> PeftModel:
 
 def add_reference_adapter(model: PeftModel, config: KTOConfig) -> None:
     """Load sft_adapter into `model` as the frozen "reference" adapter (the policy stays the active one)."""
+    was_training = model.training
     model.load_adapter(str(adapter_dir(config)), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    model.train(was_training)  # peft puts the whole model in eval mode for an inference adapter: LoRA dropout off
     model.set_requires_grad(REFERENCE_ADAPTER, requires_grad=False)
 
 

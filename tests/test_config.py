@@ -102,12 +102,24 @@ def test_relative_inputs_of_a_config_file_resolve_from_its_directory(tmp_path, m
     path = tmp_path / "configs" / "c.yaml"
     path.write_text(yaml.safe_dump({"model_name_or_path": "org/hub-model", "dataset_name": "../data.jsonl",
                                     "output_dir": "out"}))
-    monkeypatch.chdir(tmp_path / "configs")  # as given, ../data.jsonl exists: left alone
-    assert load_config(["--config", "c.yaml"]).dataset_name == "../data.jsonl"
+    monkeypatch.chdir(tmp_path / "configs")  # as given, ../data.jsonl exists: made absolute as it is
+    assert load_config(["--config", "c.yaml"]).dataset_name == str(tmp_path / "data.jsonl")
     monkeypatch.chdir("/")
     config = load_config(["--config", str(path)])
     assert config.dataset_name == str(tmp_path / "data.jsonl")
     assert config.model_name_or_path == "org/hub-model" and config.output_dir == "out"
+    # A command-line path is taken from the working directory, and saved absolute for later steps.
+    monkeypatch.chdir(tmp_path)
+    assert load_config(["--config", str(path), "--dataset_name", "data.jsonl"]).dataset_name == str(tmp_path / "data.jsonl")
+
+
+def test_a_missing_or_broken_config_file_is_an_error_not_a_traceback(tmp_path):
+    with pytest.raises(ConfigError, match=r"--config nope.yaml: cannot read it \(No such file or directory\)"):
+        load_config(["--config", "nope.yaml"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("beta: [0.1\n")
+    with pytest.raises(ConfigError, match=rf"--config {broken}: not valid YAML"):
+        load_config(["--config", str(broken)])
 
 
 def test_help_lists_every_option_with_type_default_and_meaning():

@@ -6,6 +6,9 @@ import sys
 import pytest
 from runs import DEEPSPEED, free_port, generations, metrics, run
 
+from kto_scale.config import ConfigError, KTOConfig
+from kto_scale.evaluate import check_output, evaluate
+
 
 def _evaluate(command: list[str], run_dir, output) -> tuple[list[dict], dict]:
     run([*command, "launch/evaluate.py", "--config", str(run_dir / "kto_config.yaml"),
@@ -39,3 +42,27 @@ def test_evaluate_matches_the_runs_final_eval_on_any_number_of_ranks(tmp_path, o
     assert two_summary == pytest.approx(summary, abs=1e-5)
     assert [line["row"] for line in two_lines] == [line["row"] for line in lines]
     assert generations(tmp_path / "two") == final
+
+
+def test_output_that_holds_the_run_or_an_input_is_refused_before_anything_runs(tmp_path):
+    """`--output outputs/run` (a slip for outputs/run/eval) would replace the whole training run,
+    adapter included: refused, and nothing in the run is touched."""
+    run_dir = tmp_path / "run"
+    (run_dir / "adapter").mkdir(parents=True)
+    (run_dir / "adapter" / "adapter_config.json").write_text("{}")
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    config = KTOConfig(model_name_or_path="org/hub-model", dataset_name=str(tmp_path / "d.jsonl"))
+    with pytest.raises(ConfigError, match=r"contains or lies inside the input .*adapter"):
+        evaluate(config, run_dir / "adapter", run_dir)
+    with pytest.raises(ConfigError, match=r"contains or lies inside the input .*adapter"):
+        evaluate(config, run_dir / "adapter", run_dir / "adapter" / "eval")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"holds files an evaluation does not write \(notes.txt\)"):
+        evaluate(config, run_dir / "adapter", tmp_path / "mine")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["adapter", "metrics.jsonl"]
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+    check_output(tmp_path / "earlier-eval", [run_dir / "adapter"])  # new, or holding only eval files: fine
+    (tmp_path / "earlier-eval").mkdir()
+    (tmp_path / "earlier-eval" / "summary.json").write_text("{}")
+    check_output(tmp_path / "earlier-eval", [run_dir / "adapter"])

@@ -81,6 +81,15 @@ def test_reference_is_base_plus_sft_and_the_policy_its_copy(tmp_path, tiny_model
     assert frozen_reference and not frozen_reference & trainable
 
 
+def test_the_policy_trains_with_lora_dropout(tmp_path, tiny_model, sft):
+    """Loading the frozen reference adapter must not leave the model in eval mode: the policy's LoRA
+    dropout is on from the first step (peft's load_adapter switches the whole model to eval)."""
+    config = load_config(["--config", str(config_file(tmp_path, "d", tiny_model, sft_adapter=str(sft), lora_dropout=0.3))])
+    policy = load_model(config)
+    dropouts = [m for name, m in policy.named_modules() if name.endswith("lora_dropout.default")]
+    assert policy.training and dropouts and all(m.training and m.p == 0.3 for m in dropouts)
+
+
 def _edited_copy(src: Path, dst: Path, **changes) -> Path:
     shutil.copytree(src, dst)
     settings = json.loads((dst / "adapter_config.json").read_text())
