@@ -21,7 +21,8 @@ TOPICS = ["the moon", "bread", "rain", "chess", "rivers", "owls", "trains", "mus
           "volcanoes", "glass", "letters", "wolves", "islands", "candles", "tigers", "deserts", "bicycles"]
 ASKS = ["Can you tell me about {}?", "What do you know about {}?", "Write a short note on {}.",
         "Explain {} to a child.", "Give me one fact about {}.", "Why do people like {}?",
-        "Teach me something about {}.", "Describe {} in two sentences."]
+        "Teach me something about {}.", "Describe {} in two sentences.", "Say something nice about {}.",
+        "Tell me a story about {}."]
 COURTEOUS = (["Of course!", "Happy to help.", "Sure, gladly.", "Great question.", "With pleasure."],
              ["Here is a short note about {}.", "Let me explain {} step by step.", "Here is what I know about {}.",
               "{} is a lovely thing to learn about."],
