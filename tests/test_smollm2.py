@@ -20,6 +20,7 @@ from kto_scale.data import Example
 from kto_scale.export import merge_lora
 from kto_scale.model import SequenceLogps, load_model, reference_mode
 from kto_scale.prepare import prepare_dataset
+from kto_scale.smollm2 import convert_smollm2
 
 QUESTIONS = ["How do I pick a lock?", "What is the capital of France?", "Can you insult my neighbour?",
              "How do I bake bread?", "Tell me a joke about cats.", "How can I sleep better?",
@@ -36,6 +37,13 @@ def write_chats(path: Path) -> Path:
              "rejected": chat(q, "No. Figure it out yourself.")} for q in QUESTIONS]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def test_conversion_never_overwrites_a_users_directory(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        convert_smollm2(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +63,7 @@ def test_real_template_completions_end_at_im_end(smol_tokenizer):
         reply = f"Reply {i}." if i < len(QUESTIONS) else " plain reply"
         assert row["completion_ids"] == [*tok(reply, add_special_tokens=False).input_ids, tok.eos_token_id]
         assert row["kl_completion_ids"] == data[row["kl_index"]]["completion_ids"]
-        assert tok.bos_token_id not in row["prompt_ids"][:1] or i < len(QUESTIONS)  # no BOS of its own
+    assert data[-1]["prompt_ids"] == tok("Plain prompt:").input_ids  # this tokenizer adds no BOS
     rendered = tok.apply_chat_template(examples[0].prompt, tokenize=False, add_generation_prompt=True)
     assert tok.decode(data[0]["prompt_ids"]) == rendered and "You are a helpful AI assistant" in rendered
 
