@@ -31,6 +31,10 @@ def chat(*turns: str) -> list[dict[str, str]]:
     return [{"role": r, "content": c} for r, c in zip(["user", "assistant"] * len(turns), turns, strict=False)]
 
 
+def assistant(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
 def write_chats(path: Path) -> Path:
     """HH-style preference pairs as message lists: a helpful and a curt reply to each question."""
     rows = [{"chosen": chat(q, f"Here is a careful answer to: {q.lower()}"),
@@ -54,7 +58,7 @@ def smol_tokenizer(smollm2):
 def test_real_template_completions_end_at_im_end(smol_tokenizer):
     """ChatML closes a turn with `<|im_end|>\\n`: the completion ends at <|im_end|> (EOS here), once."""
     tok = smol_tokenizer
-    examples = [Example(chat(q), chat("", f"Reply {i}.")[1:], i % 2 == 0) for i, q in enumerate(QUESTIONS)]
+    examples = [Example(chat(q), assistant(f"Reply {i}."), i % 2 == 0) for i, q in enumerate(QUESTIONS)]
     examples.append(Example("Plain prompt:", " plain reply", True))
     data, _ = prepare_dataset(examples, tok, max_length=512, max_prompt_length=None,
                               max_completion_length=None, seed=0)
@@ -73,7 +77,7 @@ def test_logps_equal_plain_transformers_and_peft(smollm2, smol_tokenizer, tmp_pa
     head, padded batch), equal summing log_softmax over the completion tokens of the conversation
     rendered by the template, one unpadded example at a time through transformers + peft."""
     tok = smol_tokenizer
-    examples = [Example(chat(q), chat("", f"Sure: {q}")[1:], True) for q in QUESTIONS[:4]]
+    examples = [Example(chat(q), assistant(f"Sure: {q}"), True) for q in QUESTIONS[:4]]
     data, _ = prepare_dataset(examples, tok, max_length=512, max_prompt_length=None,
                               max_completion_length=None, seed=0)
     policy = load_model(KTOConfig(model_name_or_path=str(smollm2), lora_r=4, lora_dropout=0.0))
