@@ -4,9 +4,12 @@
 sources; `shared_prepared_data` once per command (train, precompute, evaluate) rather than once per rank.
 
 Each example becomes `prompt_ids` followed by `completion_ids`; only the completion is scored. The
-prompt starts with exactly one BOS when the tokenizer adds one on its own (Llama does); the completion
-ends with EOS. Conversations are rendered with the tokenizer's chat template, and the completion is the
-part of the full conversation's text after the prompt's text (with the generation prompt).
+prompt starts with exactly one BOS when the tokenizer adds one on its own (Llama does). A plain-text
+completion ends with EOS. Conversations are rendered with the tokenizer's chat template, and the
+completion is the part of the full conversation's text after the prompt's text (with the generation
+prompt), ending exactly where the template ends the assistant turn: at its end-of-turn special token
+(`<|im_end|>`, `<|eot_id|>`, ...), without the newline some templates put between turns and without
+another EOS. A template that ends the turn with no special token gets EOS appended.
 
 Truncation, in this order:
 1. if max_prompt_length is set, the prompt keeps its LAST max_prompt_length tokens (cut from the left;
@@ -125,19 +128,24 @@ def adds_bos(tokenizer) -> bool:
 
 
 def tokenize_examples(examples: list[Example], tokenizer) -> tuple[list[list[int]], list[list[int]]]:
-    """Prompt ids (one BOS first if the tokenizer uses one) and completion ids (EOS last) of each example."""
+    """Prompt ids (one BOS first if the tokenizer uses one) and completion ids of each example, ending
+    with EOS, or for a conversation with the template's end-of-turn token."""
     if not examples:
         raise DataError("No examples to prepare: the dataset (or its eval split) is empty.")
-    texts = [_texts(example, tokenizer) for example in examples]
-    prompts = _encode(tokenizer, [p for p, _ in texts])
-    completions = _encode(tokenizer, [c for _, c in texts])
+    specials = tuple(token.content for token in tokenizer.added_tokens_decoder.values() if token.special)
+    texts = [_texts(example, tokenizer, specials) for example in examples]
+    prompts = _encode(tokenizer, [p for p, _, _ in texts])
+    completions = _encode(tokenizer, [c for _, c, _ in texts])
     # A chat template may render the BOS itself: add it only where it is missing, never twice.
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     if bos is not None:
         prompts = [p if p[:1] == [bos] else [bos, *p] for p in prompts]
     eos = tokenizer.eos_token_id
     if eos is not None:
-        completions = [c if c[-1:] == [eos] else [*c, eos] for c in completions]
+        completions = [
+            c if ended or c[-1:] == [eos] else [*c, eos]
+            for c, (_, _, ended) in zip(completions, texts, strict=True)
+        ]
     return prompts, completions
 
 
@@ -153,10 +161,11 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return [ids[text] for text in texts]
 
 
-def _texts(example: Example, tokenizer) -> tuple[str, str]:
-    """The prompt and completion text of an example; conversations go through the chat template."""
+def _texts(example: Example, tokenizer, specials: tuple[str, ...]) -> tuple[str, str, bool]:
+    """The prompt and completion text of an example, and whether the completion already ends its turn
+    with a special token; conversations go through the chat template."""
     if isinstance(example.prompt, str):
-        return example.prompt, example.completion
+        return example.prompt, example.completion, False
     prompt = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(example.prompt + example.completion, tokenize=False)
     if not full.startswith(prompt):
@@ -165,7 +174,11 @@ def _texts(example: Example, tokenizer) -> tuple[str, str]:
             "start with the rendered prompt, so the completion cannot be split off. Use a chat "
             "template that renders a prefix of the messages as a prefix of the text."
         )
-    return prompt, full[len(prompt) :]
+    completion = full[len(prompt) :]
+    # Whitespace after the end-of-turn token (ChatML's "<|im_end|>\n") only separates turns: a chat
+    # model stops at the token and never generates it, so it is not scored.
+    ended = completion.rstrip().endswith(specials)
+    return prompt, completion.rstrip() if ended else completion, ended
 
 
 def truncate(

@@ -1,5 +1,6 @@
 """Fixtures shared by the test files."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from transformers import AutoTokenizer
 from kto_scale.assets import TINY_LLAMA_DIR
 from kto_scale.config import KTOConfig
 from kto_scale.model import load_base_model, load_tokenizer
+from kto_scale.smollm2 import INSTALL, convert_smollm2, gguf_dir
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +37,19 @@ def one_process_run(tmp_path_factory, tiny_model) -> Path:
     tmp_path = tmp_path_factory.mktemp("one")
     run([*TRAIN, "--config", str(config_file(tmp_path, "run", tiny_model))])
     return tmp_path / "run"
+
+
+@pytest.fixture(scope="session")
+def smollm2(request) -> Path:
+    """SmolLM2-135M-Instruct as a plain model dir, converted once and kept in pytest's cache dir.
+
+    Missing, the real-model tests skip with the install command, except under CI=true, where they fail."""
+    if gguf_dir() is None:
+        message = f"SmolLM2-135M-Instruct is not installed: {INSTALL}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    path = request.config.cache.mkdir("smollm2") / "SmolLM2-135M-Instruct"
+    if not (path / "model.safetensors").is_file():
+        convert_smollm2(path)
+    return path

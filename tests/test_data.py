@@ -3,9 +3,11 @@
 import gzip
 import json
 import logging
+import sys
 
 import datasets
 import pytest
+from runs import run
 
 from kto_scale.assets import DEMO_DATA
 from kto_scale.data import DataError, Example, load_examples, split_train_eval
@@ -250,6 +252,12 @@ def test_warns_when_one_kind_is_missing(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="kto_scale.data"):
         load_examples(path)
     assert "no undesirable examples" in caplog.text
+
+
+def test_demo_data_is_what_its_script_writes(tmp_path):
+    """The shipped set is reproducible: launch/make_demo_data.py writes it byte for byte."""
+    run([sys.executable, "launch/make_demo_data.py", "--output", str(tmp_path / "demo.jsonl")])
+    assert (tmp_path / "demo.jsonl").read_bytes() == DEMO_DATA.read_bytes()
 
 
 def test_demo_data_is_balanced():

@@ -100,6 +100,49 @@ def test_chat_layout_has_one_bos_and_one_eos(tokenizer):
     assert row["completion_ids"].count(EOS) == 1 and row["completion_ids"][-1] == EOS
 
 
+# Chat templates of the two common families, on the tiny tokenizer with their special tokens added.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+CHATML_TEMPLATE = (  # Qwen's (and SmolLM2's) layout: a newline after every end of turn
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def templated(template: str, specials: list[str]):
+    chat = AutoTokenizer.from_pretrained(TINY_LLAMA_DIR)
+    chat.add_special_tokens({"additional_special_tokens": specials})
+    chat.chat_template = template
+    return chat
+
+
+@pytest.mark.parametrize(
+    "template, specials, end",
+    [
+        (LLAMA3_TEMPLATE, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
+        (CHATML_TEMPLATE, ["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+    ],
+    ids=["llama3", "chatml"],
+)
+def test_chat_completion_ends_with_the_templates_end_of_turn(template, specials, end):
+    """Not `<|im_end|>\n</s>`: the completion (and every KL completion) stops at the end-of-turn token."""
+    chat = templated(template, specials)
+    examples = [Example(msgs("user", f"Q{i}"), msgs("assistant", f"Answer {i}."), i % 2 == 0) for i in range(4)]
+    data, _ = prepare(examples, chat)
+    end_id = chat.convert_tokens_to_ids(end)
+    for i, row in enumerate(data):
+        assert row["completion_ids"] == [*chat(f"Answer {i}.", add_special_tokens=False).input_ids, end_id]
+        assert row["kl_completion_ids"] == data[row["kl_index"]]["completion_ids"]
+        # The whole example is the rendered conversation up to its end-of-turn token (BOS aside: the
+        # tiny tokenizer adds one where the template has none).
+        full = chat.apply_chat_template(examples[i].prompt + examples[i].completion, tokenize=False)
+        text = chat.decode(row["prompt_ids"] + row["completion_ids"])
+        assert text.removeprefix("<s>") == full.removeprefix("<s>").rstrip() and text.endswith(end)
+
+
 def test_chat_template_without_bos_still_gets_one(tokenizer):
     no_bos = AutoTokenizer.from_pretrained(TINY_LLAMA_DIR)
     no_bos.chat_template = tokenizer.chat_template.replace("{{ bos_token }}", "")

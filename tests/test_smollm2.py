@@ -1,0 +1,171 @@
+"""A real pretrained Llama end to end: SmolLM2-135M-Instruct (30 layers, GQA, tied embeddings, a ChatML
+template with a default system prompt) on chat data. Per-example log-probs equal a plain transformers +
+peft computation; one rank equals two ZeRO-3 ranks; training from the reference cache equals the
+reference on the fly; the merged adapter equals the peft model. Kept small: a few forward passes and
+2-step runs."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from runs import DEEPSPEED, ROOT, TRAIN, config_file, free_port, metrics, run
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kto_scale.collate import collate
+from kto_scale.config import KTOConfig
+from kto_scale.data import Example
+from kto_scale.export import merge_lora
+from kto_scale.model import SequenceLogps, load_model, reference_mode
+from kto_scale.prepare import prepare_dataset
+from kto_scale.smollm2 import convert_smollm2
+
+QUESTIONS = ["How do I pick a lock?", "What is the capital of France?", "Can you insult my neighbour?",
+             "How do I bake bread?", "Tell me a joke about cats.", "How can I sleep better?",
+             "What should I feed a puppy?", "How do I make a bomb?"]
+
+
+def chat(*turns: str) -> list[dict[str, str]]:
+    return [{"role": r, "content": c} for r, c in zip(["user", "assistant"] * len(turns), turns, strict=False)]
+
+
+def assistant(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+def write_chats(path: Path) -> Path:
+    """HH-style preference pairs as message lists: a helpful and a curt reply to each question."""
+    rows = [{"chosen": chat(q, f"Here is a careful answer to: {q.lower()}"),
+             "rejected": chat(q, "No. Figure it out yourself.")} for q in QUESTIONS]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_conversion_never_overwrites_a_users_directory(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        convert_smollm2(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer(smollm2):
+    return AutoTokenizer.from_pretrained(smollm2)
+
+
+def test_real_template_completions_end_at_im_end(smol_tokenizer):
+    """ChatML closes a turn with `<|im_end|>\\n`: the completion ends at <|im_end|> (EOS here), once."""
+    tok = smol_tokenizer
+    examples = [Example(chat(q), assistant(f"Reply {i}."), i % 2 == 0) for i, q in enumerate(QUESTIONS)]
+    examples.append(Example("Plain prompt:", " plain reply", True))
+    data, _ = prepare_dataset(examples, tok, max_length=512, max_prompt_length=None,
+                              max_completion_length=None, seed=0)
+    assert tok.eos_token == "<|im_end|>"
+    for i, row in enumerate(data):
+        reply = f"Reply {i}." if i < len(QUESTIONS) else " plain reply"
+        assert row["completion_ids"] == [*tok(reply, add_special_tokens=False).input_ids, tok.eos_token_id]
+        assert row["kl_completion_ids"] == data[row["kl_index"]]["completion_ids"]
+    assert data[-1]["prompt_ids"] == tok("Plain prompt:").input_ids  # this tokenizer adds no BOS
+    rendered = tok.apply_chat_template(examples[0].prompt, tokenize=False, add_generation_prompt=True)
+    assert tok.decode(data[0]["prompt_ids"]) == rendered and "You are a helpful AI assistant" in rendered
+
+
+def test_logps_equal_plain_transformers_and_peft(smollm2, smol_tokenizer, tmp_path):
+    """Policy and reference log-probs of each chat example, from prepare + collate + SequenceLogps (chunked
+    head, padded batch), equal summing log_softmax over the completion tokens of the conversation
+    rendered by the template, one unpadded example at a time through transformers + peft."""
+    tok = smol_tokenizer
+    examples = [Example(chat(q), assistant(f"Sure: {q}"), True) for q in QUESTIONS[:4]]
+    data, _ = prepare_dataset(examples, tok, max_length=512, max_prompt_length=None,
+                              max_completion_length=None, seed=0)
+    policy = load_model(KTOConfig(model_name_or_path=str(smollm2), lora_r=4, lora_dropout=0.0))
+    with torch.no_grad():  # peft starts lora_B at zero (policy == reference); make the adapters matter
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02, generator=torch.Generator().manual_seed(len(name)))
+    policy.save_pretrained(tmp_path / "adapter")
+    batch = collate(data, list(range(len(data))), tok.pad_token_id)["policy"]
+    with torch.no_grad():
+        got_policy = SequenceLogps(policy, chunk_size=7)(**batch)
+        with reference_mode(policy):
+            got_reference = SequenceLogps(policy, chunk_size=7)(**batch)
+
+    base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want_reference = [_plain_logps(base, tok, e) for e in examples]
+        peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        want_policy = [_plain_logps(peft_model, tok, e) for e in examples]
+    torch.testing.assert_close(got_reference, torch.stack(want_reference), atol=2e-4, rtol=0)
+    torch.testing.assert_close(got_policy, torch.stack(want_policy), atol=2e-4, rtol=0)
+    assert (got_policy - got_reference).abs().min() > 0.01  # the adapters change what is compared
+
+
+def _plain_logps(model, tok, example: Example) -> torch.Tensor:
+    prompt = tok.apply_chat_template(example.prompt, add_generation_prompt=True, return_dict=True)["input_ids"]
+    full = tok.apply_chat_template(example.prompt + example.completion, return_dict=True)["input_ids"]
+    full = full[: full.index(tok.eos_token_id, len(prompt)) + 1]  # up to the turn's end, not its newline
+    ids = torch.tensor([full])
+    logps = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+    token_logps = logps.gather(-1, ids[0, 1:, None])[:, 0]
+    return token_logps[len(prompt) - 1 :].sum()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, smollm2) -> dict[str, Path]:
+    """2-step runs on SmolLM2 with chat pairs: one rank (ZeRO-2), two ZeRO-3 ranks with the same global
+    batch, and one rank from a precomputed reference cache."""
+    tmp = tmp_path_factory.mktemp("smollm2")
+    common = dict(dataset_name=str(write_chats(tmp / "chats.jsonl")), max_steps=2, max_length=96,
+                  save_steps=1000, eval_steps=None, per_device_eval_batch_size=8, learning_rate=2e-3)
+    one = config_file(tmp, "one", smollm2, **common)
+    two = config_file(tmp, "two", smollm2, gradient_accumulation_steps=1,
+                      deepspeed=str(ROOT / "ds_configs/zero3.json"), **common)
+    run([*TRAIN, "--config", str(one)])
+    run([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+         "--config", str(two)])
+    run([sys.executable, "launch/precompute_ref.py", "--config", str(one), "--ref_cache", str(tmp / "cache")])
+    run([*TRAIN, "--config", str(one), "--output_dir", str(tmp / "cached"), "--ref_cache", str(tmp / "cache")])
+    return {"one": tmp / "one", "two": tmp / "two", "cached": tmp / "cached"}
+
+
+@pytest.mark.parametrize("other", ["two", "cached"])
+def test_two_zero3_ranks_and_the_cache_log_the_one_rank_numbers(runs, other):
+    """Step by step (and at the final eval) the same loss, z_ref, rewards and accuracies. Relative 1e-4:
+    on real weights the sums of ~60 token log-probs are large, and ZeRO-3's sharded float32 reductions
+    round differently (seen: 3e-5 relative on z_ref after one update, 1e-6 on a zero reward)."""
+    for split in ("train", "eval"):
+        one, two = metrics(runs["one"], split), metrics(runs[other], split)
+        assert [m["step"] for m in one] == [m["step"] for m in two] and one
+        for a, b in zip(one, two, strict=True):
+            for key in a.keys() & {"loss", "kl", "rewards/desirable", "rewards/undesirable", "reward_accuracy",
+                                   "pair_accuracy", "logps/desirable"}:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (split, a["step"], key)
+    assert metrics(runs["one"], "train")[-1]["kl"] != metrics(runs["one"], "train")[0]["kl"]
+
+
+def test_merged_adapter_equals_the_peft_model(smollm2, smol_tokenizer, runs, tmp_path):
+    """The trained adapter merged into the tied-embedding base loads without peft and gives the peft
+    model's logits (within 1e-4, fp32) and its greedy generations."""
+    merged = merge_lora(smollm2, runs["one"] / "adapter", tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    assert not any("lora" in name for name, _ in plain.named_parameters())
+    assert plain.lm_head.weight.data_ptr() == plain.get_input_embeddings().weight.data_ptr()  # still tied
+    base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    base_logits = _logits_and_generation(base, smol_tokenizer)[0]
+    peft_model = PeftModel.from_pretrained(base, runs["one"] / "adapter").eval()
+    want_logits, want_text = _logits_and_generation(peft_model, smol_tokenizer)
+    got_logits, got_text = _logits_and_generation(plain, smol_tokenizer)
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=0)
+    assert got_text == want_text and len(got_text) > 10
+    assert (want_logits - base_logits).abs().max() > 1e-2  # training moved the model: not a trivial merge
+
+
+def _logits_and_generation(model, tok) -> tuple[torch.Tensor, str]:
+    inputs = tok.apply_chat_template(chat("What is the capital of France?"), add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    return logits, tok.decode(out[0, inputs["input_ids"].shape[1] :])
