@@ -44,7 +44,8 @@ logger = logging.getLogger(__name__)
 POLICY_ADAPTER = "default"  # the name PeftModel.from_pretrained gives the adapter it loads
 REFERENCE_ADAPTER = "reference"
 # adapter_config.json fields that do not change what the adapter computes (a cache stays valid without them).
-_NOT_COMPUTED = ("base_model_name_or_path", "revision", "inference_mode")
+_NOT_COMPUTED = ("base_model_name_or_path", "revision", "inference_mode", "peft_version", "lora_dropout", "task_type",
+                 "auto_mapping")  # (dropout is off in every reference pass)
 
 
 def adapter_dir(config: KTOConfig) -> Path:
