@@ -220,15 +220,20 @@ def unsupported_settings(config: dict) -> list[str]:
     return [f"{_WHAT[key]} ({key}={value!r})" if key in _WHAT else f"{key}={value!r}" for key, value in refused]
 
 
+def not_plain_lora(config: dict) -> str | None:
+    """Why an adapter_config is not plain `W + scale * B @ A` LoRA (to merge or to continue), or None."""
+    if config.get("peft_type") != "LORA":
+        return f"peft_type {config.get('peft_type')!r} is not LoRA"
+    used = unsupported_settings(config)
+    return f"uses {', '.join(used)}" if used else None
+
+
 def check_mergeable(config: dict, source: Path) -> None:
     """Refuse adapters whose layers are not plain `W + scale * B @ A`."""
-    if config.get("peft_type") != "LORA":
-        raise ExportError(f"{source / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r} is not LoRA; only "
-                          "LoRA adapters can be merged. Serve this adapter unmerged with peft.")
-    used = unsupported_settings(config)
-    if used:
-        raise ExportError(f"{source / ADAPTER_CONFIG} uses {', '.join(used)}, which kto-scale cannot merge. "
-                          "The adapter can still be served unmerged (peft, vLLM).")
+    reason = not_plain_lora(config)
+    if reason:
+        raise ExportError(f"{source / ADAPTER_CONFIG}: {reason}, which kto-scale cannot merge. The adapter can "
+                          "still be served unmerged (peft, vLLM).")
 
 
 def lora_modules(tensors: dict[str, torch.Tensor], source: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -35,8 +35,8 @@ from kto_scale.export import (
     ADAPTER_WEIGHTS,
     ExportError,
     load_adapter,
+    not_plain_lora,
     plan_merge,
-    unsupported_settings,
 )
 
 logger = logging.getLogger(__name__)
@@ -77,13 +77,10 @@ def check_sft_adapter(config: KTOConfig, tokenizer: PreTrainedTokenizerBase) -> 
         settings, tensors = load_adapter(path, allow_pickle=False)
     except ExportError as e:
         raise ConfigError(f"{where}: {e}") from e
-    if settings.get("peft_type") != "LORA":
-        raise ConfigError(f"{where}: peft_type {settings.get('peft_type')!r} is not LoRA; kto-scale continues "
-                          "LoRA adapters only.")
-    used = unsupported_settings(settings)
-    if used:
-        raise ConfigError(f"{where}/{ADAPTER_CONFIG} uses {', '.join(used)}; kto-scale trains plain LoRA "
-                          "(lora_A/lora_B on linear layers of the original base) and cannot continue it.")
+    reason = not_plain_lora(settings)
+    if reason:
+        raise ConfigError(f"{where}/{ADAPTER_CONFIG}: {reason}; kto-scale continues plain LoRA adapters "
+                          "(lora_A/lora_B on linear layers of the original base) only.")
     model_config = AutoConfig.from_pretrained(config.model_name_or_path, revision=config.model_revision,
                                               trust_remote_code=config.trust_remote_code)
     recorded = (settings.get("auto_mapping") or {}).get("base_model_class")
