@@ -27,20 +27,20 @@ from kto_scale.checkpoint import (
     save_checkpoint,
     set_aside_previous_run,
 )
-from kto_scale.collate import BatchPlan, collate, shard_indices, to_device
+from kto_scale.collate import BatchPlan, collate, to_device
 from kto_scale.config import KTOConfig, save_config
 from kto_scale.distributed import (
-    all_gather,
     all_reduce_sum,
     global_kl_baseline,
     init_distributed,
     shutdown,
 )
 from kto_scale.engine import build_engine, resolve_deepspeed_config
+from kto_scale.evaluate import evaluation_metrics, no_grad_logps, score_dataset
 from kto_scale.generate import GenerationLog, PromptGenerations
-from kto_scale.loss import balanced_weights, kl_baseline, kto_losses
+from kto_scale.loss import balanced_weights, kto_losses
 from kto_scale.metrics import MetricsLogger
-from kto_scale.model import SequenceLogps, add_lora, load_base_model, load_tokenizer, reference_mode
+from kto_scale.model import SequenceLogps, add_lora, load_base_model, load_tokenizer
 from kto_scale.plot import plot_runs
 from kto_scale.prepare import shared_prepared_data
 from kto_scale.ref_cache import RefCache, open_ref_cache, sequence_lengths
@@ -48,30 +48,10 @@ from kto_scale.sft_adapter import check_sft_adapter
 
 logger = logging.getLogger(__name__)
 
-# Per-step sums accumulated on the device (no host sync per step) and reduced over ranks when logged.
-_SUMS = ("loss", "examples", "rewards/desirable", "desirable", "rewards/undesirable", "undesirable",
-         "logps/desirable", "logps/undesirable", "tokens")
-
-
-def no_grad_logps(engine, batch: dict, cache: RefCache | None) -> tuple[Tensor, Tensor, Tensor]:
-    """(reference logps, reference KL logps, policy KL logps) of a batch, all without gradients.
-
-    With a precomputed reference cache the two reference passes are skipped: a lookup by dataset row.
-    """
-    if cache is not None:
-        reference, reference_kl = (t.to(engine.device) for t in cache.lookup(batch["index"].cpu()))
-    else:
-        with reference_mode(engine.module.model):
-            reference, reference_kl = engine(**batch["policy"]), engine(**batch["kl"])
-    with torch.no_grad():
-        policy_kl = engine(**batch["kl"])
-    return reference, reference_kl, policy_kl
-
-
 def train_step(
     engine, batches: list[dict], config: KTOConfig, weights: tuple[float, float], cache: RefCache | None
 ) -> tuple[Tensor, Tensor]:
-    """One optimizer step over this rank's micro-batches; returns ([len(_SUMS)] metric sums, [] z_ref).
+    """One optimizer step over this rank's micro-batches; returns (named metric sums, [] z_ref).
 
     The z_ref returned (logged as `kl`) is the one the step used; with kl_baseline "micro_batch", the
     mean of its micro-batches' z_refs.
@@ -89,26 +69,36 @@ def train_step(
     # global example count so the step's gradient is the mean over the effective batch's real examples.
     scale = engine.world_size * len(batches) / n_global
 
-    sums = torch.zeros(len(_SUMS), device=engine.device)
+    sums: dict[str, Tensor] = {}
     for batch, (reference, _, _), micro_z_ref in zip(batches, no_grad, z_refs, strict=True):
         policy = engine(**batch["policy"])
         losses, rewards = kto_losses(policy, reference, batch["desirable"], micro_z_ref, config.beta, *weights)
-        w = batch["weight"]
-        engine.backward((losses * w).sum() * scale)
+        engine.backward((losses * batch["weight"]).sum() * scale)
         engine.step()
-        desirable, undesirable = w * batch["desirable"], w * ~batch["desirable"]
-        sums += torch.stack([
-            (losses.detach() * w).sum(), w.sum(),
-            (rewards * desirable).sum(), desirable.sum(), (rewards * undesirable).sum(), undesirable.sum(),
-            (policy.detach() * desirable).sum(), (policy.detach() * undesirable).sum(),
-            (batch["tokens"] * w).sum(),
-        ])
+        sums = add_sums(sums, metric_sums(batch, losses.detach(), rewards, policy.detach()))
     return sums, z_ref
 
 
-def summarize_sums(sums: Tensor) -> dict[str, float]:
-    """Reduce metric sums over ranks and turn them into means (a host sync: only at logging time)."""
-    s = dict(zip(_SUMS, all_reduce_sum(sums).tolist(), strict=True))
+def metric_sums(batch: dict, losses: Tensor, rewards: Tensor, policy: Tensor) -> dict[str, Tensor]:
+    """A micro-batch's metric sums over its real examples (filler rows have weight 0), as device scalars."""
+    w = batch["weight"]
+    desirable, undesirable = w * batch["desirable"], w * ~batch["desirable"]
+    return {"loss": (losses * w).sum(), "examples": w.sum(),
+            "rewards/desirable": (rewards * desirable).sum(), "desirable": desirable.sum(),
+            "rewards/undesirable": (rewards * undesirable).sum(), "undesirable": undesirable.sum(),
+            "logps/desirable": (policy * desirable).sum(), "logps/undesirable": (policy * undesirable).sum(),
+            "tokens": (batch["tokens"] * w).sum()}
+
+
+def add_sums(total: dict[str, Tensor], more: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Sums added name by name, on the device (no host sync per step)."""
+    return {name: total.get(name, 0) + value for name, value in more.items()}
+
+
+def summarize_sums(sums: dict[str, Tensor]) -> dict[str, float]:
+    """Reduce metric sums over ranks and turn them into means (a host sync: only at logging time).
+    Every rank holds the same names in the same order (metric_sums builds them), so one all-reduce."""
+    s = dict(zip(sums, all_reduce_sum(torch.stack(list(sums.values()))).tolist(), strict=True))
     out = {"loss": s["loss"] / max(s["examples"], 1)}
     for label in ("desirable", "undesirable"):
         if s[label] > 0:  # a window may hold no example of a class: leave its metrics out
@@ -117,54 +107,6 @@ def summarize_sums(sums: Tensor) -> dict[str, float]:
     if "rewards/desirable" in out and "rewards/undesirable" in out:
         out["margins"] = out["rewards/desirable"] - out["rewards/undesirable"]
     out["examples"], out["tokens"] = s["examples"], s["tokens"]
-    return out
-
-
-def score_dataset(engine, dataset, batch_size: int, pad_id: int, cache: RefCache | None,
-                  packed: bool = False) -> dict[str, Tensor]:
-    """Policy and reference log-probs of every example and KL pair, gathered from all ranks.
-
-    Returns [N] tensors in dataset order (filler rows removed), identical on every rank:
-    index, desirable, pair_id, policy, reference, policy_kl, reference_kl.
-    """
-    names = ("index", "desirable", "pair_id", "weight", "policy", "reference", "policy_kl", "reference_kl")
-    columns = {k: [] for k in names}
-    engine.eval()  # no LoRA dropout while scoring
-    for indices in shard_indices(len(dataset), batch_size, engine.world_size, engine.global_rank):
-        batch = to_device(collate(dataset, indices, pad_id, packed), engine.device)
-        reference, reference_kl, policy_kl = no_grad_logps(engine, batch, cache)
-        with torch.no_grad():
-            policy = engine(**batch["policy"])
-        values = dict(policy=policy, reference=reference, policy_kl=policy_kl, reference_kl=reference_kl)
-        for name in names:
-            columns[name].append(values[name] if name in values else batch[name])
-    engine.train()
-    gathered = {k: all_gather(torch.cat(v)) for k, v in columns.items()}
-    real = gathered.pop("weight") > 0
-    order = gathered["index"][real].argsort()
-    return {k: v[real][order] for k, v in gathered.items()}
-
-
-def evaluation_metrics(scores: dict[str, Tensor], beta: float, weights: tuple[float, float]) -> dict[str, float]:
-    """Eval loss, z_ref, mean rewards per class, reward accuracy and (for paired data) pair accuracy."""
-    kl = scores["policy_kl"] - scores["reference_kl"]
-    z_ref = kl_baseline(kl.sum(), kl.numel())
-    losses, rewards = kto_losses(scores["policy"], scores["reference"], scores["desirable"], z_ref, beta, *weights)
-    desirable = scores["desirable"]
-    # Desirable examples should sit above the baseline, undesirable ones below it.
-    correct = torch.where(desirable, rewards > beta * z_ref, rewards < beta * z_ref)
-    out = {"loss": losses.mean().item(), "kl": z_ref.item(), "reward_accuracy": correct.float().mean().item()}
-    for label, mask in (("desirable", desirable), ("undesirable", ~desirable)):
-        if mask.any():
-            out[f"rewards/{label}"] = rewards[mask].mean().item()
-    if "rewards/desirable" in out and "rewards/undesirable" in out:
-        out["margins"] = out["rewards/desirable"] - out["rewards/undesirable"]
-    # For data that came from pairs: a pair is won when its desirable reward beats its undesirable one.
-    rows = list(zip(scores["pair_id"].tolist(), desirable.tolist(), rewards.tolist(), strict=True))
-    undesirable_reward = {pair: r for pair, d, r in rows if pair >= 0 and not d}
-    wins = [r > undesirable_reward[pair] for pair, d, r in rows if d and pair in undesirable_reward]
-    if wins:
-        out["pair_accuracy"] = sum(wins) / len(wins)
     return out
 
 
@@ -243,7 +185,7 @@ def train(config: KTOConfig) -> Path:
             generation_log.write(generations.rows(step), step=step)
         return result
 
-    sums, z_refs, window_start = torch.zeros(len(_SUMS), device=engine.device), [], time.perf_counter()
+    sums, z_refs, window_start = {}, [], time.perf_counter()
     progress = tqdm(total=total_steps, initial=start_step, disable=rank != 0 or config.disable_tqdm, desc="kto")
     last_eval, bad_steps = None, 0
     for step in range(start_step + 1, total_steps + 1):
@@ -260,7 +202,7 @@ def train(config: KTOConfig) -> Path:
             raise RuntimeError(f"{bad_steps} optimizer steps in a row had non-finite gradients (max_bad_steps="
                                f"{config.max_bad_steps}); stopping at step {step}. Lower the learning rate or "
                                "check the data of these steps.")
-        sums += step_sums
+        sums = add_sums(sums, step_sums)
         z_refs.append(z_ref)
         progress.update(1)
         if step % config.logging_steps == 0 or step == total_steps:
@@ -272,7 +214,7 @@ def train(config: KTOConfig) -> Path:
                           skipped_steps=engine.skipped_steps)
             metrics.log(logged, step=step)
             progress.set_postfix(loss=f"{logged['loss']:.4f}", kl=f"{logged['kl']:.3f}")
-            sums.zero_()
+            sums = {}
             z_refs, window_start = [], time.perf_counter()
         if eval_set is not None and config.eval_steps and step % config.eval_steps == 0:
             last_eval = (step, run_eval(step))
