@@ -28,7 +28,7 @@ from kto_scale.engine import build_inference_engine, resolve_deepspeed_config
 from kto_scale.generate import GENERATIONS_FILE, PromptGenerations
 from kto_scale.loss import balanced_weights, kl_baseline, kto_losses
 from kto_scale.model import load_base_model, load_tokenizer, reference_mode
-from kto_scale.outdir import overlapping_input
+from kto_scale.outdir import replace_refusal
 from kto_scale.prepare import shared_prepared_data
 from kto_scale.ref_cache import RefCache
 from kto_scale.sft_adapter import add_reference_adapter, check_sft_adapter
@@ -159,13 +159,6 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
 def check_output(output: Path, inputs: list[Path]) -> None:
     """--output is replaced as a whole at the end: refuse one that holds an input or anything an
     evaluation did not write (e.g. `--output outputs/run`, the training run itself)."""
-    clash = overlapping_input(output, [p for p in inputs if p.exists()])
-    if clash:
-        raise ConfigError(f"--output {output} contains or lies inside the input {clash}; replacing it would "
-                          "delete that input. Write the evaluation somewhere else.")
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output {output} is a file; pass a directory path.")
-    foreign = sorted(p.name for p in output.iterdir() if p.name not in EVAL_FILES) if output.is_dir() else []
-    if foreign:
-        raise ConfigError(f"--output {output} holds files an evaluation does not write ({', '.join(foreign[:5])}), "
-                          "and it is replaced as a whole: pass a new directory.")
+    reason = replace_refusal(output, inputs, lambda name: name in EVAL_FILES, "evaluation")
+    if reason:
+        raise ConfigError(reason)

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from transformers.modeling_utils import str_to_torch_dtype
 
 from kto_scale.atomic import atomic_directory
-from kto_scale.outdir import DirectoryBusy, lock_directory, overlapping_input, unlock_and_remove
+from kto_scale.outdir import DirectoryBusy, lock_directory, replace_refusal, unlock_and_remove
 
 logger = logging.getLogger(__name__)
 
@@ -367,19 +367,10 @@ _EXPORT_FILES = re.compile(r"(config|generation_config|adapter_config)\.json|mod
 
 def check_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Refuse an --output that overlaps an input, or whose files a replacement would lose."""
-    clash = overlapping_input(output, inputs)
-    if clash:
-        raise ExportError(f"--output {output} contains or lies inside the input {clash}; replacing it would "
-                          "delete that input. Write the export somewhere else.")
-    if output.exists() and not output.is_dir():
-        raise ExportError(f"--output {output} is a file; pass a directory path.")
-    present = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
-    if present and not overwrite:
-        raise ExportError(f"--output {output} is not empty; pass --overwrite to replace it, or another path.")
-    foreign = [name for name in present if not (_EXPORT_FILES.fullmatch(name) or name in TOKENIZER_FILES)]
-    if foreign:
-        raise ExportError(f"--output {output} holds files an export does not write ({', '.join(foreign[:5])}), so "
-                          "it is not an earlier merge output and --overwrite will not replace it. Choose another path.")
+    reason = replace_refusal(output, inputs, lambda name: bool(_EXPORT_FILES.fullmatch(name)) or name in TOKENIZER_FILES,
+                             "export", overwrite)
+    if reason:
+        raise ExportError(reason)
 
 
 @contextlib.contextmanager

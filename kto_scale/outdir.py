@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -88,4 +89,25 @@ def overlapping_input(output: str | Path, inputs: list[Path]) -> Path | None:
         source = path.resolve()
         if resolved == source or resolved in source.parents or source in resolved.parents:
             return path
+    return None
+
+
+def replace_refusal(output: Path, inputs: list[Path], writes: Callable[[str], bool], what: str,
+                    overwrite: bool = True) -> str | None:
+    """Why `what` ("export", "evaluation") must not replace the directory `output` as a whole, or None:
+    it is, holds or lies inside an input; it is a file; it is not empty and `overwrite` is off; or it
+    holds files that `what` does not write (`writes(name)` is False), so it is not an earlier output."""
+    clash = overlapping_input(output, [p for p in inputs if p.exists()])
+    if clash:
+        return (f"--output {output} contains or lies inside the input {clash}; replacing it would delete that "
+                f"input. Write the {what} somewhere else.")
+    if output.exists() and not output.is_dir():
+        return f"--output {output} is a file; pass a directory path."
+    present = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
+    if present and not overwrite:
+        return f"--output {output} is not empty; pass --overwrite to replace it, or another path."
+    foreign = [name for name in present if not writes(name)]
+    if foreign:
+        return (f"--output {output} holds files an {what} does not write ({', '.join(foreign[:5])}), so it is not "
+                f"an earlier {what} output and will not be replaced. Choose another path.")
     return None
