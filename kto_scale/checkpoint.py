@@ -2,9 +2,10 @@
 
 - An adapter directory holds `adapter_config.json` + `adapter_model.safetensors` (loadable with
   `PeftModel.from_pretrained`), the tokenizer and the resolved `kto_config.yaml`.
-- A training checkpoint `checkpoint-<step>/` is an adapter directory plus `deepspeed/` (DeepSpeed's
-  optimizer, scheduler and LoRA shards; the frozen base is never written) and every rank's RNG state;
-  resuming on another rank count adds `universal/`, the same states in DeepSpeed's rank-independent layout.
+- A training checkpoint `checkpoint-<step>/` is an adapter directory plus the engine's state (optimizer,
+  scheduler and LoRA shards; the frozen base is never written): `deepspeed/` (resuming on another rank
+  count adds `universal/`, the same states in DeepSpeed's rank-independent layout) or `fsdp/`
+  (torch.distributed.checkpoint, resharded on load), and every rank's RNG state.
   The data position needs no saving: batches are a pure function of (seed, step).
 
 Every directory is written under a temporary name and renamed when complete; `<output_dir>/latest`
@@ -17,27 +18,24 @@ import logging
 import random
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import deepspeed
 import numpy as np
 import torch
-from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kto_scale.atomic import atomic_directory, replace_directory, write_atomic
 from kto_scale.config import CONFIG_FILE, ConfigError, KTOConfig, save_config
 from kto_scale.distributed import barrier, is_main_process, on_main_process
+from kto_scale.engine import DEEPSPEED_TAG, FSDP_TAG, Engine
 from kto_scale.outdir import LOCK_FILE, lock_directory, move_previous_run
 from kto_scale.sft_adapter import POLICY_ADAPTER
 
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
-DEEPSPEED_TAG = "deepspeed"
-UNIVERSAL_TAG = "universal"  # the rank-independent copy made to resume on another rank count
+ENGINE_TAGS = {"deepspeed": DEEPSPEED_TAG, "fsdp": FSDP_TAG}  # each engine's state directory in a checkpoint
 TRAINER_STATE = "trainer_state.json"
 # What a run writes into output_dir, and overwrite_output_dir moves aside (prepared/, the tokenized
 # data, is rewritten by every run and stays).
@@ -47,29 +45,25 @@ INPUTS = ("model_name_or_path", "sft_adapter", "dataset_name", "eval_dataset_nam
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
-def _write_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, config: KTOConfig, path: Path) -> None:
-    """Rank 0 writes the adapter files into `path`; every rank must call (ZeRO-3 gathers from all).
-
-    Only the trainable LoRA parameters are gathered, never the base weights, so this stays cheap for
-    a 70B base. GatheredParameters is a no-op for parameters ZeRO does not partition (stages 0-2).
-    """
-    lora_params = [p for p in model.parameters() if p.requires_grad]
-    with deepspeed.zero.GatheredParameters(lora_params, modifier_rank=None):
-        if is_main_process():
-            # Only the policy: with sft_adapter, the frozen reference adapter is not the run's output.
-            model.save_pretrained(path, selected_adapters=[POLICY_ADAPTER])
-            tokenizer.save_pretrained(path)
-            save_config(config, path)
+def _write_adapter(engine: Engine, tokenizer: PreTrainedTokenizerBase, config: KTOConfig, path: Path) -> None:
+    """Rank 0 writes the adapter files into `path`; every rank must call (the LoRA shards are gathered).
+    Only the trainable LoRA weights are gathered, never the base: cheap even for a 70B base."""
+    state = engine.trainable_state_dict()
+    if is_main_process():
+        # Only the policy: with sft_adapter, the frozen reference adapter is not the run's output.
+        engine.module.model.save_pretrained(path, selected_adapters=[POLICY_ADAPTER], state_dict=state)
+        tokenizer.save_pretrained(path)
+        save_config(config, path)
 
 
-def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, config: KTOConfig, path: str | Path) -> None:
+def save_adapter(engine: Engine, tokenizer: PreTrainedTokenizerBase, config: KTOConfig, path: str | Path) -> None:
     """Save the adapter to `path` atomically (all ranks call)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")  # the same name on every rank
     if is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _write_adapter(model, tokenizer, config, tmp)
+    _write_adapter(engine, tokenizer, config, tmp)
     if is_main_process():
         replace_directory(tmp, path)
     barrier()  # nobody reads or moves on before the directory is complete
@@ -107,7 +101,7 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_CHECKPOINT.fullmatch(p.name).group(1)))
 
 
-def save_checkpoint(engine, model: PeftModel, tokenizer, config: KTOConfig, step: int) -> Path:
+def save_checkpoint(engine: Engine, tokenizer, config: KTOConfig, step: int) -> Path:
     """Write `checkpoint-<step>` (all ranks call), point `latest` at it, keep the newest save_total_limit."""
     output = Path(config.output_dir)
     path, tmp = output / f"checkpoint-{step}", output / f".checkpoint-{step}.tmp"
@@ -115,13 +109,11 @@ def save_checkpoint(engine, model: PeftModel, tokenizer, config: KTOConfig, step
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving this step
         tmp.mkdir(parents=True)
     barrier()
-    # save_latest writes DeepSpeed's own `latest` (naming the tag) inside the checkpoint, so that
-    # merge_lora.py can also read it as a DeepSpeed checkpoint (fp32 master weights, any ZeRO stage).
-    engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=True, exclude_frozen_parameters=True)
+    engine.save_checkpoint(tmp)
     torch.save(_rng_state(), tmp / f"rng_state_{engine.global_rank}.pt")
-    _write_adapter(model, tokenizer, config, tmp)
+    _write_adapter(engine, tokenizer, config, tmp)
     if is_main_process():
-        state = {"step": step, "world_size": engine.world_size, "global_batch_size": engine.train_batch_size()}
+        state = {"step": step, "world_size": engine.world_size, "global_batch_size": _global_batch(config, engine.world_size)}
         (tmp / TRAINER_STATE).write_text(json.dumps(state))
     barrier()  # every rank's shards are on disk before the checkpoint becomes visible
     if is_main_process():
@@ -132,6 +124,10 @@ def save_checkpoint(engine, model: PeftModel, tokenizer, config: KTOConfig, step
                 shutil.rmtree(old)
     barrier()
     return path
+
+
+def _global_batch(config: KTOConfig, world_size: int) -> int:
+    return world_size * config.gradient_accumulation_steps * config.per_device_train_batch_size
 
 
 def find_checkpoint(config: KTOConfig) -> Path | None:
@@ -147,56 +143,39 @@ def find_checkpoint(config: KTOConfig) -> Path | None:
         path = Path(config.output_dir) / pointer.read_text().strip()
     else:
         path = Path(config.resume_from_checkpoint)
-    if not (path / TRAINER_STATE).is_file() or not (path / DEEPSPEED_TAG).is_dir():
+    if not (path / TRAINER_STATE).is_file() or not any((path / tag).is_dir() for tag in ENGINE_TAGS.values()):
         raise ConfigError(f"resume_from_checkpoint: {path} is not a complete kto-scale checkpoint "
-                          f"(it needs {TRAINER_STATE} and {DEEPSPEED_TAG}/).")
+                          f"(it needs {TRAINER_STATE} and {' or '.join(ENGINE_TAGS.values())}/).")
     return path
 
 
-def resume_tag(path: Path, config: KTOConfig, ds_config: dict, world_size: int) -> str:
-    """Check that `path` can continue this run and return the DeepSpeed tag to load from it.
+def check_resume(path: Path, config: KTOConfig, world_size: int) -> int:
+    """Check that checkpoint `path` can continue this run; return the rank count that wrote it.
 
-    All ranks call, before the engine exists. On the rank count that wrote it, DeepSpeed's own shards.
-    On another, DeepSpeed 0.19 cannot re-partition ZeRO optimizer shards, so rank 0 converts them once
-    with DeepSpeed's ds_to_universal into a rank-independent copy (`<path>/universal/`, only the LoRA
-    states: seconds even for a 70B base) and `ds_config` is switched to load that.
+    The engine must be the one that wrote it, and the global batch the same (the data order is a
+    function of it); the rank count may differ (see the engines' prepare_resume).
     """
     state = json.loads((path / TRAINER_STATE).read_text())
-    global_batch = world_size * config.gradient_accumulation_steps * config.per_device_train_batch_size
+    engine = "fsdp" if config.fsdp else "deepspeed"
+    if not (path / ENGINE_TAGS[engine]).is_dir():
+        other = next(name for name, tag in ENGINE_TAGS.items() if (path / tag).is_dir())
+        switch = "--fsdp full_shard --deepspeed null" if other == "fsdp" else "--fsdp '' (DeepSpeed)"
+        raise ConfigError(f"{path} was written by {other} and this run uses {engine}: resume it with the engine "
+                          f"that wrote it ({switch}).")
+    global_batch = _global_batch(config, world_size)
     if state["global_batch_size"] != global_batch:
         raise ConfigError(
             f"{path} was trained with a global batch of {state['global_batch_size']} examples and this run has "
             f"{global_batch} (ranks x gradient_accumulation_steps x per_device_train_batch_size): "
             "keep it equal so the resumed run sees the batches the original would have."
         )
-    if state["world_size"] == world_size:
-        return DEEPSPEED_TAG
-    def convert() -> None:
-        if (path / UNIVERSAL_TAG).is_dir():
-            return
-        logger.info("%s was written by %d ranks and this run has %d: converting it with ds_to_universal.",
-                    path, state["world_size"], world_size)
-        with atomic_directory(path / UNIVERSAL_TAG) as tmp:
-            command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                       str(path / DEEPSPEED_TAG), "--output_folder", str(tmp), "--inject_missing_state"]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise ConfigError(f"Could not convert {path} for {world_size} ranks (resume on "
-                                  f"{state['world_size']} ranks instead):\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
-        write_atomic(path / "latest_universal", UNIVERSAL_TAG)  # the converter's names its temporary folder
-
-    on_main_process(convert)  # rank 0 converts; a failure is raised on every rank, none waits for it
-    ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    return UNIVERSAL_TAG
+    return state["world_size"]
 
 
-def load_checkpoint(engine, path: Path, tag: str) -> int:
+def load_checkpoint(engine: Engine, path: Path) -> int:
     """Restore optimizer, scheduler, LoRA weights and (same rank count) this rank's RNG from `path`; return its step."""
     state = json.loads((path / TRAINER_STATE).read_text())
-    loaded, _ = engine.load_checkpoint(str(path), tag=tag, load_module_strict=False,
-                                       load_optimizer_states=True, load_lr_scheduler_states=True)
-    if loaded is None:
-        raise ConfigError(f"resume_from_checkpoint: DeepSpeed could not load {path / tag}.")
+    engine.load_checkpoint(path, state["world_size"])
     if state["world_size"] == engine.world_size:
         _set_rng_state(torch.load(path / f"rng_state_{engine.global_rank}.pt", weights_only=False))
     else:  # RNG streams are per rank: with dropout, masks from here on differ from an uninterrupted run

@@ -12,9 +12,12 @@ import functools
 import math
 from dataclasses import dataclass
 
+import datasets
+import numpy as np
 import torch
 from torch import Tensor
 
+TOKEN_COLUMNS = ("prompt_ids", "completion_ids", "kl_completion_ids")
 PAD_SLOT = -1  # an index that marks a weight-0 filler row
 MEGABATCH = 50  # global batches sorted together by group_by_length (as transformers' LengthGroupedSampler)
 
@@ -124,3 +127,28 @@ def collate(dataset, indices: list[int], pad_id: int, packed: bool = False) -> d
         "tokens": _lengths(rows["prompt_ids"], rows["completion_ids"]),
         "kl_tokens": _lengths(rows["prompt_ids"], rows["kl_completion_ids"]),
     }
+
+
+def token_arrays(dataset: datasets.Dataset) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """Each token column as ([N+1] offsets, [total] int64 ids), and [N] int64 labels.
+
+    Read straight from the Arrow table, never as Python lists: fast for millions of rows.
+    """
+    table = dataset.with_format("arrow")[:]
+    columns = []
+    for name in TOKEN_COLUMNS:
+        ids = table.column(name).combine_chunks()
+        offsets = ids.offsets.to_numpy()
+        columns.append((offsets - offsets[0], ids.flatten().to_numpy().astype(np.int64, copy=False)))
+    return columns, table.column("label").to_numpy().astype(np.int64)
+
+
+def sequence_lengths(dataset: datasets.Dataset) -> np.ndarray:
+    """[N] each row's longer sequence: prompt + completion or prompt + KL completion (both get padded)."""
+    (prompts, _), (completions, _), (kl_completions, _) = token_arrays(dataset)[0]
+    return np.diff(prompts) + np.maximum(np.diff(completions), np.diff(kl_completions))
+
+
+def length_order(dataset: datasets.Dataset) -> np.ndarray:
+    """[N] rows sorted by their longest sequence, longest first."""
+    return np.argsort(-sequence_lengths(dataset), kind="stable")

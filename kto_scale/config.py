@@ -161,8 +161,11 @@ class KTOConfig:
     """Train in bfloat16 (fp32 master weights in the optimizer)."""
     fp16: bool = False
     """Train in float16 with dynamic loss scaling."""
-    deepspeed: str = "ds_configs/zero2.json"
-    """DeepSpeed JSON config; its "auto" fields are filled from this config."""
+    deepspeed: str | None = "ds_configs/zero2.json"
+    """DeepSpeed JSON config; its "auto" fields are filled from this config. Exclusive with fsdp."""
+    fsdp: str = ""
+    """Train on PyTorch FSDP2 instead of DeepSpeed (launch with torchrun): "full_shard" shards every
+    weight over the ranks; "full_shard offload" also keeps shards and optimizer state on the CPU."""
     logprob_chunk_size: int = 1024
     """Completion tokens whose logits are computed at once (bounds the [tokens, vocab] buffer)."""
     max_bad_steps: int = 5
@@ -264,7 +267,29 @@ class KTOConfig:
             raise ConfigError(f"report_to has {unknown}; valid entries are {REPORTERS}.")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("Set max_steps > 0 or num_train_epochs > 0: there is nothing to train.")
-        find_deepspeed_config(self.deepspeed)
+        if self.fsdp:
+            self._validate_fsdp()
+        elif not self.deepspeed:
+            raise ConfigError("Neither deepspeed nor fsdp is set: give a DeepSpeed JSON (e.g. ds_configs/zero2.json) "
+                              "or fsdp: full_shard.")
+        else:
+            find_deepspeed_config(self.deepspeed)
+
+    def _validate_fsdp(self) -> None:
+        words = self.fsdp.split()
+        if "full_shard" not in words or set(words) - {"full_shard", "offload"}:
+            raise ConfigError(f"fsdp {self.fsdp!r}: use \"full_shard\" or \"full_shard offload\" (or leave it "
+                              "empty to train on DeepSpeed).")
+        if self.deepspeed:
+            raise ConfigError(f"fsdp: {self.fsdp} and deepspeed: {self.deepspeed} are both set: they are two "
+                              "engines; choose one (--deepspeed null for FSDP2, or drop fsdp for DeepSpeed).")
+        if self.fp16:
+            raise ConfigError("fsdp with fp16 is not supported (it needs a sharded loss scaler): use bf16, or "
+                              "DeepSpeed for fp16.")
+        if self.load_in_4bit or self.load_in_8bit:
+            raise ConfigError("fsdp cannot shard a bitsandbytes-quantized base (its packed 4/8-bit weights are not "
+                              "plain tensors fully_shard can split): train QLoRA on DeepSpeed ZeRO-2 "
+                              "(deepspeed: ds_configs/zero2.json), or fsdp with a bf16 base.")
 
     def warmup_steps_for(self, total_steps: int) -> int:
         """Warmup steps for a run of total_steps optimizer steps."""
@@ -378,8 +403,10 @@ def load_config(argv: list[str], default_config: str | Path | None = None) -> KT
         _check_known(values, str(path))
         values = _resolve_input_paths(values, Path(path).parent)
     values.update(_resolve_input_paths(overrides, Path.cwd()))
-    if "deepspeed" not in values:  # the default JSON, saved as the absolute path it resolves to like any input
+    if "deepspeed" not in values and not values.get("fsdp"):  # the default JSON, saved absolute like any input
         values["deepspeed"] = str(find_deepspeed_config(KTOConfig.deepspeed).resolve())
+    elif "deepspeed" not in values:  # fsdp: no DeepSpeed JSON
+        values["deepspeed"] = None
     return config_from_dict(values, source=str(path or "command line"))
 
 

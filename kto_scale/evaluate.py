@@ -23,22 +23,22 @@ from torch import Tensor
 from kto_scale.atomic import atomic_directory
 from kto_scale.collate import collate, shard_indices, to_device
 from kto_scale.config import ConfigError, KTOConfig
-from kto_scale.distributed import all_gather, init_distributed, is_main_process, shutdown
-from kto_scale.engine import build_inference_engine, resolve_deepspeed_config
+from kto_scale.distributed import all_gather, is_main_process, shutdown
+from kto_scale.engine import Engine
 from kto_scale.generate import GENERATIONS_FILE, PromptGenerations
 from kto_scale.loss import balanced_weights, kl_baseline, kto_losses
-from kto_scale.model import load_base_model, load_tokenizer, reference_mode
+from kto_scale.model import load_base_model, reference_mode
 from kto_scale.outdir import replace_refusal
-from kto_scale.prepare import shared_prepared_data
 from kto_scale.ref_cache import RefCache
-from kto_scale.sft_adapter import add_reference_adapter, check_sft_adapter
+from kto_scale.sft_adapter import add_reference_adapter
+from kto_scale.startup import setup
 
 logger = logging.getLogger(__name__)
 
 EVAL_FILES = ("examples.jsonl", "summary.json", GENERATIONS_FILE)  # all that --output may hold
 
 
-def no_grad_logps(engine, batch: dict, cache: RefCache | None) -> tuple[Tensor, Tensor, Tensor]:
+def no_grad_logps(engine: Engine, batch: dict, cache: RefCache | None) -> tuple[Tensor, Tensor, Tensor]:
     """(reference logps, reference KL logps, policy KL logps) of a batch, all without gradients.
 
     With a precomputed reference cache the two reference passes are skipped: a lookup by dataset row.
@@ -54,7 +54,7 @@ def no_grad_logps(engine, batch: dict, cache: RefCache | None) -> tuple[Tensor, 
 
 
 
-def score_dataset(engine, dataset, batch_size: int, pad_id: int, cache: RefCache | None,
+def score_dataset(engine: Engine, dataset, batch_size: int, pad_id: int, cache: RefCache | None,
                   packed: bool = False) -> dict[str, Tensor]:
     """Policy and reference log-probs of every example and KL pair, gathered from all ranks.
 
@@ -109,18 +109,15 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
     output = Path(output)
     check_output(output, [Path(adapter), *(Path(p) for p in (config.model_name_or_path, config.sft_adapter,
                                                                config.dataset_name, config.eval_dataset_name) if p)])
-    _, world_size, _ = init_distributed(config.dist_timeout_s)
-    tokenizer = load_tokenizer(config)
-    check_sft_adapter(config, tokenizer)  # before the data and the model: fail fast
-    train, evaluation = shared_prepared_data(config, tokenizer, output.with_name(f".{output.name}.prepared"))
-    dataset = {"train": train, "eval": evaluation}[split]
+    start = setup(config, output.with_name(f".{output.name}.prepared"), lambda: None)
+    dataset = {"train": start.train_set, "eval": start.eval_set}[split]
     if dataset is None:
         raise ConfigError("The config has no eval data: set eval_dataset_name or eval_fraction, or pass --split train.")
-    ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
     model = PeftModel.from_pretrained(load_base_model(config), str(adapter))
     if config.sft_adapter:  # the reference training used: base + the SFT adapter
         add_reference_adapter(model, config)
-    engine = build_inference_engine(config, ds_config, model)
+    engine = start.engine.inference_engine(model)
+    tokenizer, train = start.tokenizer, start.train_set
     scores = score_dataset(engine, dataset, config.per_device_eval_batch_size, tokenizer.pad_token_id, cache=None,
                            packed=config.padding_free)
     # The class weights training used: "auto" is solved from the train split's counts, whatever is scored.
@@ -130,9 +127,7 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
     summary = evaluation_metrics(scores, config.beta, weights)
     generations = []
     if config.generate_during_eval:  # all ranks take part; "step" is null: an adapter has no step of its own
-        prompts = PromptGenerations(model, dataset["prompt_ids"], tokenizer, config,
-                                    synced_gpus=ds_config.is_zero3() and world_size > 1, device=engine.device)
-        generations = prompts.rows(step=None)
+        generations = PromptGenerations(engine, dataset["prompt_ids"], tokenizer, config).rows(step=None)
     if is_main_process():
         # score_dataset returns every row in dataset order, so columns line up with the scores.
         data = dataset[:]  # the columns as lists

@@ -9,8 +9,8 @@ appends one line per prompt to `<output_dir>/generations.jsonl`:
 
 Every rank generates all the prompts, in one left-padded batch with the KV cache: the same inputs and
 weights give the same text on each rank, whatever the rank count, and rank 0 writes it. Under ZeRO-3
-with several ranks, `synced_gpus` keeps every rank in each forward pass (each holds a shard of every
-weight) until all are done. Generation runs in eval mode (no LoRA dropout) inside a forked RNG seeded
+or FSDP with several ranks, `synced_gpus` keeps every rank in each forward pass (each holds a shard of
+every weight) until all are done. Generation runs in eval mode (no LoRA dropout) inside a forked RNG seeded
 with `seed`: sampled text is reproducible, the same seed is used at every evaluation (differences
 between steps come from the model, not the draw), and the training's random stream is untouched.
 """
@@ -20,13 +20,13 @@ import random
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from kto_scale.config import KTOConfig
+from kto_scale.engine import Engine
 from kto_scale.metrics import MetricsLogger, open_log
-from kto_scale.model import reference_mode
+from kto_scale.model import SequenceLogps, reference_mode
 
 GENERATIONS_FILE = "generations.jsonl"
 
@@ -46,27 +46,26 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return input_ids, attention_mask
 
 
-def generate_texts(model: PeftModel, prompts: list[list[int]], tokenizer: PreTrainedTokenizerBase,
+def generate_texts(module: SequenceLogps, prompts: list[list[int]], tokenizer: PreTrainedTokenizerBase,
                    config: KTOConfig, synced_gpus: bool, device: torch.device) -> list[str]:
-    """Complete `prompts` with `model` as it is (adapters on or off) on `device` (the engine's: under
-    ZeRO-3 a parameter's own tensor is an empty placeholder, on the CPU with offload); all ranks call."""
+    """Complete `prompts` with `module.model` as it is (adapters on or off) on `device` (the engine's:
+    under ZeRO-3 a parameter's own tensor is an empty placeholder, on the CPU with offload); all ranks call."""
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
     sampling = {}
     if config.generation_do_sample:  # top_k=0: only temperature and top_p shape the distribution
         sampling = dict(temperature=config.generation_temperature, top_p=config.generation_top_p, top_k=0)
-    was_training = model.training
-    model.eval()  # no LoRA dropout
+    was_training = module.training
+    module.eval()  # no LoRA dropout
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(config.seed)
-            output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            output = module(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generate=dict(
                 max_new_tokens=config.max_new_tokens, do_sample=config.generation_do_sample, **sampling,
                 use_cache=True, synced_gpus=synced_gpus,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            )
+            ))
     finally:
-        model.train(was_training)
+        module.train(was_training)
     texts = []
     for tokens in output[:, input_ids.shape[1]:].tolist():
         if tokenizer.eos_token_id in tokens:  # what follows the first EOS is padding
@@ -78,19 +77,20 @@ def generate_texts(model: PeftModel, prompts: list[list[int]], tokenizer: PreTra
 class PromptGenerations:
     """A fixed set of prompts and the reference's completions of them; the policy's on request."""
 
-    def __init__(self, model: PeftModel, prompt_ids: list[list[int]], tokenizer: PreTrainedTokenizerBase,
-                 config: KTOConfig, synced_gpus: bool, device: torch.device) -> None:
-        """Pick the prompts from a split's `prompt_ids` and generate the reference (all ranks call)."""
-        self._args = (tokenizer, config, synced_gpus, device)
-        self.model = model
+    def __init__(self, engine: Engine, prompt_ids: list[list[int]], tokenizer: PreTrainedTokenizerBase,
+                 config: KTOConfig) -> None:
+        """Pick the prompts from a split's `prompt_ids` and generate the reference (all ranks call).
+        Under ZeRO-3 or FSDP with several ranks, `synced_gpus` keeps every rank in each forward pass."""
+        self._args = (tokenizer, config, engine.shards_weights and engine.world_size > 1, engine.device)
+        self.module = engine.module
         self.prompt_ids = generation_prompts(prompt_ids, config.num_generation_prompts, config.data_seed)
         self.prompts = tokenizer.batch_decode(self.prompt_ids, skip_special_tokens=True)
-        with reference_mode(model):
-            self.reference = generate_texts(model, self.prompt_ids, *self._args)
+        with reference_mode(self.module.model):
+            self.reference = generate_texts(self.module, self.prompt_ids, *self._args)
 
     def rows(self, step: int | None) -> list[dict]:
         """The policy's completions now, one row per prompt with the reference's (all ranks call)."""
-        policy = generate_texts(self.model, self.prompt_ids, *self._args)
+        policy = generate_texts(self.module, self.prompt_ids, *self._args)
         return [{"step": step, "prompt": prompt, "reference": reference, "policy": text}
                 for prompt, reference, text in zip(self.prompts, self.reference, policy, strict=True)]
 

@@ -166,9 +166,10 @@ class SequenceLogps(nn.Module):
     def forward(
         self,
         input_ids: Tensor,
-        completion_mask: Tensor,
+        completion_mask: Tensor | None = None,
         attention_mask: Tensor | None = None,
         sequence_lengths: Tensor | None = None,
+        generate: dict | None = None,
     ) -> Tensor:
         """Completion log-probs, one float32 per sequence.
 
@@ -176,7 +177,11 @@ class SequenceLogps(nn.Module):
         Packed (padding-free): [1, N] input_ids and completion_mask holding B sequences back to back,
         and [B] sequence_lengths -> [B]. Position ids restart at 0 for each sequence, which
         transformers turns into attention that never crosses sequences.
+        `generate`: instead, `model.generate(input_ids, attention_mask, **generate)`'s token ids; it is
+        routed through this module so that an engine's hooks on it (FSDP's root) run around generation.
         """
+        if generate is not None:
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate)
         base = self.model.get_base_model()
         position_ids = sequence_ids = None
         if sequence_lengths is not None:

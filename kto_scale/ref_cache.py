@@ -1,9 +1,10 @@
 """Reference log-probs computed once, ahead of training, and read back by dataset row.
 
 The reference is the frozen base model (adapters off; with sft_adapter, base + that adapter), so its
-log-prob of every example and of every KL pair never changes during training. `precompute`
-(launch/precompute_ref.py) computes them once; training with `ref_cache` set then skips both
-reference forward passes of every micro-batch.
+log-prob of every example and of every KL pair never changes during training. The precompute job
+(kto_scale.precompute, launch/precompute_ref.py) computes them once; training with `ref_cache` set then
+skips both reference forward passes of every micro-batch. This module holds the cache's format, its
+fingerprint of the run, and the reader.
 
 A cache directory holds:
 - `<split>-<NNNNN>.safetensors` shards (split = train or eval), each the values of a set of dataset
@@ -13,17 +14,12 @@ A cache directory holds:
 - `manifest.json`, written last: format version, the fingerprint of everything the numbers depend on
   (model, reference adapter, tokenizer, each split's token ids, lengths, data seed, dtype) and each shard's sha256.
 
-Every file is written to a temporary name and renamed. Precompute sorts a split by length (longest
-first, so a batch holds sequences of similar length and little padding) and cuts it into shards of
-SHARD_STEPS batches per rank; rank r scores every world_size-th batch of a shard, the shard is gathered
-to rank 0 and rank 0 writes it. Run again after a kill, it keeps the shards that verify and redoes
-the rest.
+Every file is written to a temporary name and renamed.
 """
 
 import hashlib
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,25 +29,19 @@ import torch
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformers.utils import cached_file
 
 from kto_scale.atomic import write_atomic
-from kto_scale.collate import collate, shard_indices, to_device
+from kto_scale.collate import TOKEN_COLUMNS, token_arrays
 from kto_scale.config import ConfigError, KTOConfig
-from kto_scale.distributed import all_gather, all_reduce_sum, init_distributed, on_main_process, shutdown
-from kto_scale.engine import build_inference_engine, resolve_deepspeed_config
-from kto_scale.model import load_model, load_tokenizer, reference_mode, train_dtype
-from kto_scale.outdir import LOCK_FILE, lock_directory
-from kto_scale.prepare import shared_prepared_data
-from kto_scale.sft_adapter import check_sft_adapter, sft_adapter_fingerprint
+from kto_scale.model import train_dtype
+from kto_scale.sft_adapter import sft_adapter_fingerprint
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_STEPS = 16  # forward batches per rank in a shard: the most work a kill can lose
-TOKEN_COLUMNS = ("prompt_ids", "completion_ids", "kl_completion_ids")
 QUANTIZATION = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_SAMPLES, SAMPLE_BYTES = 16, 1 << 16  # bytes read per weight file: 1 MiB, whatever its size
@@ -64,23 +54,9 @@ class RefCacheError(ConfigError):
 # --- what the numbers depend on -------------------------------------------------------------------
 
 
-def _token_arrays(dataset: datasets.Dataset) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
-    """Each token column as ([N+1] offsets, [total] int64 ids), and [N] int64 labels.
-
-    Read straight from the Arrow table, never as Python lists: fast for millions of rows.
-    """
-    table = dataset.with_format("arrow")[:]
-    columns = []
-    for name in TOKEN_COLUMNS:
-        ids = table.column(name).combine_chunks()
-        offsets = ids.offsets.to_numpy()
-        columns.append((offsets - offsets[0], ids.flatten().to_numpy().astype(np.int64, copy=False)))
-    return columns, table.column("label").to_numpy().astype(np.int64)
-
-
 def dataset_hash(dataset: datasets.Dataset) -> str:
     """sha256 of a prepared split's token columns and labels."""
-    columns, labels = _token_arrays(dataset)
+    columns, labels = token_arrays(dataset)
     digest = hashlib.sha256()
     for name, (offsets, ids) in zip(TOKEN_COLUMNS, columns, strict=True):
         digest.update(name.encode())
@@ -92,7 +68,7 @@ def dataset_hash(dataset: datasets.Dataset) -> str:
 
 def example_keys(dataset: datasets.Dataset) -> np.ndarray:
     """[N] uint64: for each row a 64-bit hash of its prompt, completion and KL completion ids and label."""
-    columns, labels = _token_arrays(dataset)
+    columns, labels = token_arrays(dataset)
     # Lengths in front of the ids make the byte string unambiguous (no separators needed).
     header = np.stack([np.diff(offsets) for offsets, _ in columns] + [labels], axis=1).astype(np.int64)
     header_bytes, width = memoryview(np.ascontiguousarray(header)).cast("B"), header.shape[1] * 8
@@ -153,13 +129,13 @@ def run_fingerprint(config: KTOConfig, tokenizer, splits: dict[str, datasets.Dat
     }
 
 
-def _differences(cache: dict, run: dict, prefix: str = "") -> list[str]:
+def fingerprint_differences(cache: dict, run: dict, prefix: str = "") -> list[str]:
     """One "field: cache X, run Y" line per differing field (nested dicts by dotted name)."""
     lines = []
     for key in sorted(cache.keys() | run.keys()):
         a, b = cache.get(key), run.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            lines += _differences(a, b, f"{prefix}{key}.")
+            lines += fingerprint_differences(a, b, f"{prefix}{key}.")
         elif a != b:
             lines.append(f"{prefix}{key}: cache {a!r}, run {b!r}")
     return lines
@@ -177,7 +153,7 @@ def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def _write_shard(path: Path, rows: np.ndarray, keys: np.ndarray, values: Tensor, fingerprint_id: str) -> str:
+def write_shard(path: Path, rows: np.ndarray, keys: np.ndarray, values: Tensor, fingerprint_id: str) -> str:
     """Write one shard ([n] rows and keys, [n, 2] reference and KL reference logps); return its sha256."""
     if not torch.isfinite(values).all():
         bad = rows[~torch.isfinite(values).all(dim=1).numpy()]
@@ -196,7 +172,7 @@ def _parse_shard(data: bytes) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     return json.loads(data[8 : 8 + header_size]).get("__metadata__", {}), load_safetensors(data)
 
 
-def _finished_shard(path: Path, fingerprint_id: str, rows: np.ndarray) -> str | None:
+def finished_shard(path: Path, fingerprint_id: str, rows: np.ndarray) -> str | None:
     """The sha256 of a shard a previous precompute finished for this run and these rows, else None."""
     data = path.read_bytes()
     try:
@@ -209,130 +185,6 @@ def _finished_shard(path: Path, fingerprint_id: str, rows: np.ndarray) -> str | 
         return hashlib.sha256(data).hexdigest()
     logger.warning("Redoing %s: it holds other rows, another run's values, or is corrupted.", path)
     return None
-
-
-# --- precompute -----------------------------------------------------------------------------------
-
-
-def sequence_lengths(dataset: datasets.Dataset) -> np.ndarray:
-    """[N] each row's longer sequence: prompt + completion or prompt + KL completion (both get padded)."""
-    (prompts, _), (completions, _), (kl_completions, _) = _token_arrays(dataset)[0]
-    return np.diff(prompts) + np.maximum(np.diff(completions), np.diff(kl_completions))
-
-
-def length_order(dataset: datasets.Dataset) -> np.ndarray:
-    """[N] rows sorted by their longest sequence, longest first."""
-    return np.argsort(-sequence_lengths(dataset), kind="stable")
-
-
-def _reference_logps(engine, subset: datasets.Dataset, batch_size: int, pad_id: int) -> Tensor:
-    """[n, 3] (reference logp, reference KL logp, tokens) of every row of `subset`, in its order, on CPU.
-
-    Rank r scores every world_size-th batch; a rank short of examples scores weight-0 filler rows, so
-    every rank runs the same forward passes (under ZeRO-3 each one gathers parameters from all ranks).
-    """
-    rows, weights, values = [], [], []
-    for indices in shard_indices(len(subset), batch_size, engine.world_size, engine.global_rank):
-        # Padded even with padding_free: the rows are length-sorted, so batches pad little, while packing
-        # precompute_batch_size sequences into one row makes sdpa's block mask quadratic in its length.
-        batch = to_device(collate(subset, indices, pad_id), engine.device)
-        with reference_mode(engine.module.model):
-            logps = [engine(**batch["policy"]), engine(**batch["kl"])]
-        tokens = (batch["tokens"] + batch["kl_tokens"]).float()
-        values.append(torch.stack([*logps, tokens], dim=1))
-        rows.append(batch["index"])
-        weights.append(batch["weight"])
-    real = all_gather(torch.cat(weights)) > 0
-    out = torch.full((len(subset), 3), float("nan"), device=engine.device)  # a row left out stays NaN
-    out[all_gather(torch.cat(rows))[real]] = all_gather(torch.cat(values))[real]
-    return out.cpu()
-
-
-def _precompute_split(engine, config: KTOConfig, dataset: datasets.Dataset, split: str, fingerprint_id: str,
-                      pad_id: int) -> list[dict]:
-    """Write the shards of one split that no earlier precompute finished; return the manifest entries.
-
-    Rank 0 decides which shards are finished and tells the others, so all ranks run the same passes.
-    """
-    cache_dir, rank, batch_size = Path(config.ref_cache), engine.global_rank, config.precompute_batch_size
-    keys, order = example_keys(dataset), length_order(dataset)
-    size = batch_size * engine.world_size * SHARD_STEPS
-    shards = [order[i : i + size] for i in range(0, len(order), size)]
-    paths = [cache_dir / f"{split}-{s:05d}.safetensors" for s in range(len(shards))]
-    shas = [_finished_shard(p, fingerprint_id, r) if rank == 0 and p.exists() else None
-            for p, r in zip(paths, shards, strict=True)]
-    if rank == 0:  # shards of an earlier layout (another batch size or number of ranks)
-        for stale in set(cache_dir.glob(f"{split}-*.safetensors")) - set(paths):
-            stale.unlink()
-    finished = all_reduce_sum(torch.tensor([sha is not None for sha in shas], device=engine.device).long())
-    finished = [bool(done) for done in finished.tolist()]  # rank 0's verdict, on every rank
-    if any(finished):
-        logger.info("%s: keeping %d of %d shards from an earlier precompute.", split, sum(finished), len(shards))
-
-    start, tokens = time.perf_counter(), 0.0
-    progress = tqdm(total=len(dataset), disable=rank != 0 or config.disable_tqdm, desc=f"reference {split}")
-    for s, (path, rows) in enumerate(zip(paths, shards, strict=True)):
-        if not finished[s]:
-            values = _reference_logps(engine, dataset.select(rows), batch_size, pad_id)
-            tokens += values[:, 2].sum().item()
-            if rank == 0:
-                shas[s] = _write_shard(path, rows, keys[rows], values[:, :2], fingerprint_id)
-        progress.update(len(rows))
-    progress.close()
-    seconds = time.perf_counter() - start
-    logger.info("%s: %d examples, %d tokens scored in %.1f s (%.0f tokens/s).",
-                split, len(dataset), tokens, seconds, tokens / max(seconds, 1e-9))
-    return [{"file": p.name, "sha256": sha, "examples": len(r)} for p, sha, r in zip(paths, shas, shards, strict=True)]
-
-
-def _prepare_cache_dir(cache_dir: Path, fingerprint: dict) -> None:
-    """Refuse a finished cache of another run; otherwise drop the manifest (it is rewritten last) and
-    the temporary files a kill left behind."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    manifest = cache_dir / MANIFEST
-    if manifest.exists():
-        old = json.loads(manifest.read_text()).get("fingerprint", {})
-        differences = _differences(old, fingerprint)
-        if differences:
-            raise RefCacheError(f"{cache_dir} holds the finished cache of another run; it differs in\n  "
-                                + "\n  ".join(differences) + "\nChoose another --ref_cache or delete it.")
-        manifest.unlink()
-    for tmp in cache_dir.glob(".*.tmp-*"):
-        tmp.unlink()
-
-
-def precompute(config: KTOConfig) -> Path:
-    """Compute the reference log-probs of every train and eval example and KL pair into config.ref_cache.
-
-    Every rank calls this (`deepspeed launch/precompute_ref.py`); rank 0 writes the files. Training
-    reads them on every rank: on several nodes, put the cache on storage that every node sees.
-    """
-    if not config.ref_cache:
-        raise ConfigError("ref_cache is not set: pass --ref_cache DIR, the directory to write the cache to.")
-    rank, world_size, _ = init_distributed(config.dist_timeout_s)
-    if rank != 0:  # one copy of the log, not one per rank
-        logging.getLogger("kto_scale").setLevel(logging.WARNING)
-    on_main_process(lambda: lock_directory(Path(config.ref_cache) / LOCK_FILE, f"ref_cache {config.ref_cache}"))
-    tokenizer = load_tokenizer(config)
-    check_sft_adapter(config, tokenizer)  # before the data and the model: fail fast
-    data = shared_prepared_data(config, tokenizer, Path(config.ref_cache) / "prepared")
-    splits = dict(zip(("train", "eval"), data, strict=True))
-    ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
-    engine = build_inference_engine(config, ds_config, load_model(config))
-    fingerprint = run_fingerprint(config, tokenizer, splits)
-    cache_dir = Path(config.ref_cache)
-    on_main_process(lambda: _prepare_cache_dir(cache_dir, fingerprint))  # a refusal stops every rank
-    fingerprint_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
-    manifest = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "splits": {}}
-    for split, data in splits.items():
-        if data is not None:
-            manifest["splits"][split] = _precompute_split(engine, config, data, split, fingerprint_id,
-                                                          tokenizer.pad_token_id)
-    if rank == 0:
-        write_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
-        logger.info("Reference cache written to %s.", cache_dir)
-    shutdown()
-    return cache_dir
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -396,7 +248,7 @@ def open_ref_cache(cache_dir: str, config: KTOConfig, tokenizer, split: str, dat
         raise RefCacheError(f"{path} has format version {manifest.get('format_version')}; this kto-scale reads "
                             f"version {FORMAT_VERSION}. Precompute the cache again.")
     run = run_fingerprint(config, tokenizer, {split: dataset})
-    differences = _differences({k: manifest["fingerprint"].get(k) for k in run}, run)
+    differences = fingerprint_differences({k: manifest["fingerprint"].get(k) for k in run}, run)
     if differences:
         raise RefCacheError(f"{cache_dir} was precomputed for another run ({split} split); it differs in\n  "
                             + "\n  ".join(differences) + "\nPrecompute a cache for this config or train without "

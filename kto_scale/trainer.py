@@ -1,4 +1,5 @@
-"""The KTO training loop on DeepSpeed: one explicit loop built from functions, the same for 1 to N ranks.
+"""The KTO training loop: one explicit loop built from functions, the same for 1 to N ranks and for both
+engines (DeepSpeed, FSDP2: kto_scale.engine).
 
 Each optimizer step takes this rank's `gradient_accumulation_steps` micro-batches and
 1. runs the no-grad passes of all of them first: the reference (adapters off) on each example and on
@@ -18,38 +19,32 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kto_scale.checkpoint import (
+    check_resume,
     find_checkpoint,
     load_checkpoint,
     prepare_output_dir,
-    resume_tag,
     save_adapter,
     save_base_model,
     save_checkpoint,
     set_aside_previous_run,
 )
-from kto_scale.collate import BatchPlan, collate, to_device
+from kto_scale.collate import BatchPlan, collate, sequence_lengths, to_device
 from kto_scale.config import KTOConfig, save_config
-from kto_scale.distributed import (
-    all_reduce_sum,
-    global_kl_baseline,
-    init_distributed,
-    shutdown,
-)
-from kto_scale.engine import build_engine, resolve_deepspeed_config
+from kto_scale.distributed import all_reduce_sum, global_kl_baseline, shutdown
+from kto_scale.engine import Engine
 from kto_scale.evaluate import evaluation_metrics, no_grad_logps, score_dataset
 from kto_scale.generate import GenerationLog, PromptGenerations
 from kto_scale.loss import balanced_weights, kto_losses
 from kto_scale.metrics import MetricsLogger
-from kto_scale.model import SequenceLogps, add_lora, load_base_model, load_tokenizer
+from kto_scale.model import SequenceLogps, add_lora, load_base_model
 from kto_scale.plot import plot_runs
-from kto_scale.prepare import shared_prepared_data
-from kto_scale.ref_cache import RefCache, open_ref_cache, sequence_lengths
-from kto_scale.sft_adapter import check_sft_adapter
+from kto_scale.ref_cache import RefCache, open_ref_cache
+from kto_scale.startup import setup
 
 logger = logging.getLogger(__name__)
 
 def train_step(
-    engine, batches: list[dict], config: KTOConfig, weights: tuple[float, float], cache: RefCache | None
+    engine: Engine, batches: list[dict], config: KTOConfig, weights: tuple[float, float], cache: RefCache | None
 ) -> tuple[Tensor, Tensor]:
     """One optimizer step over this rank's micro-batches; returns (named metric sums, [] z_ref).
 
@@ -127,13 +122,9 @@ def class_balance_warning(n_desirable: int, n_undesirable: int, weights: tuple[f
 
 def train(config: KTOConfig) -> Path:
     """Train the LoRA policy with KTO; returns the directory of the final adapter."""
-    rank, world_size, _ = init_distributed(config.dist_timeout_s)
-    if rank != 0:  # one copy of the log, not one per rank
-        logging.getLogger("kto_scale").setLevel(logging.WARNING)
-    prepare_output_dir(config)
-    tokenizer = load_tokenizer(config)
-    check_sft_adapter(config, tokenizer)  # before the data and the model: fail fast
-    train_set, eval_set = shared_prepared_data(config, tokenizer, Path(config.output_dir) / "prepared")
+    start = setup(config, Path(config.output_dir) / "prepared", lambda: prepare_output_dir(config))
+    rank, world_size, tokenizer, train_set, eval_set = (start.rank, start.world_size, start.tokenizer,
+                                                         start.train_set, start.eval_set)
     n_desirable = sum(train_set["label"])
     weights = balanced_weights(config.desirable_weight, config.undesirable_weight,
                                n_desirable, len(train_set) - n_desirable)
@@ -145,33 +136,32 @@ def train(config: KTOConfig) -> Path:
     plan = BatchPlan(len(train_set), config.per_device_train_batch_size, config.gradient_accumulation_steps,
                      world_size, lengths)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * plan.steps_per_epoch)
-    ds_config = resolve_deepspeed_config(config, world_size)  # before the model: ZeRO-3 loads partitioned
     caches = {}
     if config.ref_cache:
         caches = {split: open_ref_cache(config.ref_cache, config, tokenizer, split, data)
                   for split, data in (("train", train_set), ("eval", eval_set)) if data is not None}
     checkpoint = find_checkpoint(config)
-    tag = resume_tag(checkpoint, config, ds_config.config, world_size) if checkpoint else None
+    if checkpoint:
+        start.engine.prepare_resume(checkpoint, check_resume(checkpoint, config, world_size))
     base = load_base_model(config)
     set_aside_previous_run(config)  # every check passed: only now does the old run make way
     if config.init_random_weights:  # the adapter is only meaningful next to these exact weights
         save_base_model(base, tokenizer, Path(config.output_dir) / "base_model")
     model = add_lora(base, config)
-    engine, scheduler = build_engine(config, ds_config, SequenceLogps(model, config.logprob_chunk_size),
-                                     world_size, total_steps)
-    start_step = load_checkpoint(engine, checkpoint, tag) if checkpoint else 0
+    engine = start.engine.training_engine(SequenceLogps(model, config.logprob_chunk_size), total_steps)
+    start_step = load_checkpoint(engine, checkpoint) if checkpoint else 0
     if rank == 0:
         save_config(config, config.output_dir)
     metrics = MetricsLogger(config.output_dir, config.report_to, config.to_dict(), enabled=rank == 0,
                             run_name=config.run_name, resume_step=start_step if checkpoint else None)
-    logger.info("Training %d steps of %d examples (%d ranks x %d accumulation x %d per micro-batch); "
+    logger.info("Training %d steps of %d examples (%d ranks x %d accumulation x %d per micro-batch) on %s; "
                 "lambda_D=%.3f lambda_U=%.3f.", total_steps, plan.global_batch_size, world_size,
-                config.gradient_accumulation_steps, config.per_device_train_batch_size, *weights)
+                config.gradient_accumulation_steps, config.per_device_train_batch_size,
+                f"FSDP2 ({config.fsdp})" if config.fsdp else f"DeepSpeed ({Path(config.deepspeed).name})", *weights)
 
     generations = generation_log = None
     if config.generate_during_eval:
-        generations = PromptGenerations(model, eval_set["prompt_ids"], tokenizer, config,
-                                        synced_gpus=ds_config.is_zero3() and world_size > 1, device=engine.device)
+        generations = PromptGenerations(engine, eval_set["prompt_ids"], tokenizer, config)
         generation_log = GenerationLog(config.output_dir, metrics, start_step if checkpoint else None)
         if start_step == 0:  # the untrained policy: "before" text for every later step to compare with
             generation_log.write(generations.rows(0), step=0)
@@ -208,8 +198,8 @@ def train(config: KTOConfig) -> Path:
         if step % config.logging_steps == 0 or step == total_steps:
             logged = summarize_sums(sums)  # a host sync: the window's device work is done after it
             elapsed = time.perf_counter() - window_start
-            logged.update(kl=torch.stack(z_refs).mean().item(), grad_norm=float(engine.get_global_grad_norm() or 0.0),
-                          learning_rate=scheduler.get_last_lr()[0], epoch=(step_in_epoch + 1) / plan.steps_per_epoch + epoch,
+            logged.update(kl=torch.stack(z_refs).mean().item(), grad_norm=engine.get_global_grad_norm(),
+                          learning_rate=engine.learning_rate(), epoch=(step_in_epoch + 1) / plan.steps_per_epoch + epoch,
                           examples_per_s=logged.pop("examples") / elapsed, tokens_per_s=logged.pop("tokens") / elapsed,
                           skipped_steps=engine.skipped_steps)
             metrics.log(logged, step=step)
@@ -219,11 +209,11 @@ def train(config: KTOConfig) -> Path:
         if eval_set is not None and config.eval_steps and step % config.eval_steps == 0:
             last_eval = (step, run_eval(step))
         if step % config.save_steps == 0:
-            save_checkpoint(engine, model, tokenizer, config, step)
+            save_checkpoint(engine, tokenizer, config, step)
     progress.close()
 
     final = Path(config.output_dir) / "adapter"
-    save_adapter(model, tokenizer, config, final)
+    save_adapter(engine, tokenizer, config, final)
     if eval_set is not None and (last_eval is None or last_eval[0] != total_steps):
         last_eval = (total_steps, run_eval(total_steps))
     if generation_log is not None:

@@ -12,7 +12,7 @@ import sys
 
 from kto_scale.config import ConfigError, load_config
 from kto_scale.data import DataError
-from kto_scale.ref_cache import precompute
+from kto_scale.precompute import precompute
 from kto_scale.usage import exit_if_help
 
 if __name__ == "__main__":

@@ -1,0 +1,179 @@
+"""The FSDP2 engine: PyTorch-native sharding with `torch.distributed.fsdp.fully_shard`, run with torchrun.
+
+    torchrun --nproc_per_node 8 launch/train.py --config my.yaml --fsdp full_shard
+
+Every decoder layer (the model's `_no_split_modules` classes) and then the root module are
+`fully_shard`ed: each rank keeps 1/N of every weight and all-gathers a layer's weights only while it
+runs. With `bf16`, compute is in bfloat16 and gradients are reduced in float32 (MixedPrecisionPolicy);
+the LoRA weights, which peft keeps in float32, are the optimizer's master weights. `fsdp: full_shard
+offload` keeps the shards, gradients and optimizer state on the CPU (CPUOffloadPolicy), the
+counterpart of ds_configs/zero3_offload.json. Activation checkpointing is transformers' own
+(`gradient_checkpointing`), as on DeepSpeed.
+
+It behaves as kto_scale.engine.Engine says, with DeepSpeed's semantics, so the two engines give the
+same run: gradients are averaged over ranks (FSDP's reduce-scatter) and accumulation micro-batches
+(the loss divided by their number); at the accumulation boundary the update clips to max_grad_norm,
+and skips (and counts) a step whose gradient norm is not finite, leaving the schedule where it was.
+Between boundaries gradients stay unsharded and unreduced (`set_requires_gradient_sync`): one
+reduce-scatter per optimizer step, as DeepSpeed's ZeRO-2.
+
+Checkpoints are torch.distributed.checkpoint (DCP) directories holding only the trainable weights and
+their optimizer state; DCP reshards on load, so a run resumes on any number of ranks.
+"""
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import Tensor
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from kto_scale.config import ConfigError, KTOConfig
+from kto_scale.distributed import is_main_process
+from kto_scale.engine import FSDP_TAG, optimizer_and_schedule
+from kto_scale.model import SequenceLogps
+
+logger = logging.getLogger(__name__)
+
+ENGINE_STATE = "engine_state.pt"  # schedule and step counters, beside the DCP files
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class FSDPSetup:
+    """FSDP2 needs nothing before the model loads (every rank loads it, fully_shard keeps a shard)."""
+
+    shards_weights = True
+
+    def __init__(self, config: KTOConfig, world_size: int) -> None:
+        self.config, self.world_size = config, world_size
+
+    def prepare_resume(self, path: Path, saved_world_size: int) -> None:
+        """Nothing to convert: DCP reshards a checkpoint of any rank count when it loads it."""
+
+    def training_engine(self, module: SequenceLogps, total_steps: int) -> "FSDPEngine":
+        return FSDPEngine(module, self.config, self.world_size, total_steps)
+
+    def inference_engine(self, model) -> "FSDPEngine":
+        engine = FSDPEngine(SequenceLogps(model, self.config.logprob_chunk_size), self.config, self.world_size, None)
+        engine.eval()
+        return engine
+
+
+def shard(module: SequenceLogps, config: KTOConfig, world_size: int) -> torch.device:
+    """fully_shard every decoder layer, then the root (embeddings, final norm, LM head); returns the device."""
+    device = _device()
+    mesh = init_device_mesh(device.type, (world_size,))
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if config.bf16 \
+        else MixedPrecisionPolicy()
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if "offload" in config.fsdp.split() \
+        else OffloadPolicy()
+    base = module.model.get_base_model()
+    layer_classes = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in base.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise ConfigError(f"fsdp: {type(base).__name__} names no decoder layer class (_no_split_modules) to "
+                          "shard; use DeepSpeed (deepspeed: ds_configs/zero3.json) for this model.")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+    fully_shard(module, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+    return device
+
+
+class FSDPEngine:
+    """`Engine` on a fully_shard-ed SequenceLogps; total_steps None: forward passes only (no optimizer)."""
+
+    state_tag = FSDP_TAG
+    shards_weights = True
+
+    def __init__(self, module: SequenceLogps, config: KTOConfig, world_size: int, total_steps: int | None) -> None:
+        self.module, self.config = module, config
+        self.world_size, self.global_rank = world_size, torch.distributed.get_rank()
+        self.device = shard(module, config, world_size)
+        self.trainable = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = self.scheduler = None
+        if total_steps is not None:  # after fully_shard: the optimizer holds this rank's shards
+            self.optimizer, schedule = optimizer_and_schedule(config, self.trainable, total_steps)
+            self.scheduler = schedule(self.optimizer)
+        self.accumulation = config.gradient_accumulation_steps
+        self.micro_steps = self.skipped_steps = 0
+        self._grad_norm, self._applied = torch.zeros(()), True
+
+    def __call__(self, **inputs) -> Tensor:
+        return self.module(**inputs)
+
+    def backward(self, loss: Tensor) -> None:
+        # Reduce-scatter only with the last micro-batch of the step; before it gradients accumulate.
+        self.module.set_requires_gradient_sync((self.micro_steps + 1) % self.accumulation == 0)
+        (loss / self.accumulation).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.accumulation:
+            return
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        self._grad_norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        self._applied = bool(torch.isfinite(self._grad_norm))  # the same verdict on every rank
+        if self._applied:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            self.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def was_step_applied(self) -> bool:
+        return self._applied
+
+    def get_global_grad_norm(self) -> float:
+        return float(self._grad_norm)
+
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def trainable_state_dict(self) -> dict[str, Tensor] | None:
+        """The LoRA weights, whole, on rank 0 (None elsewhere); every rank calls (all-gathers the shards)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        state = get_model_state_dict(self.module, options=options)
+        # Named as in the PeftModel (SequenceLogps holds it as `model`).
+        return {name.removeprefix("model."): t for name, t in state.items()} if is_main_process() else None
+
+    def _state(self) -> dict:
+        model, optimizer = get_state_dict(self.module, self.optimizer,
+                                          options=StateDictOptions(ignore_frozen_params=True))
+        return {"model": model, "optimizer": optimizer}
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Every rank writes its shards of the LoRA weights and optimizer state into `path/fsdp/`."""
+        dcp.save(self._state(), checkpoint_id=path / FSDP_TAG)
+        if is_main_process():
+            torch.save({"scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps,
+                        "skipped_steps": self.skipped_steps}, path / FSDP_TAG / ENGINE_STATE)
+
+    def load_checkpoint(self, path: Path, saved_world_size: int) -> None:
+        """Read `path/fsdp/`, resharded for this rank count when another wrote it."""
+        state = self._state()
+        dcp.load(state, checkpoint_id=path / FSDP_TAG)
+        # Not strict: the frozen base is not in the checkpoint (dcp.load above fails on a missing LoRA key).
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        extra = torch.load(path / FSDP_TAG / ENGINE_STATE, weights_only=False)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.micro_steps, self.skipped_steps = extra["micro_steps"], extra["skipped_steps"]
