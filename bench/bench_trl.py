@@ -101,6 +101,8 @@ def check_library() -> None:
 
 def run_profiles(args: argparse.Namespace, spec: dict) -> dict:
     """The --profile runs again under py-spy, --profile-steps timed steps each, in work/profile."""
+    if not args.profile:
+        return {}
     work = Path(spec["work"]) / "profile"
     work.mkdir(exist_ok=True)
     profile_spec = dict(spec, steps=args.profile_steps, work=str(work))
@@ -153,7 +155,7 @@ def main() -> None:
                                  for name in args.profile})
     summary["total_bench_s"] = round(time.time() - started, 1)
     write_report(args.out, summary)
-    log(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'} in {summary['total_bench_s'] / 60:.1f} min")
+    log(f"wrote results.json and results.md to {args.out} in {summary['total_bench_s'] / 60:.1f} min")
     print((args.out / "results.md").read_text())
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -136,11 +136,12 @@ def build_inputs(args, work: Path) -> dict:
     train_set, _ = prepare_data(load_config(["--config", str(kto_config)]), tokenizer)
     n = len(train_set)
     if n != len(kept):
-        raise RuntimeError(f"kto-scale kept {n} of {len(kept)} rows; the pre-filter should leave it nothing to drop")
+        raise RuntimeError(f"kto-scale kept {n} of {len(kept)} rows; the pre-filter should leave it nothing "
+                           "to drop")
     plan = BatchPlan(n, args.batch_size, 1, 1)
     total_steps = args.warmup + max(args.steps, args.profile_steps if args.profile else 0)
-    if plan.steps_per_epoch < total_steps:
-        raise SystemExit(f"{n} examples give {plan.steps_per_epoch} steps of {args.batch_size}, fewer than "
+    if n // args.batch_size < total_steps:  # full batches only: a filler row would count as an example
+        raise SystemExit(f"{n} examples give {n // args.batch_size} full batches of {args.batch_size}, fewer than "
                          f"--warmup + --steps (or --profile-steps) = {total_steps}: raise --pairs.")
     # The rows of each kto-scale step (epoch 0; a short last batch's filler slots left out): the TRL child
     # gets the rows in this order, so its step k holds kto-scale's step k.

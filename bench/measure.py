@@ -6,7 +6,8 @@ import resource
 from pathlib import Path
 
 # Token counts of one micro-batch, as every training child records them (and the report compares).
-BATCH_KEYS = ("policy_tokens", "policy_padded", "completion_tokens", "kl_tokens", "kl_padded", "kl_completion_tokens")
+BATCH_KEYS = ("policy_tokens", "policy_padded", "completion_tokens",
+              "kl_tokens", "kl_padded", "kl_completion_tokens")
 
 
 def maxrss_mib() -> float:

@@ -58,7 +58,8 @@ def component(st: Stack, lm_head: bool) -> str:
         return "LM head + log-softmax"
     lora = st.find("forward", "peft/tuners/lora/layer.py")
     if st.has("LlamaAttention.forward"):
-        if lora is not None and 0 < lora[2] <= len(peft_lora_lines()) and "lora_B(lora_A" in peft_lora_lines()[lora[2] - 1]:
+        lines = peft_lora_lines()
+        if lora is not None and 0 < lora[2] <= len(lines) and "lora_B(lora_A" in lines[lora[2] - 1]:
             return "LoRA A/B matmuls"
         return "attention (q,k,v,o proj + sdpa)"
     if st.has("LlamaMLP.forward"):

@@ -117,7 +117,8 @@ def step_check(name: str, reference: dict, run: dict, total: int) -> dict:
     """Per token count: at how many steps `run` processed what kto ran; and the largest loss difference."""
     ours, theirs = steps_by_number("kto", reference, total), steps_by_number(name, run, total)
     out = {key: {"equal_steps": sum(ours[k][key] == theirs[k][key] for k in ours), "steps": total,
-                 "total_kto": sum(s[key] for s in ours.values()), f"total_{name}": sum(s[key] for s in theirs.values())}
+                 "total_kto": sum(s[key] for s in ours.values()),
+                 f"total_{name}": sum(s[key] for s in theirs.values())}
            for key in BATCH_KEYS}
     out["loss_max_abs_diff"] = max(abs(ours[k]["loss"] - theirs[k]["loss"]) for k in ours)
     return out

@@ -38,8 +38,8 @@ def test_both_trainers_ran_the_same_step(bench):
         assert results["runs"][name]["timed_steps"] == 1 and results["runs"][name]["examples_per_s"] > 0
     check = results["token_check"]
     assert check["passed"]
-    tokenization = check["tokenization"]["trl"]
-    assert tokenization["rows"] == tokenization["identical_prompt_ids"] == tokenization["identical_completion_ids"] == ROWS
+    rows = check["tokenization"]["trl"]
+    assert rows["rows"] == rows["identical_prompt_ids"] == rows["identical_completion_ids"] == ROWS
     counts = check["steps"]["trl"]
     assert all(counts[key]["equal_steps"] == STEPS for key in counts if key != "loss_max_abs_diff")
     assert results["per_step"]["kto"][-1]["loss"] != 0.5  # trained: the losses compared are not both the init's
