@@ -142,6 +142,15 @@ def main() -> None:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="kto_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(work / "ref_cache", ignore_errors=True)  # an earlier bench's cache would skip the precompute
+    try:
+        bench(args, names, work)
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def bench(args: argparse.Namespace, names: list[str], work: Path) -> None:
+    """Inputs, the runs, the profiles, the report."""
     started = time.time()
     log(f"work dir {work}")
     spec = build_inputs(args, work)
@@ -157,8 +166,6 @@ def main() -> None:
     write_report(args.out, summary)
     log(f"wrote results.json and results.md to {args.out} in {summary['total_bench_s'] / 60:.1f} min")
     print((args.out / "results.md").read_text())
-    if args.work_dir is None:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

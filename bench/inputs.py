@@ -25,9 +25,15 @@ SHARED_SETTINGS = ("batch_size", "max_length", "lr", "beta", "seed", "warmup", "
 
 def load_tokenizer(path: Path):
     """The benchmark's tokenizer, with a pad token distinct from EOS where it has one (padding is masked)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, LlamaTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if not path.is_dir():
+        raise SystemExit(f"--tokenizer {path} is not a directory; give a tokenizer dir, e.g. "
+                         "kto_scale/assets/tiny-llama.")
+    if (path / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    else:  # a bare SentencePiece model (Llama 2's tokenizer.model) says nothing of its class; needs sentencepiece
+        tokenizer = LlamaTokenizer.from_pretrained(str(path), add_bos_token=True, add_eos_token=False)
     if tokenizer.pad_token_id is None:
         if tokenizer.unk_token_id is None:
             raise SystemExit(f"--tokenizer {path}: the tokenizer has neither a pad nor an unk token to pad with; "
