@@ -1,0 +1,37 @@
+"""The machine and software a result was measured on."""
+
+import os
+import platform
+import subprocess
+from importlib.metadata import version
+from pathlib import Path
+
+from inputs import REPO
+
+
+def git_state() -> dict:
+    """The kto-scale commit benchmarked, and its library files that differ from it (work in progress)."""
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+
+    dirty = [line[3:] for line in git("status", "--porcelain").splitlines()
+             if line[3:].startswith(("kto_scale/", "launch/"))]
+    return {"commit": git("rev-parse", "--short", "HEAD"), "modified_library_files": dirty}
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine_info(threads: int) -> dict:
+    import torch
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": threads,
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "device": "CUDA" if torch.cuda.is_available() else "CPU only", "torch": torch.__version__,
+            **{name: version(name) for name in ("transformers", "trl", "peft", "deepspeed")},
+            "python": platform.python_version(), "kto_scale": git_state()}

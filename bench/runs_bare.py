@@ -1,0 +1,50 @@
+"""The yardstick for kto-scale's precompute: a bare torch.inference_mode() loop over the same batches.
+
+    python bench/runs_bare.py --spec SPEC --result RESULT
+
+The plain HF model (no peft, no DeepSpeed): decoder + LM head on the completion positions
+(kto_scale.logprobs), over the precompute's batches: rows in kto_scale.ref_cache.length_order (longest
+first), precompute_batch_size per batch, the example and the KL sequences of each batch.
+"""
+
+import time
+
+from measure import child_args, maxrss_mib, write_result
+
+
+def run(spec: dict) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kto_scale.collate import collate
+    from kto_scale.logprobs import chunked_completion_logps
+    from kto_scale.ref_cache import length_order
+
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32).eval()
+    n = spec["n_examples"]
+    dataset = datasets.Dataset.from_dict({
+        "prompt_ids": spec["prompt_ids"], "completion_ids": spec["completion_ids"],
+        "kl_completion_ids": spec["kl_completion_ids"], "label": [True] * n, "pair_id": [-1] * n,
+    })
+    order, size = [int(i) for i in length_order(dataset)], spec["precompute_batch_size"]
+    batches = [collate(dataset, order[i : i + size], 0) for i in range(0, n, size)]
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    tokens = padded = 0
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for batch in batches:
+            for sequences in (batch["policy"], batch["kl"]):
+                hidden = decoder(input_ids=sequences["input_ids"],
+                                 attention_mask=sequences["attention_mask"]).last_hidden_state
+                chunked_completion_logps(hidden, head, sequences["input_ids"], sequences["completion_mask"], 1024)
+                tokens += int(sequences["attention_mask"].sum())
+                padded += sequences["attention_mask"].numel()
+        loop = time.perf_counter() - start
+    return {"loop_s": loop, "tokens": tokens, "padded": padded, "batches": len(batches),
+            "batching": "ref_cache.length_order (longest first)", "maxrss_self_mib": maxrss_mib()}
+
+
+if __name__ == "__main__":
+    args, spec = child_args(__doc__)
+    write_result(args.result, run(spec))

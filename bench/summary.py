@@ -1,0 +1,194 @@
+"""The numbers of the report, from the children's results: per-run throughput, ratios against TRL, the
+same-tokens checks, the precompute against the bare loop, and padding.
+
+Every join is strict: a run the parent ran is looked up by name, and steps are matched by number after
+checking that both runs hold exactly steps 1..N. A run or step that went missing is an error, not a row
+left out.
+"""
+
+import statistics
+
+from measure import BATCH_KEYS
+
+TARGETS = {  # what the project wants to meet (reported, not enforced)
+    "on_the_fly_vs_trl": 1.3,
+    "cache_vs_trl_on_the_fly": 2.0,
+    "cache_vs_trl_precompute": 1.3,
+    "precompute_vs_bare_loop": 0.9,
+}
+# (ratio name, kto-scale run, TRL run, what is compared): each also against the *_compact TRL run
+RATIOS = (
+    ("on_the_fly_vs_trl", "kto", "trl", "examples_per_s"),
+    ("cache_vs_trl_on_the_fly", "kto_cache", "trl", "examples_per_s"),
+    ("cache_vs_trl_precompute", "kto_cache", "trl_pre", "examples_per_s"),
+    ("cpu_time/on_the_fly_vs_trl", "kto", "trl", "examples_per_cpu_s"),
+    ("cpu_time/cache_vs_trl_on_the_fly", "kto_cache", "trl", "examples_per_cpu_s"),
+    ("cpu_time/cache_vs_trl_precompute", "kto_cache", "trl_pre", "examples_per_cpu_s"),
+    ("peak_rss/on_the_fly", "kto", "trl", "peak_rss_mib"),
+    ("peak_rss/cache_vs_precompute", "kto_cache", "trl_pre", "peak_rss_mib"),
+)
+PAIRED = (("kto", "trl"), ("kto", "trl_compact"), ("kto_cache", "trl"), ("kto_cache", "trl_compact"),
+          ("kto_cache", "trl_pre"), ("kto_cache", "trl_pre_compact"))
+
+
+def steps_by_number(name: str, result: dict, total: int) -> dict[int, dict]:
+    """A run's step records by step number; it must hold exactly steps 1..total."""
+    steps = {s["step"]: s for s in result["steps"]}
+    if sorted(steps) != list(range(1, total + 1)) or len(steps) != len(result["steps"]):
+        raise RuntimeError(f"run {name} recorded steps {[s['step'] for s in result['steps']]}, "
+                           f"not 1..{total}: a step record went missing or was counted twice")
+    return steps
+
+
+def summarize_run(name: str, result: dict, warmup: int, steps: int) -> dict:
+    """Throughput, CPU time and memory of one training run over its timed steps (after the warm-up)."""
+    by_number = steps_by_number(name, result, warmup + steps)
+    timed = [by_number[k] for k in range(warmup + 1, warmup + steps + 1)]
+    t, cpu = sum(s["time_s"] for s in timed), sum(s["cpu_s"] for s in timed)
+    examples = sum(s["examples"] for s in timed)
+    tokens, kl_tokens = sum(s["policy_tokens"] for s in timed), sum(s["kl_tokens"] for s in timed)
+    step_times = [s["time_s"] for s in timed]
+    out = {
+        "timed_steps": len(timed), "timed_s": t, "examples_per_s": examples / t, "tokens_per_s": tokens / t,
+        "all_tokens_per_s": (tokens + kl_tokens) / t, "step_s_median": statistics.median(step_times),
+        "step_s_min": min(step_times), "step_s_max": max(step_times),
+        "cpu_s_per_step": cpu / len(timed), "examples_per_cpu_s": examples / cpu,
+        "policy_pad_frac": 1 - tokens / sum(s["policy_padded"] for s in timed),
+        "kl_pad_frac": 1 - kl_tokens / sum(s["kl_padded"] for s in timed),
+        "peak_rss_mib": result["peak_rss_mib"], "wall_s": result["wall_s"],
+        "other_load_cores": result["other_load_cores"],
+        "rss_after_setup_mib": result["rss"]["after_setup_mib"],
+        "peak_rss_after_setup_mib": result["rss"]["peak_after_setup_mib"],
+        "rss_during_training_max_mib": max(s["rss_mib"] for s in result["steps"]),
+        "step_times": {k: round(by_number[k]["time_s"], 3) for k in range(warmup + 1, warmup + steps + 1)},
+    }
+    if result.get("precompute_s") is not None:
+        out["precompute_s"] = result["precompute_s"]
+    return out
+
+
+def compute_ratios(runs: dict) -> dict:
+    """kto-scale / TRL for each of RATIOS (peak RSS: lower is better), None where a run was not asked for."""
+    out = {}
+    for suffix in ("", "_compact"):
+        for key, ours, theirs, value in RATIOS:
+            theirs += suffix
+            out[key + suffix] = runs[ours][value] / runs[theirs][value] if ours in runs and theirs in runs else None
+    return out
+
+
+def paired_step_ratios(runs: dict) -> dict:
+    """Median over timed steps of (TRL step time / kto-scale step time): both ran the same batches, so this
+    pairs step k with step k and is less sensitive to bursts of other load than the ratio of totals."""
+    out = {}
+    for ours, theirs in PAIRED:
+        if ours in runs and theirs in runs:
+            a, b = runs[ours]["step_times"], runs[theirs]["step_times"]
+            if a.keys() != b.keys():
+                raise RuntimeError(f"runs {ours} and {theirs} timed different steps: {list(a)} and {list(b)}")
+            out[f"{ours}_vs_{theirs}"] = statistics.median(b[k] / a[k] for k in a)
+    return out
+
+
+def tokenization_check(spec: dict, trl: dict) -> dict:
+    """Did TRL tokenize each row to kto-scale's ids (after the max_length cut)?"""
+    order, max_len = spec["order"], spec["max_length"]
+    pairs = list(zip(order, trl["trl_prompt_ids"], trl["trl_completion_ids"], strict=True))
+    same_prompt = same_completion = 0
+    differences = []
+    for row, trl_prompt, trl_completion in pairs:
+        prompt, completion = spec["prompt_ids"][row], spec["completion_ids"][row]
+        # kto-scale cuts the completion to fit max_length; TRL's collator cuts the joined sequence
+        cut = trl_completion[: max_len - len(trl_prompt)]
+        same_prompt += prompt == trl_prompt
+        same_completion += completion == cut
+        if prompt != trl_prompt or completion != cut:
+            differences.append({"row": row, "kto_lens": [len(prompt), len(completion)],
+                                "trl_lens": [len(trl_prompt), len(trl_completion)]})
+    return {
+        "rows": len(order), "identical_prompt_ids": same_prompt, "identical_completion_ids": same_completion,
+        "first_differences": differences[:5],
+        "total_text_tokens_kto": sum(len(spec["prompt_ids"][r]) + len(spec["completion_ids"][r]) for r in order),
+        "total_text_tokens_trl": sum(min(len(p) + len(c), max_len) for _, p, c in pairs),
+    }
+
+
+def step_check(name: str, reference: dict, run: dict, total: int) -> dict:
+    """Per token count: at how many steps `run` processed what kto ran; and the largest loss difference."""
+    ours, theirs = steps_by_number("kto", reference, total), steps_by_number(name, run, total)
+    out = {key: {"equal_steps": sum(ours[k][key] == theirs[k][key] for k in ours), "steps": total,
+                 "total_kto": sum(s[key] for s in ours.values()),
+                 f"total_{name}": sum(s[key] for s in theirs.values())}
+           for key in BATCH_KEYS}
+    out["loss_max_abs_diff"] = max(abs(ours[k]["loss"] - theirs[k]["loss"]) for k in ours)
+    return out
+
+
+def check_tokens(spec: dict, results: dict, train_runs: list[str]) -> dict:
+    """Tokenization of every TRL run against kto-scale's, and the steps of every training run with kto's
+    batches (`train_runs`: those runs) against kto's."""
+    total = spec["warmup"] + spec["steps"]
+    out = {"tokenization": {name: tokenization_check(spec, results[name])
+                            for name in train_runs if name.startswith("trl")}}
+    if "kto" in train_runs:
+        out["steps"] = {name: step_check(name, results["kto"], results[name], total)
+                        for name in train_runs if name != "kto"}
+    return out
+
+
+def token_check_passed(check: dict) -> bool:
+    """Every TRL row tokenized alike, and every compared run processed kto's tokens at every step (padded
+    sizes may differ: --padding-free packs kto-scale's batches, never TRL's)."""
+    rows = all(t["identical_prompt_ids"] == t["rows"] == t["identical_completion_ids"]
+               for t in check["tokenization"].values())
+    steps = all(run[key]["equal_steps"] == run[key]["steps"] for run in check.get("steps", {}).values()
+                for key in BATCH_KEYS if "padded" not in key)
+    return rows and steps
+
+
+def padding_report(spec: dict) -> dict:
+    """Pad share of this data's micro-batches: the random batches both trainers ran, and kto-scale's
+    group_by_length batches (epoch 0), for the example and the KL sequences."""
+    from kto_scale.collate import PAD_SLOT, BatchPlan
+
+    n, max_len, prompts = spec["n_examples"], spec["max_length"], spec["prompt_ids"]
+    example = [len(prompts[i]) + len(spec["completion_ids"][i]) for i in range(n)]
+    kl = [min(len(prompts[i]) + len(spec["kl_completion_ids"][i]), max_len) for i in range(n)]
+    out = {}
+    for name, lengths in (("random", None), ("group_by_length", tuple(example))):
+        plan = BatchPlan(n, spec["batch_size"], 1, 1, lengths)
+        batches = [[i for i in plan.micro_batches(step, 0, spec["seed"], 0)[0] if i != PAD_SLOT]
+                   for step in range(plan.steps_per_epoch)]
+        for seq, lens in (("example", example), ("kl", kl)):
+            real = sum(lens[i] for b in batches for i in b)
+            padded = sum(len(b) * max(lens[i] for i in b) for b in batches)
+            out[f"{name}/{seq}_pad_pct"] = round(100 * (1 - real / padded), 1)
+    return out
+
+
+def precompute_summary(spec: dict, results: dict) -> dict:
+    """Tokens/s of kto-scale's precompute loop, of the bare loop, and of TRL's precompute (same rows)."""
+    out = {}
+    if "bare" in results:
+        bare = results["bare"]
+        out.update(bare_loop_tokens_per_s=bare["tokens"] / bare["loop_s"], bare_loop_s=bare["loop_s"],
+                   bare_batching=bare["batching"], bare_loop_tokens=bare["tokens"], bare_loop_padded=bare["padded"])
+    if "kto_precompute" in results:
+        kp = results["kto_precompute"]
+        out.update(kto_precompute_process_s=kp["total_s"], kto_precompute_peak_rss_mib=round(kp["peak_rss_mib"]),
+                   kto_precompute_tokens=kp["tokens"], kto_precompute_loop_s=kp["loop_s"],
+                   kto_precompute_tokens_per_s=kp["tokens"] / kp["loop_s"])
+    max_len = spec["max_length"]
+    tokens = sum(min(len(spec["prompt_ids"][r]) + len(c), max_len) for r in spec["order"]
+                 for c in (spec["completion_ids"][r], spec["kl_completion_ids"][r]))
+    for name in ("trl_pre", "trl_pre_compact"):
+        if name in results:
+            out[name + "_s"] = results[name]["precompute_s"]
+            out[name + "_tokens_per_s"] = tokens / results[name]["precompute_s"]
+    return out
+
+
+def precompute_vs_bare(precompute: dict) -> float | None:
+    if "kto_precompute_tokens_per_s" in precompute and "bare_loop_tokens_per_s" in precompute:
+        return precompute["kto_precompute_tokens_per_s"] / precompute["bare_loop_tokens_per_s"]
+    return None
