@@ -3,7 +3,7 @@
     python bench/runs_bare.py --spec SPEC --result RESULT
 
 The plain HF model (no peft, no DeepSpeed): decoder + LM head on the completion positions
-(kto_scale.logprobs), over the precompute's batches: rows in kto_scale.ref_cache.length_order (longest
+(kto_scale.logprobs), over the precompute's batches: rows in kto_scale.collate.length_order (longest
 first), precompute_batch_size per batch, the example and the KL sequences of each batch.
 """
 
@@ -17,9 +17,8 @@ def run(spec: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kto_scale.collate import collate
+    from kto_scale.collate import collate, length_order
     from kto_scale.logprobs import chunked_completion_logps
-    from kto_scale.ref_cache import length_order
 
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32).eval()
     n = spec["n_examples"]
@@ -42,7 +41,7 @@ def run(spec: dict) -> dict:
                 padded += sequences["attention_mask"].numel()
         loop = time.perf_counter() - start
     return {"loop_s": loop, "tokens": tokens, "padded": padded, "batches": len(batches),
-            "batching": "ref_cache.length_order (longest first)", "maxrss_self_mib": maxrss_mib()}
+            "batching": "collate.length_order (longest first)", "maxrss_self_mib": maxrss_mib()}
 
 
 if __name__ == "__main__":

@@ -90,19 +90,19 @@ class LoopLog(logging.Handler):
 
 
 def precompute(spec: dict, name: str, options: list[str]) -> dict:
-    """kto_scale.ref_cache.precompute, as launch/precompute_ref.py runs it."""
+    """kto_scale.precompute.precompute, as launch/precompute_ref.py runs it."""
     import torch
 
     from kto_scale.config import load_config
-    from kto_scale.ref_cache import precompute as precompute_reference
+    from kto_scale.precompute import precompute as precompute_reference
 
     loop_log = LoopLog()
-    logging.getLogger("kto_scale.ref_cache").addHandler(loop_log)
+    logging.getLogger("kto_scale.precompute").addHandler(loop_log)
     start = time.perf_counter()
     precompute_reference(load_config(kto_argv(spec, name, options)))
     total = time.perf_counter() - start
     if "train" not in loop_log.splits:
-        raise RuntimeError("kto_scale.ref_cache.precompute logged no 'tokens scored in' line for train: its log "
+        raise RuntimeError("kto_scale.precompute.precompute logged no 'tokens scored in' line for train: its log "
                            "changed; update LoopLog in bench/runs_kto.py")
     return {**loop_log.splits["train"], "total_s": total, "maxrss_self_mib": maxrss_mib(),
             "torch_threads": torch.get_num_threads()}

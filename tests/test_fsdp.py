@@ -1,0 +1,160 @@
+"""FSDP2 (torchrun, fully_shard, DCP checkpoints) against DeepSpeed: the same run, step by step.
+
+The reference is `one_process_run` (conftest): plain python, DeepSpeed ZeRO-2, 1 rank x 2 accumulation
+x 2 per micro-batch, fp32 on CPU. FSDP2 runs of the same global batch on 1 and 2 ranks, and on two
+simulated nodes through the SLURM script, must give its per-step loss, z_ref, rewards and gradient
+norm, its evaluations, generations and final adapter (1e-5)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from runs import ROOT, clean_env, config_file, free_port, generations, metrics, run
+from safetensors.torch import load_file
+from test_scale import _SCONTROL, _SRUN, _assert_same_adapter, _assert_same_steps
+
+from kto_scale.assets import TINY_LLAMA_DIR
+from kto_scale.checkpoint import check_resume
+from kto_scale.config import ConfigError, load_config
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+FSDP = dict(fsdp="full_shard", deepspeed=None)
+
+
+def torchrun(num_ranks: int, config: Path, *args: str, script: str = "launch/train.py") -> subprocess.CompletedProcess:
+    return run([*TORCHRUN, "--nproc_per_node", str(num_ranks), "--master_port", str(free_port()), script,
+                "--config", str(config), *args])
+
+
+@pytest.fixture(scope="module")
+def fsdp_two_ranks(tmp_path_factory, tiny_model) -> Path:
+    """The reference run's global batch on 2 FSDP2 ranks x 1 accumulation x 2 per micro-batch."""
+    tmp_path = tmp_path_factory.mktemp("fsdp")
+    torchrun(2, config_file(tmp_path, "two", tiny_model, gradient_accumulation_steps=1, **FSDP))
+    return tmp_path / "two"
+
+
+def _assert_same_run(reference: Path, other: Path) -> None:
+    _assert_same_steps(reference, other)
+    _assert_same_adapter(reference, other, atol=1e-5)
+    for a, b in zip(metrics(reference, "eval"), metrics(other, "eval"), strict=True):
+        for key in ("loss", "kl", "reward_accuracy", "margins"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+    assert generations(other) == generations(reference)
+
+
+def test_one_and_two_fsdp_ranks_equal_deepspeed(tmp_path, tiny_model, one_process_run, fsdp_two_ranks):
+    result = torchrun(1, config_file(tmp_path, "one", tiny_model, **FSDP))
+    assert "(1 ranks x 2 accumulation x 2 per micro-batch) on FSDP2 (full_shard)" in result.stderr
+    for run_dir in (tmp_path / "one", fsdp_two_ranks):
+        _assert_same_run(one_process_run, run_dir)
+    assert (fsdp_two_ranks / "checkpoint-2" / "fsdp").is_dir() and not (fsdp_two_ranks / "checkpoint-2" / "deepspeed").exists()
+
+
+def test_slurm_script_runs_fsdp_on_two_simulated_nodes(tmp_path, one_process_run):
+    """launch/slurm/kto.sbatch on an FSDP2 config: torchrun --nnodes 2 --node_rank 0|1, one rank each,
+    with CPU offload, and the base built by init_random_weights on every rank (partition-independent:
+    the tiny_model fixture's weights, so the run is the reference run)."""
+    config = config_file(tmp_path, "nodes", TINY_LLAMA_DIR, init_random_weights=True, gradient_accumulation_steps=1,
+                         fsdp="full_shard offload", deepspeed=None)
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    for name, text in (("scontrol", _SCONTROL), ("srun", _SRUN)):
+        (shims / name).write_text(text)
+        (shims / name).chmod(0o755)
+    env = clean_env(PATH=f"{shims}:{Path(sys.executable).parent}:{os.environ['PATH']}", CONFIG=str(config),
+                    GPUS_PER_NODE="1", MASTER_PORT=str(free_port()), HOSTFILE=str(tmp_path / "hostfile"),
+                    SLURM_JOB_ID="1", SLURM_JOB_NODELIST="node-[a-b]", SLURM_JOB_NUM_NODES="2")
+    result = subprocess.run(["bash", "launch/slurm/kto.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _assert_same_run(one_process_run, tmp_path / "nodes")
+
+
+def test_resume_on_one_rank_and_export_from_an_fsdp_checkpoint(tmp_path, tiny_model, one_process_run, fsdp_two_ranks):
+    """2 -> 1 ranks: DCP reshards the checkpoint of step 2; steps 3-4 and the adapter are the uninterrupted
+    run's. The export command reads an FSDP2 checkpoint's adapter as it is."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(fsdp_two_ranks, resumed)  # as if the run had died right after step 2's checkpoint
+    shutil.rmtree(resumed / "checkpoint-4")
+    shutil.rmtree(resumed / "adapter")
+    (resumed / "latest").write_text("checkpoint-2")
+    config = config_file(tmp_path, "resumed", tiny_model, **FSDP)
+    torchrun(1, config, "--resume_from_checkpoint", "latest")
+    _assert_same_steps(one_process_run, resumed)
+    _assert_same_adapter(one_process_run, resumed, atol=1e-5)
+
+    checkpoint = fsdp_two_ranks / "checkpoint-4"
+    run([sys.executable, "launch/merge_lora.py", "--base", str(tiny_model), "--adapter", str(checkpoint),
+         "--output", str(tmp_path / "exported"), "--adapter_only"])
+    exported = load_file(tmp_path / "exported" / "adapter_model.safetensors")
+    saved = load_file(fsdp_two_ranks / "adapter" / "adapter_model.safetensors")
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+
+
+def test_fsdp_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model):
+    """SIGKILL both ranks right after a checkpoint, resume: the uninterrupted run's steps and adapter
+    (LoRA dropout on: each rank's RNG state is restored)."""
+    options = dict(gradient_accumulation_steps=1, max_steps=8, save_steps=3, eval_steps=4, lora_dropout=0.1, **FSDP)
+    torchrun(2, config_file(tmp_path, "whole", tiny_model, **options))
+    killed = config_file(tmp_path, "killed", tiny_model, **options)
+    out = tmp_path / "killed"
+    job = subprocess.Popen([*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "launch/train.py",
+                            "--config", str(killed)], cwd=ROOT, env=clean_env(), start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out / "latest").exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGKILL)  # torchrun and both ranks, like a node going down
+    job.wait(timeout=60)
+    resumed_from = int((out / "latest").read_text().split("-")[1])
+    assert not (out / "adapter").exists() and resumed_from < 8, "the run finished before it was killed"
+
+    torchrun(2, killed, "--resume_from_checkpoint", "latest")
+    whole, resumed = metrics(tmp_path / "whole", "train"), metrics(out, "train")
+    assert [m["step"] for m in resumed] == list(range(1, 9))
+    for a, b in zip(whole[resumed_from:], resumed[resumed_from:], strict=True):
+        for key in ("loss", "kl", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
+    _assert_same_adapter(tmp_path / "whole", out, atol=1e-6)
+
+
+def test_precompute_and_evaluate_on_fsdp(tmp_path, tiny_model, fsdp_two_ranks):
+    """The reference cache precomputed on 2 FSDP2 ranks gives the on-the-fly run; evaluate on 2 FSDP2
+    ranks scores the saved adapter as the run's final evaluation did."""
+    config = config_file(tmp_path, "cached", tiny_model, gradient_accumulation_steps=1, ref_cache=str(tmp_path / "cache"),
+                         **FSDP)
+    torchrun(2, config, script="launch/precompute_ref.py")
+    torchrun(2, config)
+    _assert_same_steps(fsdp_two_ranks, tmp_path / "cached")
+    _assert_same_adapter(fsdp_two_ranks, tmp_path / "cached", atol=1e-5)
+
+    run([*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "launch/evaluate.py", "--config",
+         str(fsdp_two_ranks / "kto_config.yaml"), "--adapter", str(fsdp_two_ranks / "adapter"),
+         "--output", str(tmp_path / "eval")])
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    final = metrics(fsdp_two_ranks, "eval")[-1]
+    for key in ("loss", "kl", "reward_accuracy", "margins"):
+        assert summary[key] == pytest.approx(final[key], abs=1e-5), key
+
+
+def test_engine_options_are_checked_before_anything_runs(tmp_path, one_process_run):
+    with pytest.raises(ConfigError, match="fsdp: full_shard and deepspeed: .*zero3.json are both set"):
+        load_config(["--model_name_or_path", "m", "--dataset_name", "d", "--fsdp", "full_shard",
+                     "--deepspeed", str(ROOT / "ds_configs/zero3.json")])
+    with pytest.raises(ConfigError, match="fsdp cannot shard a bitsandbytes-quantized base"):
+        load_config(["--model_name_or_path", "m", "--dataset_name", "d", "--fsdp", "full_shard", "--load_in_4bit", "true"])
+    with pytest.raises(ConfigError, match="fsdp 'shard_grad_op'"):
+        load_config(["--model_name_or_path", "m", "--dataset_name", "d", "--fsdp", "shard_grad_op"])
+    fsdp = load_config(["--model_name_or_path", "m", "--dataset_name", "d", "--fsdp", "full_shard"])
+    assert fsdp.deepspeed is None  # no DeepSpeed JSON is filled in for an FSDP2 run
+    # A DeepSpeed checkpoint is not resumed by FSDP2 (and the message says how to resume it).
+    with pytest.raises(ConfigError, match="written by deepspeed and this run uses fsdp"):
+        check_resume(one_process_run / "checkpoint-2", fsdp, world_size=1)
