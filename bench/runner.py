@@ -1,7 +1,7 @@
 """The runs the bench knows, and running one as its own child process (peak RSS read with os.wait4).
 
 A run is a child command over the shared spec. Another kto-scale variant (an engine, a setting) is one
-more `Run` whose `options` are kto-scale command-line options, e.g. Run(..., options=("--engine", "fsdp2")).
+more `Run` whose `options` are kto-scale command-line options, as kto_zero3 and kto_fsdp are.
 """
 
 import json
@@ -41,10 +41,15 @@ RUNS = {
     "bare": Run("bare torch.inference_mode() loop", "runs_bare.py", trains=False),
     "kto_grouped": Run("kto-scale, on the fly, group_by_length (other batches)", "runs_kto.py",
                        ("train", "kto_grouped"), ("--group_by_length", "true"), same_batches=False),
+    # The engines side by side (the rows above are DeepSpeed ZeRO-2): same model, data and batches.
+    "kto_zero3": Run("kto-scale, on the fly, DeepSpeed ZeRO-3", "runs_kto.py", ("train", "kto_zero3"),
+                     ("--deepspeed", "ds_configs/zero3.json")),
+    "kto_fsdp": Run("kto-scale, on the fly, FSDP2 full_shard", "runs_kto.py", ("train", "kto_fsdp"),
+                    ("--fsdp", "full_shard", "--deepspeed", "null")),
 }
 DEFAULT_RUNS = ("kto", "kto_cache", "trl", "trl_pre", "trl_compact", "trl_pre_compact", "bare")
 ORDER = ("kto", "kto_precompute", "kto_cache", "trl", "trl_compact", "trl_pre", "trl_pre_compact", "bare",
-         "kto_grouped")  # the order runs go in, whatever order --only names them
+         "kto_grouped", "kto_zero3", "kto_fsdp")  # the order runs go in, whatever order --only names them
 
 
 def log(message: str) -> None:
