@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 from transformers import (
     AutoConfig,
@@ -136,13 +137,31 @@ def add_lora(model: PreTrainedModel, config: KTOConfig) -> PeftModel:
 
 
 @contextlib.contextmanager
+def adapters_disabled(model: PeftModel) -> Iterator[None]:
+    """Every LoRA layer computes its base layer alone inside this block.
+
+    Only the layers' switch changes: peft's `disable_adapter` also sets requires_grad False on the
+    adapters, and an engine that looks at requires_grad meanwhile (FSDP2 decides its gradient dtypes at
+    the first forward pass, which may be a reference pass) would treat them as frozen.
+    """
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._disable_adapters = False
+
+
+@contextlib.contextmanager
 def reference_mode(model: PeftModel) -> Iterator[None]:
     """Forward passes inside this block are the reference: adapters off (or, with sft_adapter, the
     frozen reference adapter on), no gradients, no dropout (the reference is a fixed function,
     whether computed on the fly or precomputed)."""
     was_training = model.training
     model.eval()
-    adapters = reference_adapter_active(model) if has_reference_adapter(model) else model.disable_adapter()
+    adapters = reference_adapter_active(model) if has_reference_adapter(model) else adapters_disabled(model)
     try:
         with adapters, torch.no_grad():
             yield
