@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -100,3 +101,18 @@ def metrics(run_dir: Path, split: str) -> list[dict]:
 
 def generations(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+
+
+def kill_at_first_checkpoint(command: list[str], output_dir: Path, max_steps: int) -> int:
+    """Start a training command, SIGKILL it and every rank it started (like a node going down) as soon
+    as its first checkpoint is complete, and return the step that checkpoint holds."""
+    job = subprocess.Popen(command, cwd=ROOT, env=clean_env(), start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (output_dir / "latest").exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=60)
+    step = int((output_dir / "latest").read_text().split("-")[1])
+    assert not (output_dir / "adapter").exists() and step < max_steps, "the run finished before it was killed"
+    return step

@@ -6,19 +6,16 @@ simulated nodes through the SLURM script, must give its per-step loss, z_ref, re
 norm, its evaluations, generations and final adapter (1e-5)."""
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from runs import ROOT, clean_env, config_file, free_port, generations, metrics, run
+from runs import ROOT, config_file, free_port, generations, kill_at_first_checkpoint, metrics, run
 from safetensors.torch import load_file
-from test_scale import _SCONTROL, _SRUN, _assert_same_adapter, _assert_same_steps
+from test_scale import _assert_same_adapter, _assert_same_steps, assert_resumed_equals_whole, run_slurm_script
 
 from kto_scale.assets import TINY_LLAMA_DIR
 from kto_scale.checkpoint import check_resume
@@ -64,17 +61,7 @@ def test_slurm_script_runs_fsdp_on_two_simulated_nodes(tmp_path, one_process_run
     the tiny_model fixture's weights, so the run is the reference run)."""
     config = config_file(tmp_path, "nodes", TINY_LLAMA_DIR, init_random_weights=True, gradient_accumulation_steps=1,
                          fsdp="full_shard offload", deepspeed=None)
-    shims = tmp_path / "bin"
-    shims.mkdir()
-    for name, text in (("scontrol", _SCONTROL), ("srun", _SRUN)):
-        (shims / name).write_text(text)
-        (shims / name).chmod(0o755)
-    env = clean_env(PATH=f"{shims}:{Path(sys.executable).parent}:{os.environ['PATH']}", CONFIG=str(config),
-                    GPUS_PER_NODE="1", MASTER_PORT=str(free_port()), HOSTFILE=str(tmp_path / "hostfile"),
-                    SLURM_JOB_ID="1", SLURM_JOB_NODELIST="node-[a-b]", SLURM_JOB_NUM_NODES="2")
-    result = subprocess.run(["bash", "launch/slurm/kto.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_slurm_script(tmp_path, config)
     _assert_same_run(one_process_run, tmp_path / "nodes")
 
 
@@ -106,24 +93,11 @@ def test_fsdp_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model):
     torchrun(2, config_file(tmp_path, "whole", tiny_model, **options))
     killed = config_file(tmp_path, "killed", tiny_model, **options)
     out = tmp_path / "killed"
-    job = subprocess.Popen([*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "launch/train.py",
-                            "--config", str(killed)], cwd=ROOT, env=clean_env(), start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (out / "latest").exists() and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(job.pid, signal.SIGKILL)  # torchrun and both ranks, like a node going down
-    job.wait(timeout=60)
-    resumed_from = int((out / "latest").read_text().split("-")[1])
-    assert not (out / "adapter").exists() and resumed_from < 8, "the run finished before it was killed"
+    resumed_from = kill_at_first_checkpoint([*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
+                                             "launch/train.py", "--config", str(killed)], out, max_steps=8)
 
     torchrun(2, killed, "--resume_from_checkpoint", "latest")
-    whole, resumed = metrics(tmp_path / "whole", "train"), metrics(out, "train")
-    assert [m["step"] for m in resumed] == list(range(1, 9))
-    for a, b in zip(whole[resumed_from:], resumed[resumed_from:], strict=True):
-        for key in ("loss", "kl", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
-    _assert_same_adapter(tmp_path / "whole", out, atol=1e-6)
+    assert_resumed_equals_whole(tmp_path / "whole", out, resumed_from, steps=8)
 
 
 def test_precompute_and_evaluate_on_fsdp(tmp_path, tiny_model, fsdp_two_ranks):

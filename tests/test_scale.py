@@ -4,7 +4,6 @@ SIGKILL, and failures that stop a run instead of hanging. Every run is a real su
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from runs import (
     deepspeed_run,
     free_port,
     generations,
+    kill_at_first_checkpoint,
     metrics,
     run,
     write_data,
@@ -72,10 +72,9 @@ wait $first && wait $second
 """
 
 
-def test_slurm_script_on_two_simulated_nodes_matches_one_process(tmp_path, tiny_model, one_process_run):
-    """launch/slurm/kto.sbatch with stand-ins for scontrol and srun: two `deepspeed --hostfile H
-    --no_ssh --node_rank 0|1 --master_addr 127.0.0.1` launchers, one rank each, as on a cluster."""
-    config = config_file(tmp_path, "nodes", tiny_model, gradient_accumulation_steps=1)
+def run_slurm_script(tmp_path: Path, config: Path) -> None:
+    """launch/slurm/kto.sbatch for `config` on two simulated nodes of one rank each: stand-ins for
+    scontrol and srun start the script's per-node command twice (node 0 and 1) on this machine."""
     shims = tmp_path / "bin"
     shims.mkdir()
     for name, text in (("scontrol", _SCONTROL), ("srun", _SRUN)):
@@ -87,6 +86,12 @@ def test_slurm_script_on_two_simulated_nodes_matches_one_process(tmp_path, tiny_
     result = subprocess.run(["bash", "launch/slurm/kto.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_slurm_script_on_two_simulated_nodes_matches_one_process(tmp_path, tiny_model, one_process_run):
+    """Two `deepspeed --hostfile H --no_ssh --node_rank 0|1 --master_addr 127.0.0.1` launchers, one
+    rank each, as on a cluster."""
+    run_slurm_script(tmp_path, config_file(tmp_path, "nodes", tiny_model, gradient_accumulation_steps=1))
     assert (tmp_path / "hostfile").read_text() == "127.0.0.1 slots=1\nnode-b slots=1\n"
     _assert_same_steps(one_process_run, tmp_path / "nodes")
 
@@ -126,6 +131,16 @@ def test_kl_baseline_is_the_same_for_any_split_of_the_effective_batch(tmp_path, 
         _assert_same_adapter(tmp_path / "1x4x2", tmp_path / name, atol=1e-5)
 
 
+def assert_resumed_equals_whole(whole: Path, resumed: Path, resumed_from: int, steps: int) -> None:
+    """Every step logged once, those after the resume as the uninterrupted run's (1e-6), the same adapter."""
+    before, after = metrics(whole, "train"), metrics(resumed, "train")
+    assert [m["step"] for m in after] == list(range(1, steps + 1))
+    for a, b in zip(before[resumed_from:], after[resumed_from:], strict=True):
+        for key in ("loss", "kl", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
+    _assert_same_adapter(whole, resumed, atol=1e-6)
+
+
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model):
     """Kill a two-rank run with SIGKILL right after a checkpoint, resume it, and get the uninterrupted
     run's losses after the resume and its final adapter (LoRA dropout on: the RNG state is restored)."""
@@ -135,24 +150,11 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model):
 
     killed = config_file(tmp_path, "killed", tiny_model, **options)
     out = tmp_path / "killed"
-    job = subprocess.Popen([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-                            "--config", str(killed)], cwd=ROOT, env=clean_env(), start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (out / "latest").exists() and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks, like a node going down
-    job.wait(timeout=60)
-    resumed_from = int((out / "latest").read_text().split("-")[1])
-    assert not (out / "adapter").exists() and resumed_from < 16, "the run finished before it was killed"
+    resumed_from = kill_at_first_checkpoint([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
+                                             "launch/train.py", "--config", str(killed)], out, max_steps=16)
 
     deepspeed_run(2, killed, "--resume_from_checkpoint", "latest")
-    whole, resumed = metrics(tmp_path / "whole", "train"), metrics(out, "train")
-    assert [m["step"] for m in resumed] == list(range(1, 17))
-    for a, b in zip(whole[resumed_from:], resumed[resumed_from:], strict=True):
-        for key in ("loss", "kl", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
-    _assert_same_adapter(tmp_path / "whole", out, atol=1e-6)
+    assert_resumed_equals_whole(tmp_path / "whole", out, resumed_from, steps=16)
     # generations.jsonl: the lines up to the checkpoint kept (no second step 0), the rest as uninterrupted.
     assert generations(out) == generations(tmp_path / "whole")
     assert [line["step"] for line in generations(out)] == [0, 0, 8, 8, 16, 16]
