@@ -2,6 +2,7 @@
 
     python launch/evaluate.py --config outputs/run/kto_config.yaml --adapter outputs/run/adapter --output outputs/run/eval
     deepspeed --num_gpus 8 launch/evaluate.py --config ... --adapter ... --output ... [--split train]
+    torchrun --nproc_per_node 8 launch/evaluate.py --config <an fsdp run>/kto_config.yaml --adapter ... --output ...
 
 Any training option can be overridden as in launch/train.py (e.g. --eval_dataset_name other.jsonl).
 """

@@ -3,6 +3,7 @@
     python launch/precompute_ref.py --config configs/my.yaml --ref_cache cache/my-ref
     deepspeed --num_gpus 8 launch/precompute_ref.py --config configs/my.yaml --ref_cache cache/my-ref
     deepspeed --num_gpus 8 launch/train.py --config configs/my.yaml --ref_cache cache/my-ref
+    torchrun --nproc_per_node 8 launch/precompute_ref.py --config configs/my-fsdp.yaml --ref_cache cache/my-ref
 
 Stopped or killed, the same command resumes: the finished shards are kept.
 """

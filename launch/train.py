@@ -3,6 +3,7 @@
     python launch/train.py                                   # the demo: tiny Llama, shipped sample set
     python launch/train.py --config configs/my.yaml --beta 0.2
     deepspeed --num_gpus 8 launch/train.py --config configs/llama3-8b-lora.yaml
+    torchrun --nproc_per_node 8 launch/train.py --config configs/llama3-8b-lora.yaml --fsdp full_shard --deepspeed null
 """
 
 import logging
