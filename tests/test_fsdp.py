@@ -101,10 +101,10 @@ def test_fsdp_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model):
 
 
 def test_precompute_and_evaluate_on_fsdp(tmp_path, tiny_model, fsdp_two_ranks):
-    """The reference cache precomputed on 2 FSDP2 ranks gives the on-the-fly run; evaluate on 2 FSDP2
-    ranks scores the saved adapter as the run's final evaluation did."""
+    """The reference cache precomputed on 2 FSDP2 ranks, read by a padding-free run, gives the padded
+    on-the-fly run; evaluate on 2 FSDP2 ranks scores the saved adapter as the run's final evaluation did."""
     config = config_file(tmp_path, "cached", tiny_model, gradient_accumulation_steps=1, ref_cache=str(tmp_path / "cache"),
-                         **FSDP)
+                         padding_free=True, **FSDP)
     torchrun(2, config, script="launch/precompute_ref.py")
     torchrun(2, config)
     _assert_same_steps(fsdp_two_ranks, tmp_path / "cached")
