@@ -42,10 +42,12 @@ SETUP_KEYS = ("n_pairs", "n_examples", "pairs_skipped_too_long", "n_params", "vo
               "lr", "beta", "seed", "warmup", "steps", "precompute_batch_size", "lora_r", "lora_alpha", "kl_pairs",
               "dtype", "attn_implementation", "padding_free", "hidden", "layers", "heads", "kv_heads", "intermediate")
 PROFILED = ("kto", "kto_grouped", "trl", "trl_pre", "trl_compact", "trl_pre_compact")  # no input of another run
-# --gpu-preset: Llama-3.2-1B's shape (vocab: the tokenizer's), bf16, long sequences, kto-scale padding-free.
-# Options given on the command line still win over these.
+# --gpu-preset: Llama-3.2-1B's shape (vocab: the tokenizer's), bf16, long sequences, kto-scale padding-free;
+# more steps (a GPU step is short); no *_compact runs (TRL takes that path itself on CUDA) and no py-spy
+# profiles (they sample the CPU). Options given on the command line still win over these.
 GPU_PRESET = {"hidden": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "intermediate": 8192, "max_length": 1024,
-              "dtype": "bf16", "padding_free": True}
+              "dtype": "bf16", "padding_free": True, "pairs": 128, "warmup": 4, "steps": 20,
+              "only": "kto,kto_cache,trl,trl_pre,bare", "profile": ""}
 
 
 def best_attention() -> str:
@@ -82,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="transformers attention backend of every run: sdpa, flash_attention_2, eager "
                         "(default: transformers chooses)")
     p.add_argument("--gpu-preset", action="store_true",
-                   help=f"one GPU: {', '.join(f'{k} {v}' for k, v in GPU_PRESET.items())}, attention "
+                   help=f"one GPU: {', '.join(f'{k} {v!r}' for k, v in GPU_PRESET.items())}, attention "
                         "flash_attention_2 if flash_attn is installed, else sdpa")
     p.add_argument("--peak-flops", type=float, default=None,
                    help="the GPU's peak dense bf16 FLOPs/s for MFU (default: from a table of known GPUs)")

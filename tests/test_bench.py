@@ -106,6 +106,7 @@ def test_gpu_preset_and_overrides(monkeypatch):
     assert (args.hidden, args.heads, args.kv_heads, args.intermediate) == (2048, 32, 8, 8192)
     assert (args.layers, args.max_length, args.dtype, args.padding_free) == (2, 1024, "bf16", True)
     assert args.attn_implementation in ("flash_attention_2", "sdpa")
+    assert args.only == "kto,kto_cache,trl,trl_pre,bare" and args.profile == []
     args = bench_trl.parse_args([])
     assert args.kv_heads == args.heads and args.attn_implementation is None and not args.padding_free
 
