@@ -11,6 +11,7 @@ what is compared and how it is measured.
 
 import argparse
 import datetime
+import importlib.util
 import os
 import shutil
 import sys
@@ -18,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from inputs import REPO, build_inputs, write_spec
+from flops import Shape, peak_flops, run_flops
+from inputs import REPO, TORCH_DTYPES, build_inputs, write_spec
 from machine import machine_info
 from pyspy import classify_kto, classify_trl, summarize_profile
 from report import write_report
@@ -37,8 +39,20 @@ from summary import (
 
 SHARED = REPO.parent / "shared/data"
 SETUP_KEYS = ("n_pairs", "n_examples", "pairs_skipped_too_long", "n_params", "vocab", "batch_size", "max_length",
-              "lr", "beta", "seed", "warmup", "steps", "precompute_batch_size", "lora_r", "lora_alpha", "kl_pairs")
+              "lr", "beta", "seed", "warmup", "steps", "precompute_batch_size", "lora_r", "lora_alpha", "kl_pairs",
+              "dtype", "attn_implementation", "padding_free", "hidden", "layers", "heads", "kv_heads", "intermediate")
 PROFILED = ("kto", "kto_grouped", "trl", "trl_pre", "trl_compact", "trl_pre_compact")  # no input of another run
+# --gpu-preset: Llama-3.2-1B's shape (vocab: the tokenizer's), bf16, long sequences, kto-scale padding-free;
+# more steps (a GPU step is short); no *_compact runs (TRL takes that path itself on CUDA) and no py-spy
+# profiles (they sample the CPU). Options given on the command line still win over these.
+GPU_PRESET = {"hidden": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "intermediate": 8192, "max_length": 1024,
+              "dtype": "bf16", "padding_free": True, "pairs": 128, "warmup": 4, "steps": 20,
+              "only": "kto,kto_cache,trl,trl_pre,bare", "profile": ""}
+
+
+def best_attention() -> str:
+    """flash-attention's varlen kernels where flash_attn is installed (packed rows without a mask), else sdpa."""
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,6 +77,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--intermediate", type=int, default=1408)
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
+    p.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default=None,
+                   help="weights and compute of every run (default: bf16 with CUDA, fp32 without)")
+    p.add_argument("--attn-implementation", default=None,
+                   help="transformers attention backend of every run: sdpa, flash_attention_2, eager "
+                        "(default: transformers chooses)")
+    p.add_argument("--gpu-preset", action="store_true",
+                   help=f"one GPU: {', '.join(f'{k} {v!r}' for k, v in GPU_PRESET.items())}, attention "
+                        "flash_attention_2 if flash_attn is installed, else sdpa")
+    p.add_argument("--peak-flops", type=float, default=None,
+                   help="the GPU's peak dense bf16 FLOPs/s for MFU (default: from a table of known GPUs)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--padding-free", action="store_true",
                    help="kto-scale runs (training and precompute) pack each batch into one row, without padding")
@@ -78,7 +103,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", type=Path, default=SHARED / "llama2-tokenizer",
                    help="a tokenizer dir that adds BOS on its own (e.g. kto_scale/assets/tiny-llama)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per child run")
+    if p.parse_known_args(argv)[0].gpu_preset:
+        p.set_defaults(**GPU_PRESET, attn_implementation=best_attention())
     args = p.parse_args(argv)
+    args.kv_heads = args.kv_heads or args.heads
+    if args.hidden % args.heads or args.heads % args.kv_heads:
+        p.error(f"--hidden {args.hidden} must be a multiple of --heads {args.heads}, and --heads of --kv-heads "
+                f"{args.kv_heads}")
+    if args.dtype is None:
+        import torch
+
+        args.dtype = "bf16" if torch.cuda.is_available() else "fp32"
     args.profile = [name for name in args.profile.split(",") if name]
     unknown = [name for name in args.profile if name not in PROFILED]
     if unknown:
@@ -114,10 +149,25 @@ def run_profiles(args: argparse.Namespace, spec: dict) -> dict:
     return profiles
 
 
+def add_efficiency(args: argparse.Namespace, spec: dict, results: dict, runs: dict) -> None:
+    """Per training run: its GPU's peak memory, model FLOPs/s over the timed steps (bench/flops.py) and MFU
+    (None on CPU, on an unknown GPU without --peak-flops, and for runs with other batches than kto's)."""
+    shape = Shape(args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate, spec["vocab"])
+    for name, run in runs.items():
+        result = results[name]
+        timed = [step for step in result["steps"] if step["step"] > args.warmup]
+        flops_per_s = (run_flops(spec, shape, timed, RUNS[name].reference) / run["timed_s"]
+                       if RUNS[name].same_batches else None)
+        peak = peak_flops(result["gpu_name"], args.peak_flops)
+        run.update(gpu_name=result["gpu_name"], gpu_peak_mib=result["gpu_peak_mib"], model_flops_per_s=flops_per_s,
+                   peak_flops=peak, mfu=flops_per_s / peak if flops_per_s is not None and peak else None)
+
+
 def summarize(args: argparse.Namespace, spec: dict, results: dict) -> dict:
     """Everything results.json holds, but the date, command, machine and total time."""
     train_runs = [name for name in results if RUNS[name].trains]
     runs = {name: summarize_run(name, results[name], args.warmup, args.steps) for name in train_runs}
+    add_efficiency(args, spec, results, runs)
     ratios = compute_ratios(runs)
     ratios["median_paired_step"] = paired_step_ratios(runs)
     precompute = precompute_summary(spec, results)
@@ -125,8 +175,7 @@ def summarize(args: argparse.Namespace, spec: dict, results: dict) -> dict:
     token_check = check_tokens(spec, results, [name for name in train_runs if RUNS[name].same_batches])
     token_check["passed"] = token_check_passed(token_check)
     return {
-        "setup": {**{key: spec[key] for key in SETUP_KEYS}, "data": str(args.data),
-                  **{key: getattr(args, key) for key in ("hidden", "layers", "heads", "intermediate")}},
+        "setup": {**{key: spec[key] for key in SETUP_KEYS}, "data": str(args.data)},
         "runs": runs, "ratios": ratios, "targets": TARGETS, "precompute": precompute, "token_check": token_check,
         "per_step": {name: results[name]["steps"] for name in train_runs},
         "padding": padding_report(spec),
@@ -160,7 +209,7 @@ def bench(args: argparse.Namespace, names: list[str], work: Path) -> None:
     log(f"inputs ready: {spec['n_examples']} rows, {spec['n_params'] / 1e6:.1f}M params")
     results = {name: run_child(name, spec, args.timeout) for name in names}
     summary = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-               "command": " ".join(["python", *sys.argv]), "machine": machine_info(args.threads),
+               "command": " ".join(["python", *sys.argv]), "machine": machine_info(args.threads, next((r["gpu_name"] for r in results.values() if r["gpu_name"]), None)),
                **summarize(args, spec, results), "profiles": run_profiles(args, spec), "notes": notes}
     if args.work_dir is not None:  # raw py-spy stacks (~1 MB each) stay with the work dir
         summary["notes"].update({f"py-spy raw ({name})": str(work / "profile" / f"pyspy_{name}.txt")

@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # Settings the children read from the spec, straight from the command line.
 SHARED_SETTINGS = ("batch_size", "max_length", "lr", "beta", "seed", "warmup", "steps", "precompute_batch_size",
-                   "lora_r", "lora_alpha", "kl_pairs", "threads", "padding_free")
+                   "lora_r", "lora_alpha", "kl_pairs", "threads", "padding_free", "dtype", "attn_implementation",
+                   "hidden", "layers", "heads", "kv_heads", "intermediate")
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtype -> the name transformers and torch use
 
 
 def load_tokenizer(path: Path):
@@ -52,13 +54,13 @@ def save_model(args, tokenizer, model_dir: Path) -> int:
 
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=2048, tie_word_embeddings=False, attention_dropout=0.0,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(getattr(torch, TORCH_DTYPES[args.dtype]))  # bf16: half the bytes to load
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     return sum(p.numel() for p in model.parameters())
@@ -119,6 +121,8 @@ def write_kto_config(args, model_dir: Path, data_file: Path, path: Path) -> Path
         "disable_tqdm": True,
         "deepspeed": str(REPO / "ds_configs/zero2.json"),
         "padding_free": args.padding_free,
+        "bf16": args.dtype == "bf16",
+        "attn_implementation": args.attn_implementation,
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -27,11 +27,12 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_info(threads: int) -> dict:
+def machine_info(threads: int, gpu_name: str | None) -> dict:
+    """`gpu_name`: what the children saw (torch.cuda.get_device_name); the parent never initializes CUDA."""
     import torch
 
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": threads,
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "device": "CUDA" if torch.cuda.is_available() else "CPU only", "torch": torch.__version__,
+            "device": gpu_name or ("CUDA" if torch.cuda.is_available() else "CPU only"), "torch": torch.__version__,
             **{name: version(name) for name in ("transformers", "trl", "peft", "deepspeed")},
             "python": platform.python_version(), "kto_scale": git_state()}

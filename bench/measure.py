@@ -23,6 +23,15 @@ def rss_mib() -> float:
     raise RuntimeError("/proc/self/status has no VmRSS line: the bench reads memory the Linux way")
 
 
+def gpu_usage() -> dict:
+    """This process's GPU and its peak allocated memory over the whole run (never reset); None on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"gpu_name": None, "gpu_peak_mib": None}
+    return {"gpu_name": torch.cuda.get_device_name(), "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20}
+
+
 def padding_mask(sequences: dict):
     """The attention mask of padded inputs; all ones for packed (padding-free) ones."""
     import torch
@@ -62,4 +71,5 @@ def child_args(description: str, extra=None, argv: list[str] | None = None) -> t
 
 
 def write_result(path: Path, result: dict) -> None:
-    path.write_text(json.dumps(result))
+    """The child's result, with its GPU usage (every child reports it, so the parent never touches CUDA)."""
+    path.write_text(json.dumps({**result, **gpu_usage()}))

@@ -42,20 +42,27 @@ def header(summary: dict) -> list[str]:
         f"Command: `{summary['command']}` ({summary['total_bench_s'] / 60:.1f} min)  ",
         f"kto-scale: commit {kto['commit']}" + (f" with uncommitted changes to {', '.join(modified)}" if modified else ""),
         "",
-        f"Model: Llama, hidden {st['hidden']}, {st['layers']} layers, {st['heads']} heads, MLP {st['intermediate']}, "
-        f"vocab {st['vocab']} ({st['n_params'] / 1e6:.1f}M params, fp32, random init, seed {st['seed']}); LoRA r "
+        f"Model: Llama, hidden {st['hidden']}, {st['layers']} layers, {st['heads']} heads ({st['kv_heads']} KV), MLP "
+        f"{st['intermediate']}, vocab {st['vocab']} ({st['n_params'] / 1e6:.1f}M params, {st['dtype']}, random init, "
+        f"seed {st['seed']}), attention {st['attn_implementation'] or 'transformers default'}; LoRA r "
         f"{st['lora_r']} alpha {st['lora_alpha']} on q,k,v,o, dropout 0; reference = adapters disabled in both. "
         f"Data: the first {st['n_pairs']} pairs of {st['data']} that fit = {st['n_examples']} unpaired rows "
         f"({st['pairs_skipped_too_long']} pairs skipped: prompt >= max_length). Micro-batch {st['batch_size']}, "
         f"max_length {st['max_length']} (no prompt cut in either), grad accumulation 1, lr {st['lr']}, "
         f"{st['warmup']} warm-up + {st['steps']} timed steps, precompute batch {st['precompute_batch_size']}, "
-        f"KL pairs {st['kl_pairs']}. kto-scale on DeepSpeed ZeRO-2 (1 rank, gloo); TRL on its plain Trainer.",
+        f"KL pairs {st['kl_pairs']}. kto-scale on DeepSpeed ZeRO-2 (1 rank)"
+        f"{', padding-free' if st['padding_free'] else ''}; TRL on its plain Trainer.",
     ]
 
 
+def fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
 def run_table(summary: dict) -> list[str]:
-    lines = ["", "| run | examples/s | tokens/s | median step s | CPU s/step | peak RSS MiB | pad % (example / KL seqs) "
-             "| other load (cores) | precompute s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["", "| run | examples/s | tokens/s | median step s | CPU s/step | peak RSS MiB | peak GPU MiB "
+             "| model TFLOP/s | MFU % | pad % (example / KL seqs) | other load (cores) | precompute s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     precompute = summary["precompute"]
     for name, run in summary["runs"].items():
         pre = ""
@@ -65,6 +72,9 @@ def run_table(summary: dict) -> list[str]:
             pre = f"{run['precompute_s']:.1f}"
         lines.append(f"| {RUNS[name].label} | {run['examples_per_s']:.3f} | {run['tokens_per_s']:.1f} "
                      f"| {run['step_s_median']:.2f} | {run['cpu_s_per_step']:.2f} | {run['peak_rss_mib']:.0f} "
+                     f"| {fmt(run['gpu_peak_mib'], '.0f')} "
+                     f"| {fmt(run['model_flops_per_s'] and run['model_flops_per_s'] / 1e12, '.3f')} "
+                     f"| {fmt(run['mfu'] and 100 * run['mfu'], '.1f')} "
                      f"| {100 * run['policy_pad_frac']:.1f} / {100 * run['kl_pad_frac']:.1f} "
                      f"| {run['other_load_cores']:.2f} | {pre} |")
     return lines + [
@@ -73,8 +83,18 @@ def run_table(summary: dict) -> list[str]:
         "tokens of the examples' own sequences (the KL sequences add about as many again). CPU s/step: the trainer "
         "process's CPU time per timed step (all threads), less sensitive to other load on the machine. Peak RSS: "
         "the whole child process (os.wait4 ru_maxrss; the kto-scale cache row excludes the precompute process, "
-        "reported below). Other load: CPU used by other processes during the run, in cores.",
+        "reported below). Other load: CPU used by other processes during the run, in cores. Peak GPU: "
+        "torch.cuda.max_memory_allocated of the whole child process. Model FLOPs (bench/flops.py), per sequence of T "
+        "tokens with C completion tokens, P = the decoder layers' matmul weights, L layers, hidden d, vocab V: "
+        "forward 2PT + 2LT^2d + 2dVC, backward 2PT + 4LT^2d + 2dVC (input gradients only: frozen base, LoRA "
+        "left out); per example, policy forward + backward, policy forward on the KL sequence, and the reference "
+        "forward on both when on the fly. MFU = model FLOPs/s / the GPU's peak dense bf16 FLOPs/s "
+        f"({fmt(peak_of(summary), '.3g')}); n/a on CPU.",
     ]
+
+
+def peak_of(summary: dict) -> float | None:
+    return next((run["peak_flops"] for run in summary["runs"].values() if run["peak_flops"]), None)
 
 
 def ratio_table(summary: dict) -> list[str]:

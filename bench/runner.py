@@ -24,6 +24,7 @@ class Run:
     trains: bool = True  # a training run: one record per optimizer step
     before: str | None = None  # a run that must finish first (its output is this one's input)
     same_batches: bool = True  # step k holds kto's step-k examples: its steps are checked against kto's
+    reference: bool = True  # its steps run the reference forwards (on the fly), for the model FLOPs
 
 
 RUNS = {
@@ -31,13 +32,13 @@ RUNS = {
     "kto_precompute": Run("kto-scale, launch/precompute_ref.py", "runs_kto.py", ("precompute", "kto_precompute"),
                           ("--ref_cache", "{work}/ref_cache"), trains=False),
     "kto_cache": Run("kto-scale, reference from the disk cache", "runs_kto.py", ("train", "kto_cache"),
-                     ("--ref_cache", "{work}/ref_cache"), before="kto_precompute"),
+                     ("--ref_cache", "{work}/ref_cache"), before="kto_precompute", reference=False),
     "trl": Run("TRL, reference on the fly", "runs_trl.py", ("trl",)),
-    "trl_pre": Run("TRL, precompute_ref_log_probs", "runs_trl.py", ("trl_pre", "--precompute")),
+    "trl_pre": Run("TRL, precompute_ref_log_probs", "runs_trl.py", ("trl_pre", "--precompute"), reference=False),
     "trl_compact": Run("TRL, on the fly, completion-only LM head (its CUDA path)", "runs_trl.py",
                        ("trl_compact", "--compact")),
     "trl_pre_compact": Run("TRL, precompute, completion-only LM head (its CUDA path)", "runs_trl.py",
-                           ("trl_pre_compact", "--precompute", "--compact")),
+                           ("trl_pre_compact", "--precompute", "--compact"), reference=False),
     "bare": Run("bare torch.inference_mode() loop", "runs_bare.py", trains=False),
     "kto_grouped": Run("kto-scale, on the fly, group_by_length (other batches)", "runs_kto.py",
                        ("train", "kto_grouped"), ("--group_by_length", "true"), same_batches=False),

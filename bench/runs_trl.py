@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from inputs import LORA_TARGETS
+from inputs import LORA_TARGETS, TORCH_DTYPES
 from measure import batch_stats, child_args, maxrss_mib, rss_mib, write_result
 
 
@@ -26,7 +26,8 @@ def force_compact_lm_head() -> None:
 
 
 def trl_config(spec: dict, output_dir: Path, precompute: bool):
-    """KTOConfig with kto-scale's settings (see bench/README.md, "Settings shared by both")."""
+    """KTOConfig with kto-scale's settings (see bench/README.md, "Settings shared by both"). The Trainer
+    puts the model on the GPU when there is one; bf16 loads the weights in bf16, as kto-scale does."""
     import torch
     from trl import KTOConfig
 
@@ -34,12 +35,13 @@ def trl_config(spec: dict, output_dir: Path, precompute: bool):
         output_dir=str(output_dir), per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
         max_steps=spec["warmup"] + spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="linear",
         warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, optim="adamw_torch", beta=spec["beta"],
-        max_length=spec["max_length"], bf16=False, fp16=False, gradient_checkpointing=False,
+        max_length=spec["max_length"], bf16=spec["dtype"] == "bf16", fp16=False, gradient_checkpointing=False,
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(), seed=spec["seed"], data_seed=spec["seed"], dataloader_num_workers=0,
         dataloader_pin_memory=False, disable_dropout=True, precompute_ref_log_probs=precompute,
         precompute_ref_batch_size=spec["precompute_batch_size"],
         train_sampling_strategy="sequential",  # the rows come in kto-scale's batch order: keep it
+        model_init_kwargs={"dtype": TORCH_DTYPES[spec["dtype"]], "attn_implementation": spec["attn_implementation"]},
     )
 
 
@@ -83,14 +85,19 @@ def bench_trainer_class(spec: dict, record: dict):
 
 def step_timer(record: dict):
     """A callback timing each step from the end of the previous step's logging (or the start of training)
-    to its on_step_end: the data path is in, logging is out, as in kto-scale's metrics."""
+    to its on_step_end: the data path is in, logging is out, as in kto-scale's metrics. On a GPU the step's
+    queued work (backward, optimizer) is waited for before the clock stops, as kto-scale's logging does."""
+    import torch
     from transformers import TrainerCallback
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             record["begins"].append((time.perf_counter(), time.process_time()))
 
         def on_step_end(self, args, state, control, **kwargs):
+            sync()
             record["ends"].append((time.perf_counter(), time.process_time(), rss_mib()))
 
         def on_log(self, args, state, control, logs=None, **kwargs):

@@ -50,10 +50,70 @@ def test_both_trainers_ran_the_same_step(bench):
         assert f"| {label} | " in report
 
 
+def test_gpu_columns_are_na_on_cpu(bench):
+    """Every run reports peak GPU memory, model FLOPs/s and MFU; on CPU only the FLOPs/s have a value."""
+    results = json.loads((bench / "out/results.json").read_text())
+    for name in RUNS:
+        run = results["runs"][name]
+        assert run["gpu_peak_mib"] is None and run["mfu"] is None and run["peak_flops"] is None
+        assert run["tokens_per_s"] > 0 and run["model_flops_per_s"] > 0
+    # same batches, both with the reference on the fly: the same model FLOPs per step
+    assert (results["runs"]["kto"]["model_flops_per_s"] * results["runs"]["kto"]["timed_s"]
+            == pytest.approx(results["runs"]["trl"]["model_flops_per_s"] * results["runs"]["trl"]["timed_s"]))
+    assert results["setup"]["dtype"] == "fp32"
+    report = (bench / "out/results.md").read_text()
+    assert "| peak GPU MiB | model TFLOP/s | MFU % |" in report
+    for label in RUNS.values():
+        row = next(line for line in report.splitlines() if line.startswith(f"| {label} | "))
+        cells = row.split(" | ")  # cells[6]: peak GPU MiB, cells[8]: MFU %
+        assert cells[6] == cells[8] == "n/a"
+
+
+def bench_module(name: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    return importlib.import_module(name)
+
+
+def test_model_flops_by_hand(monkeypatch):
+    """Shape hidden d=4, L=2 layers, 2 heads, 1 KV head (d_kv = 2), MLP I=8, vocab V=10:
+    P = L (2d^2 + 2 d d_kv + 3 d I) = 2 (32 + 16 + 96) = 288.
+    Sequence T=3, C=2: forward = 2PT + 2LT^2d + 2dVC = 1728 + 144 + 160 = 2032;
+                       backward = 2PT + 4LT^2d + 2dVC = 1728 + 288 + 160 = 2176.
+    KL sequence T=2, C=1: forward = 1152 + 64 + 80 = 1296.
+    One example: policy 2032 + 2176 + 1296 = 5504; reference on the fly adds 2032 + 1296 = 3328: 8832."""
+    flops = bench_module("flops", monkeypatch)
+    shape = flops.Shape(hidden=4, layers=2, heads=2, kv_heads=1, intermediate=8, vocab=10)
+    assert shape.layer_params == 288
+    assert flops.forward_flops(shape, 3, 2) == 2032 and flops.backward_flops(shape, 3, 2) == 2176
+    assert flops.example_flops(shape, (3, 2), (2, 1), reference=False) == 5504
+    assert flops.example_flops(shape, (3, 2), (2, 1), reference=True) == 8832
+    # Llama-3.2-1B's decoder layers: 16 (2 * 2048^2 + 2 * 2048 * 512 + 3 * 2048 * 8192) = 973,078,528
+    assert flops.Shape(2048, 16, 32, 8, 8192, 32000).layer_params == 973_078_528
+
+
+def test_peak_flops_table(monkeypatch):
+    flops = bench_module("flops", monkeypatch)
+    assert flops.peak_flops("NVIDIA H100 80GB HBM3", None) == 989e12
+    assert flops.peak_flops("NVIDIA H100 PCIe", None) == 756e12
+    assert flops.peak_flops("NVIDIA A100-SXM4-80GB", None) == 312e12
+    assert flops.peak_flops("Tesla T4", None) is None and flops.peak_flops(None, None) is None  # MFU n/a
+    assert flops.peak_flops("Tesla T4", 65e12) == 65e12
+
+
+def test_gpu_preset_and_overrides(monkeypatch):
+    bench_trl = bench_module("bench_trl", monkeypatch)
+    args = bench_trl.parse_args(["--gpu-preset", "--layers", "2"])
+    assert (args.hidden, args.heads, args.kv_heads, args.intermediate) == (2048, 32, 8, 8192)
+    assert (args.layers, args.max_length, args.dtype, args.padding_free) == (2, 1024, "bf16", True)
+    assert args.attn_implementation in ("flash_attention_2", "sdpa")
+    assert args.only == "kto,kto_cache,trl,trl_pre,bare" and args.profile == []
+    args = bench_trl.parse_args([])
+    assert args.kv_heads == args.heads and args.attn_implementation is None and not args.padding_free
+
+
 def test_a_missing_step_or_run_is_an_error(bench, monkeypatch):
     """The report's joins are strict: a dropped step or run fails the bench instead of shrinking a table."""
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    summary = importlib.import_module("summary")
+    summary = bench_module("summary", monkeypatch)
     work = bench / "work"
     spec = json.loads((work / "spec.json").read_text())
     results = {name: json.loads((work / f"result_{name}.json").read_text()) for name in RUNS}
