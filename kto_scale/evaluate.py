@@ -53,7 +53,6 @@ def no_grad_logps(engine: Engine, batch: dict, cache: RefCache | None) -> tuple[
     return reference, reference_kl, policy_kl
 
 
-
 def score_dataset(engine: Engine, dataset, batch_size: int, pad_id: int, cache: RefCache | None,
                   packed: bool = False) -> dict[str, Tensor]:
     """Policy and reference log-probs of every example and KL pair, gathered from all ranks.

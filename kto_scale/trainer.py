@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 def train_step(
     engine: Engine, batches: list[dict], config: KTOConfig, weights: tuple[float, float], cache: RefCache | None
-) -> tuple[Tensor, Tensor]:
+) -> tuple[dict[str, Tensor], Tensor]:
     """One optimizer step over this rank's micro-batches; returns (named metric sums, [] z_ref).
 
     The z_ref returned (logged as `kl`) is the one the step used; with kl_baseline "micro_batch", the
@@ -60,8 +60,9 @@ def train_step(
         z_refs = [global_kl_baseline(kl.sum(), b["weight"].sum())[0]
                   for b, kl in zip(batches, kl_ratios, strict=True)]
         z_ref = torch.stack(z_refs).mean()
-    # DeepSpeed averages gradients over ranks and accumulation steps; undo that and divide by the
-    # global example count so the step's gradient is the mean over the effective batch's real examples.
+    # Both engines average gradients over ranks and accumulation steps (DeepSpeed's semantics); undo that
+    # and divide by the global example count, so the step's gradient is the mean over the effective
+    # batch's real examples.
     scale = engine.world_size * len(batches) / n_global
 
     sums: dict[str, Tensor] = {}
@@ -183,7 +184,7 @@ def train(config: KTOConfig) -> Path:
         batches = [to_device(collate(train_set, indices, tokenizer.pad_token_id, config.padding_free), engine.device)
                    for indices in plan.micro_batches(step_in_epoch, epoch, config.seed, rank)]
         step_sums, z_ref = train_step(engine, batches, config, weights, caches.get("train"))
-        # DeepSpeed skips an update whose gradient norm is not finite (fp16 overflow, NaN/inf in
+        # The engine skips an update whose gradient norm is not finite (fp16 overflow, NaN/inf in
         # fp32/bf16); the decision is global, so every rank takes the same branch here.
         bad_steps = 0 if engine.was_step_applied() else bad_steps + 1
         if bad_steps:
