@@ -62,6 +62,21 @@ class BatchPlan:
         return [mine[i : i + self.micro_batch_size] for i in range(0, per_rank, self.micro_batch_size)]
 
 
+    def kl_selection(self, step: int, seed: int, rank: int, pairs: int) -> list[list[bool]]:
+        """Which rows of this rank's micro-batches (as `micro_batches` lays them out) have their KL pair
+        scored at optimizer step `step` (1-based): `pairs` slots of the global batch drawn without
+        replacement, seeded by (seed, step), so the draw is the same whatever the number of ranks and
+        on a resumed run. pairs <= 0: every slot."""
+        chosen = torch.ones(self.global_batch_size, dtype=torch.bool)
+        if 0 < pairs < self.global_batch_size:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            chosen = torch.zeros(self.global_batch_size, dtype=torch.bool)
+            chosen[torch.randperm(self.global_batch_size, generator=generator)[:pairs]] = True
+        per_rank = self.micro_batch_size * self.accumulation_steps
+        mine = chosen[rank * per_rank : (rank + 1) * per_rank].tolist()
+        return [mine[i : i + self.micro_batch_size] for i in range(0, per_rank, self.micro_batch_size)]
+
+
 def shard_indices(num_examples: int, batch_size: int, world_size: int, rank: int) -> list[list[int]]:
     """In-order batches for evaluation/precompute: rank r takes every world_size-th batch of the
     padded index list, so all ranks get the same number of batches."""
