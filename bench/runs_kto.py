@@ -35,11 +35,11 @@ def train(spec: dict, name: str, options: list[str]) -> dict:
 
     # Wrapped because the loop builds each step's batch here and nowhere else visible: its token
     # counts, and the start of the step's CPU time (wall time comes from metrics.jsonl).
-    def recording_collate(dataset, indices, pad_id, packed=False):
+    def recording_collate(dataset, indices, *args, **kwargs):
         if not setup:  # the first batch: model, engine and data are set up
             setup.update(after_setup_mib=rss_mib(), peak_after_setup_mib=maxrss_mib())
         start_cpu = time.process_time()
-        batch = collate(dataset, indices, pad_id, packed)
+        batch = collate(dataset, indices, *args, **kwargs)
         policy, kl = batch["policy"], batch["kl"]
         steps.append({"start_cpu": start_cpu, **batch_stats(padding_mask(policy), policy["completion_mask"],
                                                             padding_mask(kl), kl["completion_mask"], len(indices))})

@@ -111,13 +111,53 @@ def _sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: i
     }
 
 
+def _shared_prompt_sequences(prompts: list[list[int]], completions: list[list[int]], kl_completions: list[list[int]],
+                             pad_id: int, packed: bool) -> dict[str, Tensor]:
+    """Each example and its KL pair as one sequence x + y + y', for the reference's one pass over both.
+
+    y' sees x and itself, never y (`segments`: 0 prompt, 1 completion, 2 KL completion, -1 padding; the
+    model turns them into the attention mask), and its positions continue from the end of x, so y'
+    is scored exactly as in a separate x + y' sequence while x is computed once. The scored positions
+    are listed here on the host: `score_positions` [M] (into the flattened input_ids; position t
+    scores the next token of its own sequence, the last prompt token scores both y[0] and y'[0]),
+    `score_targets` [M] the scored token ids, `score_sequences` [M] in 0 .. 2B - 1 (rows 0 .. B - 1:
+    the examples, B .. 2B - 1: their KL pairs). Padded rows are [B, T]; packed, [1, N] plus
+    `sequence_lengths` [B].
+    """
+    ids, segments, positions, scored = [], [], [], []
+    for row, (p, c, k) in enumerate(zip(prompts, completions, kl_completions, strict=True)):
+        ids.append(p + c + k)
+        segments.append([0] * len(p) + [1] * len(c) + [2] * len(k))
+        positions.append(list(range(len(p) + len(c))) + list(range(len(p), len(p) + len(k))))
+        # As in the separate sequences x + y and x + y': position t - 1 scores token t, for t from the
+        # first completion token (a sequence's very first token has nothing before it to score it).
+        for sequence, completion, offset in ((row, c, 0), (len(prompts) + row, k, len(c))):
+            for t in range(max(len(p), 1), len(p) + len(completion)):
+                source = t - 1 if t - 1 < len(p) else t - 1 + offset  # where the virtual position lies
+                scored.append((row, source, completion[t - len(p)], sequence))
+    width = sum(len(s) for s in ids) if packed else max(len(s) for s in ids)
+    starts = np.cumsum([0] + [len(s) for s in ids])[:-1] if packed else np.arange(len(ids)) * width
+    rows, sources, targets, sequences = zip(*scored, strict=True) if scored else ((), (), (), ())
+    out = {"score_positions": torch.tensor(starts[list(rows)] + np.array(sources, dtype=np.int64), dtype=torch.long),
+           "score_targets": torch.tensor(targets, dtype=torch.long),
+           "score_sequences": torch.tensor(sequences, dtype=torch.long)}
+    if packed:
+        flat = [[t for s in column for t in s] for column in (ids, segments, positions)]
+        out.update(input_ids=torch.tensor([flat[0]]), segments=torch.tensor([flat[1]]),
+                   position_ids=torch.tensor([flat[2]]), sequence_lengths=torch.tensor([len(s) for s in ids]))
+    else:
+        out.update(input_ids=_pad(ids, pad_id), segments=_pad(segments, -1), position_ids=_pad(positions, 0))
+    return out
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """A collated batch (nested dicts of tensors) moved to `device`."""
     return {k: to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True)
             for k, v in batch.items()}
 
 
-def collate(dataset, indices: list[int], pad_id: int, packed: bool = False) -> dict[str, Tensor | dict[str, Tensor]]:
+def collate(dataset, indices: list[int], pad_id: int, packed: bool = False,
+            shared_prompt: bool = False) -> dict[str, Tensor | dict[str, Tensor]]:
     """Tensors for the examples at `indices` (PAD_SLOT rows become weight-0 copies of a real example,
     so shapes and collectives stay the same on every rank).
 
@@ -127,12 +167,14 @@ def collate(dataset, indices: list[int], pad_id: int, packed: bool = False) -> d
     completion) sequences, "desirable": [B] bool, "weight": [B] float32 (1 real, 0 filler),
     "index": [B] long (the dataset row each row holds), "pair_id": [B] long, "tokens" and
     "kl_tokens": [B] long (tokens of each example's sequence and of its KL sequence)}.
+    With `shared_prompt`, also "reference": both sequences of each example in one (see
+    `_shared_prompt_sequences`), for the reference's single pass.
     """
     real = [i for i in indices if i != PAD_SLOT]
     filler = real[0] if real else 0
     rows_used = [filler if i == PAD_SLOT else i for i in indices]
     rows = dataset[rows_used]
-    return {
+    batch = {
         "policy": _sequences(rows["prompt_ids"], rows["completion_ids"], pad_id, packed),
         "kl": _sequences(rows["prompt_ids"], rows["kl_completion_ids"], pad_id, packed),
         "desirable": torch.tensor(rows["label"], dtype=torch.bool),
@@ -142,6 +184,10 @@ def collate(dataset, indices: list[int], pad_id: int, packed: bool = False) -> d
         "tokens": _lengths(rows["prompt_ids"], rows["completion_ids"]),
         "kl_tokens": _lengths(rows["prompt_ids"], rows["kl_completion_ids"]),
     }
+    if shared_prompt:
+        batch["reference"] = _shared_prompt_sequences(rows["prompt_ids"], rows["completion_ids"],
+                                                      rows["kl_completion_ids"], pad_id, packed)
+    return batch
 
 
 def token_arrays(dataset: datasets.Dataset) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:

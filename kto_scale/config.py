@@ -116,6 +116,11 @@ class KTOConfig:
     the reference forward passes and reads them from there."""
     precompute_batch_size: int = 32
     """Examples per forward pass of the reference precompute (no gradients: larger than training's)."""
+    shared_prompt_reference: bool = True
+    """The reference scores an example (x, y) and its KL pair (x, y') in one forward pass over
+    x + y + y' (y' attends to x and itself, its positions continue from x), so the prompt is computed
+    once, on the fly and in launch/precompute_ref.py. Needs attention that takes a 4D mask (sdpa,
+    eager); with others (flash_attention_2) the two passes stay separate, which is logged."""
     kl_baseline: str = "effective_batch"
     """Where z_ref is estimated: "effective_batch" (all ranks and accumulation micro-batches of an
     optimizer step, the default) or "micro_batch" (each accumulation micro-batch on its own, summed

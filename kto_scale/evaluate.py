@@ -27,7 +27,7 @@ from kto_scale.distributed import all_gather, is_main_process, shutdown
 from kto_scale.engine import Engine
 from kto_scale.generate import GENERATIONS_FILE, PromptGenerations
 from kto_scale.loss import balanced_weights, kl_baseline, kto_losses
-from kto_scale.model import load_base_model, reference_mode
+from kto_scale.model import load_base_model, reference_mode, shares_prompt
 from kto_scale.outdir import replace_refusal
 from kto_scale.ref_cache import RefCache
 from kto_scale.sft_adapter import add_reference_adapter
@@ -38,24 +38,33 @@ logger = logging.getLogger(__name__)
 EVAL_FILES = ("examples.jsonl", "summary.json", GENERATIONS_FILE)  # all that --output may hold
 
 
+def reference_logps(engine: Engine, batch: dict) -> tuple[Tensor, Tensor]:
+    """(reference logps, reference KL logps) of a batch: one pass over x + y + y' when the batch was
+    collated with shared_prompt (its "reference" inputs), else one pass over each of x + y and x + y'."""
+    with reference_mode(engine.module.model):
+        if "reference" in batch:
+            return engine(**batch["reference"]).chunk(2)
+        return engine(**batch["policy"]), engine(**batch["kl"])
+
+
 def no_grad_logps(engine: Engine, batch: dict, cache: RefCache | None) -> tuple[Tensor, Tensor, Tensor]:
     """(reference logps, reference KL logps, policy KL logps) of a batch, all without gradients.
 
-    With a precomputed reference cache the two reference passes are skipped: a lookup by dataset row.
+    With a precomputed reference cache the reference passes are skipped: a lookup by dataset row.
     """
     if cache is not None:
         reference, reference_kl = (t.to(engine.device) for t in cache.lookup(batch["index"].cpu()))
     else:
-        with reference_mode(engine.module.model):
-            reference, reference_kl = engine(**batch["policy"]), engine(**batch["kl"])
+        reference, reference_kl = reference_logps(engine, batch)
     with torch.no_grad():
         policy_kl = engine(**batch["kl"])
     return reference, reference_kl, policy_kl
 
 
 def score_dataset(engine: Engine, dataset, batch_size: int, pad_id: int, cache: RefCache | None,
-                  packed: bool = False) -> dict[str, Tensor]:
-    """Policy and reference log-probs of every example and KL pair, gathered from all ranks.
+                  packed: bool = False, shared_prompt: bool = False) -> dict[str, Tensor]:
+    """Policy and reference log-probs of every example and KL pair, gathered from all ranks (packed,
+    shared_prompt: the layouts of kto_scale.collate.collate).
 
     Returns [N] tensors in dataset order (filler rows removed), identical on every rank:
     index, desirable, pair_id, policy, reference, policy_kl, reference_kl.
@@ -64,7 +73,7 @@ def score_dataset(engine: Engine, dataset, batch_size: int, pad_id: int, cache: 
     columns = {k: [] for k in names}
     engine.eval()  # no LoRA dropout while scoring
     for indices in shard_indices(len(dataset), batch_size, engine.world_size, engine.global_rank):
-        batch = to_device(collate(dataset, indices, pad_id, packed), engine.device)
+        batch = to_device(collate(dataset, indices, pad_id, packed, shared_prompt and cache is None), engine.device)
         reference, reference_kl, policy_kl = no_grad_logps(engine, batch, cache)
         with torch.no_grad():
             policy = engine(**batch["policy"])
@@ -112,13 +121,15 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
     dataset = {"train": start.train_set, "eval": start.eval_set}[split]
     if dataset is None:
         raise ConfigError("The config has no eval data: set eval_dataset_name or eval_fraction, or pass --split train.")
-    model = PeftModel.from_pretrained(load_base_model(config), str(adapter))
+    base = load_base_model(config)
+    shared_prompt = shares_prompt(config, base)
+    model = PeftModel.from_pretrained(base, str(adapter))
     if config.sft_adapter:  # the reference training used: base + the SFT adapter
         add_reference_adapter(model, config)
     engine = start.engine.inference_engine(model)
     tokenizer, train = start.tokenizer, start.train_set
     scores = score_dataset(engine, dataset, config.per_device_eval_batch_size, tokenizer.pad_token_id, cache=None,
-                           packed=config.padding_free)
+                           packed=config.padding_free, shared_prompt=shared_prompt)
     # The class weights training used: "auto" is solved from the train split's counts, whatever is scored.
     n_desirable = sum(train["label"])
     weights = balanced_weights(config.desirable_weight, config.undesirable_weight,

@@ -74,9 +74,19 @@ def chunked_completion_logps(
     if sequence_ids is not None:
         scored = scored & (sequence_ids[:, 1:] == sequence_ids[:, :-1])
     rows, cols = scored.nonzero(as_tuple=True)
-    scoring_hidden = hidden[rows, cols]
-    targets = input_ids[rows, cols + 1]
+    token_logps = scored_token_logps(hidden[rows, cols], input_ids[rows, cols + 1], lm_head, chunk_size)
+    if sequence_ids is None:
+        sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=hidden.device)
+        return sums.index_add(0, rows, token_logps)
+    sums = torch.zeros(num_sequences, dtype=torch.float32, device=hidden.device)
+    return sums.index_add(0, sequence_ids[rows, cols + 1], token_logps)
 
+
+def scored_token_logps(
+    scoring_hidden: Tensor, targets: Tensor, lm_head: Callable[[Tensor], Tensor], chunk_size: int = 1024
+) -> Tensor:
+    """[M, H] hidden states of the positions that score a token and the [M] tokens they score -> [M]
+    float32 log p(target), the LM head applied chunk_size rows at a time (see chunked_completion_logps)."""
     recompute = torch.is_grad_enabled() and scoring_hidden.requires_grad
     chunks = []
     for start in range(0, targets.numel(), chunk_size):
@@ -86,9 +96,4 @@ def chunked_completion_logps(
         else:
             chunks.append(_token_logps(h, t, lm_head))
     # With no completion token at all, keep the result attached to the graph so backward still runs.
-    token_logps = torch.cat(chunks) if chunks else scoring_hidden.float().sum(-1)
-    if sequence_ids is None:
-        sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=hidden.device)
-        return sums.index_add(0, rows, token_logps)
-    sums = torch.zeros(num_sequences, dtype=torch.float32, device=hidden.device)
-    return sums.index_add(0, sequence_ids[rows, cols + 1], token_logps)
+    return torch.cat(chunks) if chunks else scoring_hidden.float().sum(-1)

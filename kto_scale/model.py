@@ -25,11 +25,13 @@ from transformers import (
 from transformers.modeling_utils import set_zero3_state
 
 from kto_scale.config import KTOConfig
-from kto_scale.logprobs import chunked_completion_logps
+from kto_scale.logprobs import chunked_completion_logps, scored_token_logps
 from kto_scale.sft_adapter import add_sft_adapters, has_reference_adapter, reference_adapter_active
 
 logger = logging.getLogger(__name__)
 
+# Attention implementations that take an arbitrary 4D mask, as the shared-prompt reference pass needs.
+CUSTOM_MASK_ATTENTION = ("sdpa", "eager")
 # Models whose logits are not just lm_head(hidden): the chunked head would score them wrongly.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
@@ -136,6 +138,42 @@ def add_lora(model: PreTrainedModel, config: KTOConfig) -> PeftModel:
     return get_peft_model(model, lora)
 
 
+def shares_prompt(config: KTOConfig, model: PreTrainedModel) -> bool:
+    """Whether reference passes score an example and its KL pair in one forward over x + y + y'
+    (config.shared_prompt_reference), saying why not when the model's attention cannot take that mask."""
+    if not config.shared_prompt_reference:
+        return False
+    attention = model.config._attn_implementation
+    if attention not in CUSTOM_MASK_ATTENTION or getattr(model.config, "sliding_window", None):
+        logger.info("shared_prompt_reference: %s attention%s cannot take the x + y + y' mask; the reference scores "
+                    "each example and its KL pair in two passes.", attention,
+                    " with a sliding window" if getattr(model.config, "sliding_window", None) else "")
+        return False
+    logger.info("Reference passes: one forward over prompt + completion + KL completion per example "
+                "(shared_prompt_reference).")
+    return True
+
+
+def shared_prompt_mask(segments: Tensor, sequence_ids: Tensor | None, dtype: torch.dtype | None) -> Tensor:
+    """[B, 1, T, T] attention mask of x + y + y' rows (kto_scale.collate: segments [B, T] 0 prompt,
+    1 completion, 2 KL completion, -1 padding): causal, and a token sees the prompt and its own segment
+    only, so y' never sees y; with `sequence_ids` [B, T] (packed rows), never another sequence.
+
+    dtype None: bool, True where attention is allowed (sdpa); else an additive mask of that dtype, 0 or
+    its most negative value (eager adds it to the scores). Padding queries see the prompt and padding,
+    so no row is fully masked.
+    """
+    q, k = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool, device=segments.device).tril()
+    allowed = ((k == 0) | (k == q)) & causal
+    if sequence_ids is not None:
+        allowed &= sequence_ids[:, :, None] == sequence_ids[:, None, :]
+    allowed = allowed.unsqueeze(1)
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: PeftModel) -> Iterator[None]:
     """Every LoRA layer computes its base layer alone inside this block.
@@ -188,6 +226,11 @@ class SequenceLogps(nn.Module):
         completion_mask: Tensor | None = None,
         attention_mask: Tensor | None = None,
         sequence_lengths: Tensor | None = None,
+        segments: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        score_positions: Tensor | None = None,
+        score_targets: Tensor | None = None,
+        score_sequences: Tensor | None = None,
         generate: dict | None = None,
     ) -> Tensor:
         """Completion log-probs, one float32 per sequence.
@@ -196,25 +239,42 @@ class SequenceLogps(nn.Module):
         Packed (padding-free): [1, N] input_ids and completion_mask holding B sequences back to back,
         and [B] sequence_lengths -> [B]. Position ids restart at 0 for each sequence, which
         transformers turns into attention that never crosses sequences.
+        Shared prompt (kto_scale.collate's "reference" inputs): x + y + y' rows given as input_ids,
+        segments, position_ids and the score_* lists (packed: and sequence_lengths) -> [2B], the B
+        examples' log-probs then their KL pairs'.
         `generate`: instead, `model.generate(input_ids, attention_mask, **generate)`'s token ids; it is
         routed through this module so that an engine's hooks on it (FSDP's root) run around generation.
         """
         if generate is not None:
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate)
         base = self.model.get_base_model()
-        position_ids = sequence_ids = None
+        sequence_ids = None
         if sequence_lengths is not None:
             # Computed on the device from static sizes: no host sync.
             total = input_ids.shape[1]
             sequence_ids = torch.repeat_interleave(
                 torch.arange(len(sequence_lengths), device=input_ids.device), sequence_lengths, output_size=total
             )
-            starts = torch.cumsum(sequence_lengths, 0) - sequence_lengths
-            position_ids = (torch.arange(total, device=input_ids.device) - starts[sequence_ids]).unsqueeze(0)
+            if position_ids is None:
+                starts = torch.cumsum(sequence_lengths, 0) - sequence_lengths
+                position_ids = (torch.arange(total, device=input_ids.device) - starts[sequence_ids]).unsqueeze(0)
             sequence_ids = sequence_ids.unsqueeze(0)
+        if segments is not None:
+            attention = base.config._attn_implementation
+            if attention not in CUSTOM_MASK_ATTENTION:
+                raise ValueError(f"Shared-prompt rows need attention that takes a 4D mask {CUSTOM_MASK_ATTENTION}, "
+                                 f"not {attention} (kto_scale.model.shares_prompt decides).")
+            dtype = None if attention == "sdpa" else base.get_input_embeddings().weight.dtype
+            attention_mask = shared_prompt_mask(segments, sequence_ids, dtype)
         hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    use_cache=False)
+                                    use_cache=False).last_hidden_state
+        if segments is not None:
+            token_logps = scored_token_logps(hidden.flatten(0, 1)[score_positions], score_targets,
+                                             base.get_output_embeddings(), self.chunk_size)
+            examples = input_ids.shape[0] if sequence_lengths is None else len(sequence_lengths)
+            sums = torch.zeros(2 * examples, dtype=torch.float32, device=hidden.device)
+            return sums.index_add(0, score_sequences, token_logps)
         return chunked_completion_logps(
-            hidden.last_hidden_state, base.get_output_embeddings(), input_ids, completion_mask, self.chunk_size,
+            hidden, base.get_output_embeddings(), input_ids, completion_mask, self.chunk_size,
             sequence_ids, None if sequence_lengths is None else len(sequence_lengths),
         )

@@ -23,7 +23,8 @@ from kto_scale.collate import collate, length_order, shard_indices, to_device
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.distributed import all_gather, all_reduce_sum, on_main_process, shutdown
 from kto_scale.engine import Engine
-from kto_scale.model import load_model, reference_mode
+from kto_scale.evaluate import reference_logps
+from kto_scale.model import load_model, shares_prompt
 from kto_scale.outdir import LOCK_FILE, lock_directory
 from kto_scale.ref_cache import (
     FORMAT_VERSION,
@@ -41,7 +42,8 @@ from kto_scale.startup import setup
 logger = logging.getLogger(__name__)
 
 
-def _reference_logps(engine: Engine, subset: datasets.Dataset, batch_size: int, pad_id: int) -> Tensor:
+def _reference_logps(engine: Engine, subset: datasets.Dataset, batch_size: int, pad_id: int,
+                     shared_prompt: bool) -> Tensor:
     """[n, 3] (reference logp, reference KL logp, tokens) of every row of `subset`, in its order, on CPU.
 
     Rank r scores every world_size-th batch; a rank short of examples scores weight-0 filler rows, so
@@ -51,9 +53,8 @@ def _reference_logps(engine: Engine, subset: datasets.Dataset, batch_size: int, 
     for indices in shard_indices(len(subset), batch_size, engine.world_size, engine.global_rank):
         # Padded even with padding_free: the rows are length-sorted, so batches pad little, while packing
         # precompute_batch_size sequences into one row makes sdpa's block mask quadratic in its length.
-        batch = to_device(collate(subset, indices, pad_id), engine.device)
-        with reference_mode(engine.module.model):
-            logps = [engine(**batch["policy"]), engine(**batch["kl"])]
+        batch = to_device(collate(subset, indices, pad_id, shared_prompt=shared_prompt), engine.device)
+        logps = reference_logps(engine, batch)
         tokens = (batch["tokens"] + batch["kl_tokens"]).float()
         values.append(torch.stack([*logps, tokens], dim=1))
         rows.append(batch["index"])
@@ -65,7 +66,7 @@ def _reference_logps(engine: Engine, subset: datasets.Dataset, batch_size: int, 
 
 
 def _precompute_split(engine: Engine, config: KTOConfig, dataset: datasets.Dataset, split: str, fingerprint_id: str,
-                      pad_id: int) -> list[dict]:
+                      pad_id: int, shared_prompt: bool) -> list[dict]:
     """Write the shards of one split that no earlier precompute finished; return the manifest entries.
 
     Rank 0 decides which shards are finished and tells the others, so all ranks run the same passes.
@@ -89,7 +90,7 @@ def _precompute_split(engine: Engine, config: KTOConfig, dataset: datasets.Datas
     progress = tqdm(total=len(dataset), disable=rank != 0 or config.disable_tqdm, desc=f"reference {split}")
     for s, (path, rows) in enumerate(zip(paths, shards, strict=True)):
         if not finished[s]:
-            values = _reference_logps(engine, dataset.select(rows), batch_size, pad_id)
+            values = _reference_logps(engine, dataset.select(rows), batch_size, pad_id, shared_prompt)
             tokens += values[:, 2].sum().item()
             if rank == 0:
                 shas[s] = write_shard(path, rows, keys[rows], values[:, :2], fingerprint_id)
@@ -130,7 +131,9 @@ def precompute(config: KTOConfig) -> Path:
     start = setup(config, cache_dir / "prepared",
                   lambda: on_main_process(lambda: lock_directory(cache_dir / LOCK_FILE, f"ref_cache {cache_dir}")))
     splits = {"train": start.train_set, "eval": start.eval_set}
-    engine = start.engine.inference_engine(load_model(config))
+    model = load_model(config)
+    shared_prompt = shares_prompt(config, model)
+    engine = start.engine.inference_engine(model)
     fingerprint = run_fingerprint(config, start.tokenizer, splits)
     on_main_process(lambda: _prepare_cache_dir(cache_dir, fingerprint))  # a refusal stops every rank
     fingerprint_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
@@ -138,7 +141,7 @@ def precompute(config: KTOConfig) -> Path:
     for split, data in splits.items():
         if data is not None:
             manifest["splits"][split] = _precompute_split(engine, config, data, split, fingerprint_id,
-                                                          start.tokenizer.pad_token_id)
+                                                          start.tokenizer.pad_token_id, shared_prompt)
     if start.rank == 0:
         write_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
         logger.info("Reference cache written to %s.", cache_dir)

@@ -36,7 +36,7 @@ from kto_scale.evaluate import evaluation_metrics, no_grad_logps, score_dataset
 from kto_scale.generate import GenerationLog, PromptGenerations
 from kto_scale.loss import balanced_weights, kto_losses
 from kto_scale.metrics import MetricsLogger
-from kto_scale.model import SequenceLogps, add_lora, load_base_model
+from kto_scale.model import SequenceLogps, add_lora, load_base_model, shares_prompt
 from kto_scale.plot import plot_runs
 from kto_scale.ref_cache import RefCache, open_ref_cache
 from kto_scale.startup import setup
@@ -145,6 +145,7 @@ def train(config: KTOConfig) -> Path:
     if checkpoint:
         start.engine.prepare_resume(checkpoint, check_resume(checkpoint, config, world_size))
     base = load_base_model(config)
+    shared_prompt = shares_prompt(config, base) and "train" not in caches  # a cache replaces the reference passes
     set_aside_previous_run(config)  # every check passed: only now does the old run make way
     if config.init_random_weights:  # the adapter is only meaningful next to these exact weights
         save_base_model(base, tokenizer, Path(config.output_dir) / "base_model")
@@ -169,7 +170,8 @@ def train(config: KTOConfig) -> Path:
 
     def run_eval(step: int) -> dict[str, float]:
         result = evaluation_metrics(score_dataset(engine, eval_set, config.per_device_eval_batch_size,
-                                                  tokenizer.pad_token_id, caches.get("eval"), config.padding_free),
+                                                  tokenizer.pad_token_id, caches.get("eval"), config.padding_free,
+                                                  shared_prompt),
                                     config.beta, weights)
         metrics.log(result, step=step, split="eval")
         if generations is not None:
@@ -181,7 +183,8 @@ def train(config: KTOConfig) -> Path:
     last_eval, bad_steps = None, 0
     for step in range(start_step + 1, total_steps + 1):
         epoch, step_in_epoch = divmod(step - 1, plan.steps_per_epoch)
-        batches = [to_device(collate(train_set, indices, tokenizer.pad_token_id, config.padding_free), engine.device)
+        batches = [to_device(collate(train_set, indices, tokenizer.pad_token_id, config.padding_free, shared_prompt),
+                             engine.device)
                    for indices in plan.micro_batches(step_in_epoch, epoch, config.seed, rank)]
         step_sums, z_ref = train_step(engine, batches, config, weights, caches.get("train"))
         # The engine skips an update whose gradient norm is not finite (fp16 overflow, NaN/inf in

@@ -176,4 +176,5 @@ def test_micro_batch_kl_baseline_logs_the_mean_of_the_micro_batch_z_refs(tmp_pat
         z_refs.append(kl_baseline(kl.sum(), kl.numel()).item())
     assert abs(z_refs[0] - z_refs[1]) > 1e-3, z_refs  # else the test could not tell the mean from the last
     logged = metrics(tmp_path / "micro", "train")[2]
-    assert logged["step"] == 3 and logged["kl"] == pytest.approx(sum(z_refs) / 2, abs=1e-6)
+    # 1e-5: the run's reference comes from the shared-prompt pass, here from two passes (float32 rounding).
+    assert logged["step"] == 3 and logged["kl"] == pytest.approx(sum(z_refs) / 2, abs=1e-5)

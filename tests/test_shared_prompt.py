@@ -1,0 +1,92 @@
+"""The shared-prompt reference pass: one forward over x + y + y' gives the same log-probs as the two
+separate passes over x + y and x + y', in the padded and the packed layout, with sdpa and eager
+attention; the collated layout itself, by hand; and whole runs (1 and 2 ranks, ZeRO-2 and 3, padded and
+padding-free) equal to runs with separate passes. (Precompute's shared pass is checked against plain
+separate passes in test_ref_cache.py.)"""
+
+import datasets
+import pytest
+import torch
+from runs import ROOT, TRAIN, config_file, deepspeed_run, metrics, run
+
+from kto_scale.assets import TINY_LLAMA_DIR
+from kto_scale.collate import collate
+from kto_scale.config import KTOConfig
+from kto_scale.model import SequenceLogps, load_model, reference_mode, shared_prompt_mask, shares_prompt
+
+
+def _dataset(prompt_lengths, completion_lengths, kl_completion_lengths) -> datasets.Dataset:
+    torch.manual_seed(3)
+    rows = {name: [torch.randint(3, 900, (n,)).tolist() for n in lengths]
+            for name, lengths in (("prompt_ids", prompt_lengths), ("completion_ids", completion_lengths),
+                                  ("kl_completion_ids", kl_completion_lengths))}
+    n = len(prompt_lengths)
+    return datasets.Dataset.from_dict({**rows, "label": [i % 2 == 0 for i in range(n)], "pair_id": [-1] * n})
+
+
+def test_collated_layout_by_hand():
+    """x = [11, 12], y = [21, 22, 23], y' = [31]: the row is 11 12 21 22 23 31, y' at position 2 (after x).
+    Scored (row position -> target, sequence): 1 -> 21, 2 -> 22, 3 -> 23 for the example (sequence 0),
+    and 1 -> 31 for its KL pair (sequence 1 = B + 0): the last prompt token scores both first tokens."""
+    data = datasets.Dataset.from_dict({"prompt_ids": [[11, 12]], "completion_ids": [[21, 22, 23]],
+                                       "kl_completion_ids": [[31]], "label": [True], "pair_id": [-1]})
+    shared = collate(data, [0], pad_id=0, shared_prompt=True)["reference"]
+    assert shared["input_ids"].tolist() == [[11, 12, 21, 22, 23, 31]]
+    assert shared["segments"].tolist() == [[0, 0, 1, 1, 1, 2]]
+    assert shared["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2]]
+    assert shared["score_positions"].tolist() == [1, 2, 3, 1]
+    assert shared["score_targets"].tolist() == [21, 22, 23, 31]
+    assert shared["score_sequences"].tolist() == [0, 0, 0, 1]
+    mask = shared_prompt_mask(shared["segments"], None, None)[0, 0].int().tolist()
+    assert mask[5] == [1, 1, 0, 0, 0, 1]  # y' sees x and itself, not y
+    assert mask[4] == [1, 1, 1, 1, 1, 0]  # y sees x and y (causal), not y'
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_one_pass_equals_two_passes(attention, packed):
+    """Prompts of 1 to 9 tokens (a cut prompt is just a shorter prompt), completions and KL completions of
+    1 to 8 tokens (a cut KL completion likewise), rows of different lengths (padding): the [2B] result is
+    the reference log-probs of the B examples, then of their B KL pairs, as the separate passes give."""
+    config = KTOConfig(model_name_or_path=str(TINY_LLAMA_DIR), init_random_weights=True, lora_r=4,
+                       attn_implementation=attention)
+    policy = load_model(config)
+    assert shares_prompt(config, policy)
+    module = SequenceLogps(policy, chunk_size=5)
+    data = _dataset((4, 9, 1, 6), (6, 1, 8, 3), (2, 7, 1, 8))
+    batch = collate(data, [0, 1, 2, 3], pad_id=2, packed=packed, shared_prompt=True)
+    with reference_mode(policy):
+        separate = torch.cat([module(**batch["policy"]), module(**batch["kl"])])
+        shared = module(**batch["reference"])
+    assert shared.shape == (8,)
+    torch.testing.assert_close(shared, separate, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attention_falls_back_to_two_passes(caplog):
+    """An attention implementation that cannot take a 4D mask keeps the separate passes, and says so."""
+    config = KTOConfig(model_name_or_path=str(TINY_LLAMA_DIR), init_random_weights=True, lora_r=4)
+    policy = load_model(config)
+    policy.config._attn_implementation = "flash_attention_2"  # only the name is read: no kernel runs
+    with caplog.at_level("INFO"):
+        assert not shares_prompt(config, policy)
+    assert "flash_attention_2 attention cannot take the x + y + y' mask" in caplog.text
+    policy.config._attn_implementation = "sdpa"
+    assert not shares_prompt(KTOConfig(**{**config.to_dict(), "shared_prompt_reference": False}), policy)
+
+
+def test_training_with_shared_prompt_equals_separate_passes(tmp_path, tiny_model, one_process_run):
+    """The suite's one-rank run (ZeRO-2, padded, shared prompt: the default) equals the same run with the
+    reference's two separate passes, and two ZeRO-3 ranks with padding-free rows and the shared prompt:
+    every step's loss, z_ref, rewards and grad norm, and the eval metrics, within 1e-5."""
+    separate = config_file(tmp_path, "separate", tiny_model, shared_prompt_reference=False)
+    assert "one forward over prompt + completion + KL completion" not in run([*TRAIN, "--config", str(separate)]).stderr
+    packed = config_file(tmp_path, "packed", tiny_model, gradient_accumulation_steps=1, padding_free=True,
+                         deepspeed=str(ROOT / "ds_configs/zero3.json"))
+    assert "one forward over prompt + completion + KL completion" in deepspeed_run(2, packed).stderr
+    for other in (tmp_path / "separate", tmp_path / "packed"):
+        for split in ("train", "eval"):
+            ours, theirs = metrics(one_process_run, split), metrics(other, split)
+            assert [m["step"] for m in ours] == [m["step"] for m in theirs] and ours
+            for a, b in zip(ours, theirs, strict=True):
+                for key in a.keys() - {"split", "time", "examples_per_s", "tokens_per_s"}:
+                    assert b[key] == pytest.approx(a[key], abs=1e-5), (other.name, split, a["step"], key)
