@@ -112,7 +112,7 @@ def _sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: i
 
 
 def _shared_prompt_sequences(prompts: list[list[int]], completions: list[list[int]], kl_completions: list[list[int]],
-                             pad_id: int, packed: bool) -> dict[str, Tensor]:
+                             kl_rows: list[int], pad_id: int, packed: bool) -> dict[str, Tensor]:
     """Each example and its KL pair as one sequence x + y + y', for the reference's one pass over both.
 
     y' sees x and itself, never y (`segments`: 0 prompt, 1 completion, 2 KL completion, -1 padding; the
@@ -121,10 +121,11 @@ def _shared_prompt_sequences(prompts: list[list[int]], completions: list[list[in
     are listed here on the host: `score_positions` [M] (into the flattened input_ids; position t
     scores the next token of its own sequence, the last prompt token scores both y[0] and y'[0]),
     `score_targets` [M] the scored token ids, `score_sequences` [M] in 0 .. 2B - 1 (rows 0 .. B - 1:
-    the examples, B .. 2B - 1: their KL pairs). Padded rows are [B, T]; packed, [1, N] plus
-    `sequence_lengths` [B].
+    the examples, B .. 2B - 1: their KL pairs). Only the rows in `kl_rows` get their y' (the others'
+    KL sums stay 0). Padded rows are [B, T]; packed, [1, N] plus `sequence_lengths` [B].
     """
     ids, segments, positions, scored = [], [], [], []
+    kl_completions = [k if row in kl_rows else [] for row, k in enumerate(kl_completions)]
     for row, (p, c, k) in enumerate(zip(prompts, completions, kl_completions, strict=True)):
         ids.append(p + c + k)
         segments.append([0] * len(p) + [1] * len(c) + [2] * len(k))
@@ -156,37 +157,49 @@ def to_device(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items()}
 
 
-def collate(dataset, indices: list[int], pad_id: int, packed: bool = False,
-            shared_prompt: bool = False) -> dict[str, Tensor | dict[str, Tensor]]:
+def collate(dataset, indices: list[int], pad_id: int, packed: bool = False, shared_prompt: bool = False,
+            kl: list[bool] | None = None) -> dict[str, Tensor | dict[str, Tensor]]:
     """Tensors for the examples at `indices` (PAD_SLOT rows become weight-0 copies of a real example,
     so shapes and collectives stay the same on every rank).
 
     Returns {"policy": the model inputs of the (prompt, completion) sequences (see `_sequences`:
     padded {input_ids, completion_mask, attention_mask} [B, T], or packed {input_ids,
     completion_mask} [1, N] and sequence_lengths [B]), "kl": the same for the (prompt, mismatched
-    completion) sequences, "desirable": [B] bool, "weight": [B] float32 (1 real, 0 filler),
-    "index": [B] long (the dataset row each row holds), "pair_id": [B] long, "tokens" and
-    "kl_tokens": [B] long (tokens of each example's sequence and of its KL sequence)}.
-    With `shared_prompt`, also "reference": both sequences of each example in one (see
-    `_shared_prompt_sequences`), for the reference's single pass.
+    completion) sequences of the K rows listed in "kl_rows", "desirable": [B] bool, "weight": [B]
+    float32 (1 real, 0 filler), "index": [B] long (the dataset row each row holds), "pair_id": [B]
+    long, "tokens": [B] long (tokens of each example's sequence), "kl_rows": [K] long (the rows whose
+    KL pair is scored: those `kl` marks, every row when it is None), "kl_weight": [K] float32 (their
+    weights), "kl_tokens": [K] long (tokens of their KL sequences)}. When `kl` marks no row, K = 1: the
+    first row's pair with weight 0, so every micro-batch still runs its KL passes (ZeRO-3 and FSDP
+    collectives need every rank).
+    With `shared_prompt`, also "reference": each example and its KL pair (when scored) in one sequence
+    (see `_shared_prompt_sequences`), for the reference's single pass.
     """
     real = [i for i in indices if i != PAD_SLOT]
     filler = real[0] if real else 0
     rows_used = [filler if i == PAD_SLOT else i for i in indices]
     rows = dataset[rows_used]
+    weight = torch.tensor([0.0 if i == PAD_SLOT else 1.0 for i in indices])
+    kl_rows = list(range(len(indices))) if kl is None else [row for row, chosen in enumerate(kl) if chosen]
+    kl_weight = weight[kl_rows] if kl_rows else torch.zeros(1)
+    kl_rows = kl_rows or [0]
+    kl_prompts = [rows["prompt_ids"][row] for row in kl_rows]
+    kl_completions = [rows["kl_completion_ids"][row] for row in kl_rows]
     batch = {
         "policy": _sequences(rows["prompt_ids"], rows["completion_ids"], pad_id, packed),
-        "kl": _sequences(rows["prompt_ids"], rows["kl_completion_ids"], pad_id, packed),
+        "kl": _sequences(kl_prompts, kl_completions, pad_id, packed),
         "desirable": torch.tensor(rows["label"], dtype=torch.bool),
-        "weight": torch.tensor([0.0 if i == PAD_SLOT else 1.0 for i in indices]),
+        "weight": weight,
         "index": torch.tensor(rows_used, dtype=torch.long),
         "pair_id": torch.tensor(rows["pair_id"], dtype=torch.long),
         "tokens": _lengths(rows["prompt_ids"], rows["completion_ids"]),
-        "kl_tokens": _lengths(rows["prompt_ids"], rows["kl_completion_ids"]),
+        "kl_rows": torch.tensor(kl_rows, dtype=torch.long),
+        "kl_weight": kl_weight,
+        "kl_tokens": _lengths(kl_prompts, kl_completions),
     }
     if shared_prompt:
         batch["reference"] = _shared_prompt_sequences(rows["prompt_ids"], rows["completion_ids"],
-                                                      rows["kl_completion_ids"], pad_id, packed)
+                                                      rows["kl_completion_ids"], kl_rows, pad_id, packed)
     return batch
 
 

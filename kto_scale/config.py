@@ -121,6 +121,11 @@ class KTOConfig:
     x + y + y' (y' attends to x and itself, its positions continue from x), so the prompt is computed
     once, on the fly and in launch/precompute_ref.py. Needs attention that takes a 4D mask (sdpa,
     eager); with others (flash_attention_2) the two passes stay separate, which is logged."""
+    kl_pairs_per_step: int = 0
+    """Estimate z_ref from this many KL pairs per optimizer step, drawn without replacement from the
+    effective batch (seeded by seed and step: the same on any number of ranks and on resume), and skip
+    the KL passes of the other examples. 0: every example's pair (the paper's estimate). At most the
+    global batch. README "Fewer KL passes" gives the noise it adds and the time it saves."""
     kl_baseline: str = "effective_batch"
     """Where z_ref is estimated: "effective_batch" (all ranks and accumulation micro-batches of an
     optimizer step, the default) or "micro_batch" (each accumulation micro-batch on its own, summed
@@ -263,6 +268,11 @@ class KTOConfig:
             raise ConfigError(f"lr_scheduler_type {self.lr_scheduler_type!r} is not one of {SCHEDULERS}.")
         if self.kl_baseline not in KL_BASELINES:
             raise ConfigError(f"kl_baseline {self.kl_baseline!r} is not one of {KL_BASELINES}.")
+        if self.kl_pairs_per_step < 0:
+            raise ConfigError(f"kl_pairs_per_step must be >= 0 (0: every pair), got {self.kl_pairs_per_step}.")
+        if self.kl_pairs_per_step and self.kl_baseline == "micro_batch":
+            raise ConfigError("kl_pairs_per_step samples pairs from the whole effective batch: it needs kl_baseline "
+                              "effective_batch (a micro-batch could get no pair at all).")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
         if self.warmup_ratio > 0 and self.warmup_steps > 0:

@@ -73,14 +73,14 @@ def all_gather(tensor: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def global_kl_baseline(kl_ratio_sum: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
-    """z_ref over every rank's mismatched pairs, and the global number of examples behind it.
+def global_kl_baseline(kl_ratio_sum: Tensor, pairs: Tensor, examples: Tensor) -> tuple[Tensor, Tensor]:
+    """z_ref over every rank's mismatched pairs, and the global number of examples (one all-reduce).
 
-    Sum and count are all-reduced (not per-rank means), so z_ref does not depend on how the examples
-    fall on ranks. Returns ([] z_ref, [] global count).
+    Sums and counts are all-reduced (not per-rank means), so z_ref does not depend on how the pairs
+    fall on ranks. Returns ([] z_ref, [] global example count).
     """
-    totals = all_reduce_sum(torch.stack([kl_ratio_sum.float(), count.float()]))
-    return kl_baseline(totals[0], totals[1]), totals[1]
+    totals = all_reduce_sum(torch.stack([kl_ratio_sum.float(), pairs.float(), examples.float()]))
+    return kl_baseline(totals[0], totals[1]), totals[2]
 
 
 def on_main_process(work: Callable[[], T]) -> T | None:

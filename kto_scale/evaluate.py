@@ -39,21 +39,24 @@ EVAL_FILES = ("examples.jsonl", "summary.json", GENERATIONS_FILE)  # all that --
 
 
 def reference_logps(engine: Engine, batch: dict) -> tuple[Tensor, Tensor]:
-    """(reference logps, reference KL logps) of a batch: one pass over x + y + y' when the batch was
-    collated with shared_prompt (its "reference" inputs), else one pass over each of x + y and x + y'."""
+    """([B] reference logps, [K] reference KL logps of the batch's kl_rows): one pass over x + y + y' when
+    the batch was collated with shared_prompt (its "reference" inputs), else one over x + y and one over x + y'."""
     with reference_mode(engine.module.model):
         if "reference" in batch:
-            return engine(**batch["reference"]).chunk(2)
+            reference, reference_kl = engine(**batch["reference"]).chunk(2)
+            return reference, reference_kl[batch["kl_rows"]]
         return engine(**batch["policy"]), engine(**batch["kl"])
 
 
 def no_grad_logps(engine: Engine, batch: dict, cache: RefCache | None) -> tuple[Tensor, Tensor, Tensor]:
-    """(reference logps, reference KL logps, policy KL logps) of a batch, all without gradients.
+    """([B] reference logps, [K] reference KL logps, [K] policy KL logps) of a batch, without gradients
+    (the KL pairs of the batch's kl_rows).
 
     With a precomputed reference cache the reference passes are skipped: a lookup by dataset row.
     """
     if cache is not None:
         reference, reference_kl = (t.to(engine.device) for t in cache.lookup(batch["index"].cpu()))
+        reference_kl = reference_kl[batch["kl_rows"]]
     else:
         reference, reference_kl = reference_logps(engine, batch)
     with torch.no_grad():

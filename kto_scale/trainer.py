@@ -29,7 +29,7 @@ from kto_scale.checkpoint import (
     set_aside_previous_run,
 )
 from kto_scale.collate import BatchPlan, collate, sequence_lengths, to_device
-from kto_scale.config import KTOConfig, save_config
+from kto_scale.config import ConfigError, KTOConfig, save_config
 from kto_scale.distributed import all_reduce_sum, global_kl_baseline, shutdown
 from kto_scale.engine import Engine
 from kto_scale.evaluate import evaluation_metrics, no_grad_logps, score_dataset
@@ -52,12 +52,14 @@ def train_step(
     mean of its micro-batches' z_refs.
     """
     no_grad = [no_grad_logps(engine, b, cache) for b in batches]
-    kl_ratios = [(policy_kl - reference_kl) * b["weight"] for b, (_, reference_kl, policy_kl) in zip(batches, no_grad, strict=True)]
+    kl_ratios = [(policy_kl - reference_kl) * b["kl_weight"]
+                 for b, (_, reference_kl, policy_kl) in zip(batches, no_grad, strict=True)]
     kl_sum = torch.stack([k.sum() for k in kl_ratios]).sum()
-    z_ref, n_global = global_kl_baseline(kl_sum, sum(b["weight"].sum() for b in batches))
+    z_ref, n_global = global_kl_baseline(kl_sum, sum(b["kl_weight"].sum() for b in batches),
+                                         sum(b["weight"].sum() for b in batches))
     z_refs = [z_ref] * len(batches)
     if config.kl_baseline == "micro_batch":  # TRL's estimate, for comparison: micro-batch i of every rank
-        z_refs = [global_kl_baseline(kl.sum(), b["weight"].sum())[0]
+        z_refs = [global_kl_baseline(kl.sum(), b["kl_weight"].sum(), b["weight"].sum())[0]
                   for b, kl in zip(batches, kl_ratios, strict=True)]
         z_ref = torch.stack(z_refs).mean()
     # Both engines average gradients over ranks and accumulation steps (DeepSpeed's semantics); undo that
@@ -136,6 +138,10 @@ def train(config: KTOConfig) -> Path:
     lengths = tuple(sequence_lengths(train_set).tolist()) if config.group_by_length else None
     plan = BatchPlan(len(train_set), config.per_device_train_batch_size, config.gradient_accumulation_steps,
                      world_size, lengths)
+    if config.kl_pairs_per_step > plan.global_batch_size:
+        raise ConfigError(f"kl_pairs_per_step ({config.kl_pairs_per_step}) is more than the global batch "
+                          f"({plan.global_batch_size} = {world_size} ranks x {config.gradient_accumulation_steps} "
+                          f"accumulation x {config.per_device_train_batch_size}): lower it, or 0 for every pair.")
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * plan.steps_per_epoch)
     caches = {}
     if config.ref_cache:
@@ -183,9 +189,11 @@ def train(config: KTOConfig) -> Path:
     last_eval, bad_steps = None, 0
     for step in range(start_step + 1, total_steps + 1):
         epoch, step_in_epoch = divmod(step - 1, plan.steps_per_epoch)
-        batches = [to_device(collate(train_set, indices, tokenizer.pad_token_id, config.padding_free, shared_prompt),
-                             engine.device)
-                   for indices in plan.micro_batches(step_in_epoch, epoch, config.seed, rank)]
+        kl_rows = plan.kl_selection(step, config.seed, rank, config.kl_pairs_per_step)
+        batches = [to_device(collate(train_set, indices, tokenizer.pad_token_id, config.padding_free, shared_prompt,
+                                     kl), engine.device)
+                   for indices, kl in zip(plan.micro_batches(step_in_epoch, epoch, config.seed, rank), kl_rows,
+                                          strict=True)]
         step_sums, z_ref = train_step(engine, batches, config, weights, caches.get("train"))
         # The engine skips an update whose gradient norm is not finite (fp16 overflow, NaN/inf in
         # fp32/bf16); the decision is global, so every rank takes the same branch here.

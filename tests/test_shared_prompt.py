@@ -44,21 +44,24 @@ def test_collated_layout_by_hand():
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_one_pass_equals_two_passes(attention, packed):
+@pytest.mark.parametrize("kl", [None, [False, True, True, False]])
+def test_one_pass_equals_two_passes(attention, packed, kl):
     """Prompts of 1 to 9 tokens (a cut prompt is just a shorter prompt), completions and KL completions of
     1 to 8 tokens (a cut KL completion likewise), rows of different lengths (padding): the [2B] result is
-    the reference log-probs of the B examples, then of their B KL pairs, as the separate passes give."""
+    the reference log-probs of the B examples, then of their B KL pairs, as the separate passes give;
+    with KL pairs drawn for some rows only (kl_pairs_per_step), those rows' pairs."""
     config = KTOConfig(model_name_or_path=str(TINY_LLAMA_DIR), init_random_weights=True, lora_r=4,
                        attn_implementation=attention)
     policy = load_model(config)
     assert shares_prompt(config, policy)
     module = SequenceLogps(policy, chunk_size=5)
     data = _dataset((4, 9, 1, 6), (6, 1, 8, 3), (2, 7, 1, 8))
-    batch = collate(data, [0, 1, 2, 3], pad_id=2, packed=packed, shared_prompt=True)
+    batch = collate(data, [0, 1, 2, 3], pad_id=2, packed=packed, shared_prompt=True, kl=kl)
     with reference_mode(policy):
         separate = torch.cat([module(**batch["policy"]), module(**batch["kl"])])
         shared = module(**batch["reference"])
     assert shared.shape == (8,)
+    shared = torch.cat([shared[:4], shared[4:][batch["kl_rows"]]])
     torch.testing.assert_close(shared, separate, atol=1e-5, rtol=1e-5)
 
 

@@ -1,0 +1,103 @@
+"""kl_pairs_per_step: z_ref from a fixed number of KL pairs per optimizer step, drawn from the effective
+batch. The draw (the same on any number of ranks and every step its own), the collated subset, and a
+run whose logged z_ref is recomputed here from the drawn pairs alone, on 1 rank and on 2."""
+
+import subprocess
+
+import datasets
+import pytest
+import torch
+from peft import PeftModel
+from runs import ROOT, TRAIN, clean_env, config_file, deepspeed_run, metrics, run
+
+from kto_scale.collate import PAD_SLOT, BatchPlan, collate
+from kto_scale.config import ConfigError, load_config, load_run_config
+from kto_scale.loss import kl_baseline
+from kto_scale.model import SequenceLogps, load_base_model, load_tokenizer, reference_mode
+from kto_scale.prepare import prepare_data
+
+
+def _global_selection(plan: BatchPlan, step: int, pairs: int) -> list[bool]:
+    """The draw of every rank, in global-batch order (rank, then micro-batch, then row)."""
+    return [chosen for rank in range(plan.world_size)
+            for micro in plan.kl_selection(step, seed=5, rank=rank, pairs=pairs) for chosen in micro]
+
+
+def test_the_draw_is_the_same_on_any_number_of_ranks_and_changes_per_step():
+    """Global batch 16 as 1 x 4 x 4, 2 x 2 x 4 and 4 x 1 x 4: 5 slots chosen, the same ones; another
+    step draws other slots; pairs 0 (or the whole batch) keeps every slot."""
+    plans = [BatchPlan(64, 4, 4, 1), BatchPlan(64, 4, 2, 2), BatchPlan(64, 4, 1, 4)]
+    draws = [_global_selection(plan, step=3, pairs=5) for plan in plans]
+    assert sum(draws[0]) == 5 and draws[0] == draws[1] == draws[2]
+    assert _global_selection(plans[0], step=4, pairs=5) != draws[0]
+    assert all(_global_selection(plans[1], step=3, pairs=pairs) == [True] * 16 for pairs in (0, 16))
+
+
+def test_collate_scores_only_the_drawn_pairs():
+    """Rows 0 and 2 of 3 drawn: the KL inputs hold their pairs alone, with their weights; with none
+    drawn, one weight-0 pair (row 0's) keeps the KL passes running on every rank."""
+    ds = datasets.Dataset.from_dict({
+        "prompt_ids": [[1, 5], [1, 6], [1, 7]], "completion_ids": [[8, 2], [9, 2], [4, 2]],
+        "kl_completion_ids": [[9, 2], [4, 2], [8, 3, 2]], "label": [True, False, True], "pair_id": [-1, -1, -1]})
+    batch = collate(ds, [0, 1, PAD_SLOT], pad_id=0, kl=[True, False, True], shared_prompt=True)
+    assert batch["kl"]["input_ids"].tolist() == [[1, 5, 9, 2], [1, 5, 9, 2]]  # row 2 is a filler copy of row 0
+    assert batch["kl_rows"].tolist() == [0, 2] and batch["kl_weight"].tolist() == [1.0, 0.0]
+    assert batch["reference"]["input_ids"].tolist()[1] == [1, 6, 9, 2, 0, 0]  # row 1 without its y'
+    assert batch["reference"]["score_sequences"].tolist() == [0, 0, 3, 3, 1, 1, 2, 2, 5, 5]
+    none = collate(ds, [0, 1, 2], pad_id=0, kl=[False, False, False])
+    assert none["kl_rows"].tolist() == [0] and none["kl_weight"].tolist() == [0.0]
+    assert none["kl"]["input_ids"].tolist() == [[1, 5, 9, 2]]
+
+
+def test_options_that_cannot_work_are_refused():
+    base = ["--model_name_or_path", "m", "--dataset_name", "d"]
+    with pytest.raises(ConfigError, match="kl_pairs_per_step must be >= 0"):
+        load_config([*base, "--kl_pairs_per_step", "-1"])
+    with pytest.raises(ConfigError, match="needs kl_baseline effective_batch"):
+        load_config([*base, "--kl_pairs_per_step", "2", "--kl_baseline", "micro_batch"])
+
+
+def test_run_z_ref_is_the_mean_over_the_drawn_pairs(tmp_path, tiny_model):
+    """1 rank x 2 accumulation x 2 with kl_pairs_per_step 1: step 3's logged kl is max(0, the one drawn
+    pair's log-ratio), recomputed here from the policy checkpointed after step 2, and not the mean over all
+    four. Two ZeRO-3 ranks x 1 x 2 (the same global batch) log the same numbers at every step."""
+    config = config_file(tmp_path, "one", tiny_model, kl_pairs_per_step=1, max_steps=3, save_steps=2,
+                         eval_fraction=0.0, learning_rate=5e-2)
+    run([*TRAIN, "--config", str(config)])
+    config = load_run_config(tmp_path / "one")
+    tokenizer = load_tokenizer(config)
+    train_set, _ = prepare_data(config, tokenizer)
+    plan = BatchPlan(len(train_set), config.per_device_train_batch_size, config.gradient_accumulation_steps, 1)
+    policy = PeftModel.from_pretrained(load_base_model(config), tmp_path / "one" / "checkpoint-2")
+    module = SequenceLogps(policy)
+    ratios, drawn = [], []
+    for indices, kl in zip(plan.micro_batches(step_in_epoch=2, epoch=0, seed=config.seed, rank=0),
+                           plan.kl_selection(3, config.seed, 0, 1), strict=True):
+        batch = collate(train_set, indices, tokenizer.pad_token_id)  # every pair, separate passes
+        with reference_mode(policy):
+            reference_kl = module(**batch["kl"])
+        with torch.no_grad():
+            ratios += (module(**batch["kl"]) - reference_kl).tolist()
+        drawn += kl
+    assert sum(drawn) == 1
+    one_pair = kl_baseline(torch.tensor(ratios)[torch.tensor(drawn)].sum(), 1).item()
+    every_pair = kl_baseline(torch.tensor(ratios).sum(), 4).item()
+    assert abs(one_pair - every_pair) > 1e-3, (one_pair, every_pair)  # else the test could not tell them apart
+    logged = metrics(tmp_path / "one", "train")
+    assert logged[2]["kl"] == pytest.approx(one_pair, abs=1e-5)
+
+    two = config_file(tmp_path, "two", tiny_model, kl_pairs_per_step=1, max_steps=3, save_steps=2,
+                      eval_fraction=0.0, learning_rate=5e-2, gradient_accumulation_steps=1,
+                      deepspeed=str(ROOT / "ds_configs/zero3.json"))
+    deepspeed_run(2, two)
+    for a, b in zip(logged, metrics(tmp_path / "two", "train"), strict=True):
+        for key in ("loss", "kl", "grad_norm", "rewards/desirable"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+
+
+def test_more_pairs_than_the_global_batch_is_refused(tmp_path, tiny_model):
+    config = config_file(tmp_path, "many", tiny_model, kl_pairs_per_step=5)
+    result = subprocess.run([*TRAIN, "--config", str(config)], cwd=ROOT, env=clean_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "kl_pairs_per_step (5) is more than the global batch (4 = 1 ranks x 2 accumulation x 2)" in result.stderr
