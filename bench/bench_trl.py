@@ -29,6 +29,7 @@ from summary import (
     TARGETS,
     check_tokens,
     compute_ratios,
+    kto_variant_ratios,
     padding_report,
     paired_step_ratios,
     precompute_summary,
@@ -156,7 +157,10 @@ def add_efficiency(args: argparse.Namespace, spec: dict, results: dict, runs: di
     for name, run in runs.items():
         result = results[name]
         timed = [step for step in result["steps"] if step["step"] > args.warmup]
-        flops_per_s = (run_flops(spec, shape, timed, RUNS[name].reference) / run["timed_s"]
+        reference = RUNS[name].reference
+        if reference == "shared" and spec["attn_implementation"] not in (None, "sdpa", "eager"):
+            reference = "separate"  # kto_scale.model.shares_prompt falls back to two passes
+        flops_per_s = (run_flops(spec, shape, timed, reference) / run["timed_s"]
                        if RUNS[name].same_batches else None)
         peak = peak_flops(result["gpu_name"], args.peak_flops)
         run.update(gpu_name=result["gpu_name"], gpu_peak_mib=result["gpu_peak_mib"], model_flops_per_s=flops_per_s,
@@ -172,6 +176,7 @@ def summarize(args: argparse.Namespace, spec: dict, results: dict) -> dict:
     ratios["median_paired_step"] = paired_step_ratios(runs)
     precompute = precompute_summary(spec, results)
     ratios["precompute_vs_bare_loop"] = precompute_vs_bare(precompute)
+    ratios["kto_variants"] = kto_variant_ratios(runs, precompute)
     token_check = check_tokens(spec, results, [name for name in train_runs if RUNS[name].same_batches])
     token_check["passed"] = token_check_passed(token_check)
     return {

@@ -15,8 +15,9 @@ work the loss needs, whichever trainer does more.
 
 The passes one KTO step runs per example: the policy forward + backward on the example's sequence, the
 policy forward (no grad) on its KL sequence, and, with the reference on the fly, the reference forward on
-both sequences. A run with the reference from a cache or TRL's precompute has no reference passes in its
-steps.
+both sequences ("separate") or one forward over x + y + y' ("shared": the prompt x of P tokens once; y' attends
+to x and itself, so its attention is that of x + y' less x's own, 2 L d (T^2 + T_kl^2 - P^2) in all). A run
+with the reference from a cache or TRL's precompute has no reference passes in its steps.
 """
 
 from dataclasses import dataclass
@@ -53,11 +54,23 @@ def backward_flops(shape: Shape, tokens: int, completion: int) -> float:
     return 2 * shape.layer_params * tokens + attention + 2 * shape.hidden * shape.vocab * completion
 
 
-def example_flops(shape: Shape, example: tuple[int, int], kl: tuple[int, int], reference: bool) -> float:
-    """All passes of one KTO step over one example; `example` and `kl` are (tokens, completion tokens)."""
+def shared_reference_flops(shape: Shape, example: tuple[int, int], kl: tuple[int, int]) -> float:
+    """The reference's one forward over x + y + y' (both sequences share the prompt x)."""
+    (tokens, completion), (kl_tokens, kl_completion) = example, kl
+    prompt = tokens - completion
+    attention = 2 * shape.layers * (tokens**2 + kl_tokens**2 - prompt**2) * shape.hidden
+    return (2 * shape.layer_params * (tokens + kl_completion) + attention
+            + 2 * shape.hidden * shape.vocab * (completion + kl_completion))
+
+
+def example_flops(shape: Shape, example: tuple[int, int], kl: tuple[int, int], reference: str | None) -> float:
+    """All passes of one KTO step over one example; `example` and `kl` are (tokens, completion tokens);
+    `reference`: "separate", "shared" or None (see the module docstring)."""
     flops = forward_flops(shape, *example) + backward_flops(shape, *example) + forward_flops(shape, *kl)
-    if reference:
+    if reference == "separate":
         flops += forward_flops(shape, *example) + forward_flops(shape, *kl)
+    elif reference == "shared":
+        flops += shared_reference_flops(shape, example, kl)
     return flops
 
 
@@ -81,7 +94,7 @@ def step_sequences(spec: dict, step: int) -> list[tuple[tuple[int, int], tuple[i
     return out
 
 
-def run_flops(spec: dict, shape: Shape, steps: list[dict], reference: bool) -> float:
+def run_flops(spec: dict, shape: Shape, steps: list[dict], reference: str | None) -> float:
     """Model FLOPs of a run's steps (records with kto-scale's batches), checked against their token counts."""
     total = 0.0
     for record in steps:

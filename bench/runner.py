@@ -24,7 +24,9 @@ class Run:
     trains: bool = True  # a training run: one record per optimizer step
     before: str | None = None  # a run that must finish first (its output is this one's input)
     same_batches: bool = True  # step k holds kto's step-k examples: its steps are checked against kto's
-    reference: bool = True  # its steps run the reference forwards (on the fly), for the model FLOPs
+    # Its steps' reference forwards, for the model FLOPs: "shared" (one over x + y + y'; "separate" where the
+    # attention cannot take that mask), "separate" (x + y and x + y'), None (read from a cache).
+    reference: str | None = "shared"
 
 
 RUNS = {
@@ -32,13 +34,24 @@ RUNS = {
     "kto_precompute": Run("kto-scale, launch/precompute_ref.py", "runs_kto.py", ("precompute", "kto_precompute"),
                           ("--ref_cache", "{work}/ref_cache"), trains=False),
     "kto_cache": Run("kto-scale, reference from the disk cache", "runs_kto.py", ("train", "kto_cache"),
-                     ("--ref_cache", "{work}/ref_cache"), before="kto_precompute", reference=False),
-    "trl": Run("TRL, reference on the fly", "runs_trl.py", ("trl",)),
-    "trl_pre": Run("TRL, precompute_ref_log_probs", "runs_trl.py", ("trl_pre", "--precompute"), reference=False),
+                     ("--ref_cache", "{work}/ref_cache"), before="kto_precompute", reference=None),
+    "trl": Run("TRL, reference on the fly", "runs_trl.py", ("trl",), reference="separate"),
+    "trl_pre": Run("TRL, precompute_ref_log_probs", "runs_trl.py", ("trl_pre", "--precompute"), reference=None),
     "trl_compact": Run("TRL, on the fly, completion-only LM head (its CUDA path)", "runs_trl.py",
-                       ("trl_compact", "--compact")),
+                       ("trl_compact", "--compact"), reference="separate"),
     "trl_pre_compact": Run("TRL, precompute, completion-only LM head (its CUDA path)", "runs_trl.py",
-                           ("trl_pre_compact", "--precompute", "--compact"), reference=False),
+                           ("trl_pre_compact", "--precompute", "--compact"), reference=None),
+    # Before and after the shared-prompt reference pass (on by default): the same runs with two passes.
+    "kto_separate": Run("kto-scale, on the fly, reference in two passes (shared_prompt_reference false)",
+                        "runs_kto.py", ("train", "kto_separate"), ("--shared_prompt_reference", "false"),
+                        reference="separate"),
+    "kto_precompute_separate": Run("kto-scale, launch/precompute_ref.py, two passes (shared_prompt_reference false)",
+                                   "runs_kto.py", ("precompute", "kto_precompute_separate"),
+                                   ("--ref_cache", "{work}/ref_cache_separate", "--shared_prompt_reference", "false"),
+                                   trains=False),
+    # z_ref from a quarter of the KL pairs (kl_pairs_per_step): the other examples' KL passes are skipped.
+    "kto_kl_quarter": Run("kto-scale, on the fly, kl_pairs_per_step = batch / 4", "runs_kto.py",
+                          ("train", "kto_kl_quarter"), ("--kl_pairs_per_step", "{kl_quarter}"), same_batches=False),
     "bare": Run("bare torch.inference_mode() loop", "runs_bare.py", trains=False),
     "kto_grouped": Run("kto-scale, on the fly, group_by_length (other batches)", "runs_kto.py",
                        ("train", "kto_grouped"), ("--group_by_length", "true"), same_batches=False),
@@ -50,7 +63,7 @@ RUNS = {
 }
 DEFAULT_RUNS = ("kto", "kto_cache", "trl", "trl_pre", "trl_compact", "trl_pre_compact", "bare")
 ORDER = ("kto", "kto_precompute", "kto_cache", "trl", "trl_compact", "trl_pre", "trl_pre_compact", "bare",
-         "kto_grouped", "kto_zero3", "kto_fsdp")  # the order runs go in, whatever order --only names them
+         "kto_grouped", "kto_zero3", "kto_fsdp", "kto_separate", "kto_precompute_separate", "kto_kl_quarter")  # the order runs go in, whatever order --only names them
 
 
 def log(message: str) -> None:
@@ -92,7 +105,7 @@ def run_child(name: str, spec: dict, timeout: float, profile: Path | None = None
     cmd = [sys.executable, str(REPO / "bench" / run.script), *run.args, "--spec", str(work / "spec.json"),
            "--result", str(result_path)]
     if run.options:
-        cmd += ["--", *(option.format(work=work) for option in run.options)]
+        cmd += ["--", *(option.format(work=work, kl_quarter=max(1, spec["batch_size"] // 4)) for option in run.options)]
     if profile is not None:
         cmd = ["py-spy", "record", "--format", "raw", "--rate", str(rate), "-o", str(profile), "--", *cmd]
     log(f"{name}: {' '.join(cmd[1:])}  (log: {log_path})")

@@ -173,11 +173,12 @@ def precompute_summary(spec: dict, results: dict) -> dict:
         bare = results["bare"]
         out.update(bare_loop_tokens_per_s=bare["tokens"] / bare["loop_s"], bare_loop_s=bare["loop_s"],
                    bare_batching=bare["batching"], bare_loop_tokens=bare["tokens"], bare_loop_padded=bare["padded"])
-    if "kto_precompute" in results:
-        kp = results["kto_precompute"]
-        out.update(kto_precompute_process_s=kp["total_s"], kto_precompute_peak_rss_mib=round(kp["peak_rss_mib"]),
-                   kto_precompute_tokens=kp["tokens"], kto_precompute_loop_s=kp["loop_s"],
-                   kto_precompute_tokens_per_s=kp["tokens"] / kp["loop_s"])
+    for name in ("kto_precompute", "kto_precompute_separate"):
+        if name in results:
+            kp = results[name]
+            out.update({f"{name}_process_s": kp["total_s"], f"{name}_peak_rss_mib": round(kp["peak_rss_mib"]),
+                        f"{name}_tokens": kp["tokens"], f"{name}_loop_s": kp["loop_s"],
+                        f"{name}_tokens_per_s": kp["tokens"] / kp["loop_s"]})
     max_len = spec["max_length"]
     tokens = sum(min(len(spec["prompt_ids"][r]) + len(c), max_len) for r in spec["order"]
                  for c in (spec["completion_ids"][r], spec["kl_completion_ids"][r]))
@@ -186,6 +187,21 @@ def precompute_summary(spec: dict, results: dict) -> dict:
             out[name + "_s"] = results[name]["precompute_s"]
             out[name + "_tokens_per_s"] = tokens / results[name]["precompute_s"]
     return out
+
+
+def kto_variant_ratios(runs: dict, precompute: dict) -> dict:
+    """kto-scale against itself: the shared-prompt reference pass (the default) over two passes, on the fly
+    (examples/s) and in precompute (tokens/s of the same rows); a quarter of the KL pairs over all of them."""
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b is not None else None
+
+    def per_s(name: str) -> float | None:
+        return runs[name]["examples_per_s"] if name in runs else None
+
+    return {"shared_vs_separate/on_the_fly": ratio(per_s("kto"), per_s("kto_separate")),
+            "shared_vs_separate/precompute": ratio(precompute.get("kto_precompute_tokens_per_s"),
+                                                   precompute.get("kto_precompute_separate_tokens_per_s")),
+            "kl_quarter_vs_all/on_the_fly": ratio(per_s("kto_kl_quarter"), per_s("kto"))}
 
 
 def precompute_vs_bare(precompute: dict) -> float | None:

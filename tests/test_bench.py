@@ -1,5 +1,6 @@
 """bench/bench_trl.py at a tiny size: one warm-up and one timed step of kto-scale and of TRL's KTOTrainer
-on the shipped HH slice and the tiny tokenizer (no ../shared, no network)."""
+on the shipped HH slice and the tiny tokenizer (no ../shared, no network), and of kto-scale's variants
+(two reference passes, a quarter of the KL pairs, both precomputes)."""
 
 import importlib
 import json
@@ -11,7 +12,10 @@ from runs import ROOT, run
 
 from kto_scale.assets import TINY_LLAMA_DIR
 
-RUNS = {"kto": "kto-scale, reference on the fly", "trl": "TRL, reference on the fly"}
+RUNS = {"kto": "kto-scale, reference on the fly", "trl": "TRL, reference on the fly",
+        "kto_separate": "kto-scale, on the fly, reference in two passes (shared_prompt_reference false)",
+        "kto_kl_quarter": "kto-scale, on the fly, kl_pairs_per_step = batch / 4"}
+PRECOMPUTES = ("kto_precompute", "kto_precompute_separate")
 ROWS, STEPS = 8, 2  # 4 pairs, batches of 4: the warm-up step and the timed step
 
 
@@ -23,7 +27,7 @@ def bench(tmp_path_factory) -> Path:
          "--tokenizer", str(TINY_LLAMA_DIR), "--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64",
          "--pairs", "4", "--batch-size", "4", "--max-length", "128", "--warmup", "1", "--steps", "1",
          "--lr", "1e-2",  # large enough that step 2's loss moves off the untrained 0.5 in both trainers
-         "--threads", "1", "--profile", "", "--only", ",".join(RUNS),
+         "--threads", "1", "--profile", "", "--only", ",".join([*RUNS, *PRECOMPUTES]),
          "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")], timeout=300)
     return tmp_path
 
@@ -50,16 +54,29 @@ def test_both_trainers_ran_the_same_step(bench):
         assert f"| {label} | " in report
 
 
+def test_kto_scale_against_itself(bench):
+    """Both precomputes scored the same rows; the before/after ratios are in the report."""
+    results = json.loads((bench / "out/results.json").read_text())
+    precompute = results["precompute"]
+    assert precompute["kto_precompute_tokens"] == precompute["kto_precompute_separate_tokens"] > 0
+    assert all(v > 0 for v in results["ratios"]["kto_variants"].values())
+    report = (bench / "out/results.md").read_text()
+    for label in ("shared-prompt reference pass / two passes, on the fly", "shared-prompt reference pass / two "
+                  "passes, precompute", "a quarter of the KL pairs / all, on the fly"):
+        assert f"| {label}" in report
+
+
 def test_gpu_columns_are_na_on_cpu(bench):
     """Every run reports peak GPU memory, model FLOPs/s and MFU; on CPU only the FLOPs/s have a value."""
     results = json.loads((bench / "out/results.json").read_text())
     for name in RUNS:
         run = results["runs"][name]
         assert run["gpu_peak_mib"] is None and run["mfu"] is None and run["peak_flops"] is None
-        assert run["tokens_per_s"] > 0 and run["model_flops_per_s"] > 0
-    # same batches, both with the reference on the fly: the same model FLOPs per step
-    assert (results["runs"]["kto"]["model_flops_per_s"] * results["runs"]["kto"]["timed_s"]
-            == pytest.approx(results["runs"]["trl"]["model_flops_per_s"] * results["runs"]["trl"]["timed_s"]))
+        # kto_kl_quarter skips some KL passes: its FLOPs are not those of kto's batches (not counted)
+        assert run["tokens_per_s"] > 0 and (run["model_flops_per_s"] is None) == (name == "kto_kl_quarter")
+    # same batches, both with the reference on the fly: kto-scale's shared-prompt reference pass does less
+    kto, trl = (results["runs"][name]["model_flops_per_s"] * results["runs"][name]["timed_s"] for name in ("kto", "trl"))
+    assert 0.5 * trl < kto < trl
     assert results["setup"]["dtype"] == "fp32"
     report = (bench / "out/results.md").read_text()
     assert "| peak GPU MiB | model TFLOP/s | MFU % |" in report
@@ -80,13 +97,16 @@ def test_model_flops_by_hand(monkeypatch):
     Sequence T=3, C=2: forward = 2PT + 2LT^2d + 2dVC = 1728 + 144 + 160 = 2032;
                        backward = 2PT + 4LT^2d + 2dVC = 1728 + 288 + 160 = 2176.
     KL sequence T=2, C=1: forward = 1152 + 64 + 80 = 1296.
-    One example: policy 2032 + 2176 + 1296 = 5504; reference on the fly adds 2032 + 1296 = 3328: 8832."""
+    One example: policy 2032 + 2176 + 1296 = 5504; reference on the fly adds 2032 + 1296 = 3328: 8832.
+    Shared-prompt reference (prompt P_x = 1): x + y + y' is 4 tokens: 2 * 288 * 4 = 2304, attention
+    2 L d (3^2 + 2^2 - 1^2) = 16 * 12 = 192, LM head on 2 + 1 tokens 2 * 4 * 10 * 3 = 240: 2736, 8240 in all."""
     flops = bench_module("flops", monkeypatch)
     shape = flops.Shape(hidden=4, layers=2, heads=2, kv_heads=1, intermediate=8, vocab=10)
     assert shape.layer_params == 288
     assert flops.forward_flops(shape, 3, 2) == 2032 and flops.backward_flops(shape, 3, 2) == 2176
-    assert flops.example_flops(shape, (3, 2), (2, 1), reference=False) == 5504
-    assert flops.example_flops(shape, (3, 2), (2, 1), reference=True) == 8832
+    assert flops.example_flops(shape, (3, 2), (2, 1), reference=None) == 5504
+    assert flops.example_flops(shape, (3, 2), (2, 1), reference="separate") == 8832
+    assert flops.example_flops(shape, (3, 2), (2, 1), reference="shared") == 8240
     # Llama-3.2-1B's decoder layers: 16 (2 * 2048^2 + 2 * 2048 * 512 + 3 * 2048 * 8192) = 973,078,528
     assert flops.Shape(2048, 16, 32, 8, 8192, 32000).layer_params == 973_078_528
 
