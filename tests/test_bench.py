@@ -145,6 +145,19 @@ def test_keep_going_and_budget(monkeypatch):
         bench_trl.run_all(bench_trl.parse_args([]), names, {}, {}, deadline=None)
 
 
+def test_git_state_without_git(monkeypatch, tmp_path):
+    """A copy of the files without .git (a lent GPU machine) still gets a report: the commit from
+    $KTO_SCALE_COMMIT, or None."""
+    machine = bench_module("machine", monkeypatch)
+    monkeypatch.setattr(machine, "REPO", tmp_path)
+    monkeypatch.setenv("KTO_SCALE_COMMIT", "abc1234")
+    assert machine.git_state()["commit"] == "abc1234"
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
+    monkeypatch.delenv("KTO_SCALE_COMMIT")
+    state = machine.git_state()
+    assert state["commit"] is None and state["modified_library_files"] is None
+
+
 def test_a_missing_step_or_run_is_an_error(bench, monkeypatch):
     """The report's joins are strict: a dropped step or run fails the bench instead of shrinking a table."""
     summary = bench_module("summary", monkeypatch)
