@@ -231,7 +231,7 @@ def bench(args: argparse.Namespace, names: list[str], work: Path) -> None:
     write_report(args.out, summary)
     log(f"wrote results.json and results.md to {args.out} in {summary['total_bench_s'] / 60:.1f} min")
     print((args.out / "results.md").read_text())
-    failed = [key for key in notes if key.startswith("run ")]
+    failed = [key.removeprefix("run ") for key in notes if key.startswith("run ")]
     if failed:
         raise SystemExit(f"{len(failed)} of {len(names)} runs did not finish ({', '.join(failed)}): see the notes "
                          f"in {args.out / 'results.md'} and the run logs in the work dir")
@@ -255,7 +255,7 @@ def run_all(args: argparse.Namespace, names: list[str], spec: dict, notes: dict,
         except RuntimeError as e:
             if not args.keep_going:
                 raise
-            notes[f"run {name}"] = f"failed: {str(e).splitlines()[0]}"  # the log tail: in the bench's output
+            notes[f"run {name}"] = f"failed: {str(e).splitlines()[0].removesuffix('; log tail:')}"  # tail: logged
             log(f"{name}: FAILED, going on (--keep-going): {e}")
     return results
 
