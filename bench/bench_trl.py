@@ -99,15 +99,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"runs to repeat under py-spy after the timed runs (warm-up + --profile-steps), of "
                         f"{', '.join(PROFILED)}; '' for none")
     p.add_argument("--profile-steps", type=int, default=3)
-    p.add_argument("--data", type=Path, default=SHARED / "hh-rlhf-harmless-test.jsonl.gz",
-                   help="HH pairs, text or chat messages (e.g. data/hh-harmless/train.jsonl.gz)")
-    p.add_argument("--tokenizer", type=Path, default=SHARED / "llama2-tokenizer",
-                   help="a tokenizer dir that adds BOS on its own (e.g. kto_scale/assets/tiny-llama)")
+    p.add_argument("--shared-data", type=Path, default=SHARED,
+                   help="the folder --data and --tokenizer default into (a copy of ../shared/data where "
+                        "../shared is not there, e.g. on a GPU machine that gets the repo alone)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="HH pairs, text or chat messages (default: SHARED_DATA/hh-rlhf-harmless-test.jsonl.gz; "
+                        "e.g. data/hh-harmless/train.jsonl.gz)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="a tokenizer dir that adds BOS on its own (default: SHARED_DATA/llama2-tokenizer; "
+                        "e.g. kto_scale/assets/tiny-llama)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per child run")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds from the bench's start after which no further run starts (each one left is "
+                        "named in the report's notes): a report still comes out on a time-limited machine")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a run that fails (or times out) is left out and named in the report's notes, and the "
+                        "bench exits 1 after writing it; without it the first failure ends the bench")
     if p.parse_known_args(argv)[0].gpu_preset:
         p.set_defaults(**GPU_PRESET, attn_implementation=best_attention())
     args = p.parse_args(argv)
     args.kv_heads = args.kv_heads or args.heads
+    args.data = args.data or args.shared_data / "hh-rlhf-harmless-test.jsonl.gz"
+    args.tokenizer = args.tokenizer or args.shared_data / "llama2-tokenizer"
     if args.hidden % args.heads or args.heads % args.kv_heads:
         p.error(f"--hidden {args.hidden} must be a multiple of --heads {args.heads}, and --heads of --kv-heads "
                 f"{args.kv_heads}")
@@ -212,7 +225,7 @@ def bench(args: argparse.Namespace, names: list[str], work: Path) -> None:
     log(f"work dir {work}")
     spec = build_inputs(args, work)
     log(f"inputs ready: {spec['n_examples']} rows, {spec['n_params'] / 1e6:.1f}M params")
-    results = {name: run_child(name, spec, args.timeout) for name in names}
+    results = run_all(args, names, spec, notes, deadline=started + args.budget if args.budget else None)
     summary = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "command": " ".join(["python", *sys.argv]), "machine": machine_info(args.threads, next((r["gpu_name"] for r in results.values() if r["gpu_name"]), None)),
                **summarize(args, spec, results), "profiles": run_profiles(args, spec), "notes": notes}
@@ -223,6 +236,33 @@ def bench(args: argparse.Namespace, names: list[str], work: Path) -> None:
     write_report(args.out, summary)
     log(f"wrote results.json and results.md to {args.out} in {summary['total_bench_s'] / 60:.1f} min")
     print((args.out / "results.md").read_text())
+    failed = [key.removeprefix("run ") for key in notes if key.startswith("run ")]
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(names)} runs did not finish ({', '.join(failed)}): see the notes "
+                         f"in {args.out / 'results.md'} and the run logs in the work dir")
+
+
+def run_all(args: argparse.Namespace, names: list[str], spec: dict, notes: dict, deadline: float | None) -> dict:
+    """Each run's result, in order. With --keep-going a failed run, and a run whose input run failed, is
+    noted and left out, so one broken run does not lose the others' numbers (e.g. on a short GPU lease);
+    past the deadline (time.time(), from --budget) no run starts."""
+    results = {}
+    for name in names:
+        before = RUNS[name].before
+        if deadline is not None and time.time() > deadline:
+            notes[f"run {name}"] = f"skipped: --budget {args.budget:.0f} s was spent before it started"
+            continue
+        if before and before not in results:
+            notes[f"run {name}"] = f"skipped: the run it needs first, {before}, did not finish"
+            continue
+        try:
+            results[name] = run_child(name, spec, args.timeout)
+        except RuntimeError as e:
+            if not args.keep_going:
+                raise
+            notes[f"run {name}"] = f"failed: {str(e).splitlines()[0].removesuffix('; log tail:')}"  # tail: logged
+            log(f"{name}: FAILED, going on (--keep-going): {e}")
+    return results
 
 
 if __name__ == "__main__":

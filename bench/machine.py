@@ -10,14 +10,20 @@ from inputs import REPO
 
 
 def git_state() -> dict:
-    """The kto-scale commit benchmarked, and its library files that differ from it (work in progress)."""
+    """The kto-scale commit benchmarked, and its library files that differ from it (work in progress).
+    A copy of the files without git (as a lent GPU machine gets) has no commit: $KTO_SCALE_COMMIT if set,
+    else None, rather than losing the report at its last line."""
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30,
                               check=True).stdout.strip()
 
-    dirty = [line[3:] for line in git("status", "--porcelain").splitlines()
-             if line[3:].startswith(("kto_scale/", "launch/"))]
-    return {"commit": git("rev-parse", "--short", "HEAD"), "modified_library_files": dirty}
+    try:
+        dirty = [line[3:] for line in git("status", "--porcelain").splitlines()
+                 if line[3:].startswith(("kto_scale/", "launch/"))]
+        return {"commit": git("rev-parse", "--short", "HEAD"), "modified_library_files": dirty}
+    except (OSError, subprocess.SubprocessError) as e:
+        return {"commit": os.environ.get("KTO_SCALE_COMMIT"), "modified_library_files": None,
+                "git": f"not read ({type(e).__name__}): not a git checkout, or no git"}
 
 
 def cpu_model() -> str:

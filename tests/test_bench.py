@@ -131,6 +131,53 @@ def test_gpu_preset_and_overrides(monkeypatch):
     assert args.kv_heads == args.heads and args.attn_implementation is None and not args.padding_free
 
 
+def test_shared_data_moves_the_data_and_tokenizer_defaults(monkeypatch, tmp_path):
+    bench_trl = bench_module("bench_trl", monkeypatch)
+    args = bench_trl.parse_args(["--shared-data", str(tmp_path)])
+    assert (args.data, args.tokenizer) == (tmp_path / "hh-rlhf-harmless-test.jsonl.gz", tmp_path / "llama2-tokenizer")
+    args = bench_trl.parse_args(["--shared-data", str(tmp_path), "--tokenizer", "tok"])
+    assert args.tokenizer == Path("tok") and args.data.parent == tmp_path
+    assert bench_trl.parse_args([]).data == bench_trl.SHARED / "hh-rlhf-harmless-test.jsonl.gz"
+
+
+def test_keep_going_and_budget(monkeypatch):
+    """--keep-going: a failed run, and the run that needs its output, are noted and left out; past the
+    --budget deadline no run starts. Without --keep-going the failure ends the bench."""
+    bench_trl = bench_module("bench_trl", monkeypatch)
+
+    def run_child(name, spec, timeout):
+        if name == "kto_precompute":
+            raise RuntimeError("kto_precompute failed (exit 1) after 3 s; log tail:\n...")
+        return {"name": name}
+
+    monkeypatch.setattr(bench_trl, "run_child", run_child)
+    names = bench_trl.planned(["kto", "kto_cache", "trl"])  # kto, kto_precompute, kto_cache, trl
+    notes = {}
+    args = bench_trl.parse_args(["--keep-going", "--budget", "60"])
+    results = bench_trl.run_all(args, names, {}, notes, deadline=None)
+    assert list(results) == ["kto", "trl"]
+    assert notes["run kto_precompute"].startswith("failed: kto_precompute failed (exit 1)")
+    assert notes["run kto_cache"].startswith("skipped: the run it needs first, kto_precompute")
+    notes = {}
+    assert bench_trl.run_all(args, names, {}, notes, deadline=0.0) == {}
+    assert all(note.startswith("skipped: --budget 60 s") for note in notes.values()) and len(notes) == 4
+    with pytest.raises(RuntimeError, match="kto_precompute failed"):
+        bench_trl.run_all(bench_trl.parse_args([]), names, {}, {}, deadline=None)
+
+
+def test_git_state_without_git(monkeypatch, tmp_path):
+    """A copy of the files without .git (a lent GPU machine) still gets a report: the commit from
+    $KTO_SCALE_COMMIT, or None."""
+    machine = bench_module("machine", monkeypatch)
+    monkeypatch.setattr(machine, "REPO", tmp_path)
+    monkeypatch.setenv("KTO_SCALE_COMMIT", "abc1234")
+    assert machine.git_state()["commit"] == "abc1234"
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
+    monkeypatch.delenv("KTO_SCALE_COMMIT")
+    state = machine.git_state()
+    assert state["commit"] is None and state["modified_library_files"] is None
+
+
 def test_a_missing_step_or_run_is_an_error(bench, monkeypatch):
     """The report's joins are strict: a dropped step or run fails the bench instead of shrinking a table."""
     summary = bench_module("summary", monkeypatch)
