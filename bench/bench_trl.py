@@ -48,7 +48,8 @@ PROFILED = ("kto", "kto_grouped", "trl", "trl_pre", "trl_compact", "trl_pre_comp
 # profiles (they sample the CPU). Options given on the command line still win over these.
 GPU_PRESET = {"hidden": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "intermediate": 8192, "max_length": 1024,
               "dtype": "bf16", "padding_free": True, "pairs": 128, "warmup": 4, "steps": 20,
-              "only": "kto,kto_cache,trl,trl_pre,bare", "profile": ""}
+              "only": "kto,kto_separate,kto_precompute_separate,kto_cache,trl,trl_pre,kto_kl_quarter,bare",
+              "profile": ""}
 
 
 def best_attention() -> str:

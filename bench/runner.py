@@ -62,8 +62,8 @@ RUNS = {
                     ("--fsdp", "full_shard", "--deepspeed", "null")),
 }
 DEFAULT_RUNS = ("kto", "kto_cache", "trl", "trl_pre", "trl_compact", "trl_pre_compact", "bare")
-ORDER = ("kto", "kto_precompute", "kto_cache", "trl", "trl_compact", "trl_pre", "trl_pre_compact", "bare",
-         "kto_grouped", "kto_zero3", "kto_fsdp", "kto_separate", "kto_precompute_separate", "kto_kl_quarter")  # the order runs go in, whatever order --only names them
+ORDER = ("kto", "kto_separate", "kto_precompute", "kto_precompute_separate", "kto_cache", "trl", "trl_compact",
+         "trl_pre", "trl_pre_compact", "kto_kl_quarter", "bare", "kto_grouped", "kto_zero3", "kto_fsdp")  # the order runs go in, whatever order --only names them
 
 
 def log(message: str) -> None:
