@@ -11,8 +11,11 @@ from inputs import REPO
 
 def git_state() -> dict:
     """The kto-scale commit benchmarked, and its library files that differ from it (work in progress).
-    A copy of the files without git (as a lent GPU machine gets) has no commit: $KTO_SCALE_COMMIT if set,
-    else None, rather than losing the report at its last line."""
+    $KTO_SCALE_COMMIT, when set, wins: a copy of the files sent to a lent GPU machine may have no git, or a
+    .git of another commit. Without either, None, rather than losing the report at its last line."""
+    if os.environ.get("KTO_SCALE_COMMIT"):
+        return {"commit": os.environ["KTO_SCALE_COMMIT"], "modified_library_files": None, "git": "from $KTO_SCALE_COMMIT"}
+
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30,
                               check=True).stdout.strip()
@@ -22,7 +25,7 @@ def git_state() -> dict:
                  if line[3:].startswith(("kto_scale/", "launch/"))]
         return {"commit": git("rev-parse", "--short", "HEAD"), "modified_library_files": dirty}
     except (OSError, subprocess.SubprocessError) as e:
-        return {"commit": os.environ.get("KTO_SCALE_COMMIT"), "modified_library_files": None,
+        return {"commit": None, "modified_library_files": None,
                 "git": f"not read ({type(e).__name__}): not a git checkout, or no git"}
 
 

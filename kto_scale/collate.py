@@ -124,30 +124,35 @@ def _shared_prompt_sequences(prompts: list[list[int]], completions: list[list[in
     the examples, B .. 2B - 1: their KL pairs). Only the rows in `kl_rows` get their y' (the others'
     KL sums stay 0). Padded rows are [B, T]; packed, [1, N] plus `sequence_lengths` [B].
     """
-    ids, segments, positions, scored = [], [], [], []
     kl_completions = [k if row in kl_rows else [] for row, k in enumerate(kl_completions)]
+    lengths = [len(p) + len(c) + len(k) for p, c, k in zip(prompts, completions, kl_completions, strict=True)]
+    width = sum(lengths) if packed else max(lengths)
+    starts = np.cumsum([0, *lengths[:-1]]) if packed else np.arange(len(lengths)) * width
+    ids, segments, positions, sources, targets, sequences = [], [], [], [], [], []
     for row, (p, c, k) in enumerate(zip(prompts, completions, kl_completions, strict=True)):
         ids.append(p + c + k)
-        segments.append([0] * len(p) + [1] * len(c) + [2] * len(k))
-        positions.append(list(range(len(p) + len(c))) + list(range(len(p), len(p) + len(k))))
-        # As in the separate sequences x + y and x + y': position t - 1 scores token t, for t from the
-        # first completion token (a sequence's very first token has nothing before it to score it).
-        for sequence, completion, offset in ((row, c, 0), (len(prompts) + row, k, len(c))):
-            for t in range(max(len(p), 1), len(p) + len(completion)):
-                source = t - 1 if t - 1 < len(p) else t - 1 + offset  # where the virtual position lies
-                scored.append((row, source, completion[t - len(p)], sequence))
-    width = sum(len(s) for s in ids) if packed else max(len(s) for s in ids)
-    starts = np.cumsum([0] + [len(s) for s in ids])[:-1] if packed else np.arange(len(ids)) * width
-    rows, sources, targets, sequences = zip(*scored, strict=True) if scored else ((), (), (), ())
-    out = {"score_positions": torch.tensor(starts[list(rows)] + np.array(sources, dtype=np.int64), dtype=torch.long),
-           "score_targets": torch.tensor(targets, dtype=torch.long),
-           "score_sequences": torch.tensor(sequences, dtype=torch.long)}
+        segments.append(np.repeat(np.array([0, 1, 2], dtype=np.int64), [len(p), len(c), len(k)]))
+        positions.append(np.concatenate([np.arange(len(p) + len(c)), np.arange(len(p), len(p) + len(k))]))
+        # As in the separate sequences x + y and x + y': the token at position t is scored by position
+        # t - 1, from the first completion token on (a sequence's first token has nothing to score it).
+        # Positions are those of x + y and x + y'; y' lies len(c) further on in this row.
+        first = max(len(p), 1)
+        y_scored, kl_scored = np.arange(first, len(p) + len(c)), np.arange(first, len(p) + len(k))
+        kl_sources = np.where(kl_scored - 1 < len(p), kl_scored - 1, kl_scored - 1 + len(c))
+        sources += [starts[row] + y_scored - 1, starts[row] + kl_sources]
+        targets += [c[first - len(p):], k[first - len(p):]]
+        sequences += [np.full(len(y_scored), row), np.full(len(kl_scored), len(prompts) + row)]
+    out = {"score_positions": torch.from_numpy(np.concatenate(sources).astype(np.int64)),
+           "score_targets": torch.tensor([t for part in targets for t in part], dtype=torch.long),
+           "score_sequences": torch.from_numpy(np.concatenate(sequences).astype(np.int64))}
     if packed:
-        flat = [[t for s in column for t in s] for column in (ids, segments, positions)]
-        out.update(input_ids=torch.tensor([flat[0]]), segments=torch.tensor([flat[1]]),
-                   position_ids=torch.tensor([flat[2]]), sequence_lengths=torch.tensor([len(s) for s in ids]))
+        out.update(input_ids=torch.tensor([[t for s in ids for t in s]]),
+                   segments=torch.from_numpy(np.concatenate(segments))[None],
+                   position_ids=torch.from_numpy(np.concatenate(positions))[None],
+                   sequence_lengths=torch.tensor(lengths))
     else:
-        out.update(input_ids=_pad(ids, pad_id), segments=_pad(segments, -1), position_ids=_pad(positions, 0))
+        out.update(input_ids=_pad(ids, pad_id), segments=_pad([s.tolist() for s in segments], -1),
+                   position_ids=_pad([q.tolist() for q in positions], 0))
     return out
 
 

@@ -167,12 +167,12 @@ def test_keep_going_and_budget(monkeypatch):
 
 
 def test_git_state_without_git(monkeypatch, tmp_path):
-    """A copy of the files without .git (a lent GPU machine) still gets a report: the commit from
-    $KTO_SCALE_COMMIT, or None."""
+    """A copy of the files sent to a lent GPU machine (no .git, or a .git of another commit) still gets a
+    report with the right commit: $KTO_SCALE_COMMIT wins over git; without either, None."""
     machine = bench_module("machine", monkeypatch)
-    monkeypatch.setattr(machine, "REPO", tmp_path)
     monkeypatch.setenv("KTO_SCALE_COMMIT", "abc1234")
-    assert machine.git_state()["commit"] == "abc1234"
+    assert machine.git_state()["commit"] == "abc1234"  # this checkout's git says otherwise
+    monkeypatch.setattr(machine, "REPO", tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
     monkeypatch.delenv("KTO_SCALE_COMMIT")
     state = machine.git_state()
