@@ -61,7 +61,6 @@ class BatchPlan:
         mine = batch[rank * per_rank : (rank + 1) * per_rank]
         return [mine[i : i + self.micro_batch_size] for i in range(0, per_rank, self.micro_batch_size)]
 
-
     def kl_selection(self, step: int, seed: int, rank: int, pairs: int) -> list[list[bool]]:
         """Which rows of this rank's micro-batches (as `micro_batches` lays them out) have their KL pair
         scored at optimizer step `step` (1-based): `pairs` slots of the global batch drawn without
