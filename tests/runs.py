@@ -116,3 +116,31 @@ def kill_at_first_checkpoint(command: list[str], output_dir: Path, max_steps: in
     step = int((output_dir / "latest").read_text().split("-")[1])
     assert not (output_dir / "adapter").exists() and step < max_steps, "the run finished before it was killed"
     return step
+
+
+def kl_ratios_of_step(run_dir: Path, checkpoint: str, step: int) -> tuple[list[list[float]], list[list[bool]]]:
+    """A one-rank run's optimizer step `step` (1-based, first epoch), recomputed outside the run from the
+    policy saved in `checkpoint` (two separate passes, every pair): per micro-batch, each example's KL
+    log-ratio log pi(y'|x) - log pi_ref(y'|x), and which of them the run's kl_pairs_per_step drew."""
+    import torch
+    from peft import PeftModel
+
+    from kto_scale.collate import BatchPlan, collate
+    from kto_scale.config import load_run_config
+    from kto_scale.model import SequenceLogps, load_base_model, load_tokenizer, reference_mode
+    from kto_scale.prepare import prepare_data
+
+    config = load_run_config(run_dir)
+    tokenizer = load_tokenizer(config)
+    train_set, _ = prepare_data(config, tokenizer)
+    plan = BatchPlan(len(train_set), config.per_device_train_batch_size, config.gradient_accumulation_steps, 1)
+    policy = PeftModel.from_pretrained(load_base_model(config), run_dir / checkpoint)
+    module = SequenceLogps(policy)
+    ratios = []
+    for indices in plan.micro_batches(step_in_epoch=step - 1, epoch=0, seed=config.seed, rank=0):
+        batch = collate(train_set, indices, tokenizer.pad_token_id)
+        with reference_mode(policy):
+            reference_kl = module(**batch["kl"])
+        with torch.no_grad():
+            ratios.append((module(**batch["kl"]) - reference_kl).tolist())
+    return ratios, plan.kl_selection(step, config.seed, 0, config.kl_pairs_per_step)

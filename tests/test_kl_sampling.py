@@ -7,14 +7,11 @@ import subprocess
 import datasets
 import pytest
 import torch
-from peft import PeftModel
-from runs import ROOT, TRAIN, clean_env, config_file, deepspeed_run, metrics, run
+from runs import ROOT, TRAIN, clean_env, config_file, deepspeed_run, kl_ratios_of_step, metrics, run
 
 from kto_scale.collate import PAD_SLOT, BatchPlan, collate
-from kto_scale.config import ConfigError, load_config, load_run_config
+from kto_scale.config import ConfigError, load_config
 from kto_scale.loss import kl_baseline
-from kto_scale.model import SequenceLogps, load_base_model, load_tokenizer, reference_mode
-from kto_scale.prepare import prepare_data
 
 
 def _global_selection(plan: BatchPlan, step: int, pairs: int) -> list[bool]:
@@ -64,21 +61,8 @@ def test_run_z_ref_is_the_mean_over_the_drawn_pairs(tmp_path, tiny_model):
     config = config_file(tmp_path, "one", tiny_model, kl_pairs_per_step=1, max_steps=3, save_steps=2,
                          eval_fraction=0.0, learning_rate=5e-2)
     run([*TRAIN, "--config", str(config)])
-    config = load_run_config(tmp_path / "one")
-    tokenizer = load_tokenizer(config)
-    train_set, _ = prepare_data(config, tokenizer)
-    plan = BatchPlan(len(train_set), config.per_device_train_batch_size, config.gradient_accumulation_steps, 1)
-    policy = PeftModel.from_pretrained(load_base_model(config), tmp_path / "one" / "checkpoint-2")
-    module = SequenceLogps(policy)
-    ratios, drawn = [], []
-    for indices, kl in zip(plan.micro_batches(step_in_epoch=2, epoch=0, seed=config.seed, rank=0),
-                           plan.kl_selection(3, config.seed, 0, 1), strict=True):
-        batch = collate(train_set, indices, tokenizer.pad_token_id)  # every pair, separate passes
-        with reference_mode(policy):
-            reference_kl = module(**batch["kl"])
-        with torch.no_grad():
-            ratios += (module(**batch["kl"]) - reference_kl).tolist()
-        drawn += kl
+    ratios, drawn = kl_ratios_of_step(tmp_path / "one", "checkpoint-2", step=3)
+    ratios, drawn = [r for micro in ratios for r in micro], [d for micro in drawn for d in micro]
     assert sum(drawn) == 1
     one_pair = kl_baseline(torch.tensor(ratios)[torch.tensor(drawn)].sum(), 1).item()
     every_pair = kl_baseline(torch.tensor(ratios).sum(), 4).item()
