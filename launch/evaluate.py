@@ -14,6 +14,7 @@ import warnings
 
 from kto_scale.config import ConfigError, load_config
 from kto_scale.data import DataError
+from kto_scale.distributed import exit_without_teardown
 from kto_scale.evaluate import evaluate
 from kto_scale.usage import options_help
 
@@ -32,3 +33,4 @@ if __name__ == "__main__":
     except (ConfigError, DataError) as e:
         sys.exit(f"error: {e}")
     print("  ".join(f"{k}={v:.4f}" for k, v in summary.items()))
+    exit_without_teardown()  # the job is done and written: no interpreter teardown (see its docstring)

@@ -13,6 +13,7 @@ import sys
 
 from kto_scale.config import ConfigError, load_config
 from kto_scale.data import DataError
+from kto_scale.distributed import exit_without_teardown
 from kto_scale.precompute import precompute
 from kto_scale.usage import exit_if_help
 
@@ -23,3 +24,4 @@ if __name__ == "__main__":
         precompute(load_config(sys.argv[1:]))
     except (ConfigError, DataError) as e:  # the user's settings, data or cache: a message, not a traceback
         sys.exit(f"error: {e}")
+    exit_without_teardown()  # the job is done and written: no interpreter teardown (see its docstring)

@@ -12,6 +12,7 @@ import warnings
 
 from kto_scale.config import DEMO_CONFIG, ConfigError, load_config
 from kto_scale.data import DataError
+from kto_scale.distributed import exit_without_teardown
 from kto_scale.trainer import train
 from kto_scale.usage import exit_if_help
 
@@ -24,3 +25,4 @@ if __name__ == "__main__":
         train(load_config(sys.argv[1:], default_config=DEMO_CONFIG))  # the demo only without any option
     except (ConfigError, DataError) as e:  # the user's settings or data: a message, not a traceback
         sys.exit(f"error: {e}")
+    exit_without_teardown()  # the job is done and written: no interpreter teardown (see its docstring)
