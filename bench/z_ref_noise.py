@@ -20,6 +20,7 @@ fixed (the adapter that was scored), so this is the sampling noise alone, not th
 import argparse
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -110,13 +111,16 @@ def report(results: dict) -> str:
     lines = [
         "# z_ref step-to-step noise", "",
         f"`{results['command']}`", "",
+        *([f"Source of the examples: {data['source']}", ""] if data["source"] else []),
         f"Data: {data['examples']} ({data['n']} KL terms). KL term mean {data['mean']:.4f}, std {data['std']:.4f}, "
         f"{data['positive_share']:.0%} positive; z_ref of the whole set = {max(0.0, data['mean']):.4f}. "
         f"beta {results['beta']}, seed {results['seed']}, {results['steps']} steps per layout.", "",
         "Per estimator: pairs = KL pairs one estimate averages; std and RMSE (vs the whole set's mean) of the "
         "unclamped mean over steps; SRS = std of a simple random sample of that many terms; within-step = TRL's "
-        "std across the micro-batches of one step (mean over steps); z_ref = max(0, mean); clamped = share of "
-        "estimates where z_ref is 0; beta*std = std of the shift of beta * (r - z_ref).", "",
+        "population std across the micro-batches of one step (mean over steps; low for few micro-batches); "
+        "z_ref = max(0, mean), RMSE vs max(0, the whole set's mean); clamped = share of estimates where z_ref "
+        "is 0; beta*std = std of the shift of beta * (r - z_ref). Pairs below the global batch: the short last "
+        "batch of each epoch.", "",
         "| layout (global) | estimator | pairs | mean | std | SRS std | RMSE | within-step | z_ref mean "
         "| z_ref std | z_ref RMSE | clamped | beta*std(z_ref) |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
@@ -142,11 +146,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=42, help="the run's seed (epoch order and KL draws)")
     parser.add_argument("--beta", type=float, default=0.1, help="KTO beta (configs/smollm2-hh.yaml: 0.1)")
     parser.add_argument("--out", type=Path, required=True, help="directory for results.json and results.md")
+    parser.add_argument("--source", default="", help="how examples.jsonl was made (model, adapter, split, "
+                        "evaluate command), written into the results")
     args = parser.parse_args(argv)
     kl = load_kl_terms(args.examples)
     results = {
-        "command": "python bench/z_ref_noise.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "data": {"examples": str(args.examples), "n": len(kl), "mean": kl.mean().item(),
+        "command": shlex.join(["python", "bench/z_ref_noise.py", *(sys.argv[1:] if argv is None else argv)]),
+        "data": {"examples": str(args.examples), "source": args.source, "n": len(kl), "mean": kl.mean().item(),
                  "std": kl.std(correction=0).item(), "positive_share": (kl > 0).double().mean().item()},
         "beta": args.beta, "seed": args.seed, "steps": args.steps,
         "layouts": [measure(kl, layout, args.pairs, args.steps, args.seed, args.beta) for layout in args.layout],
