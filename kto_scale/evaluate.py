@@ -5,7 +5,8 @@ command that scores a dataset with a trained adapter (one JSON line per example,
 
 Each line of `examples.jsonl` holds the example's row, label, prompt and completion text, the policy and
 reference log-probs and the implicit reward beta * (policy - reference), so the best and worst
-examples can be read off; `summary.json` holds the same numbers evaluation logs during training
+examples can be read off, and the policy and reference log-probs of its KL pair (the mismatched
+completion behind z_ref; bench/z_ref_noise.py reads them); `summary.json` holds the same numbers evaluation logs during training
 (loss, z_ref, mean rewards, reward and pair accuracy). All ranks score a share of the data; the
 numbers do not depend on how many ranks there are. With `generate_during_eval`, `generations.jsonl`
 holds the adapter's and the reference's completions of the prompts training picks, from the scored split
@@ -147,14 +148,16 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
         prompts = tokenizer.batch_decode(data["prompt_ids"], skip_special_tokens=True)
         completions = tokenizer.batch_decode(data["completion_ids"], skip_special_tokens=True)
         columns = zip(scores["index"].tolist(), data["label"], data["pair_id"], prompts, completions,
-                      scores["policy"].tolist(), scores["reference"].tolist(), strict=True)
+                      scores["policy"].tolist(), scores["reference"].tolist(), scores["policy_kl"].tolist(),
+                      scores["reference_kl"].tolist(), strict=True)
         with atomic_directory(output) as tmp:
             with open(tmp / "examples.jsonl", "w") as f:
-                for row, label, pair_id, prompt, completion, policy, reference in columns:
+                for row, label, pair_id, prompt, completion, policy, reference, policy_kl, reference_kl in columns:
                     f.write(json.dumps({
                         "row": row, "label": bool(label), "pair_id": pair_id, "prompt": prompt,
                         "completion": completion, "policy_logp": policy, "reference_logp": reference,
                         "reward": config.beta * (policy - reference),
+                        "policy_kl_logp": policy_kl, "reference_kl_logp": reference_kl,
                     }) + "\n")
             if generations:
                 (tmp / GENERATIONS_FILE).write_text("".join(json.dumps(row) + "\n" for row in generations))

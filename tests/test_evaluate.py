@@ -33,6 +33,10 @@ def test_evaluate_matches_the_runs_final_eval_on_any_number_of_ranks(tmp_path, o
         rewards = [line["reward"] for line in lines if line["label"] == (label == "desirable")]
         assert summary[f"rewards/{label}"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-5)
     assert [line["row"] for line in lines] == sorted(line["row"] for line in lines)
+    # Each line's KL pair log-probs are the ones behind the summary's z_ref (max(0, mean log-ratio)).
+    kl_mean = sum(line["policy_kl_logp"] - line["reference_kl_logp"] for line in lines) / len(lines)
+    assert summary["kl"] == pytest.approx(max(0.0, kl_mean), abs=1e-5)
+    assert all(line["policy_kl_logp"] != line["policy_logp"] for line in lines)  # the mismatched completion's
     # The final adapter completes the run's generation prompts as the run did at its last step.
     final = [{**line, "step": None} for line in generations(one_process_run)[-2:]]
     assert generations(tmp_path / "one") == final
@@ -41,6 +45,9 @@ def test_evaluate_matches_the_runs_final_eval_on_any_number_of_ranks(tmp_path, o
                                        one_process_run, tmp_path / "two")
     assert two_summary == pytest.approx(summary, abs=1e-5)
     assert [line["row"] for line in two_lines] == [line["row"] for line in lines]
+    kl_logps = [[line[key] for line in lines] for key in ("policy_kl_logp", "reference_kl_logp")]
+    assert [[line[key] for line in two_lines] for key in ("policy_kl_logp", "reference_kl_logp")] == [
+        pytest.approx(column, abs=1e-5) for column in kl_logps]
     assert generations(tmp_path / "two") == final
 
 
