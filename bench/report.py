@@ -87,8 +87,8 @@ def run_table(summary: dict) -> list[str]:
         "torch.cuda.max_memory_allocated of the whole child process. Model FLOPs (bench/flops.py), per sequence of T "
         "tokens with C completion tokens, P = the decoder layers' matmul weights, L layers, hidden d, vocab V: "
         "forward 2PT + 2LT^2d + 2dVC, backward 2PT + 4LT^2d + 2dVC (input gradients only: frozen base, LoRA "
-        "left out); per example, policy forward + backward, policy forward on the KL sequence, and the reference "
-        "forward on both when on the fly. MFU = model FLOPs/s / the GPU's peak dense bf16 FLOPs/s "
+        "left out); per example, policy forward + backward, policy forward on the KL sequence, and, on the fly, "
+        "the reference forward on both (two passes) or once over prompt + both completions (shared prompt). MFU = model FLOPs/s / the GPU's peak dense bf16 FLOPs/s "
         f"({fmt(peak_of(summary), '.3g')}); n/a on CPU.",
     ]
 
@@ -110,7 +110,7 @@ def ratio_table(summary: dict) -> list[str]:
               f"sequences {pad['random/example_pad_pct']} / {pad['random/kl_pad_pct']}; kto-scale group_by_length "
               f"batches {pad['group_by_length/example_pad_pct']} / {pad['group_by_length/kl_pad_pct']}."]
     if r["median_paired_step"]:
-        lines += ["", "Median over the timed steps of the per-step ratio (TRL step time / kto-scale step time; "
+        lines += ["", "Median over the timed steps of the per-step ratio (the second run's step time / the first's; "
                   "same batch at each step): " + ", ".join(f"{k.replace('_vs_', ' vs ')} {v:.2f}x"
                                                           for k, v in r["median_paired_step"].items())]
     return lines

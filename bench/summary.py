@@ -28,7 +28,7 @@ RATIOS = (
     ("peak_rss/cache_vs_precompute", "kto_cache", "trl_pre", "peak_rss_mib"),
 )
 PAIRED = (("kto", "trl"), ("kto", "trl_compact"), ("kto_cache", "trl"), ("kto_cache", "trl_compact"),
-          ("kto_cache", "trl_pre"), ("kto_cache", "trl_pre_compact"))
+          ("kto_cache", "trl_pre"), ("kto_cache", "trl_pre_compact"), ("kto", "kto_separate"))
 
 
 def steps_by_number(name: str, result: dict, total: int) -> dict[int, dict]:
@@ -78,8 +78,9 @@ def compute_ratios(runs: dict) -> dict:
 
 
 def paired_step_ratios(runs: dict) -> dict:
-    """Median over timed steps of (TRL step time / kto-scale step time): both ran the same batches, so this
-    pairs step k with step k and is less sensitive to bursts of other load than the ratio of totals."""
+    """Median over timed steps of (`theirs` step time / `ours`; theirs: TRL, or kto-scale with two reference
+    passes): both ran the same batches, so this pairs step k with step k and is less sensitive to bursts
+    of other load than the ratio of totals."""
     out = {}
     for ours, theirs in PAIRED:
         if ours in runs and theirs in runs:

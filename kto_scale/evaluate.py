@@ -77,7 +77,7 @@ def score_dataset(engine: Engine, dataset, batch_size: int, pad_id: int, cache: 
     columns = {k: [] for k in names}
     engine.eval()  # no LoRA dropout while scoring
     for indices in shard_indices(len(dataset), batch_size, engine.world_size, engine.global_rank):
-        batch = to_device(collate(dataset, indices, pad_id, packed, shared_prompt and cache is None), engine.device)
+        batch = to_device(collate(dataset, indices, pad_id, packed, shared_prompt), engine.device)
         reference, reference_kl, policy_kl = no_grad_logps(engine, batch, cache)
         with torch.no_grad():
             policy = engine(**batch["policy"])

@@ -151,7 +151,7 @@ def train(config: KTOConfig) -> Path:
     if checkpoint:
         start.engine.prepare_resume(checkpoint, check_resume(checkpoint, config, world_size))
     base = load_base_model(config)
-    shared_prompt = shares_prompt(config, base) and "train" not in caches  # a cache replaces the reference passes
+    shared_prompt = not caches and shares_prompt(config, base)  # a cache replaces the reference passes
     set_aside_previous_run(config)  # every check passed: only now does the old run make way
     if config.init_random_weights:  # the adapter is only meaningful next to these exact weights
         save_base_model(base, tokenizer, Path(config.output_dir) / "base_model")
