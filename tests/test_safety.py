@@ -145,6 +145,9 @@ def test_help_on_every_entry_point():
         assert "--beta FLOAT (default: 0.1)" in helps[name] and "KTO temperature" in helps[name]
         assert "--lora_target_modules LIST (default: None)" in helps[name]
     assert "--adapter" in helps["evaluate.py"] and "--overwrite" in helps["merge_lora.py"]
+    sbatch = subprocess.run(["bash", "launch/slurm/kto.sbatch", "--help"], cwd=ROOT, env=clean_env(), text=True,
+                            capture_output=True, timeout=60)
+    assert sbatch.returncode == 0 and "sbatch --nodes 4 launch/slurm/kto.sbatch" in sbatch.stdout, sbatch.stderr
 
 
 def test_the_demo_only_without_arguments_and_from_any_directory(tmp_path, monkeypatch):
