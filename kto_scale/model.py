@@ -9,6 +9,7 @@ computed from the decoder's hidden states by the chunked LM head of `kto_scale.l
 import contextlib
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -24,7 +25,7 @@ from transformers import (
 )
 from transformers.modeling_utils import set_zero3_state
 
-from kto_scale.config import KTOConfig
+from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.logprobs import chunked_completion_logps, scored_token_logps
 from kto_scale.sft_adapter import add_sft_adapters, has_reference_adapter, reference_adapter_active
 
@@ -42,10 +43,17 @@ def train_dtype(config: KTOConfig) -> torch.dtype:
 
 
 def load_tokenizer(config: KTOConfig) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, with a pad token set (EOS when it has none; padding is always masked)."""
-    tokenizer = AutoTokenizer.from_pretrained(
-        config.model_name_or_path, revision=config.model_revision, trust_remote_code=config.trust_remote_code
-    )
+    """The model's tokenizer, with a pad token set (EOS when it has none; padding is always masked).
+    The first thing read from the model: a path or hub id that does not load is a ConfigError here."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            config.model_name_or_path, revision=config.model_revision, trust_remote_code=config.trust_remote_code
+        )
+    except OSError as e:  # transformers' error for a missing local dir, an unknown hub id, or no network
+        where = Path(config.model_name_or_path).resolve()
+        found = f"{where} holds no loadable tokenizer" if where.exists() else f"there is no {where}"
+        raise ConfigError(f"model_name_or_path {config.model_name_or_path!r}: {found}, and as a Hugging Face Hub "
+                          f"id it did not load ({str(e).splitlines()[0]}). Check the path or the id.") from e
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"The tokenizer of {config.model_name_or_path} has neither a pad nor an EOS token.")
