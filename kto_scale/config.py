@@ -125,7 +125,7 @@ class KTOConfig:
     """Estimate z_ref from this many KL pairs per optimizer step, drawn without replacement from the
     effective batch (seeded by seed and step: the same on any number of ranks and on resume), and skip
     the KL passes of the other examples. 0: every example's pair (the paper's estimate). At most the
-    global batch. README "Fewer KL passes" gives the noise it adds and the time it saves."""
+    global batch. docs/loss.md, "Fewer KL passes", gives the noise it adds and the time it saves."""
     kl_baseline: str = "effective_batch"
     """Where z_ref is estimated: "effective_batch" (all ranks and accumulation micro-batches of an
     optimizer step, the default) or "micro_batch" (each accumulation micro-batch on its own, summed
