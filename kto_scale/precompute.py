@@ -23,7 +23,6 @@ from kto_scale.collate import collate, length_order, shard_indices, to_device
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.distributed import all_gather, all_reduce_sum, on_main_process, shutdown
 from kto_scale.engine import Engine
-from kto_scale.evaluate import reference_logps
 from kto_scale.model import load_model, shares_prompt
 from kto_scale.outdir import LOCK_FILE, lock_directory
 from kto_scale.ref_cache import (
@@ -37,6 +36,7 @@ from kto_scale.ref_cache import (
     run_fingerprint,
     write_shard,
 )
+from kto_scale.scoring import reference_logps
 from kto_scale.startup import setup
 
 logger = logging.getLogger(__name__)

@@ -32,13 +32,13 @@ from kto_scale.collate import BatchPlan, collate, sequence_lengths, to_device
 from kto_scale.config import ConfigError, KTOConfig, save_config
 from kto_scale.distributed import all_reduce_sum, global_kl_baseline, shutdown
 from kto_scale.engine import Engine
-from kto_scale.evaluate import evaluation_metrics, no_grad_logps, score_dataset
 from kto_scale.generate import GenerationLog, PromptGenerations
 from kto_scale.loss import balanced_weights, kto_losses
 from kto_scale.metrics import MetricsLogger
 from kto_scale.model import SequenceLogps, add_lora, load_base_model, shares_prompt
 from kto_scale.plot import plot_runs
 from kto_scale.ref_cache import RefCache, open_ref_cache
+from kto_scale.scoring import evaluation_metrics, no_grad_logps, score_dataset
 from kto_scale.startup import setup
 
 logger = logging.getLogger(__name__)

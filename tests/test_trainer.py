@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 
 from kto_scale.collate import collate
 from kto_scale.config import load_run_config
-from kto_scale.evaluate import evaluation_metrics
 from kto_scale.generate import generation_prompts
 from kto_scale.loss import kl_baseline
 from kto_scale.model import SequenceLogps, load_base_model, load_tokenizer, reference_mode
 from kto_scale.prepare import prepare_data
+from kto_scale.scoring import evaluation_metrics
 from kto_scale.trainer import class_balance_warning
 
 
