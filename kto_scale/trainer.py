@@ -30,10 +30,10 @@ from kto_scale.checkpoint import (
 )
 from kto_scale.collate import BatchPlan, collate, sequence_lengths, to_device
 from kto_scale.config import ConfigError, KTOConfig, save_config
-from kto_scale.distributed import all_reduce_sum, global_kl_baseline, shutdown
+from kto_scale.distributed import all_reduce_sum, shutdown
 from kto_scale.engine import Engine
 from kto_scale.generate import GenerationLog, PromptGenerations
-from kto_scale.loss import balanced_weights, kto_losses
+from kto_scale.loss import balanced_weights, kl_baseline, kto_losses
 from kto_scale.metrics import MetricsLogger
 from kto_scale.model import SequenceLogps, add_lora, load_base_model, shares_prompt
 from kto_scale.plot import plot_runs
@@ -42,6 +42,16 @@ from kto_scale.scoring import evaluation_metrics, no_grad_logps, score_dataset
 from kto_scale.startup import setup
 
 logger = logging.getLogger(__name__)
+
+def global_kl_baseline(kl_ratio_sum: Tensor, pairs: Tensor, examples: Tensor) -> tuple[Tensor, Tensor]:
+    """z_ref over every rank's mismatched pairs, and the global number of examples (one all-reduce).
+
+    Sums and counts are all-reduced (not per-rank means), so z_ref does not depend on how the pairs
+    fall on ranks. Returns ([] z_ref, [] global example count).
+    """
+    totals = all_reduce_sum(torch.stack([kl_ratio_sum.float(), pairs.float(), examples.float()]))
+    return kl_baseline(totals[0], totals[1]), totals[2]
+
 
 def train_step(
     engine: Engine, batches: list[dict], config: KTOConfig, weights: tuple[float, float], cache: RefCache | None
