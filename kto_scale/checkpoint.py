@@ -28,7 +28,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kto_scale.atomic import atomic_directory, replace_directory, write_atomic
 from kto_scale.config import CONFIG_FILE, ConfigError, KTOConfig, save_config
 from kto_scale.distributed import barrier, is_main_process, on_main_process
-from kto_scale.engine import DEEPSPEED_TAG, FSDP_TAG, Engine
+from kto_scale.engine import DEEPSPEED_TAG, Engine
+from kto_scale.fsdp import FSDP_TAG
 from kto_scale.outdir import LOCK_FILE, lock_directory, move_previous_run
 from kto_scale.sft_adapter import POLICY_ADAPTER
 

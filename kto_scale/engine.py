@@ -11,8 +11,8 @@ Both implement `Engine` with the same semantics, so the loop has one code path:
 - `save_checkpoint(dir)`/`load_checkpoint(dir)` write and read the engine's own state (optimizer,
   schedule, LoRA shards) into the checkpoint directory kto_scale.checkpoint builds around it.
 
-`engine_setup(config, world_size)` picks the implementation; it is called before the model loads,
-because ZeRO-3 loads the model already partitioned.
+kto_scale.startup picks the implementation (DeepSpeedSetup or kto_scale.fsdp.FSDPSetup) before the
+model loads, because ZeRO-3 loads the model already partitioned.
 
 DeepSpeed: "auto" fields in the JSON are filled from KTOConfig by transformers' own
 `HfTrainerDeepSpeedConfig`, exactly as the HF Trainer does, and explicit values that contradict the
@@ -30,19 +30,18 @@ from typing import Protocol
 import deepspeed
 import torch
 from torch import Tensor
-from transformers import get_scheduler
 from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
 from kto_scale.atomic import atomic_directory, write_atomic
 from kto_scale.config import ConfigError, KTOConfig, find_deepspeed_config
 from kto_scale.distributed import is_main_process, on_main_process
 from kto_scale.model import SequenceLogps
+from kto_scale.optimizer import OptimizerSettings, optimizer_and_schedule
 
 logger = logging.getLogger(__name__)
 
 DEEPSPEED_TAG = "deepspeed"  # the engine's state inside a kto-scale checkpoint directory
 UNIVERSAL_TAG = "universal"  # DeepSpeed's rank-independent copy, made to resume on another rank count
-FSDP_TAG = "fsdp"  # FSDP2's (torch.distributed.checkpoint) state inside a checkpoint directory
 
 
 class Engine(Protocol):
@@ -67,26 +66,6 @@ class Engine(Protocol):
     def trainable_state_dict(self) -> dict[str, Tensor] | None: ...
     def save_checkpoint(self, path: Path) -> None: ...
     def load_checkpoint(self, path: Path, saved_world_size: int) -> None: ...
-
-
-def optimizer_and_schedule(config: KTOConfig, trainable: list, total_steps: int):
-    """AdamW over the LoRA parameters and a factory of transformers' schedule named by lr_scheduler_type
-    (a factory: DeepSpeed hands it the optimizer it actually steps, its ZeRO wrapper)."""
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  eps=config.adam_epsilon, weight_decay=config.weight_decay)
-
-    def schedule(opt):
-        return get_scheduler(config.lr_scheduler_type, opt, num_warmup_steps=config.warmup_steps_for(total_steps),
-                             num_training_steps=total_steps)
-    return optimizer, schedule
-
-
-def engine_setup(config: KTOConfig, world_size: int):
-    """The engine's setup for this config: DeepSpeedSetup or FSDPSetup (call before loading the model)."""
-    if config.fsdp:
-        from kto_scale.fsdp import FSDPSetup  # torch's FSDP2 only where it is used
-        return FSDPSetup(config, world_size)
-    return DeepSpeedSetup(config, world_size)
 
 
 def _trainer_args(config: KTOConfig, world_size: int) -> SimpleNamespace:
@@ -170,7 +149,7 @@ class DeepSpeedSetup:
         has them, otherwise AdamW over the LoRA parameters and transformers' schedule."""
         self._finalize(_trainer_args(self.config, self.world_size), module.model, total_steps)
         trainable = [p for p in module.parameters() if p.requires_grad]
-        optimizer, schedule = optimizer_and_schedule(self.config, trainable, total_steps)
+        optimizer, schedule = optimizer_and_schedule(OptimizerSettings.from_config(self.config, total_steps), trainable)
         engine, _, _, scheduler = deepspeed.initialize(
             model=module, model_parameters=trainable, config=self.ds_config.config,
             optimizer=None if "optimizer" in self.ds_config.config else optimizer,

@@ -39,11 +39,12 @@ from torch.distributed.tensor import DTensor
 
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.distributed import is_main_process
-from kto_scale.engine import FSDP_TAG, optimizer_and_schedule
 from kto_scale.model import SequenceLogps
+from kto_scale.optimizer import OptimizerSettings, optimizer_and_schedule
 
 logger = logging.getLogger(__name__)
 
+FSDP_TAG = "fsdp"  # this engine's (torch.distributed.checkpoint) state inside a checkpoint directory
 ENGINE_STATE = "engine_state.pt"  # schedule and step counters, beside the DCP files
 
 
@@ -104,7 +105,8 @@ class FSDPEngine:
         self.trainable = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = self.scheduler = None
         if total_steps is not None:  # after fully_shard: the optimizer holds this rank's shards
-            self.optimizer, schedule = optimizer_and_schedule(config, self.trainable, total_steps)
+            self.optimizer, schedule = optimizer_and_schedule(OptimizerSettings.from_config(config, total_steps),
+                                                              self.trainable)
             self.scheduler = schedule(self.optimizer)
         self.accumulation = config.gradient_accumulation_steps
         self.micro_steps = self.skipped_steps = 0
