@@ -24,7 +24,7 @@ from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.distributed import is_main_process, shutdown
 from kto_scale.generate import GENERATIONS_FILE, PromptGenerations
 from kto_scale.loss import balanced_weights
-from kto_scale.model import load_base_model, shares_prompt
+from kto_scale.model import load_base_model, reference_layout
 from kto_scale.outdir import replace_refusal
 from kto_scale.scoring import evaluation_metrics, score_dataset
 from kto_scale.sft_adapter import add_reference_adapter
@@ -47,14 +47,14 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
     if dataset is None:
         raise ConfigError("The config has no eval data: set eval_dataset_name or eval_fraction, or pass --split train.")
     base = load_base_model(config)
-    shared_prompt = shares_prompt(config, base)
+    reference = reference_layout(config, base, cached=False)
     model = PeftModel.from_pretrained(base, str(adapter))
     if config.sft_adapter:  # the reference training used: base + the SFT adapter
         add_reference_adapter(model, config)
     engine = start.engine.inference_engine(model)
     tokenizer, train = start.tokenizer, start.train_set
     scores = score_dataset(engine, dataset, config.per_device_eval_batch_size, tokenizer.pad_token_id, cache=None,
-                           packed=config.padding_free, shared_prompt=shared_prompt)
+                           packed=config.padding_free, reference=reference)
     # The class weights training used: "auto" is solved from the train split's counts, whatever is scored.
     n_desirable = sum(train["label"])
     weights = balanced_weights(config.desirable_weight, config.undesirable_weight,

@@ -6,7 +6,7 @@ training loop, the precompute job and the evaluate command all score through her
 import torch
 from torch import Tensor
 
-from kto_scale.collate import collate, shard_indices, to_device
+from kto_scale.collate import ReferenceLayout, collate, shard_indices, to_device
 from kto_scale.distributed import all_gather
 from kto_scale.engine import Engine
 from kto_scale.loss import kl_baseline, kto_losses
@@ -15,10 +15,13 @@ from kto_scale.ref_cache import RefCache
 
 
 def reference_logps(engine: Engine, batch: dict) -> tuple[Tensor, Tensor]:
-    """([B] reference logps, [K] reference KL logps of the batch's kl_rows): one pass over x + y + y' when
-    the batch was collated with shared_prompt (its "reference" inputs), else one over x + y and one over x + y'."""
+    """([B] reference logps, [K] reference KL logps of the batch's kl_rows), by the batch's reference layout:
+    SHARED, one pass over x + y + y' (its "reference" inputs); SEPARATE, one over x + y and one over x + y'."""
+    layout = batch["reference_layout"]
+    if layout is ReferenceLayout.CACHED:
+        raise ValueError("reference_logps: a CACHED batch has no reference passes (no_grad_logps looks it up).")
     with reference_mode(engine.module.model):
-        if "reference" in batch:
+        if layout is ReferenceLayout.SHARED:
             reference, reference_kl = engine(**batch["reference"]).chunk(2)
             return reference, reference_kl[batch["kl_rows"]]
         return engine(**batch["policy"]), engine(**batch["kl"])
@@ -28,9 +31,9 @@ def no_grad_logps(engine: Engine, batch: dict, cache: RefCache | None) -> tuple[
     """([B] reference logps, [K] reference KL logps, [K] policy KL logps) of a batch, without gradients
     (the KL pairs of the batch's kl_rows).
 
-    With a precomputed reference cache the reference passes are skipped: a lookup by dataset row.
+    A CACHED batch skips the reference passes: a lookup by dataset row in `cache`.
     """
-    if cache is not None:
+    if batch["reference_layout"] is ReferenceLayout.CACHED:
         reference, reference_kl = (t.to(engine.device) for t in cache.lookup(batch["index"].cpu()))
         reference_kl = reference_kl[batch["kl_rows"]]
     else:
@@ -41,9 +44,9 @@ def no_grad_logps(engine: Engine, batch: dict, cache: RefCache | None) -> tuple[
 
 
 def score_dataset(engine: Engine, dataset, batch_size: int, pad_id: int, cache: RefCache | None,
-                  packed: bool = False, shared_prompt: bool = False) -> dict[str, Tensor]:
+                  packed: bool = False, reference: ReferenceLayout = ReferenceLayout.SEPARATE) -> dict[str, Tensor]:
     """Policy and reference log-probs of every example and KL pair, gathered from all ranks (packed,
-    shared_prompt: the layouts of kto_scale.collate.collate).
+    reference: the layouts of kto_scale.collate.collate).
 
     Returns [N] tensors in dataset order (filler rows removed), identical on every rank:
     index, desirable, pair_id, policy, reference, policy_kl, reference_kl.
@@ -52,7 +55,7 @@ def score_dataset(engine: Engine, dataset, batch_size: int, pad_id: int, cache: 
     columns = {k: [] for k in names}
     engine.eval()  # no LoRA dropout while scoring
     for indices in shard_indices(len(dataset), batch_size, engine.world_size, engine.global_rank):
-        batch = to_device(collate(dataset, indices, pad_id, packed, shared_prompt), engine.device)
+        batch = to_device(collate(dataset, indices, pad_id, packed, reference), engine.device)
         reference, reference_kl, policy_kl = no_grad_logps(engine, batch, cache)
         with torch.no_grad():
             policy = engine(**batch["policy"])

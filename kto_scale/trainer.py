@@ -35,7 +35,7 @@ from kto_scale.engine import Engine
 from kto_scale.generate import GenerationLog, PromptGenerations
 from kto_scale.loss import balanced_weights, kl_baseline, kto_losses
 from kto_scale.metrics import MetricsLogger
-from kto_scale.model import SequenceLogps, add_lora, load_base_model, shares_prompt
+from kto_scale.model import SequenceLogps, add_lora, load_base_model, reference_layout
 from kto_scale.plot import plot_runs
 from kto_scale.ref_cache import RefCache, open_ref_cache
 from kto_scale.scoring import evaluation_metrics, no_grad_logps, score_dataset
@@ -161,7 +161,7 @@ def train(config: KTOConfig) -> Path:
     if checkpoint:
         start.engine.prepare_resume(checkpoint, check_resume(checkpoint, config, world_size))
     base = load_base_model(config)
-    shared_prompt = not caches and shares_prompt(config, base)  # a cache replaces the reference passes
+    reference = reference_layout(config, base, cached=bool(caches))
     set_aside_previous_run(config)  # every check passed: only now does the old run make way
     if config.init_random_weights:  # the adapter is only meaningful next to these exact weights
         save_base_model(base, tokenizer, Path(config.output_dir) / "base_model")
@@ -187,7 +187,7 @@ def train(config: KTOConfig) -> Path:
     def run_eval(step: int) -> dict[str, float]:
         result = evaluation_metrics(score_dataset(engine, eval_set, config.per_device_eval_batch_size,
                                                   tokenizer.pad_token_id, caches.get("eval"), config.padding_free,
-                                                  shared_prompt),
+                                                  reference),
                                     config.beta, weights)
         metrics.log(result, step=step, split="eval")
         if generations is not None:
@@ -200,7 +200,7 @@ def train(config: KTOConfig) -> Path:
     for step in range(start_step + 1, total_steps + 1):
         epoch, step_in_epoch = divmod(step - 1, plan.steps_per_epoch)
         kl_rows = plan.kl_selection(step, config.seed, rank, config.kl_pairs_per_step)
-        batches = [to_device(collate(train_set, indices, tokenizer.pad_token_id, config.padding_free, shared_prompt,
+        batches = [to_device(collate(train_set, indices, tokenizer.pad_token_id, config.padding_free, reference,
                                      kl), engine.device)
                    for indices, kl in zip(plan.micro_batches(step_in_epoch, epoch, config.seed, rank), kl_rows,
                                           strict=True)]
