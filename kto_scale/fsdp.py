@@ -15,7 +15,8 @@ same run: gradients are averaged over ranks (FSDP's reduce-scatter) and accumula
 (the loss divided by their number); at the accumulation boundary the update clips to max_grad_norm,
 and skips (and counts) a step whose gradient norm is not finite, leaving the schedule where it was.
 Between boundaries gradients stay unsharded and unreduced (`set_requires_gradient_sync`): one
-reduce-scatter per optimizer step, as DeepSpeed's ZeRO-2.
+reduce-scatter per optimizer step (DeepSpeed's ZeRO-2 reduces every micro-batch into its gradient
+partitions; ZeRO-1 reduces once per step).
 
 Checkpoints are torch.distributed.checkpoint (DCP) directories holding only the trainable weights and
 their optimizer state; DCP reshards on load, so a run resumes on any number of ranks.
