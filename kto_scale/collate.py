@@ -17,6 +17,7 @@ import datasets
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 TOKEN_COLUMNS = ("prompt_ids", "completion_ids", "kl_completion_ids")
 PAD_SLOT = -1  # an index that marks a weight-0 filler row
@@ -98,9 +99,9 @@ def _lengths(prompts: list[list[int]], completions: list[list[int]]) -> Tensor:
     return torch.tensor([len(p) + len(c) for p, c in zip(prompts, completions, strict=True)], dtype=torch.long)
 
 
-def _pad(sequences: list[list[int]], value: int) -> Tensor:
-    width = max(len(s) for s in sequences)
-    return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
+def _pad(sequences: list[list[int]] | list[np.ndarray], value: int) -> Tensor:
+    """[B, T] long, each sequence right-padded with `value` to the longest."""
+    return pad_sequence([torch.as_tensor(s, dtype=torch.long) for s in sequences], batch_first=True, padding_value=value)
 
 
 def _sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int, packed: bool) -> dict[str, Tensor]:
@@ -160,8 +161,7 @@ def _shared_prompt_sequences(prompts: list[list[int]], completions: list[list[in
                    position_ids=torch.from_numpy(np.concatenate(positions))[None],
                    sequence_lengths=torch.tensor(lengths))
     else:
-        out.update(input_ids=_pad(ids, pad_id), segments=_pad([s.tolist() for s in segments], -1),
-                   position_ids=_pad([q.tolist() for q in positions], 0))
+        out.update(input_ids=_pad(ids, pad_id), segments=_pad(segments, -1), position_ids=_pad(positions, 0))
     return out
 
 

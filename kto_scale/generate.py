@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 
 from kto_scale.config import KTOConfig
@@ -40,9 +41,10 @@ def generation_prompts(prompt_ids: list[list[int]], n: int, seed: int) -> list[l
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """([B, T] input_ids, [B, T] attention_mask), padded on the left so every prompt ends at column T."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    input_ids = pad_sequence([torch.tensor(p, dtype=torch.long) for p in prompts], batch_first=True,
+                             padding_value=pad_id, padding_side="left")
+    attention_mask = pad_sequence([torch.ones(len(p), dtype=torch.long) for p in prompts], batch_first=True,
+                                  padding_side="left")
     return input_ids, attention_mask
 
 
