@@ -35,7 +35,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.distributed.tensor import DTensor
 
 from kto_scale.config import ConfigError, KTOConfig
@@ -74,7 +80,8 @@ class FSDPSetup:
 
 
 def shard(module: SequenceLogps, config: KTOConfig, world_size: int) -> torch.device:
-    """fully_shard every decoder layer, then the root (embeddings, final norm, LM head); returns the device."""
+    """fully_shard every decoder layer, then the root (embeddings, final norm, LM head), whose `generate`
+    gets the hooks forward gets; returns the device."""
     device = _device()
     mesh = init_device_mesh(device.type, (world_size,))
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if config.bf16 \
@@ -90,6 +97,7 @@ def shard(module: SequenceLogps, config: KTOConfig, world_size: int) -> torch.de
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mixed, offload_policy=offload)
     fully_shard(module, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+    register_fsdp_forward_method(module, "generate")  # the root's weights gathered for generation too
     return device
 
 

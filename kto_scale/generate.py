@@ -61,11 +61,11 @@ def generate_texts(module: SequenceLogps, prompts: list[list[int]], tokenizer: P
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(config.seed)
-            output = module(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generate=dict(
-                max_new_tokens=config.max_new_tokens, do_sample=config.generation_do_sample, **sampling,
-                use_cache=True, synced_gpus=synced_gpus,
+            output = module.generate(
+                input_ids.to(device), attention_mask.to(device), max_new_tokens=config.max_new_tokens,
+                do_sample=config.generation_do_sample, **sampling, use_cache=True, synced_gpus=synced_gpus,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            ))
+            )
     finally:
         module.train(was_training)
     texts = []

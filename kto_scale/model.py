@@ -232,6 +232,11 @@ class SequenceLogps(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, **kwargs) -> Tensor:
+        """`model.generate`'s token ids [B, T + new]. Under FSDP2 the engine registers this method with
+        `register_fsdp_forward_method`, so the root's parameters are gathered around it as around forward."""
+        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
     def forward(
         self,
         input_ids: Tensor,
@@ -243,7 +248,6 @@ class SequenceLogps(nn.Module):
         score_positions: Tensor | None = None,
         score_targets: Tensor | None = None,
         score_sequences: Tensor | None = None,
-        generate: dict | None = None,
     ) -> Tensor:
         """Completion log-probs, one float32 per sequence.
 
@@ -254,11 +258,7 @@ class SequenceLogps(nn.Module):
         Shared prompt (kto_scale.collate's "reference" inputs): x + y + y' rows given as input_ids,
         segments, position_ids and the score_* lists (packed: and sequence_lengths) -> [2B], the B
         examples' log-probs then their KL pairs'.
-        `generate`: instead, `model.generate(input_ids, attention_mask, **generate)`'s token ids; it is
-        routed through this module so that an engine's hooks on it (FSDP's root) run around generation.
         """
-        if generate is not None:
-            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate)
         base = self.model.get_base_model()
         sequence_ids = None
         if sequence_lengths is not None:
