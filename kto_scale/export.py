@@ -34,6 +34,7 @@ import torch
 from huggingface_hub import StateDictSplit, split_torch_state_dict_into_shards
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import AutoTokenizer
 from transformers.modeling_utils import str_to_torch_dtype
 
 from kto_scale.adapter_files import (
@@ -54,6 +55,7 @@ from kto_scale.outdir import DirectoryBusy, lock_directory, replace_refusal, unl
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The names a tokenizer's save_pretrained writes (fast, slow and older layouts): check_output recognises them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
@@ -204,13 +206,16 @@ def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], split: StateDictSp
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def copy_tokenizer(sources: list[Path], out: Path) -> None:
-    """Copy the tokenizer files of the first source directory that has any."""
+def save_tokenizer(sources: list[Path], out: Path) -> None:
+    """The tokenizer of the first source directory that holds one, loaded and written by transformers."""
     for source in sources:
-        present = [source / name for name in TOKENIZER_FILES if (source / name).is_file()]
-        if present:
-            for path in present:
-                shutil.copy2(path, out / path.name)
+        if (source / "tokenizer_config.json").is_file() or (source / "tokenizer.json").is_file():
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source)
+            except (OSError, ValueError) as err:
+                raise ExportError(f"{source} holds a tokenizer that does not load ({err}); fix or remove its "
+                                  "tokenizer files.") from err
+            tokenizer.save_pretrained(out)
             return
 
 
@@ -285,7 +290,7 @@ def merge_lora(base: str | Path, adapter: str | Path, output: str | Path, dtype:
         (tmp / "config.json").write_text(json.dumps(base_config, indent=2) + "\n")
         if (base / "generation_config.json").is_file():
             shutil.copy2(base / "generation_config.json", tmp)
-        copy_tokenizer([adapter, base], tmp)
+        save_tokenizer([adapter, base], tmp)
     logger.info("Wrote the merged model to %s", output)
     return output
 
@@ -312,6 +317,6 @@ def export_adapter(base: str | Path, source: str | Path, output: str | Path, ove
         # lora_modules() accepted only peft's standard names, so the normalised tensors are the adapter.
         _write_shard({k: v.contiguous() for k, v in tensors.items()}, tmp / ADAPTER_WEIGHTS)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        copy_tokenizer([source], tmp)
+        save_tokenizer([source], tmp)
     logger.info("Wrote the adapter (%d LoRA modules) to %s", len(modules), output)
     return output

@@ -15,14 +15,23 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from kto_scale import export
 from kto_scale.adapter_files import AdapterError
+from kto_scale.assets import TINY_LLAMA_DIR
 from kto_scale.export import export_adapter, merge_lora
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTER_TOKEN = "<|adapter_only|>"
 TOKENS = torch.tensor([[1, 5, 9, 33, 70, 2, 127, 64], [3, 3, 8, 100, 12, 44, 90, 7]])
 
 
@@ -64,14 +73,21 @@ def plain_logits(path: Path) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def base_and_adapter(tmp_path_factory) -> tuple[Path, Path]:
-    """A base saved in many shards, with tokenizer stand-ins, and a LoRA adapter with its own tokenizer file."""
+    """A base saved in many shards with the tiny tokenizer, and a LoRA adapter with its own tokenizer (one
+    token more)."""
     root = tmp_path_factory.mktemp("fixture")
     model = tiny_llama()
     model.save_pretrained(root / "base", max_shard_size="20KB")
-    (root / "base" / "tokenizer_config.json").write_text('{"from": "base"}')
+    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA_DIR)
+    tokenizer.save_pretrained(root / "base")
     save_adapter(model, root / "adapter")
-    (root / "adapter" / "tokenizer_config.json").write_text('{"from": "adapter"}')
+    tokenizer.add_tokens([ADAPTER_TOKEN])
+    tokenizer.save_pretrained(root / "adapter")
     return root / "base", root / "adapter"
+
+
+def tokenizer_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name in export.TOKENIZER_FILES)
 
 
 def test_merge_matches_peft_and_loads_without_peft(base_and_adapter, tmp_path):
@@ -91,9 +107,10 @@ def test_merge_matches_peft_and_loads_without_peft(base_and_adapter, tmp_path):
     assert index["metadata"]["total_size"] == total
     base_index = json.loads((base / "model.safetensors.index.json").read_text())
     assert index["weight_map"].keys() == base_index["weight_map"].keys()
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("model")) == [
-        "config.json", "generation_config.json", "tokenizer_config.json"]
-    assert json.loads((out / "tokenizer_config.json").read_text()) == {"from": "adapter"}
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("model")) == sorted([
+        "config.json", "generation_config.json", *tokenizer_files(adapter)])
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(adapter).get_vocab()
+    assert ADAPTER_TOKEN in AutoTokenizer.from_pretrained(out).get_vocab()  # the adapter's, not the base's
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
 
 
@@ -374,8 +391,8 @@ def test_adapter_only_from_peft_dir(base_and_adapter, tmp_path):
               tmp_path / "named" / export.ADAPTER_WEIGHTS)
 
     out = export_adapter(base, tmp_path / "named", tmp_path / "clean")
-    assert sorted(p.name for p in out.iterdir()) == [export.ADAPTER_CONFIG, export.ADAPTER_WEIGHTS,
-                                                      "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([export.ADAPTER_CONFIG, export.ADAPTER_WEIGHTS,
+                                                             *tokenizer_files(adapter)])
     assert json.loads((out / export.ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == str(base)
     exported = load_file(out / export.ADAPTER_WEIGHTS)
     assert exported.keys() == tensors.keys()
