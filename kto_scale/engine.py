@@ -24,12 +24,12 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Protocol
 
 import deepspeed
 import torch
 from torch import Tensor
+from transformers import TrainingArguments
 from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
 from kto_scale.atomic import atomic_directory, write_atomic
@@ -68,31 +68,27 @@ class Engine(Protocol):
     def load_checkpoint(self, path: Path, saved_world_size: int) -> None: ...
 
 
-def _trainer_args(config: KTOConfig, world_size: int) -> SimpleNamespace:
-    """The TrainingArguments fields HfTrainerDeepSpeedConfig reads, taken from our config."""
-    return SimpleNamespace(
-        world_size=world_size,
+def training_arguments(config: KTOConfig, warmup_steps: int = 0) -> TrainingArguments:
+    """The transformers TrainingArguments HfTrainerDeepSpeedConfig fills the JSON's "auto" fields from, with
+    KTOConfig's values (the same names). Its world size is the process group's (1 before there is one);
+    warmup_steps is resolved by the caller (KTOConfig.warmup_steps_for), as the schedule uses it."""
+    return TrainingArguments(
+        output_dir=config.output_dir, report_to="none", use_cpu=not torch.cuda.is_available(),  # bf16 on CPU too
         per_device_train_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        max_grad_norm=config.max_grad_norm,
-        learning_rate=config.learning_rate,
-        adam_beta1=config.adam_beta1,
-        adam_beta2=config.adam_beta2,
-        adam_epsilon=config.adam_epsilon,
-        weight_decay=config.weight_decay,
-        save_on_each_node=False,
-        fp16=config.fp16,
-        fp16_full_eval=False,
-        bf16=config.bf16,
-        bf16_full_eval=False,
-        get_warmup_steps=config.warmup_steps_for,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, max_grad_norm=config.max_grad_norm,
+        learning_rate=config.learning_rate, adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
+        adam_epsilon=config.adam_epsilon, weight_decay=config.weight_decay, fp16=config.fp16, bf16=config.bf16,
+        warmup_steps=warmup_steps,
     )
 
 
 def resolve_deepspeed_config(config: KTOConfig, world_size: int) -> HfTrainerDeepSpeedConfig:
     """Read the JSON and fill the fields that need only the training config (call before loading the model)."""
     ds_config = HfTrainerDeepSpeedConfig(str(find_deepspeed_config(config.deepspeed)))
-    ds_config.trainer_config_process(_trainer_args(config, world_size))
+    args = training_arguments(config)
+    if args.world_size != world_size:  # train_batch_size is computed from it
+        raise RuntimeError(f"TrainingArguments sees {args.world_size} ranks, the process group {world_size}.")
+    ds_config.trainer_config_process(args)
     if ds_config.is_zero3() and (config.load_in_4bit or config.load_in_8bit):
         raise ConfigError(f"{config.deepspeed} is ZeRO-3, which partitions weights and cannot shard a "
                           "bitsandbytes-quantized base: use ds_configs/zero2.json with load_in_4bit/load_in_8bit.")
@@ -110,7 +106,7 @@ class DeepSpeedSetup:
         self.ds_config = resolve_deepspeed_config(config, world_size)
         self.shards_weights = self.ds_config.is_zero3()
 
-    def _finalize(self, args: SimpleNamespace, model, total_steps: int) -> None:
+    def _finalize(self, args: TrainingArguments, model, total_steps: int) -> None:
         try:  # fills the "auto" sizes that depend on the model's hidden size and the schedule length
             self.ds_config.trainer_config_finalize(args, model, total_steps)
         except ValueError as e:  # mismatches between the JSON and our config
@@ -147,7 +143,8 @@ class DeepSpeedSetup:
     def training_engine(self, module: SequenceLogps, total_steps: int) -> "DeepSpeedEngine":
         """The engine with its optimizer and schedule: the JSON's "optimizer"/"scheduler" sections when it
         has them, otherwise AdamW over the LoRA parameters and transformers' schedule."""
-        self._finalize(_trainer_args(self.config, self.world_size), module.model, total_steps)
+        args = training_arguments(self.config, warmup_steps=self.config.warmup_steps_for(total_steps))
+        self._finalize(args, module.model, total_steps)
         trainable = [p for p in module.parameters() if p.requires_grad]
         optimizer, schedule = optimizer_and_schedule(OptimizerSettings.from_config(self.config, total_steps), trainable)
         engine, _, _, scheduler = deepspeed.initialize(
@@ -166,7 +163,7 @@ class DeepSpeedSetup:
             # ZeRO-1/2 partition only optimizer state and gradients, and DeepSpeed refuses them without an
             # optimizer; stage 0 keeps the same full copy of the weights on each rank.
             config["zero_optimization"] = {"stage": 0}
-        self._finalize(SimpleNamespace(get_warmup_steps=lambda steps: 0), model, 1)
+        self._finalize(training_arguments(self.config), model, 1)
         engine, *_ = deepspeed.initialize(model=SequenceLogps(model, self.config.logprob_chunk_size), config=config)
         engine.eval()
         return DeepSpeedEngine(engine, None, self.shards_weights)
