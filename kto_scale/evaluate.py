@@ -22,7 +22,7 @@ from peft import PeftModel
 from kto_scale.atomic import atomic_directory
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.distributed import is_main_process, shutdown
-from kto_scale.generate import GENERATIONS_FILE, PromptGenerations
+from kto_scale.generate import GENERATIONS_FILE, GenerationSettings, PromptGenerations
 from kto_scale.loss import balanced_weights
 from kto_scale.model import load_base_model, reference_layout
 from kto_scale.outdir import replace_refusal
@@ -62,7 +62,8 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
     summary = evaluation_metrics(scores, config.beta, weights)
     generations = []
     if config.generate_during_eval:  # all ranks take part; "step" is null: an adapter has no step of its own
-        generations = PromptGenerations(engine, dataset["prompt_ids"], tokenizer, config).rows(step=None)
+        generations = PromptGenerations(engine, dataset["prompt_ids"], tokenizer,
+                                        GenerationSettings.from_config(config)).rows(step=None)
     if is_main_process():
         # score_dataset returns every row in dataset order, so columns line up with the scores.
         data = dataset[:]  # the columns as lists

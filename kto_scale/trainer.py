@@ -32,7 +32,7 @@ from kto_scale.collate import BatchPlan, collate, sequence_lengths, to_device
 from kto_scale.config import ConfigError, KTOConfig, save_config
 from kto_scale.distributed import all_reduce_sum, shutdown
 from kto_scale.engine import Engine
-from kto_scale.generate import GenerationLog, PromptGenerations
+from kto_scale.generate import GenerationLog, GenerationSettings, PromptGenerations
 from kto_scale.loss import balanced_weights, kl_baseline, kto_losses
 from kto_scale.metrics import MetricsLogger
 from kto_scale.model import SequenceLogps, add_lora, load_base_model, reference_layout
@@ -179,7 +179,8 @@ def train(config: KTOConfig) -> Path:
 
     generations = generation_log = None
     if config.generate_during_eval:
-        generations = PromptGenerations(engine, eval_set["prompt_ids"], tokenizer, config)
+        generations = PromptGenerations(engine, eval_set["prompt_ids"], tokenizer,
+                                        GenerationSettings.from_config(config))
         generation_log = GenerationLog(config.output_dir, metrics, start_step if checkpoint else None)
         if start_step == 0:  # the untrained policy: "before" text for every later step to compare with
             generation_log.write(generations.rows(0), step=0)
