@@ -14,7 +14,7 @@ Both implement `Engine` with the same semantics, so the loop has one code path:
 kto_scale.startup picks the implementation (DeepSpeedSetup or kto_scale.fsdp.FSDPSetup) before the
 model loads, because ZeRO-3 loads the model already partitioned.
 
-DeepSpeed: "auto" fields in the JSON are filled from KTOConfig by transformers' own
+DeepSpeed: "auto" fields in the JSON are filled from KTOConfig (as a TrainingArguments) by transformers' own
 `HfTrainerDeepSpeedConfig`, exactly as the HF Trainer does, and explicit values that contradict the
 training config are errors. That object also tells `from_pretrained` to load ZeRO-3 models already
 partitioned, so it must exist (and stay referenced) before the model is loaded.

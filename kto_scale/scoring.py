@@ -19,7 +19,7 @@ def reference_logps(engine: Engine, batch: dict) -> tuple[Tensor, Tensor]:
     SHARED, one pass over x + y + y' (its "reference" inputs); SEPARATE, one over x + y and one over x + y'."""
     layout = batch["reference_layout"]
     if layout is ReferenceLayout.CACHED:
-        raise ValueError("reference_logps: a CACHED batch has no reference passes (no_grad_logps looks it up).")
+        raise RuntimeError("reference_logps: a CACHED batch has no reference passes (no_grad_logps looks it up).")
     with reference_mode(engine.module.model):
         if layout is ReferenceLayout.SHARED:
             reference, reference_kl = engine(**batch["reference"]).chunk(2)
