@@ -173,7 +173,7 @@ def add_efficiency(args: argparse.Namespace, spec: dict, results: dict, runs: di
         timed = [step for step in result["steps"] if step["step"] > args.warmup]
         reference = RUNS[name].reference
         if reference == "shared" and spec["attn_implementation"] not in (None, "sdpa", "eager"):
-            reference = "separate"  # kto_scale.model.shares_prompt falls back to two passes
+            reference = "separate"  # kto_scale.model.reference_layout falls back to two passes
         flops_per_s = (run_flops(spec, shape, timed, reference) / run["timed_s"]
                        if RUNS[name].same_batches else None)
         peak = peak_flops(result["gpu_name"], args.peak_flops)

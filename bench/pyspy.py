@@ -72,7 +72,7 @@ def component(st: Stack, lm_head: bool) -> str:
 
 
 def classify_kto() -> Callable[[list[str]], str]:
-    calls = call_lines(REPO / "kto_scale/evaluate.py", {
+    calls = call_lines(REPO / "kto_scale/scoring.py", {
         "reference, reference_kl = engine(": "reference forwards, example + KL seqs (no grad, adapters off)",
         "policy_kl = engine(": "policy forward on KL seqs (no grad)",
         "cache.lookup(": "reference cache lookup",
@@ -93,7 +93,7 @@ def classify_kto() -> Callable[[list[str]], str]:
         if st.has("to_device", "kto_scale/collate.py"):
             return "data: to device"
         lm_head = st.has("chunked_completion_logps")
-        frame = st.find("no_grad_logps", "kto_scale/evaluate.py")
+        frame = st.find("no_grad_logps", "kto_scale/scoring.py")
         if frame is not None:
             return f"{calls.get(frame[2], 'no_grad_logps other')} / {component(st, lm_head)}"
         if st.has("train_step") and st.has("SequenceLogps.forward"):

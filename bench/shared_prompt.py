@@ -22,7 +22,7 @@ from inputs import TORCH_DTYPES
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from kto_scale.collate import collate, to_device
+from kto_scale.collate import ReferenceLayout, collate, to_device
 from kto_scale.model import SequenceLogps, reference_mode
 
 
@@ -51,7 +51,8 @@ def measure(module: SequenceLogps, dataset: datasets.Dataset, order: list[int], 
         for round_ in range(repeats + 1):  # round 0 warms up
             for i, start in enumerate(range(0, len(order) - size + 1, size)):
                 clock = time.process_time()
-                batch = collate(dataset, order[start : start + size], 0, packed, shared_prompt=shared)
+                batch = collate(dataset, order[start : start + size], 0, packed,
+                                reference=ReferenceLayout.SHARED if shared else ReferenceLayout.SEPARATE)
                 host = time.process_time() - clock
                 seconds, values = forward_s(module, to_device(batch, device), shared, device)
                 if round_:

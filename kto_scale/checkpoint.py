@@ -20,7 +20,6 @@ import re
 import shutil
 from pathlib import Path
 
-import deepspeed
 import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -28,7 +27,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kto_scale.atomic import atomic_directory, replace_directory, write_atomic
 from kto_scale.config import CONFIG_FILE, ConfigError, KTOConfig, save_config
 from kto_scale.distributed import barrier, is_main_process, on_main_process
-from kto_scale.engine import DEEPSPEED_TAG, FSDP_TAG, Engine
+from kto_scale.engine import DEEPSPEED_TAG, Engine
+from kto_scale.fsdp import FSDP_TAG
 from kto_scale.outdir import LOCK_FILE, lock_directory, move_previous_run
 from kto_scale.sft_adapter import POLICY_ADAPTER
 
@@ -71,12 +71,12 @@ def save_adapter(engine: Engine, tokenizer: PreTrainedTokenizerBase, config: KTO
 
 def save_base_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
     """Save a randomly initialized base (init_random_weights), so its adapter can be merged or
-    reloaded later. Gathers every weight under ZeRO-3: meant for the demo's and tests' tiny models."""
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-        if is_main_process():
-            with atomic_directory(path) as tmp:
-                model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
+    reloaded later. Called before the engine is built: every rank holds the whole model then, even
+    under ZeRO-3 (kto_scale.model builds random models outside zero.Init), so rank 0 writes it as is."""
+    if is_main_process():
+        with atomic_directory(path) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     barrier()
 
 

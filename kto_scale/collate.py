@@ -8,6 +8,7 @@ rank runs the same number of forward/backward passes (ZeRO-3 collectives need al
 example is dropped or counted twice.
 """
 
+import enum
 import functools
 import math
 from dataclasses import dataclass
@@ -16,10 +17,20 @@ import datasets
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 TOKEN_COLUMNS = ("prompt_ids", "completion_ids", "kl_completion_ids")
 PAD_SLOT = -1  # an index that marks a weight-0 filler row
 MEGABATCH = 50  # global batches sorted together by group_by_length (as transformers' LengthGroupedSampler)
+
+
+class ReferenceLayout(enum.Enum):
+    """How a batch's reference log-probs are computed; a run decides it once (kto_scale.model.reference_layout)
+    and every batch carries it as "reference_layout"."""
+
+    SEPARATE = "separate"  # two passes, adapters off: x + y (the "policy" inputs) and x + y' (the "kl" inputs)
+    SHARED = "shared"  # one pass over x + y + y' (the "reference" inputs): the prompt is computed once
+    CACHED = "cached"  # no pass: looked up by dataset row ("index") in a precomputed reference cache
 
 
 @dataclass(frozen=True)
@@ -88,9 +99,9 @@ def _lengths(prompts: list[list[int]], completions: list[list[int]]) -> Tensor:
     return torch.tensor([len(p) + len(c) for p, c in zip(prompts, completions, strict=True)], dtype=torch.long)
 
 
-def _pad(sequences: list[list[int]], value: int) -> Tensor:
-    width = max(len(s) for s in sequences)
-    return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
+def _pad(sequences: list[list[int]] | list[np.ndarray], value: int) -> Tensor:
+    """[B, T] long, each sequence right-padded with `value` to the longest."""
+    return pad_sequence([torch.as_tensor(s, dtype=torch.long) for s in sequences], batch_first=True, padding_value=value)
 
 
 def _sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int, packed: bool) -> dict[str, Tensor]:
@@ -150,19 +161,19 @@ def _shared_prompt_sequences(prompts: list[list[int]], completions: list[list[in
                    position_ids=torch.from_numpy(np.concatenate(positions))[None],
                    sequence_lengths=torch.tensor(lengths))
     else:
-        out.update(input_ids=_pad(ids, pad_id), segments=_pad([s.tolist() for s in segments], -1),
-                   position_ids=_pad([q.tolist() for q in positions], 0))
+        out.update(input_ids=_pad(ids, pad_id), segments=_pad(segments, -1), position_ids=_pad(positions, 0))
     return out
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """A collated batch (nested dicts of tensors) moved to `device`."""
-    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True)
+    """A collated batch (nested dicts of tensors, and its ReferenceLayout) moved to `device`."""
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) if isinstance(v, Tensor) else v
             for k, v in batch.items()}
 
 
-def collate(dataset, indices: list[int], pad_id: int, packed: bool = False, shared_prompt: bool = False,
-            kl: list[bool] | None = None) -> dict[str, Tensor | dict[str, Tensor]]:
+def collate(dataset, indices: list[int], pad_id: int, packed: bool = False,
+            reference: ReferenceLayout = ReferenceLayout.SEPARATE,
+            kl: list[bool] | None = None) -> dict[str, Tensor | dict[str, Tensor] | ReferenceLayout]:
     """Tensors for the examples at `indices` (PAD_SLOT rows become weight-0 copies of a real example,
     so shapes and collectives stay the same on every rank).
 
@@ -176,8 +187,9 @@ def collate(dataset, indices: list[int], pad_id: int, packed: bool = False, shar
     weights), "kl_tokens": [K] long (tokens of their KL sequences)}. When `kl` marks no row, K = 1: the
     first row's pair with weight 0, so every micro-batch still runs its KL passes (ZeRO-3 and FSDP
     collectives need every rank).
-    With `shared_prompt`, also "reference": each example and its KL pair (when scored) in one sequence
-    (see `_shared_prompt_sequences`), for the reference's single pass.
+    "reference_layout": `reference`, how the reference log-probs of this batch are computed; with
+    ReferenceLayout.SHARED, also "reference": each example and its KL pair (when scored) in one
+    sequence (see `_shared_prompt_sequences`), for the reference's single pass.
     """
     real = [i for i in indices if i != PAD_SLOT]
     filler = real[0] if real else 0
@@ -200,8 +212,9 @@ def collate(dataset, indices: list[int], pad_id: int, packed: bool = False, shar
         "kl_rows": torch.tensor(kl_rows, dtype=torch.long),
         "kl_weight": kl_weight,
         "kl_tokens": _lengths(kl_prompts, kl_completions),
+        "reference_layout": reference,
     }
-    if shared_prompt:
+    if reference is ReferenceLayout.SHARED:
         batch["reference"] = _shared_prompt_sequences(rows["prompt_ids"], rows["completion_ids"],
                                                       rows["kl_completion_ids"], kl_rows, pad_id, packed)
     return batch

@@ -449,11 +449,3 @@ def save_config(config: KTOConfig, output_dir: str | Path) -> Path:
     path = output_dir / CONFIG_FILE
     write_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
     return path
-
-
-def load_run_config(run_dir: str | Path) -> KTOConfig:
-    """The config a run resolved and saved, for the steps that follow it."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist: {run_dir} is not a kto-scale output dir.")
-    return load_config([], default_config=path)

@@ -1,4 +1,7 @@
-"""Everything that talks to torch.distributed: process-group setup and the cross-rank reductions.
+"""The process group and its collectives: setup, the cross-rank reductions (sums and gathers; the math
+on what they carry is the caller's), rank-0-only work whose failure reaches every rank, barrier,
+shutdown and the launch scripts' exit. The FSDP2 engine's sharding and checkpoint calls
+(torch.distributed.fsdp, torch.distributed.checkpoint) live with it, in kto_scale.fsdp.
 
 One code path for 1 to N ranks: with a single process the reductions are identities. Reductions use
 the tensor's own device, so they run on CPU with gloo as well as on GPU with nccl. Every rank must
@@ -17,8 +20,6 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from torch import Tensor
-
-from kto_scale.loss import kl_baseline
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,16 +73,6 @@ def all_gather(tensor: Tensor) -> Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
-
-
-def global_kl_baseline(kl_ratio_sum: Tensor, pairs: Tensor, examples: Tensor) -> tuple[Tensor, Tensor]:
-    """z_ref over every rank's mismatched pairs, and the global number of examples (one all-reduce).
-
-    Sums and counts are all-reduced (not per-rank means), so z_ref does not depend on how the pairs
-    fall on ranks. Returns ([] z_ref, [] global example count).
-    """
-    totals = all_reduce_sum(torch.stack([kl_ratio_sum.float(), pairs.float(), examples.float()]))
-    return kl_baseline(totals[0], totals[1]), totals[2]
 
 
 def on_main_process(work: Callable[[], T]) -> T | None:

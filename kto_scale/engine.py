@@ -11,10 +11,10 @@ Both implement `Engine` with the same semantics, so the loop has one code path:
 - `save_checkpoint(dir)`/`load_checkpoint(dir)` write and read the engine's own state (optimizer,
   schedule, LoRA shards) into the checkpoint directory kto_scale.checkpoint builds around it.
 
-`engine_setup(config, world_size)` picks the implementation; it is called before the model loads,
-because ZeRO-3 loads the model already partitioned.
+kto_scale.startup picks the implementation (DeepSpeedSetup or kto_scale.fsdp.FSDPSetup) before the
+model loads, because ZeRO-3 loads the model already partitioned.
 
-DeepSpeed: "auto" fields in the JSON are filled from KTOConfig by transformers' own
+DeepSpeed: "auto" fields in the JSON are filled from KTOConfig (as a TrainingArguments) by transformers' own
 `HfTrainerDeepSpeedConfig`, exactly as the HF Trainer does, and explicit values that contradict the
 training config are errors. That object also tells `from_pretrained` to load ZeRO-3 models already
 partitioned, so it must exist (and stay referenced) before the model is loaded.
@@ -24,25 +24,24 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Protocol
 
 import deepspeed
 import torch
 from torch import Tensor
-from transformers import get_scheduler
+from transformers import TrainingArguments
 from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
 from kto_scale.atomic import atomic_directory, write_atomic
 from kto_scale.config import ConfigError, KTOConfig, find_deepspeed_config
 from kto_scale.distributed import is_main_process, on_main_process
 from kto_scale.model import SequenceLogps
+from kto_scale.optimizer import OptimizerSettings, optimizer_and_schedule
 
 logger = logging.getLogger(__name__)
 
 DEEPSPEED_TAG = "deepspeed"  # the engine's state inside a kto-scale checkpoint directory
 UNIVERSAL_TAG = "universal"  # DeepSpeed's rank-independent copy, made to resume on another rank count
-FSDP_TAG = "fsdp"  # FSDP2's (torch.distributed.checkpoint) state inside a checkpoint directory
 
 
 class Engine(Protocol):
@@ -69,51 +68,27 @@ class Engine(Protocol):
     def load_checkpoint(self, path: Path, saved_world_size: int) -> None: ...
 
 
-def optimizer_and_schedule(config: KTOConfig, trainable: list, total_steps: int):
-    """AdamW over the LoRA parameters and a factory of transformers' schedule named by lr_scheduler_type
-    (a factory: DeepSpeed hands it the optimizer it actually steps, its ZeRO wrapper)."""
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  eps=config.adam_epsilon, weight_decay=config.weight_decay)
-
-    def schedule(opt):
-        return get_scheduler(config.lr_scheduler_type, opt, num_warmup_steps=config.warmup_steps_for(total_steps),
-                             num_training_steps=total_steps)
-    return optimizer, schedule
-
-
-def engine_setup(config: KTOConfig, world_size: int):
-    """The engine's setup for this config: DeepSpeedSetup or FSDPSetup (call before loading the model)."""
-    if config.fsdp:
-        from kto_scale.fsdp import FSDPSetup  # torch's FSDP2 only where it is used
-        return FSDPSetup(config, world_size)
-    return DeepSpeedSetup(config, world_size)
-
-
-def _trainer_args(config: KTOConfig, world_size: int) -> SimpleNamespace:
-    """The TrainingArguments fields HfTrainerDeepSpeedConfig reads, taken from our config."""
-    return SimpleNamespace(
-        world_size=world_size,
+def training_arguments(config: KTOConfig, warmup_steps: int = 0) -> TrainingArguments:
+    """The transformers TrainingArguments HfTrainerDeepSpeedConfig fills the JSON's "auto" fields from, with
+    KTOConfig's values (the same names). Its world size is the process group's (1 before there is one);
+    warmup_steps is resolved by the caller (KTOConfig.warmup_steps_for), as the schedule uses it."""
+    return TrainingArguments(
+        output_dir=config.output_dir, report_to="none", use_cpu=not torch.cuda.is_available(),  # bf16 on CPU too
         per_device_train_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        max_grad_norm=config.max_grad_norm,
-        learning_rate=config.learning_rate,
-        adam_beta1=config.adam_beta1,
-        adam_beta2=config.adam_beta2,
-        adam_epsilon=config.adam_epsilon,
-        weight_decay=config.weight_decay,
-        save_on_each_node=False,
-        fp16=config.fp16,
-        fp16_full_eval=False,
-        bf16=config.bf16,
-        bf16_full_eval=False,
-        get_warmup_steps=config.warmup_steps_for,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, max_grad_norm=config.max_grad_norm,
+        learning_rate=config.learning_rate, adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
+        adam_epsilon=config.adam_epsilon, weight_decay=config.weight_decay, fp16=config.fp16, bf16=config.bf16,
+        warmup_steps=warmup_steps,
     )
 
 
 def resolve_deepspeed_config(config: KTOConfig, world_size: int) -> HfTrainerDeepSpeedConfig:
     """Read the JSON and fill the fields that need only the training config (call before loading the model)."""
     ds_config = HfTrainerDeepSpeedConfig(str(find_deepspeed_config(config.deepspeed)))
-    ds_config.trainer_config_process(_trainer_args(config, world_size))
+    args = training_arguments(config)
+    if args.world_size != world_size:  # train_batch_size is computed from it
+        raise RuntimeError(f"TrainingArguments sees {args.world_size} ranks, the process group {world_size}.")
+    ds_config.trainer_config_process(args)
     if ds_config.is_zero3() and (config.load_in_4bit or config.load_in_8bit):
         raise ConfigError(f"{config.deepspeed} is ZeRO-3, which partitions weights and cannot shard a "
                           "bitsandbytes-quantized base: use ds_configs/zero2.json with load_in_4bit/load_in_8bit.")
@@ -131,7 +106,7 @@ class DeepSpeedSetup:
         self.ds_config = resolve_deepspeed_config(config, world_size)
         self.shards_weights = self.ds_config.is_zero3()
 
-    def _finalize(self, args: SimpleNamespace, model, total_steps: int) -> None:
+    def _finalize(self, args: TrainingArguments, model, total_steps: int) -> None:
         try:  # fills the "auto" sizes that depend on the model's hidden size and the schedule length
             self.ds_config.trainer_config_finalize(args, model, total_steps)
         except ValueError as e:  # mismatches between the JSON and our config
@@ -168,9 +143,10 @@ class DeepSpeedSetup:
     def training_engine(self, module: SequenceLogps, total_steps: int) -> "DeepSpeedEngine":
         """The engine with its optimizer and schedule: the JSON's "optimizer"/"scheduler" sections when it
         has them, otherwise AdamW over the LoRA parameters and transformers' schedule."""
-        self._finalize(_trainer_args(self.config, self.world_size), module.model, total_steps)
+        args = training_arguments(self.config, warmup_steps=self.config.warmup_steps_for(total_steps))
+        self._finalize(args, module.model, total_steps)
         trainable = [p for p in module.parameters() if p.requires_grad]
-        optimizer, schedule = optimizer_and_schedule(self.config, trainable, total_steps)
+        optimizer, schedule = optimizer_and_schedule(OptimizerSettings.from_config(self.config, total_steps), trainable)
         engine, _, _, scheduler = deepspeed.initialize(
             model=module, model_parameters=trainable, config=self.ds_config.config,
             optimizer=None if "optimizer" in self.ds_config.config else optimizer,
@@ -187,7 +163,7 @@ class DeepSpeedSetup:
             # ZeRO-1/2 partition only optimizer state and gradients, and DeepSpeed refuses them without an
             # optimizer; stage 0 keeps the same full copy of the weights on each rank.
             config["zero_optimization"] = {"stage": 0}
-        self._finalize(SimpleNamespace(get_warmup_steps=lambda steps: 0), model, 1)
+        self._finalize(training_arguments(self.config), model, 1)
         engine, *_ = deepspeed.initialize(model=SequenceLogps(model, self.config.logprob_chunk_size), config=config)
         engine.eval()
         return DeepSpeedEngine(engine, None, self.shards_weights)

@@ -15,13 +15,15 @@ same run: gradients are averaged over ranks (FSDP's reduce-scatter) and accumula
 (the loss divided by their number); at the accumulation boundary the update clips to max_grad_norm,
 and skips (and counts) a step whose gradient norm is not finite, leaving the schedule where it was.
 Between boundaries gradients stay unsharded and unreduced (`set_requires_gradient_sync`): one
-reduce-scatter per optimizer step, as DeepSpeed's ZeRO-2.
+reduce-scatter per optimizer step (DeepSpeed's ZeRO-2 reduces every micro-batch into its gradient
+partitions; ZeRO-1 reduces once per step).
 
 Checkpoints are torch.distributed.checkpoint (DCP) directories holding only the trainable weights and
 their optimizer state; DCP reshards on load, so a run resumes on any number of ranks.
 """
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,17 +36,39 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.distributed.tensor import DTensor
 
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.distributed import is_main_process
-from kto_scale.engine import FSDP_TAG, optimizer_and_schedule
 from kto_scale.model import SequenceLogps
+from kto_scale.optimizer import OptimizerSettings, optimizer_and_schedule
 
 logger = logging.getLogger(__name__)
 
+FSDP_TAG = "fsdp"  # this engine's (torch.distributed.checkpoint) state inside a checkpoint directory
 ENGINE_STATE = "engine_state.pt"  # schedule and step counters, beside the DCP files
+
+
+@dataclass(frozen=True)
+class FSDPSettings:
+    """The KTOConfig fields the FSDP2 engine reads (the optimizer's are OptimizerSettings)."""
+
+    bf16: bool
+    cpu_offload: bool  # "offload" in fsdp
+    gradient_accumulation_steps: int
+    max_grad_norm: float
+
+    @classmethod
+    def from_config(cls, config: KTOConfig) -> "FSDPSettings":
+        return cls(config.bf16, "offload" in config.fsdp.split(), config.gradient_accumulation_steps,
+                   config.max_grad_norm)
 
 
 def _device() -> torch.device:
@@ -63,21 +87,24 @@ class FSDPSetup:
         """Nothing to convert: DCP reshards a checkpoint of any rank count when it loads it."""
 
     def training_engine(self, module: SequenceLogps, total_steps: int) -> "FSDPEngine":
-        return FSDPEngine(module, self.config, self.world_size, total_steps)
+        return FSDPEngine(module, FSDPSettings.from_config(self.config), self.world_size,
+                          OptimizerSettings.from_config(self.config, total_steps))
 
     def inference_engine(self, model) -> "FSDPEngine":
-        engine = FSDPEngine(SequenceLogps(model, self.config.logprob_chunk_size), self.config, self.world_size, None)
+        engine = FSDPEngine(SequenceLogps(model, self.config.logprob_chunk_size), FSDPSettings.from_config(self.config),
+                            self.world_size, None)
         engine.eval()
         return engine
 
 
-def shard(module: SequenceLogps, config: KTOConfig, world_size: int) -> torch.device:
-    """fully_shard every decoder layer, then the root (embeddings, final norm, LM head); returns the device."""
+def shard(module: SequenceLogps, settings: FSDPSettings, world_size: int) -> torch.device:
+    """fully_shard every decoder layer, then the root (embeddings, final norm, LM head), whose `generate`
+    gets the hooks forward gets; returns the device."""
     device = _device()
     mesh = init_device_mesh(device.type, (world_size,))
-    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if config.bf16 \
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if settings.bf16 \
         else MixedPrecisionPolicy()
-    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if "offload" in config.fsdp.split() \
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if settings.cpu_offload \
         else OffloadPolicy()
     base = module.model.get_base_model()
     layer_classes = set(getattr(base, "_no_split_modules", None) or ())
@@ -88,25 +115,27 @@ def shard(module: SequenceLogps, config: KTOConfig, world_size: int) -> torch.de
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mixed, offload_policy=offload)
     fully_shard(module, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+    register_fsdp_forward_method(module, "generate")  # the root's weights gathered for generation too
     return device
 
 
 class FSDPEngine:
-    """`Engine` on a fully_shard-ed SequenceLogps; total_steps None: forward passes only (no optimizer)."""
+    """`Engine` on a fully_shard-ed SequenceLogps; optimizer None: forward passes only (no optimizer)."""
 
     state_tag = FSDP_TAG
     shards_weights = True
 
-    def __init__(self, module: SequenceLogps, config: KTOConfig, world_size: int, total_steps: int | None) -> None:
-        self.module, self.config = module, config
+    def __init__(self, module: SequenceLogps, settings: FSDPSettings, world_size: int,
+                 optimizer: OptimizerSettings | None) -> None:
+        self.module, self.max_grad_norm = module, settings.max_grad_norm
         self.world_size, self.global_rank = world_size, torch.distributed.get_rank()
-        self.device = shard(module, config, world_size)
+        self.device = shard(module, settings, world_size)
         self.trainable = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = self.scheduler = None
-        if total_steps is not None:  # after fully_shard: the optimizer holds this rank's shards
-            self.optimizer, schedule = optimizer_and_schedule(config, self.trainable, total_steps)
+        if optimizer is not None:  # after fully_shard: the optimizer holds this rank's shards
+            self.optimizer, schedule = optimizer_and_schedule(optimizer, self.trainable)
             self.scheduler = schedule(self.optimizer)
-        self.accumulation = config.gradient_accumulation_steps
+        self.accumulation = settings.gradient_accumulation_steps
         self.micro_steps = self.skipped_steps = 0
         self._grad_norm, self._applied = torch.zeros(()), True
 
@@ -122,7 +151,7 @@ class FSDPEngine:
         self.micro_steps += 1
         if self.micro_steps % self.accumulation:
             return
-        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         self._grad_norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
         self._applied = bool(torch.isfinite(self._grad_norm))  # the same verdict on every rank

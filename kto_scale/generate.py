@@ -17,10 +17,12 @@ between steps come from the model, not the draw), and the training's random stre
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 
 from kto_scale.config import KTOConfig
@@ -29,6 +31,24 @@ from kto_scale.metrics import MetricsLogger, open_log
 from kto_scale.model import SequenceLogps, reference_mode
 
 GENERATIONS_FILE = "generations.jsonl"
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """The KTOConfig fields generation reads."""
+
+    num_prompts: int  # num_generation_prompts
+    prompt_seed: int  # data_seed: which prompts
+    max_new_tokens: int
+    do_sample: bool  # generation_do_sample
+    temperature: float  # generation_temperature
+    top_p: float  # generation_top_p
+    seed: int  # the draw of sampled text
+
+    @classmethod
+    def from_config(cls, config: KTOConfig) -> "GenerationSettings":
+        return cls(config.num_generation_prompts, config.data_seed, config.max_new_tokens, config.generation_do_sample,
+                   config.generation_temperature, config.generation_top_p, config.seed)
 
 
 def generation_prompts(prompt_ids: list[list[int]], n: int, seed: int) -> list[list[int]]:
@@ -40,30 +60,31 @@ def generation_prompts(prompt_ids: list[list[int]], n: int, seed: int) -> list[l
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """([B, T] input_ids, [B, T] attention_mask), padded on the left so every prompt ends at column T."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    input_ids = pad_sequence([torch.tensor(p, dtype=torch.long) for p in prompts], batch_first=True,
+                             padding_value=pad_id, padding_side="left")
+    attention_mask = pad_sequence([torch.ones(len(p), dtype=torch.long) for p in prompts], batch_first=True,
+                                  padding_side="left")
     return input_ids, attention_mask
 
 
 def generate_texts(module: SequenceLogps, prompts: list[list[int]], tokenizer: PreTrainedTokenizerBase,
-                   config: KTOConfig, synced_gpus: bool, device: torch.device) -> list[str]:
+                   settings: GenerationSettings, synced_gpus: bool, device: torch.device) -> list[str]:
     """Complete `prompts` with `module.model` as it is (adapters on or off) on `device` (the engine's:
     under ZeRO-3 a parameter's own tensor is an empty placeholder, on the CPU with offload); all ranks call."""
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
     sampling = {}
-    if config.generation_do_sample:  # top_k=0: only temperature and top_p shape the distribution
-        sampling = dict(temperature=config.generation_temperature, top_p=config.generation_top_p, top_k=0)
+    if settings.do_sample:  # top_k=0: only temperature and top_p shape the distribution
+        sampling = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
     was_training = module.training
     module.eval()  # no LoRA dropout
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-            torch.manual_seed(config.seed)
-            output = module(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generate=dict(
-                max_new_tokens=config.max_new_tokens, do_sample=config.generation_do_sample, **sampling,
-                use_cache=True, synced_gpus=synced_gpus,
+            torch.manual_seed(settings.seed)
+            output = module.generate(
+                input_ids.to(device), attention_mask.to(device), max_new_tokens=settings.max_new_tokens,
+                do_sample=settings.do_sample, **sampling, use_cache=True, synced_gpus=synced_gpus,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            ))
+            )
     finally:
         module.train(was_training)
     texts = []
@@ -78,12 +99,12 @@ class PromptGenerations:
     """A fixed set of prompts and the reference's completions of them; the policy's on request."""
 
     def __init__(self, engine: Engine, prompt_ids: list[list[int]], tokenizer: PreTrainedTokenizerBase,
-                 config: KTOConfig) -> None:
+                 settings: GenerationSettings) -> None:
         """Pick the prompts from a split's `prompt_ids` and generate the reference (all ranks call).
         Under ZeRO-3 or FSDP with several ranks, `synced_gpus` keeps every rank in each forward pass."""
-        self._args = (tokenizer, config, engine.shards_weights and engine.world_size > 1, engine.device)
+        self._args = (tokenizer, settings, engine.shards_weights and engine.world_size > 1, engine.device)
         self.module = engine.module
-        self.prompt_ids = generation_prompts(prompt_ids, config.num_generation_prompts, config.data_seed)
+        self.prompt_ids = generation_prompts(prompt_ids, settings.num_prompts, settings.prompt_seed)
         self.prompts = tokenizer.batch_decode(self.prompt_ids, skip_special_tokens=True)
         with reference_mode(self.module.model):
             self.reference = generate_texts(self.module, self.prompt_ids, *self._args)

@@ -1,7 +1,7 @@
 """The KTO loss (Ethayarajh et al., 2024, "KTO: Model Alignment as Prospect Theoretic Optimization").
 
 Pure functions of tensors: no torch.distributed, no config objects, no host syncs. The training
-loop reduces the KL baseline over all ranks and accumulation micro-batches (kto_scale.distributed)
+loop reduces the KL baseline over all ranks and accumulation micro-batches (kto_scale.trainer)
 and passes it in as `z_ref`.
 
 For an example (x, y) with sequence log-probs summed over the completion tokens:

@@ -25,6 +25,7 @@ from transformers import (
 )
 from transformers.modeling_utils import set_zero3_state
 
+from kto_scale.collate import ReferenceLayout
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.logprobs import chunked_completion_logps, scored_token_logps
 from kto_scale.sft_adapter import add_sft_adapters, has_reference_adapter, reference_adapter_active
@@ -146,20 +147,23 @@ def add_lora(model: PreTrainedModel, config: KTOConfig) -> PeftModel:
     return get_peft_model(model, lora)
 
 
-def shares_prompt(config: KTOConfig, model: PreTrainedModel) -> bool:
-    """Whether reference passes score an example and its KL pair in one forward over x + y + y'
-    (config.shared_prompt_reference), saying why not when the model's attention cannot take that mask."""
+def reference_layout(config: KTOConfig, model: PreTrainedModel, cached: bool) -> ReferenceLayout:
+    """How the run computes reference log-probs: CACHED with a precomputed cache (no reference passes),
+    else SHARED, one forward over x + y + y' per example (config.shared_prompt_reference), unless the
+    model's attention cannot take that mask (said in the log), else SEPARATE."""
+    if cached:
+        return ReferenceLayout.CACHED
     if not config.shared_prompt_reference:
-        return False
+        return ReferenceLayout.SEPARATE
     attention = model.config._attn_implementation
     if attention not in CUSTOM_MASK_ATTENTION or getattr(model.config, "sliding_window", None):
         logger.info("shared_prompt_reference: %s attention%s cannot take the x + y + y' mask; the reference scores "
                     "each example and its KL pair in two passes.", attention,
                     " with a sliding window" if getattr(model.config, "sliding_window", None) else "")
-        return False
+        return ReferenceLayout.SEPARATE
     logger.info("Reference passes: one forward over prompt + completion + KL completion per example "
                 "(shared_prompt_reference).")
-    return True
+    return ReferenceLayout.SHARED
 
 
 def shared_prompt_mask(segments: Tensor, sequence_ids: Tensor | None, dtype: torch.dtype | None) -> Tensor:
@@ -228,6 +232,11 @@ class SequenceLogps(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, **kwargs) -> Tensor:
+        """`model.generate`'s token ids [B, T + new]. Under FSDP2 the engine registers this method with
+        `register_fsdp_forward_method`, so the root's parameters are gathered around it as around forward."""
+        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
     def forward(
         self,
         input_ids: Tensor,
@@ -239,7 +248,6 @@ class SequenceLogps(nn.Module):
         score_positions: Tensor | None = None,
         score_targets: Tensor | None = None,
         score_sequences: Tensor | None = None,
-        generate: dict | None = None,
     ) -> Tensor:
         """Completion log-probs, one float32 per sequence.
 
@@ -250,11 +258,7 @@ class SequenceLogps(nn.Module):
         Shared prompt (kto_scale.collate's "reference" inputs): x + y + y' rows given as input_ids,
         segments, position_ids and the score_* lists (packed: and sequence_lengths) -> [2B], the B
         examples' log-probs then their KL pairs'.
-        `generate`: instead, `model.generate(input_ids, attention_mask, **generate)`'s token ids; it is
-        routed through this module so that an engine's hooks on it (FSDP's root) run around generation.
         """
-        if generate is not None:
-            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate)
         base = self.model.get_base_model()
         sequence_ids = None
         if sequence_lengths is not None:
@@ -271,7 +275,7 @@ class SequenceLogps(nn.Module):
             attention = base.config._attn_implementation
             if attention not in CUSTOM_MASK_ATTENTION:
                 raise ValueError(f"Shared-prompt rows need attention that takes a 4D mask {CUSTOM_MASK_ATTENTION}, "
-                                 f"not {attention} (kto_scale.model.shares_prompt decides).")
+                                 f"not {attention} (kto_scale.model.reference_layout decides).")
             dtype = None if attention == "sdpa" else base.get_input_embeddings().weight.dtype
             attention_mask = shared_prompt_mask(segments, sequence_ids, dtype)
         hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -19,12 +19,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kto_scale.atomic import write_atomic
-from kto_scale.collate import collate, length_order, shard_indices, to_device
+from kto_scale.collate import ReferenceLayout, collate, length_order, shard_indices, to_device
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.distributed import all_gather, all_reduce_sum, on_main_process, shutdown
 from kto_scale.engine import Engine
-from kto_scale.evaluate import reference_logps
-from kto_scale.model import load_model, shares_prompt
+from kto_scale.model import load_model, reference_layout
 from kto_scale.outdir import LOCK_FILE, lock_directory
 from kto_scale.ref_cache import (
     FORMAT_VERSION,
@@ -37,13 +36,14 @@ from kto_scale.ref_cache import (
     run_fingerprint,
     write_shard,
 )
+from kto_scale.scoring import reference_logps
 from kto_scale.startup import setup
 
 logger = logging.getLogger(__name__)
 
 
 def _reference_logps(engine: Engine, subset: datasets.Dataset, batch_size: int, pad_id: int,
-                     shared_prompt: bool) -> Tensor:
+                     reference: ReferenceLayout) -> Tensor:
     """[n, 3] (reference logp, reference KL logp, tokens) of every row of `subset`, in its order, on CPU.
 
     Rank r scores every world_size-th batch; a rank short of examples scores weight-0 filler rows, so
@@ -53,7 +53,7 @@ def _reference_logps(engine: Engine, subset: datasets.Dataset, batch_size: int, 
     for indices in shard_indices(len(subset), batch_size, engine.world_size, engine.global_rank):
         # Padded even with padding_free: the rows are length-sorted, so batches pad little, while packing
         # precompute_batch_size sequences into one row makes sdpa's block mask quadratic in its length.
-        batch = to_device(collate(subset, indices, pad_id, shared_prompt=shared_prompt), engine.device)
+        batch = to_device(collate(subset, indices, pad_id, reference=reference), engine.device)
         logps = reference_logps(engine, batch)
         tokens = (batch["tokens"] + batch["kl_tokens"]).float()
         values.append(torch.stack([*logps, tokens], dim=1))
@@ -66,7 +66,7 @@ def _reference_logps(engine: Engine, subset: datasets.Dataset, batch_size: int, 
 
 
 def _precompute_split(engine: Engine, config: KTOConfig, dataset: datasets.Dataset, split: str, fingerprint_id: str,
-                      pad_id: int, shared_prompt: bool) -> list[dict]:
+                      pad_id: int, reference: ReferenceLayout) -> list[dict]:
     """Write the shards of one split that no earlier precompute finished; return the manifest entries.
 
     Rank 0 decides which shards are finished and tells the others, so all ranks run the same passes.
@@ -90,7 +90,7 @@ def _precompute_split(engine: Engine, config: KTOConfig, dataset: datasets.Datas
     progress = tqdm(total=len(dataset), disable=rank != 0 or config.disable_tqdm, desc=f"reference {split}")
     for s, (path, rows) in enumerate(zip(paths, shards, strict=True)):
         if not finished[s]:
-            values = _reference_logps(engine, dataset.select(rows), batch_size, pad_id, shared_prompt)
+            values = _reference_logps(engine, dataset.select(rows), batch_size, pad_id, reference)
             tokens += values[:, 2].sum().item()
             if rank == 0:
                 shas[s] = write_shard(path, rows, keys[rows], values[:, :2], fingerprint_id)
@@ -132,7 +132,7 @@ def precompute(config: KTOConfig) -> Path:
                   lambda: on_main_process(lambda: lock_directory(cache_dir / LOCK_FILE, f"ref_cache {cache_dir}")))
     splits = {"train": start.train_set, "eval": start.eval_set}
     model = load_model(config)
-    shared_prompt = shares_prompt(config, model)
+    reference = reference_layout(config, model, cached=False)  # it writes the cache
     engine = start.engine.inference_engine(model)
     fingerprint = run_fingerprint(config, start.tokenizer, splits)
     on_main_process(lambda: _prepare_cache_dir(cache_dir, fingerprint))  # a refusal stops every rank
@@ -141,7 +141,7 @@ def precompute(config: KTOConfig) -> Path:
     for split, data in splits.items():
         if data is not None:
             manifest["splits"][split] = _precompute_split(engine, config, data, split, fingerprint_id,
-                                                          start.tokenizer.pad_token_id, shared_prompt)
+                                                          start.tokenizer.pad_token_id, reference)
     if start.rank == 0:
         write_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
         logger.info("Reference cache written to %s.", cache_dir)

@@ -26,6 +26,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 from torch import Tensor
@@ -166,17 +167,13 @@ def write_shard(path: Path, rows: np.ndarray, keys: np.ndarray, values: Tensor, 
     return hashlib.sha256(data).hexdigest()
 
 
-def _parse_shard(data: bytes) -> tuple[dict[str, str], dict[str, np.ndarray]]:
-    """A shard file's header metadata and arrays."""
-    header_size = int.from_bytes(data[:8], "little")  # safetensors: u64 header size, then a JSON header
-    return json.loads(data[8 : 8 + header_size]).get("__metadata__", {}), load_safetensors(data)
-
-
 def finished_shard(path: Path, fingerprint_id: str, rows: np.ndarray) -> str | None:
     """The sha256 of a shard a previous precompute finished for this run and these rows, else None."""
     data = path.read_bytes()
     try:
-        metadata, arrays = _parse_shard(data)
+        with safe_open(path, framework="np") as f:
+            metadata = f.metadata() or {}
+        arrays = load_safetensors(data)
     except Exception as e:  # unreadable: redo it
         logger.warning("Redoing %s: it does not read as a shard (%s).", path, e)
         return None
@@ -216,7 +213,7 @@ def _load_split(cache_dir: Path, shards: list[dict], keys: np.ndarray, split: st
         if hashlib.sha256(data).hexdigest() != shard["sha256"]:
             raise RefCacheError(f"{path} is corrupted: its sha256 is not the one in {MANIFEST}. Rerun "
                                 f"launch/precompute_ref.py with --ref_cache {cache_dir}: it redoes that shard.")
-        arrays = _parse_shard(data)[1]
+        arrays = load_safetensors(data)  # the bytes whose sha256 was just checked
         rows = arrays["row"]
         if ((rows < 0) | (rows >= len(keys))).any() or seen[rows].any():
             raise RefCacheError(f"{path} holds rows outside the {split} split's {len(keys)}, or rows of another shard.")

@@ -29,15 +29,15 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from kto_scale.config import ConfigError, KTOConfig
-from kto_scale.export import (
+from kto_scale.adapter_files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    ExportError,
+    AdapterError,
     load_adapter,
     not_plain_lora,
     plan_merge,
 )
+from kto_scale.config import ConfigError, KTOConfig
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def check_sft_adapter(config: KTOConfig, tokenizer: PreTrainedTokenizerBase) -> 
     where = f"sft_adapter {path}"
     try:
         settings, tensors = load_adapter(path, allow_pickle=False)
-    except ExportError as e:
+    except AdapterError as e:
         raise ConfigError(f"{where}: {e}") from e
     reason = not_plain_lora(settings)
     if reason:
@@ -91,7 +91,7 @@ def check_sft_adapter(config: KTOConfig, tokenizer: PreTrainedTokenizerBase) -> 
         meta = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
     try:
         plan_merge(settings, tensors, {k: tuple(v.shape) for k, v in meta.state_dict().items()}, path)
-    except ExportError as e:
+    except AdapterError as e:
         raise ConfigError(f"{where}: {e}") from e
     if (path / "tokenizer_config.json").is_file():  # SFT trainers usually save the tokenizer with the adapter
         if AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab():

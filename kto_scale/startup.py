@@ -15,7 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from kto_scale.config import KTOConfig
 from kto_scale.distributed import init_distributed
-from kto_scale.engine import DeepSpeedSetup, engine_setup
+from kto_scale.engine import DeepSpeedSetup
+from kto_scale.fsdp import FSDPSetup
 from kto_scale.model import load_tokenizer
 from kto_scale.prepare import shared_prepared_data
 from kto_scale.sft_adapter import check_sft_adapter
@@ -28,7 +29,7 @@ class Start:
     tokenizer: PreTrainedTokenizerBase
     train_set: datasets.Dataset
     eval_set: datasets.Dataset | None
-    engine: "DeepSpeedSetup"  # or kto_scale.fsdp.FSDPSetup: builds the engine once the model is loaded
+    engine: DeepSpeedSetup | FSDPSetup  # builds the engine once the model is loaded
 
 
 def setup(config: KTOConfig, prepared_dir: Path, claim_output: Callable[[], None]) -> Start:
@@ -40,4 +41,6 @@ def setup(config: KTOConfig, prepared_dir: Path, claim_output: Callable[[], None
     tokenizer = load_tokenizer(config)
     check_sft_adapter(config, tokenizer)  # before the data and the model: fail fast
     train_set, eval_set = shared_prepared_data(config, tokenizer, prepared_dir)
-    return Start(rank, world_size, tokenizer, train_set, eval_set, engine_setup(config, world_size))
+    # The engine is set up before the model loads: ZeRO-3 loads it already partitioned.
+    engine = FSDPSetup(config, world_size) if config.fsdp else DeepSpeedSetup(config, world_size)
+    return Start(rank, world_size, tokenizer, train_set, eval_set, engine)

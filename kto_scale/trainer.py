@@ -30,18 +30,28 @@ from kto_scale.checkpoint import (
 )
 from kto_scale.collate import BatchPlan, collate, sequence_lengths, to_device
 from kto_scale.config import ConfigError, KTOConfig, save_config
-from kto_scale.distributed import all_reduce_sum, global_kl_baseline, shutdown
+from kto_scale.distributed import all_reduce_sum, shutdown
 from kto_scale.engine import Engine
-from kto_scale.evaluate import evaluation_metrics, no_grad_logps, score_dataset
-from kto_scale.generate import GenerationLog, PromptGenerations
-from kto_scale.loss import balanced_weights, kto_losses
+from kto_scale.generate import GenerationLog, GenerationSettings, PromptGenerations
+from kto_scale.loss import balanced_weights, kl_baseline, kto_losses
 from kto_scale.metrics import MetricsLogger
-from kto_scale.model import SequenceLogps, add_lora, load_base_model, shares_prompt
+from kto_scale.model import SequenceLogps, add_lora, load_base_model, reference_layout
 from kto_scale.plot import plot_runs
 from kto_scale.ref_cache import RefCache, open_ref_cache
+from kto_scale.scoring import evaluation_metrics, no_grad_logps, score_dataset
 from kto_scale.startup import setup
 
 logger = logging.getLogger(__name__)
+
+def global_kl_baseline(kl_ratio_sum: Tensor, pairs: Tensor, examples: Tensor) -> tuple[Tensor, Tensor]:
+    """z_ref over every rank's mismatched pairs, and the global number of examples (one all-reduce).
+
+    Sums and counts are all-reduced (not per-rank means), so z_ref does not depend on how the pairs
+    fall on ranks. Returns ([] z_ref, [] global example count).
+    """
+    totals = all_reduce_sum(torch.stack([kl_ratio_sum.float(), pairs.float(), examples.float()]))
+    return kl_baseline(totals[0], totals[1]), totals[2]
+
 
 def train_step(
     engine: Engine, batches: list[dict], config: KTOConfig, weights: tuple[float, float], cache: RefCache | None
@@ -151,7 +161,7 @@ def train(config: KTOConfig) -> Path:
     if checkpoint:
         start.engine.prepare_resume(checkpoint, check_resume(checkpoint, config, world_size))
     base = load_base_model(config)
-    shared_prompt = not caches and shares_prompt(config, base)  # a cache replaces the reference passes
+    reference = reference_layout(config, base, cached=bool(caches))
     set_aside_previous_run(config)  # every check passed: only now does the old run make way
     if config.init_random_weights:  # the adapter is only meaningful next to these exact weights
         save_base_model(base, tokenizer, Path(config.output_dir) / "base_model")
@@ -169,7 +179,8 @@ def train(config: KTOConfig) -> Path:
 
     generations = generation_log = None
     if config.generate_during_eval:
-        generations = PromptGenerations(engine, eval_set["prompt_ids"], tokenizer, config)
+        generations = PromptGenerations(engine, eval_set["prompt_ids"], tokenizer,
+                                        GenerationSettings.from_config(config))
         generation_log = GenerationLog(config.output_dir, metrics, start_step if checkpoint else None)
         if start_step == 0:  # the untrained policy: "before" text for every later step to compare with
             generation_log.write(generations.rows(0), step=0)
@@ -177,7 +188,7 @@ def train(config: KTOConfig) -> Path:
     def run_eval(step: int) -> dict[str, float]:
         result = evaluation_metrics(score_dataset(engine, eval_set, config.per_device_eval_batch_size,
                                                   tokenizer.pad_token_id, caches.get("eval"), config.padding_free,
-                                                  shared_prompt),
+                                                  reference),
                                     config.beta, weights)
         metrics.log(result, step=step, split="eval")
         if generations is not None:
@@ -190,7 +201,7 @@ def train(config: KTOConfig) -> Path:
     for step in range(start_step + 1, total_steps + 1):
         epoch, step_in_epoch = divmod(step - 1, plan.steps_per_epoch)
         kl_rows = plan.kl_selection(step, config.seed, rank, config.kl_pairs_per_step)
-        batches = [to_device(collate(train_set, indices, tokenizer.pad_token_id, config.padding_free, shared_prompt,
+        batches = [to_device(collate(train_set, indices, tokenizer.pad_token_id, config.padding_free, reference,
                                      kl), engine.device)
                    for indices, kl in zip(plan.micro_batches(step_in_epoch, epoch, config.seed, rank), kl_rows,
                                           strict=True)]

@@ -7,7 +7,8 @@
 import argparse
 import logging
 
-from kto_scale.export import DTYPES, ExportError, export_adapter, merge_lora
+from kto_scale.adapter_files import AdapterError
+from kto_scale.export import DTYPES, export_adapter, merge_lora
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             merge_lora(args.base, args.adapter, args.output, args.dtype, args.max_shard_size,
                        args.overwrite, args.allow_pickle)
-    except ExportError as err:
+    except AdapterError as err:  # ExportError is one too
         raise SystemExit(f"merge_lora: error: {err}") from None
 
 

@@ -126,11 +126,11 @@ def kl_ratios_of_step(run_dir: Path, checkpoint: str, step: int) -> tuple[list[l
     from peft import PeftModel
 
     from kto_scale.collate import BatchPlan, collate
-    from kto_scale.config import load_run_config
+    from kto_scale.config import CONFIG_FILE, load_config
     from kto_scale.model import SequenceLogps, load_base_model, load_tokenizer, reference_mode
     from kto_scale.prepare import prepare_data
 
-    config = load_run_config(run_dir)
+    config = load_config(["--config", str(run_dir / CONFIG_FILE)])
     tokenizer = load_tokenizer(config)
     train_set, _ = prepare_data(config, tokenizer)
     plan = BatchPlan(len(train_set), config.per_device_train_batch_size, config.gradient_accumulation_steps, 1)

@@ -6,10 +6,10 @@ import pytest
 import yaml
 
 from kto_scale.config import (
+    CONFIG_FILE,
     ConfigError,
     KTOConfig,
     load_config,
-    load_run_config,
     parse_overrides,
     save_config,
 )
@@ -69,7 +69,7 @@ def test_auto_weights_accepted():
 def test_resolved_config_round_trips(tmp_path):
     config = load_config(BASE + ["--beta", "0.25", "--report_to", "[tensorboard]"])
     save_config(config, tmp_path)
-    assert load_run_config(tmp_path) == config
+    assert load_config(["--config", str(tmp_path / CONFIG_FILE)]) == config
     assert not list(tmp_path.glob(".kto_config*"))  # the temporary file was renamed, not left behind
 
 

@@ -15,13 +15,23 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from kto_scale import export
-from kto_scale.export import ExportError, export_adapter, merge_lora
+from kto_scale.adapter_files import AdapterError
+from kto_scale.assets import TINY_LLAMA_DIR
+from kto_scale.export import export_adapter, merge_lora
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTER_TOKEN = "<|adapter_only|>"
 TOKENS = torch.tensor([[1, 5, 9, 33, 70, 2, 127, 64], [3, 3, 8, 100, 12, 44, 90, 7]])
 
 
@@ -63,14 +73,21 @@ def plain_logits(path: Path) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def base_and_adapter(tmp_path_factory) -> tuple[Path, Path]:
-    """A base saved in many shards, with tokenizer stand-ins, and a LoRA adapter with its own tokenizer file."""
+    """A base saved in many shards with the tiny tokenizer, and a LoRA adapter with its own tokenizer (one
+    token more)."""
     root = tmp_path_factory.mktemp("fixture")
     model = tiny_llama()
     model.save_pretrained(root / "base", max_shard_size="20KB")
-    (root / "base" / "tokenizer_config.json").write_text('{"from": "base"}')
+    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA_DIR)
+    tokenizer.save_pretrained(root / "base")
     save_adapter(model, root / "adapter")
-    (root / "adapter" / "tokenizer_config.json").write_text('{"from": "adapter"}')
+    tokenizer.add_tokens([ADAPTER_TOKEN])
+    tokenizer.save_pretrained(root / "adapter")
     return root / "base", root / "adapter"
+
+
+def tokenizer_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name in export.TOKENIZER_FILES)
 
 
 def test_merge_matches_peft_and_loads_without_peft(base_and_adapter, tmp_path):
@@ -90,9 +107,10 @@ def test_merge_matches_peft_and_loads_without_peft(base_and_adapter, tmp_path):
     assert index["metadata"]["total_size"] == total
     base_index = json.loads((base / "model.safetensors.index.json").read_text())
     assert index["weight_map"].keys() == base_index["weight_map"].keys()
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("model")) == [
-        "config.json", "generation_config.json", "tokenizer_config.json"]
-    assert json.loads((out / "tokenizer_config.json").read_text()) == {"from": "adapter"}
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("model")) == sorted([
+        "config.json", "generation_config.json", *tokenizer_files(adapter)])
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(adapter).get_vocab()
+    assert ADAPTER_TOKEN in AutoTokenizer.from_pretrained(out).get_vocab()  # the adapter's, not the base's
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
 
 
@@ -144,7 +162,7 @@ def test_base_path_only_warns_but_architecture_must_match(base_and_adapter, tmp_
 
     config["auto_mapping"] = {"base_model_class": "MistralForCausalLM"}
     (tmp_path / "adapter" / export.ADAPTER_CONFIG).write_text(json.dumps(config))
-    with pytest.raises(ExportError, match="trained on a MistralForCausalLM"):
+    with pytest.raises(AdapterError, match="trained on a MistralForCausalLM"):
         merge_lora(base, tmp_path / "adapter", tmp_path / "merged2")
 
 
@@ -158,7 +176,7 @@ def test_base_path_only_warns_but_architecture_must_match(base_and_adapter, tmp_
 def test_unmergeable_adapters_refused(base_and_adapter, tmp_path, lora, message):
     base, _ = base_and_adapter
     save_adapter(tiny_llama(), tmp_path / "adapter", **lora)
-    with pytest.raises(ExportError, match=message) as err:
+    with pytest.raises(AdapterError, match=message) as err:
         merge_lora(base, tmp_path / "adapter", tmp_path / "merged")
     assert "unmerged" in str(err.value)
     assert not (tmp_path / "merged").exists()
@@ -175,7 +193,7 @@ def test_settings_outside_the_allow_list_are_refused_by_name(base_and_adapter, t
     shutil.copytree(adapter, tmp_path / "adapter")
     config = json.loads((adapter / export.ADAPTER_CONFIG).read_text())
     (tmp_path / "adapter" / export.ADAPTER_CONFIG).write_text(json.dumps({**config, key: on}))
-    with pytest.raises(ExportError, match=re.escape(message)):
+    with pytest.raises(AdapterError, match=re.escape(message)):
         merge_lora(base, tmp_path / "adapter", tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
     (tmp_path / "adapter" / export.ADAPTER_CONFIG).write_text(json.dumps({**config, key: off}))
@@ -185,18 +203,18 @@ def test_settings_outside_the_allow_list_are_refused_by_name(base_and_adapter, t
 def test_adapter_of_another_model_reported(base_and_adapter, tmp_path):
     base, adapter = base_and_adapter
     save_adapter(tiny_llama(intermediate_size=96), tmp_path / "wide")
-    with pytest.raises(ExportError, match=r"mlp.up_proj: the base weight is \(128, 64\), but .* is \(96, 64\)"):
+    with pytest.raises(AdapterError, match=r"mlp.up_proj: the base weight is \(128, 64\), but .* is \(96, 64\)"):
         merge_lora(base, tmp_path / "wide", tmp_path / "merged")
 
     shutil.copytree(adapter, tmp_path / "renamed")
     tensors = load_file(adapter / export.ADAPTER_WEIGHTS)
     save_file({k.replace("layers.1.", "layers.7."): v for k, v in tensors.items()},
               tmp_path / "renamed" / export.ADAPTER_WEIGHTS)
-    with pytest.raises(ExportError, match=r"layers.7.self_attn.q_proj: the base has no weight"):
+    with pytest.raises(AdapterError, match=r"layers.7.self_attn.q_proj: the base has no weight"):
         merge_lora(base, tmp_path / "renamed", tmp_path / "merged")
 
     (tmp_path / "renamed" / "config.json").write_text('{"model_type": "mistral"}')
-    with pytest.raises(ExportError, match="model_type 'mistral'"):
+    with pytest.raises(AdapterError, match="model_type 'mistral'"):
         merge_lora(base, tmp_path / "renamed", tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
 
@@ -206,7 +224,7 @@ def test_non_empty_output_needs_overwrite(base_and_adapter, tmp_path):
     out = tmp_path / "merged"
     out.mkdir()
     (out / "old.txt").write_text("keep me")
-    with pytest.raises(ExportError, match="not empty; pass --overwrite"):
+    with pytest.raises(AdapterError, match="not empty; pass --overwrite"):
         merge_lora(base, adapter, out)
     assert (out / "old.txt").read_text() == "keep me"
     (out / "old.txt").unlink()
@@ -214,7 +232,7 @@ def test_non_empty_output_needs_overwrite(base_and_adapter, tmp_path):
     merge_lora(base, adapter, out, overwrite=True)
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temporary and no lock file left
-    with pytest.raises(ExportError, match="contains or lies inside the input"):
+    with pytest.raises(AdapterError, match="contains or lies inside the input"):
         merge_lora(base, adapter, base, overwrite=True)
 
 
@@ -224,7 +242,7 @@ def test_output_around_or_inside_an_input_is_refused(base_and_adapter, tmp_path)
     base, adapter = shutil.copytree(base_and_adapter[0], run / "base_model"), shutil.copytree(base_and_adapter[1], run / "adapter")
     (tmp_path / "link").symlink_to(run)
     for output in (run, tmp_path / "link", run / "adapter" / ".." , run / "adapter" / "merged"):
-        with pytest.raises(ExportError, match="contains or lies inside the input"):
+        with pytest.raises(AdapterError, match="contains or lies inside the input"):
             merge_lora(base, adapter, output, overwrite=True)
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "base_model"]
     assert (base / "config.json").is_file() and (adapter / "adapter_config.json").is_file()
@@ -236,7 +254,7 @@ def test_overwrite_replaces_only_an_earlier_export(base_and_adapter, tmp_path):
     out = merge_lora(base, adapter, tmp_path / "merged")
     merge_lora(base, adapter, out, overwrite=True)  # an earlier merge: replaced
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(ExportError, match=r"holds files an export does not write \(notes.txt\)"):
+    with pytest.raises(AdapterError, match=r"holds files an export does not write \(notes.txt\)"):
         merge_lora(base, adapter, out, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine"
 
@@ -253,7 +271,7 @@ def test_a_second_export_into_the_same_output_is_refused(base_and_adapter, tmp_p
     """)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ExportError, match=f"in use by host {socket.gethostname()} pid {holder.pid}"):
+        with pytest.raises(AdapterError, match=f"in use by host {socket.gethostname()} pid {holder.pid}"):
             merge_lora(base, adapter, tmp_path / "merged")
     finally:
         holder.kill()
@@ -270,7 +288,7 @@ def test_pickle_base_needs_allow_pickle(tmp_path):
     assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
     torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
 
-    with pytest.raises(ExportError, match="--allow_pickle"):
+    with pytest.raises(AdapterError, match="--allow_pickle"):
         merge_lora(tmp_path / "bin", tmp_path / "adapter", tmp_path / "merged")
     out = merge_lora(tmp_path / "bin", tmp_path / "adapter", tmp_path / "merged", allow_pickle=True)
     merged = load_file(out / "model.safetensors")
@@ -373,8 +391,8 @@ def test_adapter_only_from_peft_dir(base_and_adapter, tmp_path):
               tmp_path / "named" / export.ADAPTER_WEIGHTS)
 
     out = export_adapter(base, tmp_path / "named", tmp_path / "clean")
-    assert sorted(p.name for p in out.iterdir()) == [export.ADAPTER_CONFIG, export.ADAPTER_WEIGHTS,
-                                                      "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([export.ADAPTER_CONFIG, export.ADAPTER_WEIGHTS,
+                                                             *tokenizer_files(adapter)])
     assert json.loads((out / export.ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == str(base)
     exported = load_file(out / export.ADAPTER_WEIGHTS)
     assert exported.keys() == tensors.keys()
@@ -423,7 +441,7 @@ def test_adapter_only_from_deepspeed_zero3(tmp_path):
     subprocess.run([sys.executable, "-c", textwrap.dedent(DEEPSPEED_RUN), str(checkpoint), str(reference),
                     str(base)], env=env, check=True, capture_output=True, timeout=300)
 
-    with pytest.raises(ExportError, match="Copy the run's adapter_config.json"):
+    with pytest.raises(AdapterError, match="Copy the run's adapter_config.json"):
         export_adapter("meta-llama/Llama-3.1-8B", checkpoint, tmp_path / "clean")
     shutil.copy(reference / export.ADAPTER_CONFIG, checkpoint)
     out = export_adapter("meta-llama/Llama-3.1-8B", checkpoint, tmp_path / "clean")
@@ -459,6 +477,6 @@ def test_max_shard_size_is_read_as_save_pretrained_reads_it(base_and_adapter, tm
     decimal = merge_lora(base, adapter, tmp_path / "decimal", max_shard_size="0.06MB")
     kilo = merge_lora(base, adapter, tmp_path / "kilo", max_shard_size="60KB")
     assert (decimal / "model.safetensors.index.json").read_text() == (kilo / "model.safetensors.index.json").read_text()
-    with pytest.raises(ExportError, match="--max_shard_size '5 parsecs'"):
+    with pytest.raises(AdapterError, match="--max_shard_size '5 parsecs'"):
         merge_lora(base, adapter, tmp_path / "bad", max_shard_size="5 parsecs")
     assert not (tmp_path / "bad").exists()

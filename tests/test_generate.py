@@ -13,6 +13,7 @@ from kto_scale.config import KTOConfig
 from kto_scale.generate import (
     GENERATIONS_FILE,
     GenerationLog,
+    GenerationSettings,
     PromptGenerations,
     generate_texts,
     generation_prompts,
@@ -50,6 +51,10 @@ def _config(tiny_model, **overrides) -> KTOConfig:
     return KTOConfig(model_name_or_path=str(tiny_model), dataset_name="unused", max_new_tokens=12, **overrides)
 
 
+def _settings(tiny_model, **overrides) -> GenerationSettings:
+    return GenerationSettings.from_config(_config(tiny_model, **overrides))
+
+
 CPU = torch.device("cpu")
 PROMPTS = [[0, 40, 41, 42, 43, 44, 45], [0, 50, 51], [0, 60, 61, 62, 63]]  # different lengths: left padding
 
@@ -59,7 +64,7 @@ def test_greedy_text_equals_plain_generate_of_each_prompt(tiny_model, tokenizer,
     policy (adapters on, dropout off) and the reference (adapters off) alike."""
     config = _config(tiny_model)
     engine = SimpleNamespace(module=SequenceLogps(policy), shards_weights=False, world_size=1, device=CPU)
-    generations = PromptGenerations(engine, PROMPTS, tokenizer, config)
+    generations = PromptGenerations(engine, PROMPTS, tokenizer, GenerationSettings.from_config(config))
     rows = generations.rows(step=3)
     assert policy.training  # put back in training mode
     policy.eval()
@@ -88,7 +93,7 @@ def test_generation_uses_the_kv_cache_and_leaves_the_model_config(tiny_model, to
     lengths = []
     hook = policy.get_base_model().get_input_embeddings().register_forward_hook(
         lambda module, args, output: lengths.append(args[0].shape[1]))
-    generate_texts(SequenceLogps(policy), PROMPTS, tokenizer, _config(tiny_model), synced_gpus=False, device=CPU)
+    generate_texts(SequenceLogps(policy), PROMPTS, tokenizer, _settings(tiny_model), synced_gpus=False, device=CPU)
     hook.remove()
     assert lengths[0] == 7 and set(lengths[1:]) == {1}  # the prompt once, then one new token per step
     assert policy.config.use_cache is False and policy.generation_config.use_cache is False
@@ -98,13 +103,13 @@ def test_sampling_is_seeded_and_leaves_the_training_rng_alone(tiny_model, tokeni
     config = _config(tiny_model, generation_do_sample=True, generation_temperature=2.0, seed=7)
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    first = generate_texts(SequenceLogps(policy), PROMPTS, tokenizer, config, synced_gpus=False, device=CPU)
+    first = generate_texts(SequenceLogps(policy), PROMPTS, tokenizer, GenerationSettings.from_config(config), synced_gpus=False, device=CPU)
     assert torch.equal(torch.get_rng_state(), state)
-    assert generate_texts(SequenceLogps(policy), PROMPTS, tokenizer, config, synced_gpus=False, device=CPU) == first
+    assert generate_texts(SequenceLogps(policy), PROMPTS, tokenizer, GenerationSettings.from_config(config), synced_gpus=False, device=CPU) == first
     reseeded = [_config(tiny_model, generation_do_sample=True, generation_temperature=2.0, seed=s) for s in (8, 9)]
-    others = [generate_texts(SequenceLogps(policy), PROMPTS, tokenizer, c, synced_gpus=False, device=CPU) for c in reseeded]
+    others = [generate_texts(SequenceLogps(policy), PROMPTS, tokenizer, GenerationSettings.from_config(c), synced_gpus=False, device=CPU) for c in reseeded]
     assert first not in others  # the seed, not chance, fixes the draw
-    greedy = generate_texts(SequenceLogps(policy), PROMPTS, tokenizer, _config(tiny_model), synced_gpus=False, device=CPU)
+    greedy = generate_texts(SequenceLogps(policy), PROMPTS, tokenizer, _settings(tiny_model), synced_gpus=False, device=CPU)
     assert first != greedy
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from runs import ROOT, TRAIN, clean_env, config_file, deepspeed_run, kl_ratios_of_step, metrics, run
 
-from kto_scale.collate import PAD_SLOT, BatchPlan, collate
+from kto_scale.collate import PAD_SLOT, BatchPlan, ReferenceLayout, collate
 from kto_scale.config import ConfigError, load_config
 from kto_scale.loss import kl_baseline
 
@@ -36,7 +36,7 @@ def test_collate_scores_only_the_drawn_pairs():
     ds = datasets.Dataset.from_dict({
         "prompt_ids": [[1, 5], [1, 6], [1, 7]], "completion_ids": [[8, 2], [9, 2], [4, 2]],
         "kl_completion_ids": [[9, 2], [4, 2], [8, 3, 2]], "label": [True, False, True], "pair_id": [-1, -1, -1]})
-    batch = collate(ds, [0, 1, PAD_SLOT], pad_id=0, kl=[True, False, True], shared_prompt=True)
+    batch = collate(ds, [0, 1, PAD_SLOT], pad_id=0, kl=[True, False, True], reference=ReferenceLayout.SHARED)
     assert batch["kl"]["input_ids"].tolist() == [[1, 5, 9, 2], [1, 5, 9, 2]]  # row 2 is a filler copy of row 0
     assert batch["kl_rows"].tolist() == [0, 2] and batch["kl_weight"].tolist() == [1.0, 0.0]
     assert batch["reference"]["input_ids"].tolist()[1] == [1, 6, 9, 2, 0, 0]  # row 1 without its y'

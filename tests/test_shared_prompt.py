@@ -10,9 +10,9 @@ import torch
 from runs import ROOT, TRAIN, config_file, deepspeed_run, metrics, run
 
 from kto_scale.assets import TINY_LLAMA_DIR
-from kto_scale.collate import collate
+from kto_scale.collate import ReferenceLayout, collate
 from kto_scale.config import KTOConfig
-from kto_scale.model import SequenceLogps, load_model, reference_mode, shared_prompt_mask, shares_prompt
+from kto_scale.model import SequenceLogps, load_model, reference_layout, reference_mode, shared_prompt_mask
 
 
 def _dataset(prompt_lengths, completion_lengths, kl_completion_lengths) -> datasets.Dataset:
@@ -30,7 +30,7 @@ def test_collated_layout_by_hand():
     and 1 -> 31 for its KL pair (sequence 1 = B + 0): the last prompt token scores both first tokens."""
     data = datasets.Dataset.from_dict({"prompt_ids": [[11, 12]], "completion_ids": [[21, 22, 23]],
                                        "kl_completion_ids": [[31]], "label": [True], "pair_id": [-1]})
-    shared = collate(data, [0], pad_id=0, shared_prompt=True)["reference"]
+    shared = collate(data, [0], pad_id=0, reference=ReferenceLayout.SHARED)["reference"]
     assert shared["input_ids"].tolist() == [[11, 12, 21, 22, 23, 31]]
     assert shared["segments"].tolist() == [[0, 0, 1, 1, 1, 2]]
     assert shared["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2]]
@@ -53,10 +53,10 @@ def test_one_pass_equals_two_passes(attention, packed, kl):
     config = KTOConfig(model_name_or_path=str(TINY_LLAMA_DIR), init_random_weights=True, lora_r=4,
                        attn_implementation=attention)
     policy = load_model(config)
-    assert shares_prompt(config, policy)
+    assert reference_layout(config, policy, cached=False) is ReferenceLayout.SHARED
     module = SequenceLogps(policy, chunk_size=5)
     data = _dataset((4, 9, 1, 6), (6, 1, 8, 3), (2, 7, 1, 8))
-    batch = collate(data, [0, 1, 2, 3], pad_id=2, packed=packed, shared_prompt=True, kl=kl)
+    batch = collate(data, [0, 1, 2, 3], pad_id=2, packed=packed, reference=ReferenceLayout.SHARED, kl=kl)
     with reference_mode(policy):
         separate = torch.cat([module(**batch["policy"]), module(**batch["kl"])])
         shared = module(**batch["reference"])
@@ -71,10 +71,12 @@ def test_flash_attention_falls_back_to_two_passes(caplog):
     policy = load_model(config)
     policy.config._attn_implementation = "flash_attention_2"  # only the name is read: no kernel runs
     with caplog.at_level("INFO"):
-        assert not shares_prompt(config, policy)
+        assert reference_layout(config, policy, cached=False) is ReferenceLayout.SEPARATE
     assert "flash_attention_2 attention cannot take the x + y + y' mask" in caplog.text
     policy.config._attn_implementation = "sdpa"
-    assert not shares_prompt(KTOConfig(**{**config.to_dict(), "shared_prompt_reference": False}), policy)
+    assert reference_layout(KTOConfig(**{**config.to_dict(), "shared_prompt_reference": False}), policy,
+                            cached=False) is ReferenceLayout.SEPARATE
+    assert reference_layout(config, policy, cached=True) is ReferenceLayout.CACHED
 
 
 def test_training_with_shared_prompt_equals_separate_passes(tmp_path, tiny_model, one_process_run):

@@ -11,12 +11,12 @@ from runs import ROOT, TRAIN, config_file, deepspeed_run, generations, kl_ratios
 from safetensors.torch import load_file
 
 from kto_scale.collate import collate
-from kto_scale.config import load_run_config
-from kto_scale.evaluate import evaluation_metrics
+from kto_scale.config import CONFIG_FILE, load_config
 from kto_scale.generate import generation_prompts
 from kto_scale.loss import kl_baseline
 from kto_scale.model import SequenceLogps, load_base_model, load_tokenizer, reference_mode
 from kto_scale.prepare import prepare_data
+from kto_scale.scoring import evaluation_metrics
 from kto_scale.trainer import class_balance_warning
 
 
@@ -35,7 +35,7 @@ def test_one_process_run_trains_and_saves(one_process_run):
 def test_saved_adapter_reproduces_final_eval(one_process_run):
     """Base + saved adapter, scored outside DeepSpeed, gives the eval numbers the run logged at its
     last step: the adapter round-trips and the base weights were never changed."""
-    config = load_run_config(one_process_run)
+    config = load_config(["--config", str(one_process_run / CONFIG_FILE)])
     tokenizer = load_tokenizer(config)
     _, eval_set = prepare_data(config, tokenizer)
     policy = PeftModel.from_pretrained(load_base_model(config), one_process_run / "adapter")
@@ -67,7 +67,7 @@ def test_generations_of_held_out_prompts(one_process_run):
     """generations.jsonl: 2 distinct eval prompts at step 0 and each evaluation; at step 0 the policy
     (LoRA B = 0) writes the reference's text; the final policy's and the reference's texts are what
     plain transformers + peft generate from the saved adapter and the base."""
-    config = load_run_config(one_process_run)
+    config = load_config(["--config", str(one_process_run / CONFIG_FILE)])
     tokenizer = load_tokenizer(config)
     _, eval_set = prepare_data(config, tokenizer)
     lines = generations(one_process_run)
