@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import ROOT, config_file, free_port, generations, kill_at_first_checkpoint, metrics, run
+from runs import (
+    ROOT,
+    config_file,
+    die_after_first,
+    free_port,
+    generations,
+    metrics,
+    run,
+)
 from safetensors.torch import load_file
 from test_scale import _assert_same_adapter, _assert_same_steps, assert_resumed_equals_whole, run_slurm_script
 
@@ -93,11 +101,13 @@ def test_fsdp_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model):
     torchrun(2, config_file(tmp_path, "whole", tiny_model, **options))
     killed = config_file(tmp_path, "killed", tiny_model, **options)
     out = tmp_path / "killed"
-    resumed_from = kill_at_first_checkpoint([*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
-                                             "launch/train.py", "--config", str(killed)], out, max_steps=8)
+    # Every rank SIGKILLs itself right after the first checkpoint (step 3), as if the node went down.
+    die_after_first("kto_scale.trainer:save_checkpoint", [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
+                                                          "launch/train.py", "--config", str(killed)])
+    assert (out / "latest").read_text() == "checkpoint-3" and not (out / "adapter").exists()
 
     torchrun(2, killed, "--resume_from_checkpoint", "latest")
-    assert_resumed_equals_whole(tmp_path / "whole", out, resumed_from, steps=8)
+    assert_resumed_equals_whole(tmp_path / "whole", out, 3, steps=8)
 
 
 def test_precompute_and_evaluate_on_fsdp(tmp_path, tiny_model, fsdp_two_ranks):

@@ -6,16 +6,25 @@ incomplete, corrupted or of another run are refused."""
 import hashlib
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from runs import DEEPSPEED, ROOT, TRAIN, clean_env, config_file, free_port, metrics, run, write_data
+from runs import (
+    DEEPSPEED,
+    ROOT,
+    TRAIN,
+    clean_env,
+    config_file,
+    die_after_first,
+    free_port,
+    metrics,
+    run,
+    write_data,
+)
 from safetensors.numpy import load_file, save_file
 
 from kto_scale.collate import collate
@@ -42,20 +51,6 @@ def _lookup_all(config_path: Path, cache_dir: Path, split: str, **overrides) -> 
     return cache.lookup(torch.arange(len(splits[split])))
 
 
-def _kill_after_first_shard(command: list[str], cache: Path, log: Path) -> None:
-    """Start a precompute and SIGKILL it as soon as its first shard file is on disk."""
-    with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while not (cache / "train-00000.safetensors").exists() and process.poll() is None:
-            if time.monotonic() > deadline:
-                process.kill()
-                raise AssertionError("no shard written within 300 s\n" + log.read_text()[-3000:])
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-        assert process.wait() == -signal.SIGKILL, log.read_text()[-3000:]
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model) -> dict:
     """201 examples (151 train, 50 eval: uneven over 2 ranks x 4), configs for one rank (ZeRO-2, one
@@ -71,7 +66,7 @@ def setup(tmp_path_factory, tiny_model) -> dict:
     two = config_file(tmp, "two", tiny_model, precompute_batch_size=4, gradient_accumulation_steps=1,
                       deepspeed=str(ROOT / "ds_configs/zero3.json"), **common)
     command = [*PRECOMPUTE, "--config", str(one), "--ref_cache", str(tmp / "cache1")]
-    _kill_after_first_shard(command, tmp / "cache1", tmp / "killed.log")
+    die_after_first("kto_scale.precompute:write_shard", command)  # killed once its first shard is on disk
     killed = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (tmp / "cache1").glob("*.safetensors")}
     resumed_log = run(command).stderr
     run([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/precompute_ref.py",

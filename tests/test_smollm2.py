@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from runs import DEEPSPEED, ROOT, TRAIN, config_file, free_port, metrics, run
+from runs import DEEPSPEED, ROOT, TRAIN, config_file, free_port, merged_logits_atol, metrics, run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kto_scale.collate import collate
@@ -147,7 +147,10 @@ def test_two_zero3_ranks_and_the_cache_log_the_one_rank_numbers(runs, other):
 
 def test_merged_adapter_equals_the_peft_model(smollm2, smol_tokenizer, runs, tmp_path):
     """The trained adapter merged into the tied-embedding base loads without peft and gives the peft
-    model's logits (within 1e-4, fp32) and its greedy generations."""
+    model's logits and its greedy generations. The logits are compared within merged_logits_atol
+    (tests/runs.py): the merged weight rounds once per element, and 30 layers of 576 inputs carry that to
+    the logits (1.4e-4 observed on an AVX-512 Xeon, where a fixed 1e-4 failed). peft's W x + s B (A x) and
+    the merged (W + s B A) x are different kernels: equality to a few ulps would be luck."""
     merged = merge_lora(smollm2, runs["one"] / "adapter", tmp_path / "merged")
     plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     assert not any("lora" in name for name, _ in plain.named_parameters())
@@ -157,7 +160,8 @@ def test_merged_adapter_equals_the_peft_model(smollm2, smol_tokenizer, runs, tmp
     peft_model = PeftModel.from_pretrained(base, runs["one"] / "adapter").eval()
     want_logits, want_text = _logits_and_generation(peft_model, smol_tokenizer)
     got_logits, got_text = _logits_and_generation(plain, smol_tokenizer)
-    torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=0)
+    atol = merged_logits_atol(want_logits, plain.config.hidden_size, plain.config.num_hidden_layers)
+    torch.testing.assert_close(got_logits, want_logits, atol=atol, rtol=0)
     assert got_text == want_text and len(got_text) > 10
     assert (want_logits - base_logits).abs().max() > 1e-2  # training moved the model: not a trivial merge
 
