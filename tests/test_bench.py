@@ -32,6 +32,7 @@ def bench(tmp_path_factory) -> Path:
     return tmp_path
 
 
+@pytest.mark.e2e
 def test_both_trainers_ran_the_same_step(bench):
     results = json.loads((bench / "out/results.json").read_text())
     assert sorted(results["runs"]) == sorted(RUNS)
@@ -54,6 +55,7 @@ def test_both_trainers_ran_the_same_step(bench):
         assert f"| {label} | " in report
 
 
+@pytest.mark.e2e
 def test_kto_scale_against_itself(bench):
     """Both precomputes scored the same rows; the before/after ratios are in the report."""
     results = json.loads((bench / "out/results.json").read_text())
@@ -66,6 +68,7 @@ def test_kto_scale_against_itself(bench):
         assert f"| {label}" in report
 
 
+@pytest.mark.e2e
 def test_gpu_columns_are_na_on_cpu(bench):
     """Every run reports peak GPU memory, model FLOPs/s and MFU; on CPU only the FLOPs/s have a value."""
     results = json.loads((bench / "out/results.json").read_text())
@@ -175,6 +178,7 @@ def test_git_state_without_git(monkeypatch, tmp_path):
     assert state["commit"] is None and state["modified_library_files"] is None
 
 
+@pytest.mark.e2e
 def test_a_missing_step_or_run_is_an_error(bench, monkeypatch):
     """The report's joins are strict: a dropped step or run fails the bench instead of shrinking a table."""
     summary = bench_module("summary", monkeypatch)
@@ -190,6 +194,7 @@ def test_a_missing_step_or_run_is_an_error(bench, monkeypatch):
         summary.check_tokens(spec, {"kto": results["kto"]}, same_batches)
 
 
+@pytest.mark.e2e
 def test_losses_that_disagree_fail_the_verdict(bench, monkeypatch):
     """Step 1's losses (same weights, same batch) agree within first_step_loss_tolerance; one that is
     off by more fails "All checks passed", however equal the token counts."""

@@ -241,6 +241,7 @@ def test_overwrite_replaces_only_an_earlier_export(base_and_adapter, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.e2e
 def test_a_second_export_into_the_same_output_is_refused(base_and_adapter, tmp_path):
     """While one merge holds the output, another process is refused with its host and pid."""
     base, adapter = base_and_adapter
@@ -303,6 +304,7 @@ def test_failure_mid_write_leaves_no_output(base_and_adapter, tmp_path, monkeypa
     assert [p.name for p in (tmp_path / "merged").iterdir()] == ["config.json"]
 
 
+@pytest.mark.e2e
 def test_killed_merge_leaves_no_output(base_and_adapter, tmp_path):
     base, adapter = base_and_adapter
     script = f"""
@@ -343,6 +345,7 @@ MEMORY_PROBE = """
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures peak RSS through Linux /proc")
 def test_merge_streams_the_base(tmp_path):
     torch.manual_seed(0)
@@ -413,6 +416,7 @@ DEEPSPEED_RUN = """
 """
 
 
+@pytest.mark.e2e
 def test_adapter_only_from_deepspeed_zero3(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -99,6 +99,7 @@ def test_packed_batch_equals_padded_batch():
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)  # float32 sums in another order
 
 
+@pytest.mark.e2e
 def test_random_init_gives_the_same_base_on_every_stage_and_rank_count(tmp_path):
     """init_random_weights on 1 rank under ZeRO-2 and on 2 ranks under ZeRO-3 (which builds models
     partitioned): the saved base_model/ weights are identical, and so is the first step's loss and z_ref."""

@@ -75,6 +75,7 @@ def setup(tmp_path_factory, tiny_model) -> dict:
             "killed": killed, "resumed_log": resumed_log}
 
 
+@pytest.mark.e2e
 def test_killed_precompute_resumes_and_holds_the_reference(setup):
     """The rerun kept the shards finished before the kill, and every value is the row's reference."""
     assert setup["killed"]
@@ -94,6 +95,7 @@ def test_killed_precompute_resumes_and_holds_the_reference(setup):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
 
 
+@pytest.mark.e2e
 def test_two_rank_uneven_precompute_equals_one_rank(setup):
     """Neither split fills the last 2 x 4 batches, so a rank scores filler rows; no hang, same values."""
     for split in SPLITS:
@@ -104,6 +106,7 @@ def test_two_rank_uneven_precompute_equals_one_rank(setup):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_training_from_cache_matches_on_the_fly(setup, ranks):
     """Per-step train metrics and the eval metrics are those of computing the reference in every step."""
@@ -124,6 +127,7 @@ def test_training_from_cache_matches_on_the_fly(setup, ranks):
                 assert b[key] == pytest.approx(a[key], abs=1e-5), (split, a["step"], key)
 
 
+@pytest.mark.e2e
 def test_refuses_a_cache_of_another_run(setup):
     """Each differing field is named; another data_seed pairs other KL completions: the data differs too."""
     with pytest.raises(RefCacheError) as error:
@@ -146,6 +150,7 @@ def _rewrite_shard(cache: Path, manifest: dict, shard: Path, arrays: dict) -> No
     (cache / MANIFEST).write_text(json.dumps(manifest))
 
 
+@pytest.mark.e2e
 def test_unfinished_cache_is_an_error(setup):
     cache, _, _ = _copy_cache(setup, "unfinished")
     (cache / MANIFEST).unlink()  # what a killed precompute leaves: shards, no manifest
@@ -153,6 +158,7 @@ def test_unfinished_cache_is_an_error(setup):
         _lookup_all(setup["one"], cache, "train")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("where", [12, -3])  # in the JSON header, in a value
 def test_corrupted_shard_is_an_error(setup, where):
     cache, _, shard = _copy_cache(setup, f"corrupted{where}")
@@ -163,6 +169,7 @@ def test_corrupted_shard_is_an_error(setup, where):
         _lookup_all(setup["one"], cache, "train")
 
 
+@pytest.mark.e2e
 def test_missing_example_is_an_error(setup):
     cache, manifest, shard = _copy_cache(setup, "missing")
     arrays = load_file(shard)
@@ -172,6 +179,7 @@ def test_missing_example_is_an_error(setup):
         _lookup_all(setup["one"], cache, "train")
 
 
+@pytest.mark.e2e
 def test_other_example_under_a_row_is_an_error(setup):
     cache, manifest, shard = _copy_cache(setup, "other_key")
     arrays = load_file(shard)
@@ -181,6 +189,7 @@ def test_other_example_under_a_row_is_an_error(setup):
         _lookup_all(setup["one"], cache, "train")
 
 
+@pytest.mark.e2e
 def test_non_finite_value_is_an_error_naming_the_example(setup):
     """A NaN whose checksums match is refused on load, naming the row and its prompt."""
     cache, manifest, shard = _copy_cache(setup, "non_finite")
@@ -192,6 +201,7 @@ def test_non_finite_value_is_an_error_naming_the_example(setup):
         _lookup_all(setup["one"], cache, "train")
 
 
+@pytest.mark.e2e
 def test_two_rank_precompute_into_another_runs_cache_fails_on_every_rank(setup):
     """Rank 0 refuses the cache; the other rank reports the same instead of running on without it."""
     result = subprocess.run([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/precompute_ref.py",

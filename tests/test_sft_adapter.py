@@ -108,6 +108,7 @@ def _edited_copy(src: Path, dst: Path, **changes) -> Path:
     return dst
 
 
+@pytest.mark.e2e
 def test_adapters_that_cannot_be_continued_are_refused(tmp_path, tiny_model, sft):
     """DoRA, modules_to_save, another base (other shapes) or vocabulary: a ConfigError naming it."""
     narrow = AutoConfig.from_pretrained(tiny_model)
@@ -161,6 +162,7 @@ def runs(tmp_path_factory, tiny_model, sft) -> dict:
             "cache": tmp / "cache", "logs": logs}
 
 
+@pytest.mark.e2e
 def test_rewards_start_at_zero_and_the_policy_moves(runs, sft):
     """Step 1 is scored before its update: policy == reference, so every reward and z_ref is 0 up to the
     rounding of the two passes. They run different shapes (the reference scores x + y + y' in one shared
@@ -186,6 +188,7 @@ def test_rewards_start_at_zero_and_the_policy_moves(runs, sft):
     assert any(not torch.equal(trained[k], start[k]) for k in start)
 
 
+@pytest.mark.e2e
 def test_cache_and_two_zero3_ranks_match_one_rank_on_the_fly(runs):
     for name in ("cached", "zero3"):
         for split in ("train", "eval"):
@@ -197,6 +200,7 @@ def test_cache_and_two_zero3_ranks_match_one_rank_on_the_fly(runs):
                     assert b[key] == pytest.approx(a[key], abs=1e-5), (name, split, a["step"], key)
 
 
+@pytest.mark.e2e
 def test_cache_holds_the_sft_reference_and_is_refused_for_another(runs, tiny_model, tmp_path, sft):
     config = load_config(["--config", str(runs["config"])])
     tokenizer = load_tokenizer(config)
@@ -213,6 +217,7 @@ def test_cache_holds_the_sft_reference_and_is_refused_for_another(runs, tiny_mod
         assert field in str(error.value)
 
 
+@pytest.mark.e2e
 def test_evaluate_on_two_zero3_ranks_scores_against_the_sft_reference(runs, tiny_model, sft, tmp_path):
     """launch/evaluate.py after training: reference log-probs are still base + SFT adapter (the reference
     never moved), the policy's are base + the trained adapter."""
@@ -229,6 +234,7 @@ def test_evaluate_on_two_zero3_ranks_scores_against_the_sft_reference(runs, tiny
     assert summary["loss"] == pytest.approx(metrics(runs["zero3"], "eval")[-1]["loss"], abs=1e-5)
 
 
+@pytest.mark.e2e
 def test_resume_merge_and_adapter_only_export(runs, tiny_model, tmp_path):
     """Checkpoints hold the policy only; a resume rebuilds the reference from sft_adapter and ends with
     the uninterrupted run's adapter; merge_lora and --adapter_only export the trained policy."""

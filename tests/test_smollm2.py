@@ -130,6 +130,7 @@ def runs(tmp_path_factory, smollm2) -> dict[str, Path]:
     return {"one": tmp / "one", "two": tmp / "two", "cached": tmp / "cached"}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("other", ["two", "cached"])
 def test_two_zero3_ranks_and_the_cache_log_the_one_rank_numbers(runs, other):
     """Step by step (and at the final eval) the same loss, z_ref, rewards and accuracies. Relative 1e-4:
@@ -145,6 +146,7 @@ def test_two_zero3_ranks_and_the_cache_log_the_one_rank_numbers(runs, other):
     assert metrics(runs["one"], "train")[-1]["kl"] != metrics(runs["one"], "train")[0]["kl"]
 
 
+@pytest.mark.e2e
 def test_merged_adapter_equals_the_peft_model(smollm2, smol_tokenizer, runs, tmp_path):
     """The trained adapter merged into the tied-embedding base loads without peft and gives the peft
     model's logits and its greedy generations. The logits are compared within merged_logits_atol
