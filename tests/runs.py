@@ -24,14 +24,15 @@ TRAIN = [sys.executable, "launch/train.py"]
 FP32_EPS = 2.0 ** -24  # float32 unit roundoff: one rounding moves a value x by at most |x| * 2^-24
 
 
-def logp_atol(logp: float, num_layers: int) -> float:
-    """How far two fp32 computations of one sequence log-prob `logp` may differ when they run other
-    kernels or shapes. `logp` is a sum of n token log-probs near -L (|logp| ~ n L); each token's
-    log-prob carries one rounding of order L * 2^-24 for each residual block it went through (attention
-    and MLP: 2 per layer), one for the lm_head and one for the log-softmax, and the n tokens' errors add
-    in the sum: |logp| * 2^-24 * (2 * num_layers + 2). A mean over examples (rewards, z_ref) is bounded
-    by the largest of its terms' bounds."""
-    return abs(logp) * FP32_EPS * (2 * num_layers + 2)
+def logp_rtol(num_layers: int) -> float:
+    """How far, relative to its size, one sequence log-prob may differ between two fp32 computations that
+    run other kernels or shapes. A sequence log-prob is a sum of n token log-probs near -L (|logp| ~ n L);
+    each token's log-prob carries one rounding of order L * 2^-24 for each residual block it went through
+    (attention and MLP: 2 per layer), one for the lm_head and one for the log-softmax; the n tokens'
+    errors add in the sum, and both computations round: 2 * (2 * num_layers + 2) * 2^-24 * |logp|.
+    A log-ratio of two such sums is allowed this times the larger of them; a mean over examples
+    (rewards, z_ref) is bounded by the largest of its terms' bounds."""
+    return 2 * (2 * num_layers + 2) * FP32_EPS
 
 
 def merged_logits_atol(logits, hidden_size: int, num_layers: int) -> float:

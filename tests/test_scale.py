@@ -84,7 +84,7 @@ SHARED_PASS = "one forward over prompt + completion + KL completion"  # logged w
 def assert_same_run(one: Path, other: Path, atol: float = 1e-5) -> None:
     """Every logged number (train and eval, every step), the greedy generations and the adapter of `other`
     are those of `one`. The runs sum the same global batches in another order and shape, so each number
-    differs by rounding: a loss or reward by beta / 4 (resp. beta) times 2 logp_atol of the ~10-token
+    differs by rounding: a loss or reward by beta / 4 (resp. beta) times logp_rtol of the ~10-token
     log-prob sums (~1e-6 here), a grad norm by its relative rounding (2 layers + 2) 2^-24 times its O(1)
     size. Updates do not amplify it: Adam's m / sqrt(v) is scale-free, so a relative gradient error
     rho moves a weight by lr * rho (5e-3 * ~1e-6 per step). Only a component whose true gradient is 0
