@@ -35,13 +35,15 @@ def logp_rtol(num_layers: int) -> float:
     return 2 * (2 * num_layers + 2) * FP32_EPS
 
 
-def merged_logits_atol(logits, hidden_size: int, num_layers: int) -> float:
-    """How far a merged model's logits (W + s B A, one fp32 weight) may be from the unmerged W x + s B (A x).
-    The merged weight rounds once per element (relative 2^-24); a product over hidden_size inputs sums
-    hidden_size such independent errors, which add in quadrature (sqrt(hidden_size) * 2^-24 relative to
-    the output); each of num_layers layers adds its own error to the residual stream, which carries it to
-    the logits: max|logits| * 2^-24 * sqrt(hidden_size) * num_layers."""
-    return float(logits.abs().max()) * FP32_EPS * hidden_size ** 0.5 * num_layers
+def merged_logits_atol(logits, fan_in: int, num_layers: int) -> float:
+    """How far a merged model's logits ((W + s B A) x, one fp32 weight) may be from the unmerged
+    W x + s B (A x). Each side rounds differently in every linear stage: the merged weight once per
+    element, and each product sums fan_in terms whose independent roundings add in quadrature, so a
+    stage's output is off by ~sqrt(fan_in) * 2^-24 relative to its size. A layer has 4 stages in a row
+    (q/k/v then o in attention, gate/up then down in the MLP) and both sides round, so each layer adds
+    up to 8 sqrt(fan_in) 2^-24 relative error to the residual stream, which carries it to the logits:
+    max|logits| * 2^-24 * sqrt(fan_in) * 8 * num_layers (fan_in: the widest, intermediate_size)."""
+    return float(logits.abs().max()) * FP32_EPS * fan_in ** 0.5 * 8 * num_layers
 
 
 def write_data(path: Path, n: int = 24) -> Path:
