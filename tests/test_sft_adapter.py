@@ -21,6 +21,7 @@ from runs import (
     deepspeed_run,
     free_port,
     logp_rtol,
+    merged_logits_atol,
     metrics,
     run,
 )
@@ -257,6 +258,7 @@ def test_resume_merge_and_adapter_only_export(runs, tiny_model, tmp_path):
     merge_lora(tiny_model, runs["one"] / "adapter", tmp_path / "merged")
     ids = torch.randint(3, 900, (2, 9))
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), runs["one"] / "adapter")
-    with torch.no_grad():
+    with torch.no_grad():  # merged vs unmerged: merged_logits_atol of the 2-layer model, fan-in 176
+        want = peft(ids).logits
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits,
-                                   peft(ids).logits, atol=1e-5, rtol=1e-5)
+                                   want, atol=merged_logits_atol(want, 176, 2), rtol=0)

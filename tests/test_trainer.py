@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 from peft import PeftModel
-from runs import TRAIN, config_file, generations, kl_ratios_of_step, metrics, run
+from runs import TRAIN, config_file, generations, kl_ratios_of_step, merged_logits_atol, metrics, run
 from safetensors.torch import load_file
 
 from kto_scale.collate import collate
@@ -93,7 +93,8 @@ def test_generations_of_held_out_prompts(one_process_run):
 
 @pytest.mark.e2e
 def test_merge_of_trained_adapter_matches_peft(tmp_path, tiny_model, one_process_run):
-    """The merge command on a training run's output gives a plain model with peft's logits."""
+    """The merge command on a training run's output gives a plain model with peft's logits, within
+    merged_logits_atol of the 2-layer tiny model (widest fan-in: intermediate_size 176)."""
     from transformers import AutoModelForCausalLM
 
     run([sys.executable, "launch/merge_lora.py", "--base", str(tiny_model), "--adapter",
@@ -102,7 +103,8 @@ def test_merge_of_trained_adapter_matches_peft(tmp_path, tiny_model, one_process
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), one_process_run / "adapter")
     with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, peft(ids).logits, atol=1e-5, rtol=1e-5)
+        want = peft(ids).logits
+        torch.testing.assert_close(merged(ids).logits, want, atol=merged_logits_atol(want, 176, 2), rtol=0)
 
 
 @pytest.mark.e2e
