@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from runs import merged_logits_atol
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tolerances import merged_logits_atol
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from kto_scale import export
@@ -48,7 +48,7 @@ def save_adapter(model: LlamaForCausalLM, path: Path, seed: int = 1, **lora) -> 
 
 
 def assert_merged_logits_close(merged: torch.Tensor, unmerged: torch.Tensor, fan_in: int = 128) -> None:
-    """A merged model's logits are peft's within merged_logits_atol (tests/runs.py) of these 2-layer
+    """A merged model's logits are peft's within merged_logits_atol (tests/tolerances.py) of these 2-layer
     models (widest fan-in: tiny_llama's intermediate_size 128): (W + s B A) x and W x + s B (A x) are
     different kernels."""
     torch.testing.assert_close(merged, unmerged, atol=merged_logits_atol(unmerged, fan_in, 2), rtol=0)

@@ -3,8 +3,9 @@ chunked log-probs equal the plain computation from the model's own logits."""
 
 import pytest
 import torch
-from runs import ROOT, TRAIN, config_file, deepspeed_run, logp_rtol, metrics, run
+from runs import ROOT, TRAIN, config_file, deepspeed_run, metrics, run
 from safetensors.torch import load_file
+from tolerances import logp_rtol
 
 from kto_scale.assets import TINY_LLAMA_DIR
 from kto_scale.config import KTOConfig

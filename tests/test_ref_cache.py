@@ -21,12 +21,12 @@ from runs import (
     config_file,
     die_after_first,
     free_port,
-    logp_rtol,
     metrics,
     run,
     write_data,
 )
 from safetensors.numpy import load_file, save_file
+from tolerances import logp_rtol
 
 from kto_scale.collate import collate
 from kto_scale.config import load_config

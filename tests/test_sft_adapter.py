@@ -20,12 +20,11 @@ from runs import (
     config_file,
     deepspeed_run,
     free_port,
-    logp_rtol,
-    merged_logits_atol,
     metrics,
     run,
 )
 from safetensors.torch import load_file
+from tolerances import logp_rtol, merged_logits_atol
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from kto_scale.collate import collate
@@ -168,7 +167,7 @@ def test_rewards_start_at_zero_and_the_policy_moves(runs, sft):
     """Step 1 is scored before its update: policy == reference, so every reward and z_ref is 0 up to the
     rounding of the two passes. They run different shapes (the reference scores x + y + y' in one shared
     pass, the policy x + y and x + y' apart; the cache's values come from other batches), so each
-    log-ratio is allowed logp_rtol (tests/runs.py) of the 2-layer model times the largest logged
+    log-ratio is allowed logp_rtol (tests/tolerances.py) of the 2-layer model times the largest logged
     sequence log-prob: rewards are beta times a log-ratio, z_ref a mean of log-ratios (1.9e-6 on kl and
     3.8e-7 on rewards/desirable were observed on an AVX-512 Xeon, where exact zeros were asserted).
     A reference that silently were the raw base or the moving policy fails here or below."""

@@ -7,7 +7,7 @@ separate passes in test_ref_cache.py.)"""
 import datasets
 import pytest
 import torch
-from runs import logp_rtol
+from tolerances import logp_rtol
 
 from kto_scale.assets import TINY_LLAMA_DIR
 from kto_scale.collate import collate

@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 from peft import PeftModel
-from runs import TRAIN, config_file, generations, kl_ratios_of_step, merged_logits_atol, metrics, run
+from runs import TRAIN, config_file, generations, kl_ratios_of_step, metrics, run
 from safetensors.torch import load_file
+from tolerances import merged_logits_atol
 
 from kto_scale.collate import collate
 from kto_scale.config import load_run_config
