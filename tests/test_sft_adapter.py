@@ -12,17 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from runs import (
-    DEEPSPEED,
-    ROOT,
-    TRAIN,
-    clean_env,
-    config_file,
-    deepspeed_run,
-    free_port,
-    metrics,
-    run,
-)
+from runs import DEEPSPEED, ROOT, TRAIN, clean_env, config_file, deepspeed_run, free_port, metrics, run
 from safetensors.torch import load_file
 from tolerances import logp_rtol, merged_logits_atol
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
