@@ -44,6 +44,8 @@ def _assert_same_adapter(a: Path, b: Path, atol: float) -> None:
 
 
 def _assert_same_steps(a: Path, b: Path, keys=("loss", "kl", "rewards/desirable", "grad_norm"), atol=1e-5) -> None:
+    """Every training step's `keys` within atol: 1e-5 is what rounding allows runs of the same batches in
+    another layout (the derivation is assert_same_run's)."""
     one, two = metrics(a, "train"), metrics(b, "train")
     assert [m["step"] for m in one] == [m["step"] for m in two]
     for x, y in zip(one, two, strict=True):
