@@ -108,6 +108,7 @@ def test_tensorboard_writes_scalars(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 0.5)]
 
 
+@pytest.mark.e2e
 def test_wandb_offline_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
