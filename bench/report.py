@@ -158,7 +158,8 @@ def token_section(check: dict) -> list[str]:
     for name, value in check.get("steps", {}).items():
         parts = [f"{k} {v['equal_steps']}/{v['steps']}" for k, v in value.items() if isinstance(v, dict)]
         lines.append(f"- Steps with equal counts, kto vs {name}: " + ", ".join(parts)
-                     + f"; max |loss difference| over all steps {value['loss_max_abs_diff']:.2e}")
+                     + f"; |loss difference| at step 1 {value['first_loss_abs_diff']:.2e} (rounding allows "
+                     f"{value['first_loss_tolerance']:.2e}), max over all steps {value['loss_max_abs_diff']:.2e}")
     return lines
 
 

@@ -6,6 +6,7 @@ checking that both runs hold exactly steps 1..N. A run or step that went missing
 left out.
 """
 
+import math
 import statistics
 
 from measure import BATCH_KEYS
@@ -114,14 +115,36 @@ def tokenization_check(spec: dict, trl: dict) -> dict:
     }
 
 
-def step_check(name: str, reference: dict, run: dict, total: int) -> dict:
-    """Per token count: at how many steps `run` processed what kto ran; and the largest loss difference."""
+UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "bf16": 2.0 ** -8}
+
+
+def first_step_loss_tolerance(spec: dict, step: dict) -> float:
+    """How far two trainers' losses of step 1 may differ by rounding alone: both start it from the same
+    weights and batch, so nothing but the order and shapes of their float operations differs (later
+    steps start from weights one update apart, which Adam can make differ by lr in any component).
+
+    loss = mean_i (1 - sigmoid(beta s_i (r_i - z_ref))) moves by at most beta / 4 per unit of r_i or
+    z_ref. r_i is a difference of two sequence log-probs, each a sum of n_i token log-probs near
+    -ln(vocab) (random weights), each of which rounds once per residual block (2 per layer), in the
+    lm_head and in the log-softmax: |dr_i| <= 2 n_i ln(vocab) eps (2 layers + 2), eps the unit roundoff
+    of the compute dtype. The mean over the B examples puts the step's completion tokens / B in place
+    of n_i, and z_ref (a mean over the KL pairs) adds the same with the KL completion tokens."""
+    per_token = math.log(spec["vocab"]) * UNIT_ROUNDOFF[spec["dtype"]] * (2 * spec["layers"] + 2)
+    tokens = (step["completion_tokens"] + step["kl_completion_tokens"]) / step["examples"]
+    return spec["beta"] / 4 * 2 * tokens * per_token
+
+
+def step_check(name: str, spec: dict, reference: dict, run: dict, total: int) -> dict:
+    """Per token count: at how many steps `run` processed what kto ran; the largest loss difference; and
+    step 1's loss difference with what rounding allows it (first_step_loss_tolerance)."""
     ours, theirs = steps_by_number("kto", reference, total), steps_by_number(name, run, total)
     out = {key: {"equal_steps": sum(ours[k][key] == theirs[k][key] for k in ours), "steps": total,
                  "total_kto": sum(s[key] for s in ours.values()),
                  f"total_{name}": sum(s[key] for s in theirs.values())}
            for key in BATCH_KEYS}
     out["loss_max_abs_diff"] = max(abs(ours[k]["loss"] - theirs[k]["loss"]) for k in ours)
+    out["first_loss_abs_diff"] = abs(ours[1]["loss"] - theirs[1]["loss"])
+    out["first_loss_tolerance"] = first_step_loss_tolerance(spec, ours[1])
     return out
 
 
@@ -132,19 +155,21 @@ def check_tokens(spec: dict, results: dict, train_runs: list[str]) -> dict:
     out = {"tokenization": {name: tokenization_check(spec, results[name])
                             for name in train_runs if name.startswith("trl")}}
     if "kto" in train_runs:
-        out["steps"] = {name: step_check(name, results["kto"], results[name], total)
+        out["steps"] = {name: step_check(name, spec, results["kto"], results[name], total)
                         for name in train_runs if name != "kto"}
     return out
 
 
 def token_check_passed(check: dict) -> bool:
-    """Every TRL row tokenized alike, and every compared run processed kto's tokens at every step (padded
-    sizes may differ: --padding-free packs kto-scale's batches, never TRL's)."""
+    """Every TRL row tokenized alike, every compared run processed kto's tokens at every step (padded
+    sizes may differ: --padding-free packs kto-scale's batches, never TRL's), and step 1's losses agree
+    within what rounding allows."""
     rows = all(t["identical_prompt_ids"] == t["rows"] == t["identical_completion_ids"]
                for t in check["tokenization"].values())
     steps = all(run[key]["equal_steps"] == run[key]["steps"] for run in check.get("steps", {}).values()
                 for key in BATCH_KEYS if "padded" not in key)
-    return rows and steps
+    losses = all(run["first_loss_abs_diff"] <= run["first_loss_tolerance"] for run in check.get("steps", {}).values())
+    return rows and steps and losses
 
 
 def padding_report(spec: dict) -> dict:

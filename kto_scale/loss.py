@@ -67,43 +67,6 @@ def kto_losses(
     return losses, (beta * log_ratio).detach()
 
 
-def kto_loss(
-    policy_logps: Tensor,
-    reference_logps: Tensor,
-    policy_kl_logps: Tensor,
-    reference_kl_logps: Tensor,
-    desirable: Tensor,
-    beta: float = 0.1,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
-    z_ref: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The KTO loss of one batch (paper, eq. 8).
-
-    Args:
-        policy_logps, reference_logps: [B] log-probs of each example's own completion y given its
-            prompt x, under the policy and the reference, summed over completion tokens.
-        policy_kl_logps, reference_kl_logps: [B] log-probs of a *mismatched* completion y' (another
-            example's, with a different prompt) given x; they estimate the KL baseline z_ref.
-        desirable: [B] bool, True for desirable examples. A batch may hold only one kind.
-        beta, desirable_weight, undesirable_weight: beta, lambda_D, lambda_U.
-        z_ref: [] a KL baseline computed elsewhere (the training loop passes one reduced over all
-            ranks and micro-batches); None estimates it from this batch's KL log-probs.
-
-    Returns:
-        loss: [] mean over the batch's examples.
-        z_ref: [] the KL baseline used, detached.
-        rewards: [B] detached implicit rewards beta * (log pi_theta(y|x) - log pi_ref(y|x)).
-    """
-    if z_ref is None:
-        kl_ratios = policy_kl_logps.float() - reference_kl_logps.float()
-        z_ref = kl_baseline(kl_ratios.sum(), kl_ratios.numel())
-    losses, rewards = kto_losses(
-        policy_logps, reference_logps, desirable, z_ref, beta, desirable_weight, undesirable_weight
-    )
-    return losses.mean(), z_ref.detach(), rewards
-
-
 def balanced_weights(
     desirable_weight: float | str, undesirable_weight: float | str, n_desirable: int, n_undesirable: int
 ) -> tuple[float, float]:

@@ -1,10 +1,11 @@
 """Fixtures shared by the test files."""
 
+import fcntl
 import os
 from pathlib import Path
 
 import pytest
-from runs import TRAIN, config_file, run
+from runs import ROOT, TRAIN, config_file, run
 from transformers import AutoTokenizer
 
 from kto_scale.assets import TINY_LLAMA_DIR
@@ -39,17 +40,27 @@ def one_process_run(tmp_path_factory, tiny_model) -> Path:
     return tmp_path / "run"
 
 
-@pytest.fixture(scope="session")
-def smollm2(request) -> Path:
-    """SmolLM2-135M-Instruct as a plain model dir, converted once and kept in pytest's cache dir.
+# The converted SmolLM2 (520 MB) is kept between sessions here: $KTO_SCALE_TEST_CACHE, by default
+# .test-cache/ in the checkout (git-ignored). Not pytest's cache plugin, which CI setups often turn off.
+TEST_CACHE = Path(os.environ.get("KTO_SCALE_TEST_CACHE", ROOT / ".test-cache"))
 
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a plain model dir, converted once into TEST_CACHE.
+
+    Several pytest processes may start at once: the first takes a lock and converts (atomically, so a
+    killed conversion leaves nothing under the name), the others wait for it and use its result.
     Missing, the real-model tests skip with the install command, except under CI=true, where they fail."""
     if gguf_dir() is None:
         message = f"SmolLM2-135M-Instruct is not installed: {INSTALL}"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    path = request.config.cache.mkdir("smollm2") / "SmolLM2-135M-Instruct"
-    if not (path / "model.safetensors").is_file():
-        convert_smollm2(path)
+    path = TEST_CACHE / "SmolLM2-135M-Instruct"
+    TEST_CACHE.mkdir(parents=True, exist_ok=True)
+    with (TEST_CACHE / ".smollm2.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when a killed holder exits
+        if not (path / "model.safetensors").is_file():
+            convert_smollm2(path)
     return path

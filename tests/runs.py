@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -16,7 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # The `deepspeed` launcher, run by this interpreter (the venv's bin/ need not be on PATH).
 DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
 TRAIN = [sys.executable, "launch/train.py"]
-
 
 def write_data(path: Path, n: int = 24) -> Path:
     """n/2 arithmetic prompts, each with a right (desirable) and a wrong (undesirable) answer."""
@@ -72,12 +72,12 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def run(command: list[str], timeout: int = 480) -> subprocess.CompletedProcess:
-    """Run a command from the repo root; fail the test with its output if it fails.
+def launch(command: list[str], timeout: int = 480, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command from the repo root and return how it ended (a timeout fails the test).
 
     The command gets its own process group, so a timeout kills the launcher and every rank it started
     (subprocess.run alone would kill only the launcher and leave the ranks running)."""
-    process = subprocess.Popen(command, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    process = subprocess.Popen(command, cwd=ROOT, env=clean_env(**(env or {})), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
@@ -85,8 +85,14 @@ def run(command: list[str], timeout: int = 480) -> subprocess.CompletedProcess:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         raise AssertionError(f"timed out after {timeout} s: {command}\n{stdout[-4000:]}{stderr[-6000:]}") from None
-    assert process.returncode == 0, stdout[-4000:] + stderr[-6000:]
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def run(command: list[str], timeout: int = 480) -> subprocess.CompletedProcess:
+    """launch() a command; fail the test with its output if it fails."""
+    result = launch(command, timeout)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+    return result
 
 
 def deepspeed_run(num_ranks: int, config: Path, *args: str) -> subprocess.CompletedProcess:
@@ -103,19 +109,23 @@ def generations(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
 
 
-def kill_at_first_checkpoint(command: list[str], output_dir: Path, max_steps: int) -> int:
-    """Start a training command, SIGKILL it and every rank it started (like a node going down) as soon
-    as its first checkpoint is complete, and return the step that checkpoint holds."""
-    job = subprocess.Popen(command, cwd=ROOT, env=clean_env(), start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (output_dir / "latest").exists() and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait(timeout=60)
-    step = int((output_dir / "latest").read_text().split("-")[1])
-    assert not (output_dir / "adapter").exists() and step < max_steps, "the run finished before it was killed"
-    return step
+def wait_for(condition: Callable[[], bool], timeout: float) -> None:
+    """Return once condition() holds; fail after `timeout` s, which bounds a hang and is not a measure
+    of speed. It is checked every 0.1 s: that only sets how soon the wait notices, not what is asserted."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting after {timeout} s"
+        time.sleep(0.1)
+
+
+def die_after_first(call: str, command: list[str]) -> subprocess.CompletedProcess:
+    """Run `command` with its launch/ script wrapped by tests/die_after_first.py: every process SIGKILLs
+    itself once `call` ("module:function") first returns. Return how it ended; it must have failed."""
+    script = next(arg for arg in command if arg.startswith("launch/"))
+    wrapped = [("tests/die_after_first.py" if arg == script else arg) for arg in command]
+    result = launch(wrapped, env={"DIE_AFTER_FIRST": f"{call} {script}"})
+    assert result.returncode != 0, "the run was not killed:\n" + result.stderr[-3000:]
+    return result
 
 
 def kl_ratios_of_step(run_dir: Path, checkpoint: str, step: int) -> tuple[list[list[float]], list[list[bool]]]:

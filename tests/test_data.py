@@ -254,6 +254,7 @@ def test_warns_when_one_kind_is_missing(tmp_path, caplog):
     assert "no undesirable examples" in caplog.text
 
 
+@pytest.mark.e2e
 def test_demo_data_is_what_its_script_writes(tmp_path):
     """The shipped set is reproducible: launch/make_demo_data.py writes it byte for byte."""
     run([sys.executable, "launch/make_demo_data.py", "--output", str(tmp_path / "demo.jsonl")])

@@ -17,6 +17,7 @@ def _evaluate(command: list[str], run_dir, output) -> tuple[list[dict], dict]:
     return lines, json.loads((output / "summary.json").read_text())
 
 
+@pytest.mark.e2e
 def test_evaluate_matches_the_runs_final_eval_on_any_number_of_ranks(tmp_path, one_process_run):
     lines, summary = _evaluate([sys.executable], one_process_run, tmp_path / "one")
     logged = metrics(one_process_run, "eval")[-1]

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import ROOT, config_file, free_port, generations, kill_at_first_checkpoint, metrics, run
+from runs import (
+    ROOT,
+    config_file,
+    die_after_first,
+    free_port,
+    generations,
+    metrics,
+    run,
+)
 from safetensors.torch import load_file
 from test_scale import _assert_same_adapter, _assert_same_steps, assert_resumed_equals_whole, run_slurm_script
 
@@ -47,6 +55,7 @@ def _assert_same_run(reference: Path, other: Path) -> None:
     assert generations(other) == generations(reference)
 
 
+@pytest.mark.e2e
 def test_one_and_two_fsdp_ranks_equal_deepspeed(tmp_path, tiny_model, one_process_run, fsdp_two_ranks):
     result = torchrun(1, config_file(tmp_path, "one", tiny_model, **FSDP))
     assert "(1 ranks x 2 accumulation x 2 per micro-batch) on FSDP2 (full_shard)" in result.stderr
@@ -55,6 +64,7 @@ def test_one_and_two_fsdp_ranks_equal_deepspeed(tmp_path, tiny_model, one_proces
     assert (fsdp_two_ranks / "checkpoint-2" / "fsdp").is_dir() and not (fsdp_two_ranks / "checkpoint-2" / "deepspeed").exists()
 
 
+@pytest.mark.e2e
 def test_slurm_script_runs_fsdp_on_two_simulated_nodes(tmp_path, one_process_run):
     """launch/slurm/kto.sbatch on an FSDP2 config: torchrun --nnodes 2 --node_rank 0|1, one rank each,
     with CPU offload, and the base built by init_random_weights on every rank (partition-independent:
@@ -65,6 +75,7 @@ def test_slurm_script_runs_fsdp_on_two_simulated_nodes(tmp_path, one_process_run
     _assert_same_run(one_process_run, tmp_path / "nodes")
 
 
+@pytest.mark.e2e
 def test_resume_on_one_rank_and_export_from_an_fsdp_checkpoint(tmp_path, tiny_model, one_process_run, fsdp_two_ranks):
     """2 -> 1 ranks: DCP reshards the checkpoint of step 2; steps 3-4 and the adapter are the uninterrupted
     run's. The export command reads an FSDP2 checkpoint's adapter as it is."""
@@ -86,6 +97,7 @@ def test_resume_on_one_rank_and_export_from_an_fsdp_checkpoint(tmp_path, tiny_mo
     assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
 
 
+@pytest.mark.e2e
 def test_fsdp_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model):
     """SIGKILL both ranks right after a checkpoint, resume: the uninterrupted run's steps and adapter
     (LoRA dropout on: each rank's RNG state is restored)."""
@@ -93,13 +105,16 @@ def test_fsdp_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model):
     torchrun(2, config_file(tmp_path, "whole", tiny_model, **options))
     killed = config_file(tmp_path, "killed", tiny_model, **options)
     out = tmp_path / "killed"
-    resumed_from = kill_at_first_checkpoint([*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
-                                             "launch/train.py", "--config", str(killed)], out, max_steps=8)
+    # Every rank SIGKILLs itself right after the first checkpoint (step 3), as if the node went down.
+    die_after_first("kto_scale.trainer:save_checkpoint", [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
+                                                          "launch/train.py", "--config", str(killed)])
+    assert (out / "latest").read_text() == "checkpoint-3" and not (out / "adapter").exists()
 
     torchrun(2, killed, "--resume_from_checkpoint", "latest")
-    assert_resumed_equals_whole(tmp_path / "whole", out, resumed_from, steps=8)
+    assert_resumed_equals_whole(tmp_path / "whole", out, 3, steps=8)
 
 
+@pytest.mark.e2e
 def test_precompute_and_evaluate_on_fsdp(tmp_path, tiny_model, fsdp_two_ranks):
     """The reference cache precomputed on 2 FSDP2 ranks, read by a padding-free run, gives the padded
     on-the-fly run; evaluate on 2 FSDP2 ranks scores the saved adapter as the run's final evaluation did."""
@@ -119,6 +134,7 @@ def test_precompute_and_evaluate_on_fsdp(tmp_path, tiny_model, fsdp_two_ranks):
         assert summary[key] == pytest.approx(final[key], abs=1e-5), key
 
 
+@pytest.mark.e2e
 def test_engine_options_are_checked_before_anything_runs(tmp_path, one_process_run):
     with pytest.raises(ConfigError, match="fsdp: full_shard and deepspeed: .*zero3.json are both set"):
         load_config(["--model_name_or_path", "m", "--dataset_name", "d", "--fsdp", "full_shard",
@@ -134,6 +150,7 @@ def test_engine_options_are_checked_before_anything_runs(tmp_path, one_process_r
         check_resume(one_process_run / "checkpoint-2", fsdp, world_size=1)
 
 
+@pytest.mark.e2e
 def test_bf16_with_gradient_checkpointing_tracks_deepspeed(tmp_path, tiny_model):
     """bf16 compute, fp32 gradient reduction and fp32 LoRA master weights (MixedPrecisionPolicy), with
     activation checkpointing, on FSDP2, against DeepSpeed's bf16: bf16 rounding apart (observed: z_ref

@@ -59,6 +59,7 @@ CPU = torch.device("cpu")
 PROMPTS = [[0, 40, 41, 42, 43, 44, 45], [0, 50, 51], [0, 60, 61, 62, 63]]  # different lengths: left padding
 
 
+@pytest.mark.e2e
 def test_greedy_text_equals_plain_generate_of_each_prompt(tiny_model, tokenizer, policy):
     """Batched, left-padded, eval mode: the tokens of transformers' generate on each prompt alone, for the
     policy (adapters on, dropout off) and the reference (adapters off) alike."""
@@ -88,6 +89,7 @@ def test_greedy_text_equals_plain_generate_of_each_prompt(tiny_model, tokenizer,
     assert all(r["policy"] for r in rows)
 
 
+@pytest.mark.e2e
 def test_generation_uses_the_kv_cache_and_leaves_the_model_config(tiny_model, tokenizer, policy):
     policy.generation_config.use_cache = False  # as a checkpoint saved with use_cache false may have it
     lengths = []
@@ -99,6 +101,7 @@ def test_generation_uses_the_kv_cache_and_leaves_the_model_config(tiny_model, to
     assert policy.config.use_cache is False and policy.generation_config.use_cache is False
 
 
+@pytest.mark.e2e
 def test_sampling_is_seeded_and_leaves_the_training_rng_alone(tiny_model, tokenizer, policy):
     config = _config(tiny_model, generation_do_sample=True, generation_temperature=2.0, seed=7)
     torch.manual_seed(123)

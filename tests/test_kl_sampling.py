@@ -54,6 +54,7 @@ def test_options_that_cannot_work_are_refused():
         load_config([*base, "--kl_pairs_per_step", "2", "--kl_baseline", "micro_batch"])
 
 
+@pytest.mark.e2e
 def test_run_z_ref_is_the_mean_over_the_drawn_pairs(tmp_path, tiny_model):
     """1 rank x 2 accumulation x 2 with kl_pairs_per_step 1: step 3's logged kl is max(0, the one drawn
     pair's log-ratio), recomputed here from the policy checkpointed after step 2, and not the mean over all
@@ -79,6 +80,7 @@ def test_run_z_ref_is_the_mean_over_the_drawn_pairs(tmp_path, tiny_model):
             assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
 
 
+@pytest.mark.e2e
 def test_more_pairs_than_the_global_batch_is_refused(tmp_path, tiny_model):
     config = config_file(tmp_path, "many", tiny_model, kl_pairs_per_step=5)
     result = subprocess.run([*TRAIN, "--config", str(config)], cwd=ROOT, env=clean_env(), capture_output=True,

@@ -5,6 +5,7 @@ import pytest
 import torch
 from runs import ROOT, TRAIN, config_file, deepspeed_run, metrics, run
 from safetensors.torch import load_file
+from tolerances import logp_rtol
 
 from kto_scale.assets import TINY_LLAMA_DIR
 from kto_scale.config import KTOConfig
@@ -67,7 +68,7 @@ def test_sequence_logps_match_model_logits():
     logits = policy(input_ids=ids, attention_mask=attention).logits
     expected = completion_logps(logits, ids, completion)
     got = module(input_ids=ids, attention_mask=attention, completion_mask=completion)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, expected, atol=0, rtol=logp_rtol(2))  # lm_head in chunks
     lora_b = next(p for n, p in policy.named_parameters() if "lora_B" in n)
     (g_expected,) = torch.autograd.grad(expected.sum(), lora_b)
     (g_got,) = torch.autograd.grad(got.sum(), lora_b)
@@ -93,12 +94,13 @@ def test_packed_batch_equals_padded_batch():
     packed = collate(dataset, [0, 1, 2], pad_id=2, packed=True)["policy"]
     assert packed["input_ids"].shape == (1, 30) and "attention_mask" not in packed
     expected, got = module(**padded), module(**packed)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, expected, atol=0, rtol=logp_rtol(2))  # other shapes
     lora_b = [p for n, p in policy.named_parameters() if "lora_B" in n]
     for a, b in zip(torch.autograd.grad(expected.sum(), lora_b), torch.autograd.grad(got.sum(), lora_b), strict=True):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)  # float32 sums in another order
 
 
+@pytest.mark.e2e
 def test_random_init_gives_the_same_base_on_every_stage_and_rank_count(tmp_path):
     """init_random_weights on 1 rank under ZeRO-2 and on 2 ranks under ZeRO-3 (which builds models
     partitioned): the saved base_model/ weights are identical, and so is the first step's loss and z_ref."""

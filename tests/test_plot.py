@@ -88,6 +88,7 @@ def test_series_keeps_last_value_of_a_relogged_step():
     assert series(records, "loss", "eval") == ([2], [0.7])
 
 
+@pytest.mark.e2e
 def test_command_line(two_runs, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     command = [sys.executable, str(REPO_ROOT / "launch" / "plot.py")]

@@ -47,6 +47,7 @@ def test_reference_is_the_quantized_base(quantizable_model, bits):
     assert not torch.allclose(adapted, base)
 
 
+@pytest.mark.e2e
 def test_two_rank_zero2_trains_a_4bit_base(tmp_path, quantizable_model):
     config = config_file(tmp_path, "q", quantizable_model, gradient_accumulation_steps=1, load_in_4bit=True)
     deepspeed_run(2, config)

@@ -26,6 +26,7 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {k: v for k, v in files.items() if k != LOCK_FILE and not k.startswith("prepared/")}
 
 
+@pytest.mark.e2e
 def test_failed_overwrite_keeps_the_previous_run_and_a_good_one_moves_it_aside(tmp_path, tiny_model, one_process_run):
     """A typo in dataset_name under overwrite_output_dir used to delete adapter/ and every checkpoint."""
     previous = shutil.copytree(one_process_run, tmp_path / "run")
@@ -96,12 +97,14 @@ def held_lock(tmp_path):
         holder.wait()
 
 
+@pytest.mark.e2e
 def test_a_second_writer_of_an_output_dir_is_refused(tmp_path, held_lock):
     config = KTOConfig(model_name_or_path="m", dataset_name="d", output_dir=str(tmp_path / "run"))
     with pytest.raises(DirectoryBusy, match=f"in use by host {socket.gethostname()} pid {held_lock}"):
         prepare_output_dir(config)
 
 
+@pytest.mark.e2e
 def test_a_second_precompute_into_a_cache_is_refused(tmp_path, tiny_model, held_lock):
     config = config_file(tmp_path, "c", tiny_model, ref_cache=str(tmp_path / "run"))
     result = _run([sys.executable, "launch/precompute_ref.py", "--config", str(config)], timeout=120)
@@ -109,6 +112,7 @@ def test_a_second_precompute_into_a_cache_is_refused(tmp_path, tiny_model, held_
     assert f"error: ref_cache {tmp_path / 'run'} is in use by host {socket.gethostname()} pid {held_lock}" in result.stderr
 
 
+@pytest.mark.e2e
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path / "run" / LOCK_FILE)], stdout=subprocess.PIPE,
                               text=True, env=clean_env())
@@ -118,6 +122,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     prepare_output_dir(KTOConfig(model_name_or_path="m", dataset_name="d", output_dir=str(tmp_path / "run")))
 
 
+@pytest.mark.e2e
 def test_bad_data_fails_every_rank_at_once(tmp_path, tiny_model):
     """Rank 0 finds the data bad: every rank reports it, none waits at a barrier for rank 0."""
     data = write_data(tmp_path / "bad.jsonl")
@@ -130,6 +135,7 @@ def test_bad_data_fails_every_rank_at_once(tmp_path, tiny_model):
     assert output.count("bad.jsonl, line 25: 'label' is \"yes\", not a boolean") == 2, output[-3000:]
 
 
+@pytest.mark.e2e
 def test_a_model_path_typo_is_a_message(tmp_path, tiny_model):
     """A mistyped model_name_or_path (no such dir; as a hub id, offline, nothing) stops with the setting
     named, no traceback."""
@@ -140,6 +146,7 @@ def test_a_model_path_typo_is_a_message(tmp_path, tiny_model):
     assert f"error: model_name_or_path 'models/typo': there is no {ROOT / 'models/typo'}" in result.stderr
 
 
+@pytest.mark.e2e
 def test_help_on_every_entry_point():
     """`--help` prints usage and every option with its type, default and meaning, for every script."""
     scripts = sorted((ROOT / "launch").glob("*.py"))
@@ -160,6 +167,7 @@ def test_help_on_every_entry_point():
     assert sbatch.returncode == 0 and "sbatch --nodes 4 launch/slurm/kto.sbatch" in sbatch.stdout, sbatch.stderr
 
 
+@pytest.mark.e2e
 def test_the_demo_only_without_arguments_and_from_any_directory(tmp_path, monkeypatch):
     """Any argument leaves the demo config out; the demo's paths resolve from its file, wherever one runs."""
     result = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--max_steps", "1"], cwd=tmp_path,

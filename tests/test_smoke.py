@@ -18,6 +18,7 @@ def test_module_imports(name):
     importlib.import_module(name)
 
 
+@pytest.mark.e2e
 def test_ruff_clean():
     # As a module of this interpreter: the venv's bin/ need not be on PATH.
     result = subprocess.run([sys.executable, "-m", "ruff", "check", str(ROOT)], capture_output=True, text=True)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from peft import PeftModel
 from runs import DEEPSPEED, ROOT, TRAIN, config_file, free_port, metrics, run
+from tolerances import logp_rtol, merged_logits_atol
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kto_scale.collate import collate
@@ -55,6 +56,7 @@ def smol_tokenizer(smollm2):
     return AutoTokenizer.from_pretrained(smollm2)
 
 
+@pytest.mark.e2e
 def test_real_template_completions_end_at_im_end(smol_tokenizer):
     """ChatML closes a turn with `<|im_end|>\\n`: the completion ends at <|im_end|> (EOS here), once."""
     tok = smol_tokenizer
@@ -72,6 +74,7 @@ def test_real_template_completions_end_at_im_end(smol_tokenizer):
     assert tok.decode(data[0]["prompt_ids"]) == rendered and "You are a helpful AI assistant" in rendered
 
 
+@pytest.mark.e2e
 def test_logps_equal_plain_transformers_and_peft(smollm2, smol_tokenizer, tmp_path):
     """Policy and reference log-probs of each chat example, from prepare + collate + SequenceLogps (chunked
     head, padded batch), equal summing log_softmax over the completion tokens of the conversation
@@ -97,8 +100,8 @@ def test_logps_equal_plain_transformers_and_peft(smollm2, smol_tokenizer, tmp_pa
         want_reference = [_plain_logps(base, tok, e) for e in examples]
         peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
         want_policy = [_plain_logps(peft_model, tok, e) for e in examples]
-    torch.testing.assert_close(got_reference, torch.stack(want_reference), atol=2e-4, rtol=0)
-    torch.testing.assert_close(got_policy, torch.stack(want_policy), atol=2e-4, rtol=0)
+    torch.testing.assert_close(got_reference, torch.stack(want_reference), atol=0, rtol=logp_rtol(30))
+    torch.testing.assert_close(got_policy, torch.stack(want_policy), atol=0, rtol=logp_rtol(30))
     assert (got_policy - got_reference).abs().min() > 0.01  # the adapters change what is compared
 
 
@@ -130,6 +133,7 @@ def runs(tmp_path_factory, smollm2) -> dict[str, Path]:
     return {"one": tmp / "one", "two": tmp / "two", "cached": tmp / "cached"}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("other", ["two", "cached"])
 def test_two_zero3_ranks_and_the_cache_log_the_one_rank_numbers(runs, other):
     """Step by step (and at the final eval) the same loss, z_ref, rewards and accuracies. Relative 1e-4:
@@ -145,9 +149,12 @@ def test_two_zero3_ranks_and_the_cache_log_the_one_rank_numbers(runs, other):
     assert metrics(runs["one"], "train")[-1]["kl"] != metrics(runs["one"], "train")[0]["kl"]
 
 
+@pytest.mark.e2e
 def test_merged_adapter_equals_the_peft_model(smollm2, smol_tokenizer, runs, tmp_path):
     """The trained adapter merged into the tied-embedding base loads without peft and gives the peft
-    model's logits (within 1e-4, fp32) and its greedy generations."""
+    model's logits and its greedy generations. peft's W x + s B (A x) and the merged (W + s B A) x are
+    different kernels, so the logits are compared within merged_logits_atol (tests/tolerances.py) of
+    its 30 layers (1.4e-4 was observed on an AVX-512 Xeon, where a fixed 1e-4 failed)."""
     merged = merge_lora(smollm2, runs["one"] / "adapter", tmp_path / "merged")
     plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     assert not any("lora" in name for name, _ in plain.named_parameters())
@@ -157,7 +164,8 @@ def test_merged_adapter_equals_the_peft_model(smollm2, smol_tokenizer, runs, tmp
     peft_model = PeftModel.from_pretrained(base, runs["one"] / "adapter").eval()
     want_logits, want_text = _logits_and_generation(peft_model, smol_tokenizer)
     got_logits, got_text = _logits_and_generation(plain, smol_tokenizer)
-    torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=0)
+    atol = merged_logits_atol(want_logits, plain.config.intermediate_size, plain.config.num_hidden_layers)
+    torch.testing.assert_close(got_logits, want_logits, atol=atol, rtol=0)
     assert got_text == want_text and len(got_text) > 10
     assert (want_logits - base_logits).abs().max() > 1e-2  # training moved the model: not a trivial merge
 

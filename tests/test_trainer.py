@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 from peft import PeftModel
-from runs import ROOT, TRAIN, config_file, deepspeed_run, generations, kl_ratios_of_step, metrics, run
+from runs import TRAIN, config_file, generations, kl_ratios_of_step, metrics, run
 from safetensors.torch import load_file
+from tolerances import merged_logits_atol
 
 from kto_scale.collate import collate
 from kto_scale.config import CONFIG_FILE, load_config
@@ -20,6 +21,7 @@ from kto_scale.scoring import evaluation_metrics
 from kto_scale.trainer import class_balance_warning
 
 
+@pytest.mark.e2e
 def test_one_process_run_trains_and_saves(one_process_run):
     train = metrics(one_process_run, "train")
     assert [m["step"] for m in train] == [1, 2, 3, 4]
@@ -32,6 +34,7 @@ def test_one_process_run_trains_and_saves(one_process_run):
     assert lora_b and all(t.abs().max() > 0 for t in lora_b)  # peft starts B at zero: training moved it
 
 
+@pytest.mark.e2e
 def test_saved_adapter_reproduces_final_eval(one_process_run):
     """Base + saved adapter, scored outside DeepSpeed, gives the eval numbers the run logged at its
     last step: the adapter round-trips and the base weights were never changed."""
@@ -63,6 +66,7 @@ def _plain_generate(model, prompt: list[int], tokenizer) -> str:
                             skip_special_tokens=True)
 
 
+@pytest.mark.e2e
 def test_generations_of_held_out_prompts(one_process_run):
     """generations.jsonl: 2 distinct eval prompts at step 0 and each evaluation; at step 0 the policy
     (LoRA B = 0) writes the reference's text; the final policy's and the reference's texts are what
@@ -88,23 +92,10 @@ def test_generations_of_held_out_prompts(one_process_run):
     assert [line["reference"] for line in lines[-2:]] == [_plain_generate(base, p, tokenizer) for p in chosen]
 
 
-def test_two_rank_zero3_matches_one_process(tmp_path, tiny_model, one_process_run):
-    """2 ranks x 1 accumulation x 2 per micro-batch under ZeRO-3 vs 1 rank x 2 x 2 under ZeRO-2:
-    the same global batches, so the same per-step losses, KL baselines and eval numbers."""
-    config = config_file(tmp_path, "two", tiny_model, gradient_accumulation_steps=1,
-                         deepspeed=str(ROOT / "ds_configs/zero3.json"))
-    deepspeed_run(2, config)
-    for split, keys in (("train", ("loss", "kl", "rewards/desirable", "grad_norm")), ("eval", ("loss", "kl"))):
-        one, two = metrics(one_process_run, split), metrics(tmp_path / "two", split)
-        assert [m["step"] for m in one] == [m["step"] for m in two]
-        for a, b in zip(one, two, strict=True):
-            for key in keys:
-                assert b[key] == pytest.approx(a[key], abs=1e-4), (split, a["step"], key)
-    assert generations(tmp_path / "two") == generations(one_process_run)  # synced_gpus generation
-
-
+@pytest.mark.e2e
 def test_merge_of_trained_adapter_matches_peft(tmp_path, tiny_model, one_process_run):
-    """The merge command on a training run's output gives a plain model with peft's logits."""
+    """The merge command on a training run's output gives a plain model with peft's logits, within
+    merged_logits_atol of the 2-layer tiny model (widest fan-in: intermediate_size 176)."""
     from transformers import AutoModelForCausalLM
 
     run([sys.executable, "launch/merge_lora.py", "--base", str(tiny_model), "--adapter",
@@ -113,20 +104,11 @@ def test_merge_of_trained_adapter_matches_peft(tmp_path, tiny_model, one_process
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), one_process_run / "adapter")
     with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, peft(ids).logits, atol=1e-5, rtol=1e-5)
+        want = peft(ids).logits
+        torch.testing.assert_close(merged(ids).logits, want, atol=merged_logits_atol(want, 176, 2), rtol=0)
 
 
-def test_padding_free_run_matches_padded_run(tmp_path, tiny_model, one_process_run):
-    """padding_free packs each micro-batch into one row: the same losses, z_ref and eval numbers."""
-    run([sys.executable, "launch/train.py", "--config", str(config_file(tmp_path, "packed", tiny_model)),
-         "--padding_free", "true"])
-    for split, keys in (("train", ("loss", "kl", "rewards/desirable", "grad_norm")), ("eval", ("loss", "kl"))):
-        for a, b in zip(metrics(one_process_run, split), metrics(tmp_path / "packed", split), strict=True):
-            for key in keys:
-                assert b[key] == pytest.approx(a[key], abs=1e-5), (split, a["step"], key)
-    assert generations(tmp_path / "packed") == generations(one_process_run)  # generation pads as usual
-
-
+@pytest.mark.e2e
 def test_sampled_generation_leaves_the_training_alone(tmp_path, tiny_model):
     """With LoRA dropout drawing on the training RNG, a run that samples generations at step 0 and after
     step 1 logs exactly the losses of a run without generation: generating neither draws from the
@@ -153,6 +135,7 @@ def test_class_balance_warning_says_when_a_class_is_missing():
     assert class_balance_warning(30, 10, (1.0, 3.0)) is None
 
 
+@pytest.mark.e2e
 def test_micro_batch_kl_baseline_logs_the_mean_of_the_micro_batch_z_refs(tmp_path, tiny_model):
     """kl_baseline: micro_batch, 1 rank x 2 accumulation x 2: step 3's logged kl is the mean of the z_refs
     of its two micro-batches, recomputed here from the step's batches and the policy checkpointed

@@ -29,6 +29,7 @@ def run(monkeypatch, tmp_path, kl_terms, layout, pairs, steps) -> dict:
     return results["layouts"][0]["estimators"]
 
 
+@pytest.mark.e2e
 def test_a_constant_kl_term_has_no_noise_in_any_estimator(monkeypatch, tmp_path):
     # 16 examples, global batch 2 x 2 x 2 = 8: 6 steps are 3 epochs of 2 full batches
     estimators = run(monkeypatch, tmp_path, [0.5] * 16, "2x2x2", ["4", "2", "8"], 6)
@@ -40,6 +41,7 @@ def test_a_constant_kl_term_has_no_noise_in_any_estimator(monkeypatch, tmp_path)
             assert e[key] == pytest.approx(0.0, abs=1e-7), key
 
 
+@pytest.mark.e2e
 def test_two_terms_by_hand(monkeypatch, tmp_path):
     """KL terms -1 and 3 (mean 1, population std 2), global batch 1 x 2 x 1 = both examples every step.
     Effective batch: always 1. TRL: micro-batches -1 and 3 every step (std 2, RMSE 2, within-step 2),
