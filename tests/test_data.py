@@ -9,8 +9,9 @@ import datasets
 import pytest
 from runs import run
 
+from kto_scale import data
 from kto_scale.assets import DEMO_DATA
-from kto_scale.data import DataError, Example, load_examples, split_train_eval
+from kto_scale.data import DataError, Example, examples_dataset, split_train_eval, turn
 
 UNPAIRED = [
     {"prompt": "What is 2 + 2?", "completion": "2 + 2 = 4.", "label": True},
@@ -18,6 +19,13 @@ UNPAIRED = [
 ]
 HH_CHOSEN = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Help me?\n\nAssistant: Sure, gladly."
 HH_REJECTED = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Help me?\n\nAssistant: Sure! No."
+
+
+def load_examples(source: str, **options) -> tuple[list[Example], int]:
+    """data.load_examples, its Arrow rows back as Examples."""
+    dataset, skipped = data.load_examples(source, **options)
+    return [Example(turn(r["prompt"], r["chat"]), turn(r["completion"], r["chat"]), r["label"], r["pair_id"],
+                    r["source"]) for r in dataset], skipped
 
 
 def write_jsonl(path, rows: list, blank_lines: bool = False) -> str:
@@ -271,25 +279,33 @@ def test_demo_data_is_balanced():
 
 
 def _mixed_examples() -> list[Example]:
-    paired = [Example(f"P{i}", c, c == "good", i) for i in range(20) for c in ("good", "bad")]
-    return paired + [Example(f"U{i}", "c", i % 2 == 0) for i in range(20)]
+    paired = [Example(f"P{i}", c, c == "good", i, f"d:{i}{c}") for i in range(20) for c in ("good", "bad")]
+    return paired + [Example(f"U{i}", "c", i % 2 == 0, source=f"d:U{i}") for i in range(20)]
+
+
+def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """split_train_eval on a dataset of `examples`, each split back as the list of its examples."""
+    train, evaluation = split_train_eval(examples_dataset(examples), fraction, seed)
+    by_source = {e.source: e for e in examples}
+    return [by_source[s] for s in train["source"]], [by_source[s] for s in evaluation["source"]]
 
 
 def test_split_keeps_pairs_together_and_is_deterministic():
     examples = _mixed_examples()
-    train, evaluation = split_train_eval(examples, 0.25, seed=3)
+    train, evaluation = split(examples, 0.25, seed=3)
     assert len(evaluation) in (15, 16) and len(train) + len(evaluation) == len(examples)
     train_pairs = {e.pair_id for e in train if e.pair_id >= 0}
     eval_pairs = {e.pair_id for e in evaluation if e.pair_id >= 0}
     assert not train_pairs & eval_pairs
     assert all(sum(e.pair_id == p for e in evaluation) == 2 for p in eval_pairs)
-    assert split_train_eval(examples, 0.25, seed=3) == (train, evaluation)
-    assert split_train_eval(examples, 0.25, seed=4) != (train, evaluation)
+    assert split(examples, 0.25, seed=3) == (train, evaluation)
+    assert split(examples, 0.25, seed=4) != (train, evaluation)
+    assert [examples.index(e) for e in train] == sorted(examples.index(e) for e in train)  # order kept
 
 
 def test_split_without_eval_fraction_keeps_everything():
-    examples = _mixed_examples()
-    assert split_train_eval(examples, 0.0, seed=0) == (examples, [])
+    dataset = examples_dataset(_mixed_examples())
+    assert split_train_eval(dataset, 0.0, seed=0) == (dataset, None)
 
 
 def test_truncated_gzip_names_the_file(tmp_path):

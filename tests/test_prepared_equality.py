@@ -4,8 +4,11 @@ slice with the packaged tiny tokenizer are those of the list-based data path (ma
 any rewrite of the data path is proven to give the same examples.
 
 Each column is pinned by the first 16 hex digits of the sha256 of its values as JSON (lists of
-lists of ints: the ids and, through them, every length). KL pairing is pinned the same way, so a
-change to it is a deliberate edit of these values.
+lists of ints: the ids and, through them, every length). The example columns' values were computed
+by the list-based path. The KL columns are those of the vectorized pairing (numpy's generator over
+prompt groups, kto_scale.prepare.kl_partners), pinned the same way so that any change to the pairing
+is a deliberate edit here; the list-based path's pairing (random.Random over a Python ring) gave
+other partners with the same guarantees, which the property check below asserts on the real data.
 """
 
 import hashlib
@@ -23,22 +26,22 @@ KL_COLUMNS = ("kl_index", "kl_completion_ids")
 PINNED = {
     ("demo", "train"): (540, {"prompt_ids": "40c0f82b9cce163d", "completion_ids": "08cba2c05f59c0b4",
                               "label": "427c788878d318e3", "pair_id": "e6bf54125caf149d",
-                              "kl_index": "aee53a1aaf5f70f1", "kl_completion_ids": "827160b7e9135924"}),
+                              "kl_index": "c63b6847bf1ef9af", "kl_completion_ids": "ba3bc27d9a662b06"}),
     ("demo", "eval"): (60, {"prompt_ids": "f643c67d1e6ebab3", "completion_ids": "c02457f8dd9358db",
                             "label": "4a3a41dae8a3f977", "pair_id": "4fcb887b6fb7c5bf",
-                            "kl_index": "99d086319ebe69f5", "kl_completion_ids": "306041a6559c6eb4"}),
+                            "kl_index": "398e0fe656f03be5", "kl_completion_ids": "dc9312a9d2da8153"}),
     ("demo-chat", "train"): (540, {"prompt_ids": "c043eb805592e623", "completion_ids": "08cba2c05f59c0b4",
                                    "label": "427c788878d318e3", "pair_id": "e6bf54125caf149d",
-                                   "kl_index": "aee53a1aaf5f70f1", "kl_completion_ids": "827160b7e9135924"}),
+                                   "kl_index": "be914eef1f433c14", "kl_completion_ids": "3db6e87f8ce7982b"}),
     ("demo-chat", "eval"): (60, {"prompt_ids": "f8c8c5a102b1f848", "completion_ids": "c02457f8dd9358db",
                                  "label": "4a3a41dae8a3f977", "pair_id": "4fcb887b6fb7c5bf",
-                                 "kl_index": "99d086319ebe69f5", "kl_completion_ids": "306041a6559c6eb4"}),
+                                 "kl_index": "a677d308291d4a62", "kl_completion_ids": "1aa81343cd6c7d63"}),
     ("hh", "train"): (1200, {"prompt_ids": "0687571f4ba5a5ca", "completion_ids": "9868c400ed7c1b14",
                              "label": "dc0aa0580d9dc6d1", "pair_id": "ad9969dfe48c54e2",
-                             "kl_index": "157f5bbcf99682a4", "kl_completion_ids": "eaf44a7dd7a9f3f8"}),
+                             "kl_index": "ca7444ce4666f44d", "kl_completion_ids": "fb336bcac704c87d"}),
     ("hh", "eval"): (400, {"prompt_ids": "d0144e8d685c8834", "completion_ids": "28eb91d62393fdae",
                            "label": "bc56d65c16a66fa0", "pair_id": "9b783c3d0230cb90",
-                           "kl_index": "4dc29f9719f3ba27", "kl_completion_ids": "94671436e49c6f48"}),
+                           "kl_index": "2cfe193d54362e85", "kl_completion_ids": "faca72b765ff7719"}),
 }
 
 
@@ -69,10 +72,33 @@ def column_hashes(dataset) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", ["demo", "demo-chat", "hh"])
 def test_shipped_data_prepares_to_the_pinned_examples(name, tokenizer, tmp_path):
-    splits = prepare_data(_config(name, tmp_path), tokenizer)
+    config = _config(name, tmp_path)
+    splits = prepare_data(config, tokenizer)
     for split, dataset in zip(("train", "eval"), splits, strict=True):
         size, pinned = PINNED[(name, split)]
         hashes = column_hashes(dataset)
         assert len(dataset) == size
         assert {c: hashes[c] for c in EXAMPLE_COLUMNS} == {c: pinned[c] for c in EXAMPLE_COLUMNS}, (name, split)
         assert {c: hashes[c] for c in KL_COLUMNS} == {c: pinned[c] for c in KL_COLUMNS}, (name, split)
+        rows = dataset[:]
+        for i, j in enumerate(rows["kl_index"]):  # another prompt, never the pair sibling, cut to fit
+            assert rows["prompt_ids"][j] != rows["prompt_ids"][i]
+            assert rows["pair_id"][i] < 0 or rows["pair_id"][j] != rows["pair_id"][i]
+            room = config.max_length - len(rows["prompt_ids"][i])
+            assert rows["kl_completion_ids"][i] == rows["completion_ids"][j][:room]
+
+
+def test_chunk_sizes_do_not_change_the_examples(tokenizer, tmp_path, monkeypatch):
+    """Reading, truncation and the KL gather work chunk by chunk: chunks of 5 and 7 rows (so a chunk
+    boundary splits pairs, and KL partners lie in other chunks) give the pinned HH examples, through
+    files on disk as a run writes them, with two tokenizing processes."""
+    from kto_scale import data, prepare
+    monkeypatch.setattr(data, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(prepare, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(prepare, "ROWS_PER_PROCESS", 100)
+    config = _config("hh", tmp_path)
+    config.dataset_num_proc = 2
+    splits = prepare_data(config, tokenizer, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.arrow", "train.arrow"]
+    for split, dataset in zip(("train", "eval"), splits, strict=True):
+        assert column_hashes(dataset) == PINNED[("hh", split)][1]
