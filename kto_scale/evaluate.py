@@ -121,7 +121,7 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
     output = Path(output)
     check_output(output, [Path(adapter), *(Path(p) for p in (config.model_name_or_path, config.sft_adapter,
                                                                config.dataset_name, config.eval_dataset_name) if p)])
-    start = setup(config, output.with_name(f".{output.name}.prepared"), lambda: None)
+    start = setup(config, lambda: None)
     dataset = {"train": start.train_set, "eval": start.eval_set}[split]
     if dataset is None:
         raise ConfigError("The config has no eval data: set eval_dataset_name or eval_fraction, or pass --split train.")

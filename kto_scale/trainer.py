@@ -125,7 +125,7 @@ def class_balance_warning(n_desirable: int, n_undesirable: int, weights: tuple[f
 
 def train(config: KTOConfig) -> Path:
     """Train the LoRA policy with KTO; returns the directory of the final adapter."""
-    start = setup(config, Path(config.output_dir) / "prepared", lambda: prepare_output_dir(config))
+    start = setup(config, lambda: prepare_output_dir(config))
     rank, world_size, tokenizer, train_set, eval_set = (start.rank, start.world_size, start.tokenizer,
                                                          start.train_set, start.eval_set)
     n_desirable = sum(train_set["label"])
