@@ -42,6 +42,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
+from kto_scale.collate import ragged
 from kto_scale.config import KTOConfig
 from kto_scale.data import DataError, Example, examples_dataset, load_examples, split_train_eval, turn
 
@@ -182,14 +183,6 @@ def _texts(prompt, completion, source: str, tokenizer, specials: tuple[str, ...]
 
 
 # --- truncating ------------------------------------------------------------------------------------
-
-
-def ragged(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """A list<int> column as ([n + 1] int64 offsets from 0, [total] flat values), zero-copy where Arrow allows."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    offsets = column.offsets.to_numpy().astype(np.int64)
-    return offsets - offsets[0], column.flatten().to_numpy()
 
 
 def gather(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

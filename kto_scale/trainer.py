@@ -135,7 +135,7 @@ def train(config: KTOConfig) -> Path:
     if balance:
         logger.warning(balance)
 
-    lengths = tuple(sequence_lengths(train_set).tolist()) if config.group_by_length else None
+    lengths = sequence_lengths(train_set) if config.group_by_length else None
     plan = BatchPlan(len(train_set), config.per_device_train_batch_size, config.gradient_accumulation_steps,
                      world_size, lengths)
     if config.kl_pairs_per_step > plan.global_batch_size:
