@@ -327,3 +327,42 @@ def test_bytes_that_are_not_utf8_name_the_line_and_can_be_skipped(tmp_path):
     array.write_bytes(b"[\n" + json.dumps(UNPAIRED[0]).encode() + b",\n" + latin1 + b"\n]")
     with pytest.raises(DataError, match=rf"{array}, line 3: bytes that are not UTF-8 text"):
         load_examples(str(array))
+
+
+def test_a_directory_of_parquet_shards_is_one_numbered_sequence(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    datasets.Dataset.from_list(UNPAIRED).to_parquet(str(shards / "part-0.parquet"))
+    bad = [UNPAIRED[0], {"prompt": "Q", "completion": " ", "label": True}]
+    datasets.Dataset.from_list(bad).to_parquet(str(shards / "part-1.parquet"))
+    with pytest.raises(DataError, match=r"shards, part-1.parquet row 2: 'completion' is empty"):
+        load_examples(str(shards))
+    examples, skipped = load_examples(str(shards), skip_bad_rows=True)
+    assert skipped == 1 and [e.source for e in examples] == [f"{shards}:{n}" for n in (1, 2, 3)]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="neither one written by Dataset.save_to_disk nor one holding .parquet"):
+        load_examples(str(tmp_path / "empty"))
+
+
+def test_rows_are_read_chunk_by_chunk(tmp_path, monkeypatch):
+    """Chunks of 3 rows (a pair's two examples can straddle a chunk) give the same examples, written to
+    the Arrow file given, in file order; the skipped count spans chunks."""
+    monkeypatch.setattr(data, "CHUNK_ROWS", 3)
+    rows = [{"prompt": f"P{i}", "chosen": "good", "rejected": "bad"} if i % 3 else "not json" for i in range(10)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    dataset, skipped = data.load_examples(path, skip_bad_rows=True, path=tmp_path / "rows.arrow")
+    assert skipped == 4 and dataset.cache_files[0]["filename"] == str(tmp_path / "rows.arrow")
+    assert dataset["pair_id"] == [i for i in range(10) if i % 3 for _ in range(2)]
+    assert dataset["label"] == [True, False] * 6
+
+
+def test_skipped_rows_are_counted_in_the_log(tmp_path, tokenizer, caplog):
+    from kto_scale.config import KTOConfig
+    from kto_scale.prepare import prepare_data
+
+    path = write_jsonl(tmp_path / "d.jsonl", [UNPAIRED[0], "not json", UNPAIRED[1], {"prompt": "Q"}])
+    config = KTOConfig(model_name_or_path="m", dataset_name=path, skip_bad_rows=True)
+    with caplog.at_level(logging.WARNING, logger="kto_scale.prepare"):
+        with pytest.raises(DataError, match="KL pairing needs completions from other prompts"):
+            prepare_data(config, tokenizer)  # the two good rows share their prompt
+    assert f"Skipped 2 bad rows of {path} (skip_bad_rows is on)." in caplog.text
