@@ -22,26 +22,20 @@ from kto_scale.prepare import prepare_data
 
 EXAMPLE_COLUMNS = ("prompt_ids", "completion_ids", "label", "pair_id")
 KL_COLUMNS = ("kl_index", "kl_completion_ids")
-
-PINNED = {
-    ("demo", "train"): (540, {"prompt_ids": "40c0f82b9cce163d", "completion_ids": "08cba2c05f59c0b4",
-                              "label": "427c788878d318e3", "pair_id": "e6bf54125caf149d",
-                              "kl_index": "c63b6847bf1ef9af", "kl_completion_ids": "ba3bc27d9a662b06"}),
-    ("demo", "eval"): (60, {"prompt_ids": "f643c67d1e6ebab3", "completion_ids": "c02457f8dd9358db",
-                            "label": "4a3a41dae8a3f977", "pair_id": "4fcb887b6fb7c5bf",
-                            "kl_index": "398e0fe656f03be5", "kl_completion_ids": "dc9312a9d2da8153"}),
-    ("demo-chat", "train"): (540, {"prompt_ids": "c043eb805592e623", "completion_ids": "08cba2c05f59c0b4",
-                                   "label": "427c788878d318e3", "pair_id": "e6bf54125caf149d",
-                                   "kl_index": "be914eef1f433c14", "kl_completion_ids": "3db6e87f8ce7982b"}),
-    ("demo-chat", "eval"): (60, {"prompt_ids": "f8c8c5a102b1f848", "completion_ids": "c02457f8dd9358db",
-                                 "label": "4a3a41dae8a3f977", "pair_id": "4fcb887b6fb7c5bf",
-                                 "kl_index": "a677d308291d4a62", "kl_completion_ids": "1aa81343cd6c7d63"}),
-    ("hh", "train"): (1200, {"prompt_ids": "0687571f4ba5a5ca", "completion_ids": "9868c400ed7c1b14",
-                             "label": "dc0aa0580d9dc6d1", "pair_id": "ad9969dfe48c54e2",
-                             "kl_index": "ca7444ce4666f44d", "kl_completion_ids": "fb336bcac704c87d"}),
-    ("hh", "eval"): (400, {"prompt_ids": "d0144e8d685c8834", "completion_ids": "28eb91d62393fdae",
-                           "label": "bc56d65c16a66fa0", "pair_id": "9b783c3d0230cb90",
-                           "kl_index": "2cfe193d54362e85", "kl_completion_ids": "faca72b765ff7719"}),
+COLUMNS = (*EXAMPLE_COLUMNS, *KL_COLUMNS)
+PINNED = {  # (rows, the hashes of COLUMNS in order)
+    ("demo", "train"): (540, ("40c0f82b9cce163d", "08cba2c05f59c0b4", "427c788878d318e3",
+        "e6bf54125caf149d", "c63b6847bf1ef9af", "ba3bc27d9a662b06")),
+    ("demo", "eval"): (60, ("f643c67d1e6ebab3", "c02457f8dd9358db", "4a3a41dae8a3f977",
+        "4fcb887b6fb7c5bf", "398e0fe656f03be5", "dc9312a9d2da8153")),
+    ("demo-chat", "train"): (540, ("c043eb805592e623", "08cba2c05f59c0b4", "427c788878d318e3",
+        "e6bf54125caf149d", "be914eef1f433c14", "3db6e87f8ce7982b")),
+    ("demo-chat", "eval"): (60, ("f8c8c5a102b1f848", "c02457f8dd9358db", "4a3a41dae8a3f977",
+        "4fcb887b6fb7c5bf", "a677d308291d4a62", "1aa81343cd6c7d63")),
+    ("hh", "train"): (1200, ("0687571f4ba5a5ca", "9868c400ed7c1b14", "dc0aa0580d9dc6d1",
+        "ad9969dfe48c54e2", "ca7444ce4666f44d", "fb336bcac704c87d")),
+    ("hh", "eval"): (400, ("d0144e8d685c8834", "28eb91d62393fdae", "bc56d65c16a66fa0",
+        "9b783c3d0230cb90", "2cfe193d54362e85", "faca72b765ff7719")),
 }
 
 
@@ -75,7 +69,7 @@ def test_shipped_data_prepares_to_the_pinned_examples(name, tokenizer, tmp_path)
     config = _config(name, tmp_path)
     splits = prepare_data(config, tokenizer)
     for split, dataset in zip(("train", "eval"), splits, strict=True):
-        size, pinned = PINNED[(name, split)]
+        size, pinned = PINNED[(name, split)][0], dict(zip(COLUMNS, PINNED[(name, split)][1], strict=True))
         hashes = column_hashes(dataset)
         assert len(dataset) == size
         assert {c: hashes[c] for c in EXAMPLE_COLUMNS} == {c: pinned[c] for c in EXAMPLE_COLUMNS}, (name, split)
@@ -101,4 +95,4 @@ def test_chunk_sizes_do_not_change_the_examples(tokenizer, tmp_path, monkeypatch
     splits = prepare_data(config, tokenizer, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.arrow", "train.arrow"]
     for split, dataset in zip(("train", "eval"), splits, strict=True):
-        assert column_hashes(dataset) == PINNED[("hh", split)][1]
+        assert column_hashes(dataset) == dict(zip(COLUMNS, PINNED[("hh", split)][1], strict=True))
