@@ -110,13 +110,16 @@ def _last_used(root: Path, but: Path) -> Path | None:
     return max(entries, key=lambda p: p.stat().st_mtime_ns).parent if entries else None
 
 
-def _prepare_entry(config: KTOConfig, tokenizer, entry: Path, fingerprint: dict) -> None:
-    """Prepare the data into `entry` unless a finished entry is there (rank 0 only)."""
+def _prepare_entry(config: KTOConfig, tokenizer) -> Path:
+    """The entry of this run's data fingerprint, prepared unless a finished one is there (rank 0 only)."""
+    fingerprint = data_fingerprint(config, tokenizer)
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    entry = prepared_data_dir(config) / key
     with _exclusive(entry.with_name(f".{entry.name}.lock")):
         if (entry / FINGERPRINT).is_file():
             os.utime(entry / FINGERPRINT)  # marks it the last used
             logger.info("Reusing the prepared data in %s: the same data, tokenizer, lengths and data_seed.", entry)
-            return
+            return entry
         previous = _last_used(entry.parent, entry)
         if previous is None:
             logger.info("Preparing the data into %s.", entry)
@@ -129,16 +132,15 @@ def _prepare_entry(config: KTOConfig, tokenizer, entry: Path, fingerprint: dict)
         with atomic_directory(entry) as tmp:
             prepare_data(config, tokenizer, tmp)
             write_atomic(tmp / FINGERPRINT, json.dumps(fingerprint, indent=1, sort_keys=True))
+    return entry
 
 
 def shared_prepared_data(config: KTOConfig, tokenizer) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """The prepared (train, eval or None) splits, prepared by rank 0 if no earlier run did, then read
     by every rank from the cache (memory-mapped Arrow: the ranks of a node share one copy through the
     page cache)."""
-    fingerprint = data_fingerprint(config, tokenizer)
-    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-    entry = prepared_data_dir(config) / key
-    on_main_process(lambda: _prepare_entry(config, tokenizer, entry, fingerprint))  # bad data fails every rank
+    # Rank 0's fingerprint names the entry on every rank (another node's copy of a file may have another mtime).
+    entry = on_main_process(lambda: _prepare_entry(config, tokenizer))  # bad data fails every rank
     if not (entry / FINGERPRINT).is_file():
         raise ConfigError(f"{entry} is missing on {socket.gethostname()}: rank 0 prepared the data there, but this "
                           "node does not see it. Set prepared_data_dir to storage every node sees.")

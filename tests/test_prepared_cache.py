@@ -118,7 +118,7 @@ def test_a_killed_preparation_leaves_no_entry_and_is_redone(tmp_path, tokenizer,
 
 def test_a_node_that_does_not_see_the_cache_says_so(tmp_path, tokenizer, monkeypatch):
     """Another node's rank: rank 0 prepared on storage this node does not see."""
-    monkeypatch.setattr(prepared_cache, "on_main_process", lambda work: None)
+    monkeypatch.setattr(prepared_cache, "on_main_process", lambda work: tmp_path / "local" / "0123456789abcdef")
     with pytest.raises(ConfigError, match=r"is missing on .*Set prepared_data_dir to storage every node sees"):
         shared_prepared_data(_config(tmp_path, prepared_data_dir=str(tmp_path / "local")), tokenizer)
     assert not os.path.exists(tmp_path / "local")
