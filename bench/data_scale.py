@@ -202,6 +202,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.hh.is_file():
         raise SystemExit(f"--hh {args.hh} does not exist; give an Anthropic HH .jsonl(.gz) file.")
+    git = ["git", "-C", str(args.code or REPO)]
+    commit = subprocess.run([*git, "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     work = args.work / str(args.examples)
     work.mkdir(parents=True, exist_ok=True)
     data = work / "pairs.jsonl"
@@ -231,8 +233,6 @@ def main() -> None:
         if args.code is None:
             warm = write_config(data, args.model, work, "train-warm", True, beta=0.5, learning_rate=1e-3)
             results["train_1_step_warm"] = watch([*train, str(warm)], env)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.code or REPO, capture_output=True,
-                            text=True).stdout.strip()
     results.update(commit=commit, command=" ".join(sys.argv), cores=len(os.sched_getaffinity(0)),
                    machine=f"{platform.processor() or platform.machine()}, {psutil.virtual_memory().total / 2**30:.0f} GB")
     args.output.mkdir(parents=True, exist_ok=True)
