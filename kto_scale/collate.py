@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
@@ -232,6 +233,12 @@ def sequence_lengths(dataset: datasets.Dataset) -> np.ndarray:
     """[N] each row's longer sequence: prompt + completion or prompt + KL completion (both get padded)."""
     return np.concatenate([np.diff(p) + np.maximum(np.diff(c), np.diff(k))
                            for ((p, _), (c, _), (k, _)), _ in token_chunks(dataset)])
+
+
+def desirable_count(dataset: datasets.Dataset) -> int:
+    """How many examples of a prepared split are desirable, counted on the Arrow column (iterating
+    `dataset["label"]` costs seconds per 100k rows)."""
+    return int(pc.sum(dataset.with_format("arrow")["label"]).as_py() or 0)
 
 
 def length_order(dataset: datasets.Dataset) -> np.ndarray:

@@ -22,7 +22,7 @@ from peft import PeftModel
 from torch import Tensor
 
 from kto_scale.atomic import atomic_directory
-from kto_scale.collate import collate, shard_indices, to_device
+from kto_scale.collate import collate, desirable_count, shard_indices, to_device
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.distributed import all_gather, is_main_process, shutdown
 from kto_scale.engine import Engine
@@ -135,7 +135,7 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
     scores = score_dataset(engine, dataset, config.per_device_eval_batch_size, tokenizer.pad_token_id, cache=None,
                            packed=config.padding_free, shared_prompt=shared_prompt)
     # The class weights training used: "auto" is solved from the train split's counts, whatever is scored.
-    n_desirable = sum(train["label"])
+    n_desirable = desirable_count(train)
     weights = balanced_weights(config.desirable_weight, config.undesirable_weight,
                                n_desirable, len(train) - n_desirable)
     summary = evaluation_metrics(scores, config.beta, weights)

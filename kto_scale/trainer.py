@@ -28,7 +28,7 @@ from kto_scale.checkpoint import (
     save_checkpoint,
     set_aside_previous_run,
 )
-from kto_scale.collate import BatchPlan, collate, sequence_lengths, to_device
+from kto_scale.collate import BatchPlan, collate, desirable_count, sequence_lengths, to_device
 from kto_scale.config import ConfigError, KTOConfig, save_config
 from kto_scale.distributed import all_reduce_sum, global_kl_baseline, shutdown
 from kto_scale.engine import Engine
@@ -128,7 +128,7 @@ def train(config: KTOConfig) -> Path:
     start = setup(config, lambda: prepare_output_dir(config))
     rank, world_size, tokenizer, train_set, eval_set = (start.rank, start.world_size, start.tokenizer,
                                                          start.train_set, start.eval_set)
-    n_desirable = sum(train_set["label"])
+    n_desirable = desirable_count(train_set)
     weights = balanced_weights(config.desirable_weight, config.undesirable_weight,
                                n_desirable, len(train_set) - n_desirable)
     balance = class_balance_warning(n_desirable, len(train_set) - n_desirable, weights)
