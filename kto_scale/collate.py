@@ -221,12 +221,12 @@ def ragged(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def token_chunks(dataset: datasets.Dataset) -> Iterator[tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]]:
-    """CHUNK_ROWS rows at a time: each token column as ([n + 1] offsets from 0, [total] int64 ids), and
-    [n] int64 labels. Read straight from the (memory-mapped) Arrow table, never as Python lists, and
-    never the whole table in memory at once: fast and bounded for millions of rows."""
+    """CHUNK_ROWS rows at a time: each token column as ([n + 1] offsets from 0, [total] ids as stored:
+    int32 in a prepared split), and [n] int64 labels. Read straight from the (memory-mapped) Arrow
+    table, never as Python lists, and never the whole table in memory at once: fast and bounded for
+    millions of rows."""
     for table in dataset.with_format("arrow").iter(batch_size=CHUNK_ROWS):
-        columns = [(offsets, ids.astype(np.int64)) for offsets, ids in (ragged(table.column(n)) for n in TOKEN_COLUMNS)]
-        yield columns, table.column("label").to_numpy().astype(np.int64)
+        yield [ragged(table.column(name)) for name in TOKEN_COLUMNS], table.column("label").to_numpy().astype(np.int64)
 
 
 def sequence_lengths(dataset: datasets.Dataset) -> np.ndarray:
