@@ -70,6 +70,8 @@ class PrepareStats:
 
 @dataclass(frozen=True)
 class Lengths:
+    """The settings of the truncation rule."""
+
     max_length: int
     max_prompt_length: int | None
     max_completion_length: int | None
