@@ -190,6 +190,29 @@ def write_config(data: Path, model: str, work: Path, name: str, new_options: boo
     return path
 
 
+def report(output: Path) -> str:
+    """A markdown table of every result in `output` (written to output/results.md)."""
+    rows = ["| examples given | code | prepare cold s (read / tokenize / truncate / pair / write) | peak RSS GB "
+            "| load_dataset+map floor s (peak GB) | prepare / floor | warm reuse s (process wall) | hash / keys / "
+            "BatchPlan shuffled / grouped s | train 1 step cold / warm wall s (peak GB) |", "|" + "---|" * 9]
+    for path in sorted(output.glob("*.json"), key=lambda p: (json.loads(p.read_text())["examples_given"], p.name)):
+        r, dash = json.loads(path.read_text()), "-"
+        cold, floor, warm, scan = (r.get(k, {}) for k in ("prepare_cold", "floor_load_dataset_map", "prepare_warm",
+                                                          "scan"))
+        stages = " / ".join(str(v) for v in cold.get("stages_s", {}).values())
+        train = [r.get(k, {}) for k in ("train_1_step_cold", "train_1_step_warm")]
+        rows.append(
+            f"| {r['examples_given']:,} | {r['commit']} | {cold.get('seconds', dash)} ({stages or dash}) "
+            f"| {cold.get('peak_rss_gb', dash)} | {floor.get('seconds', dash)} ({floor.get('peak_rss_gb', dash)}) "
+            f"| {r.get('prepare_over_floor', dash)} | {warm.get('seconds', dash)} ({warm.get('wall_s', dash)}) "
+            f"| {' / '.join(str(scan.get(k, dash)) for k in ('dataset_hash', 'example_keys', 'batch_plan_shuffled', 'batch_plan_group_by_length'))} "
+            f"| {' / '.join(str(t.get('wall_s', dash)) for t in train)} "
+            f"({' / '.join(str(t.get('peak_rss_gb', dash)) for t in train)}) |")
+    table = "\n".join(rows) + "\n"
+    (output / "results.md").write_text(table)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=100_000)
@@ -239,6 +262,7 @@ def main() -> None:
     name = f"{args.examples}{'-' + args.code.name if args.code else ''}.json"
     (args.output / name).write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))
+    print(report(args.output))
 
 
 if __name__ == "__main__":
