@@ -66,29 +66,33 @@ def save_model(args, tokenizer, model_dir: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def pick_examples(args, tokenizer) -> tuple[list, int, int]:
-    """The first --pairs pairs (file order) whose prompt leaves room for a completion token, as examples;
-    the number of pairs left out as too long, and of bad rows skipped."""
-    from kto_scale.data import load_examples
-    from kto_scale.prepare import tokenize_examples
+def pick_examples(args, tokenizer, work: Path) -> tuple[list[dict], int, int]:
+    """The first --pairs pairs (file order) whose prompt leaves room for a completion token, as unpaired
+    rows; the number of pairs left out as too long, and of bad rows skipped."""
+    import numpy as np
+
+    from kto_scale.collate import ragged
+    from kto_scale.data import load_examples, turn
+    from kto_scale.prepare import tokenize_dataset
 
     if not args.data.exists():
         raise SystemExit(f"--data {args.data} does not exist; give an HH file (text or chat messages), "
                          "e.g. data/hh-harmless/train.jsonl.gz.")
     examples, bad_rows = load_examples(str(args.data), skip_bad_rows=True)
-    pairs: dict[int, list] = {}
-    for example in examples:
-        pairs.setdefault(example.pair_id, []).append(example)
-    kept, too_long = [], 0
-    for pair_id in sorted(pairs):
-        prompts, _ = tokenize_examples(pairs[pair_id], tokenizer)
-        if max(len(p) for p in prompts) >= args.max_length:
-            too_long += 1
-            continue
-        kept.extend(pairs[pair_id])
+    tokenized = tokenize_dataset(examples, tokenizer, 1, work / "tokenized.arrow")
+    prompt_lengths = np.diff(ragged(tokenized.data.column("prompt_ids"))[0])
+    pair_ids = np.asarray(examples["pair_id"])
+    too_long_pairs = set(pair_ids[prompt_lengths >= args.max_length].tolist())
+    kept, skipped = [], set()
+    for row in examples:  # pairs are adjacent, in file order
         if len(kept) >= 2 * args.pairs:
             break
-    return kept, too_long, bad_rows
+        if row["pair_id"] in too_long_pairs:
+            skipped.add(row["pair_id"])
+            continue
+        kept.append({"prompt": turn(row["prompt"], row["chat"]), "completion": turn(row["completion"], row["chat"]),
+                     "label": row["label"]})
+    return kept, len(skipped), bad_rows
 
 
 def write_kto_config(args, model_dir: Path, data_file: Path, path: Path) -> Path:
@@ -137,10 +141,9 @@ def build_inputs(args, work: Path) -> dict:
     tokenizer = load_tokenizer(args.tokenizer)
     model_dir = work / "model"
     n_params = save_model(args, tokenizer, model_dir)
-    kept, too_long, bad_rows = pick_examples(args, tokenizer)
+    kept, too_long, bad_rows = pick_examples(args, tokenizer, work)
     data_file = work / "kto_unpaired.jsonl"
-    data_file.write_text("".join(json.dumps({"prompt": e.prompt, "completion": e.completion, "label": e.label})
-                                 + "\n" for e in kept))
+    data_file.write_text("".join(json.dumps(row) + "\n" for row in kept))
     kto_config = write_kto_config(args, model_dir, data_file, work / "kto_config.yaml")
 
     train_set, _ = prepare_data(load_config(["--config", str(kto_config)]), tokenizer)

@@ -11,10 +11,13 @@ example is dropped or counted twice.
 import enum
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
@@ -22,6 +25,7 @@ from torch.nn.utils.rnn import pad_sequence
 TOKEN_COLUMNS = ("prompt_ids", "completion_ids", "kl_completion_ids")
 PAD_SLOT = -1  # an index that marks a weight-0 filler row
 MEGABATCH = 50  # global batches sorted together by group_by_length (as transformers' LengthGroupedSampler)
+CHUNK_ROWS = 65_536  # rows read from Arrow at a time
 
 
 class ReferenceLayout(enum.Enum):
@@ -33,7 +37,7 @@ class ReferenceLayout(enum.Enum):
     CACHED = "cached"  # no pass: looked up by dataset row ("index") in a precomputed reference cache
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: hashed by identity (an array field), for epoch_order's cache
 class BatchPlan:
     """Layout of the global batches; identical on every rank."""
 
@@ -41,7 +45,7 @@ class BatchPlan:
     micro_batch_size: int
     accumulation_steps: int
     world_size: int
-    lengths: tuple[int, ...] | None = None  # tokens per example, to group batches by length
+    lengths: np.ndarray | None = None  # [num_examples] tokens per example, to group batches by length
 
     @property
     def global_batch_size(self) -> int:
@@ -52,21 +56,22 @@ class BatchPlan:
         return math.ceil(self.num_examples / self.global_batch_size)
 
     @functools.lru_cache(maxsize=1)  # noqa: B019 (one plan per run; the cache holds one epoch's order)
-    def epoch_order(self, epoch: int, seed: int) -> list[int]:
-        """The epoch's example order: a fresh permutation, length-grouped when lengths are given."""
+    def epoch_order(self, epoch: int, seed: int) -> np.ndarray:
+        """[num_examples] the epoch's example order: a fresh permutation, length-grouped when lengths are
+        given (each run of MEGABATCH global batches sorted longest first, ties in permutation order).
+        Any step's batch is a slice of it: a resumed run starts at its step without replaying the others."""
         generator = torch.Generator().manual_seed(seed + epoch)
-        order = torch.randperm(self.num_examples, generator=generator).tolist()
+        order = torch.randperm(self.num_examples, generator=generator).numpy()
         if self.lengths is None:
             return order
-        size = MEGABATCH * self.global_batch_size
-        return [i for start in range(0, len(order), size)
-                for i in sorted(order[start : start + size], key=lambda i: -self.lengths[i])]
+        megabatch = np.arange(len(order)) // (MEGABATCH * self.global_batch_size)
+        return order[np.lexsort((-np.asarray(self.lengths)[order], megabatch))]  # lexsort is stable
 
     def micro_batches(self, step_in_epoch: int, epoch: int, seed: int, rank: int) -> list[list[int]]:
         """This rank's micro-batches (example indices, PAD_SLOT for filler rows) for one optimizer step."""
         order = self.epoch_order(epoch, seed)
         start = step_in_epoch * self.global_batch_size
-        batch = order[start : start + self.global_batch_size]
+        batch = order[start : start + self.global_batch_size].tolist()
         batch += [PAD_SLOT] * (self.global_batch_size - len(batch))
         per_rank = self.micro_batch_size * self.accumulation_steps
         mine = batch[rank * per_rank : (rank + 1) * per_rank]
@@ -220,24 +225,33 @@ def collate(dataset, indices: list[int], pad_id: int, packed: bool = False,
     return batch
 
 
-def token_arrays(dataset: datasets.Dataset) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
-    """Each token column as ([N+1] offsets, [total] int64 ids), and [N] int64 labels.
+def ragged(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A list<int> column as ([n + 1] int64 offsets from 0, [total] flat values), zero-copy where Arrow allows."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    return offsets - offsets[0], column.flatten().to_numpy()
 
-    Read straight from the Arrow table, never as Python lists: fast for millions of rows.
-    """
-    table = dataset.with_format("arrow")[:]
-    columns = []
-    for name in TOKEN_COLUMNS:
-        ids = table.column(name).combine_chunks()
-        offsets = ids.offsets.to_numpy()
-        columns.append((offsets - offsets[0], ids.flatten().to_numpy().astype(np.int64, copy=False)))
-    return columns, table.column("label").to_numpy().astype(np.int64)
+
+def token_chunks(dataset: datasets.Dataset) -> Iterator[tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]]:
+    """CHUNK_ROWS rows at a time: each token column as ([n + 1] offsets from 0, [total] ids as stored:
+    int32 in a prepared split), and [n] int64 labels. Read straight from the (memory-mapped) Arrow
+    table, never as Python lists, and never the whole table in memory at once: fast and bounded for
+    millions of rows."""
+    for table in dataset.with_format("arrow").iter(batch_size=CHUNK_ROWS):
+        yield [ragged(table.column(name)) for name in TOKEN_COLUMNS], table.column("label").to_numpy().astype(np.int64)
 
 
 def sequence_lengths(dataset: datasets.Dataset) -> np.ndarray:
     """[N] each row's longer sequence: prompt + completion or prompt + KL completion (both get padded)."""
-    (prompts, _), (completions, _), (kl_completions, _) = token_arrays(dataset)[0]
-    return np.diff(prompts) + np.maximum(np.diff(completions), np.diff(kl_completions))
+    return np.concatenate([np.diff(p) + np.maximum(np.diff(c), np.diff(k))
+                           for ((p, _), (c, _), (k, _)), _ in token_chunks(dataset)])
+
+
+def desirable_count(dataset: datasets.Dataset) -> int:
+    """How many examples of a prepared split are desirable, counted on the Arrow column (iterating
+    `dataset["label"]` costs seconds per 100k rows)."""
+    return int(pc.sum(dataset.with_format("arrow")["label"]).as_py() or 0)
 
 
 def length_order(dataset: datasets.Dataset) -> np.ndarray:

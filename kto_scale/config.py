@@ -87,6 +87,11 @@ class KTOConfig:
     """Hold out this fraction of the training data for evaluation (pairs stay together)."""
     skip_bad_rows: bool = False
     """Skip and count malformed rows instead of stopping at the first one."""
+    dataset_num_proc: int | None = None
+    """Processes that tokenize the data (TRL's name). None: the CPU cores this process may use."""
+    prepared_data_dir: str | None = None
+    """Where prepared (tokenized, truncated, KL-paired) data is kept for later runs, one subdirectory per
+    fingerprint of what it depends on. None: .kto-prepared next to output_dir (docs/prepared-data.md)."""
     max_length: int = 1024
     """Maximum prompt + completion tokens; completions are cut at the tail to fit."""
     max_prompt_length: int | None = 512
@@ -231,6 +236,9 @@ class KTOConfig:
             raise ConfigError(f"save_total_limit must be > 0 or null, got {self.save_total_limit}.")
         if self.eval_steps is not None and self.eval_steps <= 0:
             raise ConfigError(f"eval_steps must be > 0 or null, got {self.eval_steps}.")
+        if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
+            raise ConfigError(f"dataset_num_proc must be > 0 or null (the cores this process may use), got "
+                              f"{self.dataset_num_proc}.")
         if self.generate_during_eval and not (self.eval_dataset_name or self.eval_fraction > 0):
             raise ConfigError("generate_during_eval completes held-out prompts: set eval_dataset_name or "
                               "eval_fraction, or turn generate_during_eval off.")

@@ -1,4 +1,5 @@
-"""Reading training rows from files, `save_to_disk` directories or the hub, and normalizing them to examples.
+"""Reading training rows from files, directories of parquet shards, `save_to_disk` directories or the hub,
+and normalizing them to examples, written CHUNK_ROWS at a time into an Arrow file (bounded memory).
 
 Row formats, detected per row by its keys:
 
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 logger = logging.getLogger(__name__)
@@ -52,55 +55,106 @@ class Example:
     source: str = ""  # "path:row", for messages later in the pipeline
 
 
-def load_examples(source: str, *, skip_bad_rows: bool = False) -> tuple[list[Example], int]:
-    """Return the examples and the number of bad rows skipped (0 unless skip_bad_rows)."""
-    examples: list[Example] = []
-    rows = skipped = 0
-    for index, (row_number, where, raw) in enumerate(_read_rows(source)):
-        rows += 1
-        try:
-            examples.extend(_to_examples(raw, index, f"{source}:{row_number}"))
-        except _BadRow as problem:
-            if not skip_bad_rows:
-                raise DataError(
-                    f"{source}, {where}: {problem} Fix the row, or set skip_bad_rows to skip bad rows."
-                ) from None
-            skipped += 1
-    if not examples:
+COLUMNS = pa.schema([("prompt", pa.string()), ("completion", pa.string()), ("chat", pa.bool_()),
+                     ("label", pa.bool_()), ("pair_id", pa.int64()), ("source", pa.string())])
+CHUNK_ROWS = 10_000  # rows held as Python objects at once while reading
+
+
+def load_examples(source: str, *, skip_bad_rows: bool = False, path: Path | None = None) -> tuple[datasets.Dataset, int]:
+    """Read `source` into an Arrow dataset of examples (columns COLUMNS; a conversation's prompt and
+    completion are its messages as JSON, `chat` true) and return it with the number of bad rows
+    skipped (0 unless skip_bad_rows).
+
+    Rows are normalized CHUNK_ROWS at a time and written to the Arrow file `path` (memory-mapped
+    back), so memory stays bounded whatever the file's size; without `path` the dataset is in memory.
+    """
+    sink = pa.BufferOutputStream() if path is None else pa.OSFile(str(path), "wb")
+    rows = skipped = written = 0
+    counts = [0, 0]  # undesirable, desirable
+    with pa.ipc.new_stream(sink, COLUMNS) as writer:  # the stream format datasets reads
+        chunk: list[Example] = []
+        for index, (row_number, where, raw) in enumerate(_read_rows(source)):
+            rows += 1
+            try:
+                chunk.extend(_to_examples(raw, index, f"{source}:{row_number}"))
+            except _BadRow as problem:
+                if not skip_bad_rows:
+                    raise DataError(
+                        f"{source}, {where}: {problem} Fix the row, or set skip_bad_rows to skip bad rows."
+                    ) from None
+                skipped += 1
+            if len(chunk) >= CHUNK_ROWS:
+                written += _write(writer, chunk, counts)
+                chunk = []
+        written += _write(writer, chunk, counts)
+    if not written:
         found = f"all {rows} rows are bad" if rows else "no rows"
         raise DataError(f"{source}: empty dataset ({found}). Point dataset_name at a file with KTO rows.")
-    for label, kind in ((True, "desirable"), (False, "undesirable")):
-        if not any(e.label == label for e in examples):
+    for count, kind in zip(counts, ("undesirable", "desirable"), strict=True):
+        if not count:
             logger.warning("%s has no %s examples; KTO learns from both kinds.", source, kind)
-    return examples, skipped
+    if path is None:
+        return datasets.Dataset(pa.ipc.open_stream(sink.getvalue()).read_all()), skipped
+    return datasets.Dataset.from_file(str(path)), skipped
+
+
+def _write(writer: pa.ipc.RecordBatchStreamWriter, examples: list[Example], counts: list[int]) -> int:
+    if examples:
+        batch = pa.RecordBatch.from_pydict(_columns(examples), schema=COLUMNS)
+        writer.write_batch(batch)
+        desirable = sum(e.label for e in examples)
+        counts[0], counts[1] = counts[0] + len(examples) - desirable, counts[1] + desirable
+    return len(examples)
+
+
+def _columns(examples: list[Example]) -> dict[str, list]:
+    chat = [not isinstance(e.prompt, str) for e in examples]
+    return {"prompt": [e.prompt if not c else json.dumps(e.prompt) for e, c in zip(examples, chat, strict=True)],
+            "completion": [e.completion if not c else json.dumps(e.completion)
+                           for e, c in zip(examples, chat, strict=True)],
+            "chat": chat, "label": [e.label for e in examples], "pair_id": [e.pair_id for e in examples],
+            "source": [e.source for e in examples]}
+
+
+def examples_dataset(examples: list[Example]) -> datasets.Dataset:
+    """A list of examples as the dataset `load_examples` makes (for examples built in code)."""
+    return datasets.Dataset(pa.Table.from_pydict(_columns(examples), schema=COLUMNS))
+
+
+def turn(text: str, chat: bool) -> Turn:
+    """A prompt or completion as `load_examples` stored it, back as text or messages."""
+    return json.loads(text) if chat else text
 
 
 def split_train_eval(
-    examples: list[Example], eval_fraction: float, seed: int
-) -> tuple[list[Example], list[Example]]:
-    """Held-out split; both halves of a pair always land in the same split. Deterministic in (examples, seed)."""
+    examples: datasets.Dataset, eval_fraction: float, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Held-out split; both halves of a pair always land in the same split. Deterministic in (examples, seed).
+
+    A unit is a pair (its two halves) or a lone unpaired example, numbered in order of first
+    appearance; the units' order is shuffled with random.Random(seed) and units are held out until
+    eval_fraction of the examples are. Rows keep their order within each split.
+    """
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}.")
     if eval_fraction == 0:
-        return list(examples), []
-    # A unit is a pair (its two halves) or a lone unpaired example; units are what gets shuffled.
-    units: dict[tuple[int, int], list[int]] = {}
-    for i, example in enumerate(examples):
-        key = (example.pair_id, -1) if example.pair_id >= 0 else (-1, i)
-        units.setdefault(key, []).append(i)
-    order = list(units.values())
-    random.Random(seed).shuffle(order)
-    target = max(1, round(eval_fraction * len(examples)))
-    held_out: set[int] = set()
-    for unit in order:
-        if len(held_out) >= target:
-            break
-        held_out.update(unit)
-    if len(held_out) == len(examples):
+        return examples, None
+    pair_id = examples.with_format("arrow")[:]["pair_id"].to_numpy()
+    # A unit's key: its pair id, or -1 - row for an unpaired example (never equal to a pair id).
+    keys = np.where(pair_id >= 0, pair_id, -1 - np.arange(len(pair_id)))
+    _, first, unit = np.unique(keys, return_index=True, return_inverse=True)
+    unit = np.argsort(np.argsort(first, kind="stable"), kind="stable")[unit]  # numbered by first appearance
+    order = list(range(len(first)))
+    random.Random(seed).shuffle(order)  # one int per unit: the same draw as shuffling the units themselves
+    sizes = np.bincount(unit)[order]
+    target = max(1, round(eval_fraction * len(keys)))
+    taken = int(np.searchsorted(np.cumsum(sizes), target)) + 1  # units until `target` examples are held out
+    held_out = np.zeros(len(first), dtype=bool)
+    held_out[order[:taken]] = True
+    rows = held_out[unit]
+    if rows.all():
         raise DataError(f"eval_fraction {eval_fraction} leaves no training examples; lower it.")
-    train = [e for i, e in enumerate(examples) if i not in held_out]
-    evaluation = [e for i, e in enumerate(examples) if i in held_out]
-    return train, evaluation
+    return examples.select(np.flatnonzero(~rows)), examples.select(np.flatnonzero(rows))
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -111,7 +165,9 @@ def _read_rows(source: str) -> Iterator[tuple[int, str, object]]:
     so that `_to_examples` can report unparseable JSON with its line number."""
     path = Path(source)
     name = path.name.lower()
-    if path.is_dir():
+    if path.is_dir() and not (path / "state.json").exists() and not (path / "dataset_dict.json").exists():
+        yield from _read_parquet_shards(path)
+    elif path.is_dir():
         yield from _numbered(_load_from_disk(source), "row")
     elif not path.exists():
         if name.endswith(FILE_TYPES):  # clearly meant as a file: don't ask the hub about it
@@ -122,11 +178,30 @@ def _read_rows(source: str) -> Iterator[tuple[int, str, object]]:
     elif name.endswith(".json"):
         yield from _read_json(path)
     elif name.endswith(".parquet"):
-        yield from _numbered(pq.read_table(path).to_pylist(), "row")
+        yield from _numbered(_parquet_rows(path), "row")
     else:
         raise DataError(
             f"{source}: unsupported file type. Use one of {FILE_TYPES} or a save_to_disk directory."
         )
+
+
+def _parquet_rows(path: Path) -> Iterator[dict]:
+    """A parquet file's rows, one record batch at a time (never the whole table as Python objects)."""
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1000):
+        yield from batch.to_pylist()
+
+
+def _read_parquet_shards(directory: Path) -> Iterator[tuple[int, str, object]]:
+    """A directory of parquet shards (`*.parquet`, read in name order) as one numbered sequence of rows."""
+    shards = sorted(directory.glob("*.parquet"))
+    if not shards:
+        raise DataError(f"{directory}: a directory, but neither one written by Dataset.save_to_disk nor one "
+                        "holding .parquet shards. Point dataset_name at a data file or such a directory.")
+    number = 0
+    for shard in shards:
+        for row_in_shard, row in enumerate(_parquet_rows(shard), start=1):
+            number += 1
+            yield number, f"{shard.name} row {row_in_shard}", row
 
 
 def _numbered(rows, word: str) -> Iterator[tuple[int, str, object]]:

@@ -77,7 +77,8 @@ def all_gather(tensor: Tensor) -> Tensor:
 
 def on_main_process(work: Callable[[], T]) -> T | None:
     """Run `work` on rank 0 only and raise its failure on every rank, so that no rank waits at the
-    next collective for a rank 0 that already gave up (returns None on the other ranks).
+    next collective for a rank 0 that already gave up; return its result on every rank (broadcast as
+    a pickle: keep it small).
 
     A ValueError (ConfigError, DataError: the user's input) is re-raised as it is everywhere, so every
     rank prints the same message; any other failure becomes a RuntimeError naming it on the others.
@@ -90,9 +91,9 @@ def on_main_process(work: Callable[[], T]) -> T | None:
             failure = error
     if dist.is_initialized() and dist.get_world_size() > 1:
         shared = [failure if failure is None or isinstance(failure, ValueError)
-                  else RuntimeError(f"rank 0 failed: {type(failure).__name__}: {failure}")]
+                  else RuntimeError(f"rank 0 failed: {type(failure).__name__}: {failure}"), result]
         dist.broadcast_object_list(shared, src=0)
-        failure = failure if is_main_process() else shared[0]
+        failure, result = (failure, result) if is_main_process() else shared
     if failure is not None:
         raise failure
     return result

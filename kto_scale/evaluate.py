@@ -20,6 +20,7 @@ from pathlib import Path
 from peft import PeftModel
 
 from kto_scale.atomic import atomic_directory
+from kto_scale.collate import desirable_count
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.distributed import is_main_process, shutdown
 from kto_scale.generate import GENERATIONS_FILE, GenerationSettings, PromptGenerations
@@ -42,7 +43,7 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
     output = Path(output)
     check_output(output, [Path(adapter), *(Path(p) for p in (config.model_name_or_path, config.sft_adapter,
                                                                config.dataset_name, config.eval_dataset_name) if p)])
-    start = setup(config, output.with_name(f".{output.name}.prepared"), lambda: None)
+    start = setup(config, lambda: None)
     dataset = {"train": start.train_set, "eval": start.eval_set}[split]
     if dataset is None:
         raise ConfigError("The config has no eval data: set eval_dataset_name or eval_fraction, or pass --split train.")
@@ -56,7 +57,7 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
     scores = score_dataset(engine, dataset, config.per_device_eval_batch_size, tokenizer.pad_token_id, cache=None,
                            packed=config.padding_free, reference=reference)
     # The class weights training used: "auto" is solved from the train split's counts, whatever is scored.
-    n_desirable = sum(train["label"])
+    n_desirable = desirable_count(train)
     weights = balanced_weights(config.desirable_weight, config.undesirable_weight,
                                n_desirable, len(train) - n_desirable)
     summary = evaluation_metrics(scores, config.beta, weights)

@@ -128,8 +128,7 @@ def precompute(config: KTOConfig) -> Path:
     if not config.ref_cache:
         raise ConfigError("ref_cache is not set: pass --ref_cache DIR, the directory to write the cache to.")
     cache_dir = Path(config.ref_cache)
-    start = setup(config, cache_dir / "prepared",
-                  lambda: on_main_process(lambda: lock_directory(cache_dir / LOCK_FILE, f"ref_cache {cache_dir}")))
+    start = setup(config, lambda: on_main_process(lambda: lock_directory(cache_dir / LOCK_FILE, f"ref_cache {cache_dir}")))
     splits = {"train": start.train_set, "eval": start.eval_set}
     model = load_model(config)
     reference = reference_layout(config, model, cached=False)  # it writes the cache

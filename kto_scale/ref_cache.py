@@ -33,7 +33,7 @@ from torch import Tensor
 from transformers.utils import cached_file
 
 from kto_scale.atomic import write_atomic
-from kto_scale.collate import TOKEN_COLUMNS, token_arrays
+from kto_scale.collate import TOKEN_COLUMNS, token_chunks
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.model import train_dtype
 from kto_scale.sft_adapter import sft_adapter_fingerprint
@@ -56,31 +56,33 @@ class RefCacheError(ConfigError):
 
 
 def dataset_hash(dataset: datasets.Dataset) -> str:
-    """sha256 of a prepared split's token columns and labels."""
-    columns, labels = token_arrays(dataset)
+    """sha256 of a prepared split's token columns and labels, read CHUNK_ROWS rows at a time."""
     digest = hashlib.sha256()
-    for name, (offsets, ids) in zip(TOKEN_COLUMNS, columns, strict=True):
-        digest.update(name.encode())
-        digest.update(offsets.astype(np.int64).tobytes())
-        digest.update(ids.tobytes())
-    digest.update(labels.tobytes())
+    for columns, labels in token_chunks(dataset):
+        for name, (offsets, ids) in zip(TOKEN_COLUMNS, columns, strict=True):
+            digest.update(name.encode())
+            digest.update(offsets.tobytes())
+            digest.update(ids.tobytes())
+        digest.update(labels.tobytes())
     return digest.hexdigest()
 
 
 def example_keys(dataset: datasets.Dataset) -> np.ndarray:
     """[N] uint64: for each row a 64-bit hash of its prompt, completion and KL completion ids and label."""
-    columns, labels = token_arrays(dataset)
-    # Lengths in front of the ids make the byte string unambiguous (no separators needed).
-    header = np.stack([np.diff(offsets) for offsets, _ in columns] + [labels], axis=1).astype(np.int64)
-    header_bytes, width = memoryview(np.ascontiguousarray(header)).cast("B"), header.shape[1] * 8
-    ids_bytes = [(memoryview(ids).cast("B"), offsets * ids.itemsize) for offsets, ids in columns]
-    keys = np.empty(len(labels), dtype=np.uint64)
-    for i in range(len(labels)):
-        digest = hashlib.blake2b(header_bytes[i * width : (i + 1) * width], digest_size=8)
-        for data, starts in ids_bytes:
-            digest.update(data[starts[i] : starts[i + 1]])
-        keys[i] = int.from_bytes(digest.digest(), "little")
-    return keys
+    keys = []
+    for columns, labels in token_chunks(dataset):
+        # Lengths in front of the ids make the byte string unambiguous (no separators needed).
+        header = np.stack([np.diff(offsets) for offsets, _ in columns] + [labels], axis=1).astype(np.int64)
+        header_bytes, width = memoryview(np.ascontiguousarray(header)).cast("B"), header.shape[1] * 8
+        ids_bytes = [(memoryview(ids).cast("B"), offsets * ids.itemsize) for offsets, ids in columns]
+        chunk = np.empty(len(labels), dtype=np.uint64)
+        for i in range(len(labels)):
+            digest = hashlib.blake2b(header_bytes[i * width : (i + 1) * width], digest_size=8)
+            for data, starts in ids_bytes:
+                digest.update(data[starts[i] : starts[i + 1]])
+            chunk[i] = int.from_bytes(digest.digest(), "little")
+        keys.append(chunk)
+    return np.concatenate(keys) if keys else np.empty(0, dtype=np.uint64)
 
 
 def _weights_fingerprint(config: KTOConfig, model_dir: Path) -> str:

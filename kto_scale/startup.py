@@ -8,7 +8,6 @@ mistake in any of them fails in seconds, and because ZeRO-3 loads the model alre
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import datasets
 from transformers import PreTrainedTokenizerBase
@@ -18,7 +17,7 @@ from kto_scale.distributed import init_distributed
 from kto_scale.engine import DeepSpeedSetup
 from kto_scale.fsdp import FSDPSetup
 from kto_scale.model import load_tokenizer
-from kto_scale.prepare import shared_prepared_data
+from kto_scale.prepared_cache import shared_prepared_data
 from kto_scale.sft_adapter import check_sft_adapter
 
 
@@ -32,7 +31,7 @@ class Start:
     engine: DeepSpeedSetup | FSDPSetup  # builds the engine once the model is loaded
 
 
-def setup(config: KTOConfig, prepared_dir: Path, claim_output: Callable[[], None]) -> Start:
+def setup(config: KTOConfig, claim_output: Callable[[], None]) -> Start:
     """Everything before the model (all ranks call); `claim_output` runs right after distributed init."""
     rank, world_size, _ = init_distributed(config.dist_timeout_s)
     if rank != 0:  # one copy of the log, not one per rank
@@ -40,7 +39,7 @@ def setup(config: KTOConfig, prepared_dir: Path, claim_output: Callable[[], None
     claim_output()
     tokenizer = load_tokenizer(config)
     check_sft_adapter(config, tokenizer)  # before the data and the model: fail fast
-    train_set, eval_set = shared_prepared_data(config, tokenizer, prepared_dir)
+    train_set, eval_set = shared_prepared_data(config, tokenizer)  # kept in prepared_data_dir for later runs
     # The engine is set up before the model loads: ZeRO-3 loads it already partitioned.
     engine = FSDPSetup(config, world_size) if config.fsdp else DeepSpeedSetup(config, world_size)
     return Start(rank, world_size, tokenizer, train_set, eval_set, engine)

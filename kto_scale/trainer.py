@@ -28,7 +28,7 @@ from kto_scale.checkpoint import (
     save_checkpoint,
     set_aside_previous_run,
 )
-from kto_scale.collate import BatchPlan, collate, sequence_lengths, to_device
+from kto_scale.collate import BatchPlan, collate, desirable_count, sequence_lengths, to_device
 from kto_scale.config import ConfigError, KTOConfig, save_config
 from kto_scale.distributed import all_reduce_sum, shutdown
 from kto_scale.engine import Engine
@@ -135,17 +135,17 @@ def class_balance_warning(n_desirable: int, n_undesirable: int, weights: tuple[f
 
 def train(config: KTOConfig) -> Path:
     """Train the LoRA policy with KTO; returns the directory of the final adapter."""
-    start = setup(config, Path(config.output_dir) / "prepared", lambda: prepare_output_dir(config))
+    start = setup(config, lambda: prepare_output_dir(config))
     rank, world_size, tokenizer, train_set, eval_set = (start.rank, start.world_size, start.tokenizer,
                                                          start.train_set, start.eval_set)
-    n_desirable = sum(train_set["label"])
+    n_desirable = desirable_count(train_set)
     weights = balanced_weights(config.desirable_weight, config.undesirable_weight,
                                n_desirable, len(train_set) - n_desirable)
     balance = class_balance_warning(n_desirable, len(train_set) - n_desirable, weights)
     if balance:
         logger.warning(balance)
 
-    lengths = tuple(sequence_lengths(train_set).tolist()) if config.group_by_length else None
+    lengths = sequence_lengths(train_set) if config.group_by_length else None
     plan = BatchPlan(len(train_set), config.per_device_train_batch_size, config.gradient_accumulation_steps,
                      world_size, lengths)
     if config.kl_pairs_per_step > plan.global_batch_size:

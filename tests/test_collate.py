@@ -74,3 +74,11 @@ def test_group_by_length_pads_less_and_still_covers_everything():
     two_ranks = BatchPlan(400, 2, 2, 2, lengths)
     assert [sorted(_epoch(grouped, 0)[s:s + 8]) for s in range(0, 400, 8)] == \
         [sorted(_epoch(two_ranks, 0)[s:s + 8]) for s in range(0, 400, 8)]
+
+
+def test_desirable_count_reads_the_label_column():
+    import datasets
+
+    from kto_scale.collate import desirable_count
+    data = datasets.Dataset.from_dict({"label": [True, False, True, True]})
+    assert desirable_count(data) == 3 and desirable_count(data.select([1, 2])) == 1

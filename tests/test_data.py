@@ -9,8 +9,9 @@ import datasets
 import pytest
 from runs import run
 
+from kto_scale import data
 from kto_scale.assets import DEMO_DATA
-from kto_scale.data import DataError, Example, load_examples, split_train_eval
+from kto_scale.data import DataError, Example, examples_dataset, split_train_eval, turn
 
 UNPAIRED = [
     {"prompt": "What is 2 + 2?", "completion": "2 + 2 = 4.", "label": True},
@@ -18,6 +19,13 @@ UNPAIRED = [
 ]
 HH_CHOSEN = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Help me?\n\nAssistant: Sure, gladly."
 HH_REJECTED = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Help me?\n\nAssistant: Sure! No."
+
+
+def load_examples(source: str, **options) -> tuple[list[Example], int]:
+    """data.load_examples, its Arrow rows back as Examples."""
+    dataset, skipped = data.load_examples(source, **options)
+    return [Example(turn(r["prompt"], r["chat"]), turn(r["completion"], r["chat"]), r["label"], r["pair_id"],
+                    r["source"]) for r in dataset], skipped
 
 
 def write_jsonl(path, rows: list, blank_lines: bool = False) -> str:
@@ -272,25 +280,33 @@ def test_demo_data_is_balanced():
 
 
 def _mixed_examples() -> list[Example]:
-    paired = [Example(f"P{i}", c, c == "good", i) for i in range(20) for c in ("good", "bad")]
-    return paired + [Example(f"U{i}", "c", i % 2 == 0) for i in range(20)]
+    paired = [Example(f"P{i}", c, c == "good", i, f"d:{i}{c}") for i in range(20) for c in ("good", "bad")]
+    return paired + [Example(f"U{i}", "c", i % 2 == 0, source=f"d:U{i}") for i in range(20)]
+
+
+def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """split_train_eval on a dataset of `examples`, each split back as the list of its examples."""
+    train, evaluation = split_train_eval(examples_dataset(examples), fraction, seed)
+    by_source = {e.source: e for e in examples}
+    return [by_source[s] for s in train["source"]], [by_source[s] for s in evaluation["source"]]
 
 
 def test_split_keeps_pairs_together_and_is_deterministic():
     examples = _mixed_examples()
-    train, evaluation = split_train_eval(examples, 0.25, seed=3)
+    train, evaluation = split(examples, 0.25, seed=3)
     assert len(evaluation) in (15, 16) and len(train) + len(evaluation) == len(examples)
     train_pairs = {e.pair_id for e in train if e.pair_id >= 0}
     eval_pairs = {e.pair_id for e in evaluation if e.pair_id >= 0}
     assert not train_pairs & eval_pairs
     assert all(sum(e.pair_id == p for e in evaluation) == 2 for p in eval_pairs)
-    assert split_train_eval(examples, 0.25, seed=3) == (train, evaluation)
-    assert split_train_eval(examples, 0.25, seed=4) != (train, evaluation)
+    assert split(examples, 0.25, seed=3) == (train, evaluation)
+    assert split(examples, 0.25, seed=4) != (train, evaluation)
+    assert [examples.index(e) for e in train] == sorted(examples.index(e) for e in train)  # order kept
 
 
 def test_split_without_eval_fraction_keeps_everything():
-    examples = _mixed_examples()
-    assert split_train_eval(examples, 0.0, seed=0) == (examples, [])
+    dataset = examples_dataset(_mixed_examples())
+    assert split_train_eval(dataset, 0.0, seed=0) == (dataset, None)
 
 
 def test_truncated_gzip_names_the_file(tmp_path):
@@ -312,3 +328,42 @@ def test_bytes_that_are_not_utf8_name_the_line_and_can_be_skipped(tmp_path):
     array.write_bytes(b"[\n" + json.dumps(UNPAIRED[0]).encode() + b",\n" + latin1 + b"\n]")
     with pytest.raises(DataError, match=rf"{array}, line 3: bytes that are not UTF-8 text"):
         load_examples(str(array))
+
+
+def test_a_directory_of_parquet_shards_is_one_numbered_sequence(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    datasets.Dataset.from_list(UNPAIRED).to_parquet(str(shards / "part-0.parquet"))
+    bad = [UNPAIRED[0], {"prompt": "Q", "completion": " ", "label": True}]
+    datasets.Dataset.from_list(bad).to_parquet(str(shards / "part-1.parquet"))
+    with pytest.raises(DataError, match=r"shards, part-1.parquet row 2: 'completion' is empty"):
+        load_examples(str(shards))
+    examples, skipped = load_examples(str(shards), skip_bad_rows=True)
+    assert skipped == 1 and [e.source for e in examples] == [f"{shards}:{n}" for n in (1, 2, 3)]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="neither one written by Dataset.save_to_disk nor one holding .parquet"):
+        load_examples(str(tmp_path / "empty"))
+
+
+def test_rows_are_read_chunk_by_chunk(tmp_path, monkeypatch):
+    """Chunks of 3 rows (a pair's two examples can straddle a chunk) give the same examples, written to
+    the Arrow file given, in file order; the skipped count spans chunks."""
+    monkeypatch.setattr(data, "CHUNK_ROWS", 3)
+    rows = [{"prompt": f"P{i}", "chosen": "good", "rejected": "bad"} if i % 3 else "not json" for i in range(10)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    dataset, skipped = data.load_examples(path, skip_bad_rows=True, path=tmp_path / "rows.arrow")
+    assert skipped == 4 and dataset.cache_files[0]["filename"] == str(tmp_path / "rows.arrow")
+    assert dataset["pair_id"] == [i for i in range(10) if i % 3 for _ in range(2)]
+    assert dataset["label"] == [True, False] * 6
+
+
+def test_skipped_rows_are_counted_in_the_log(tmp_path, tokenizer, caplog):
+    from kto_scale.config import KTOConfig
+    from kto_scale.prepare import prepare_data
+
+    path = write_jsonl(tmp_path / "d.jsonl", [UNPAIRED[0], "not json", UNPAIRED[1], {"prompt": "Q"}])
+    config = KTOConfig(model_name_or_path="m", dataset_name=path, skip_bad_rows=True)
+    with caplog.at_level(logging.WARNING, logger="kto_scale.prepare"):
+        with pytest.raises(DataError, match="KL pairing needs completions from other prompts"):
+            prepare_data(config, tokenizer)  # the two good rows share their prompt
+    assert f"Skipped 2 bad rows of {path} (skip_bad_rows is on)." in caplog.text

@@ -3,13 +3,15 @@
 import json
 import logging
 
+import numpy as np
+import pyarrow as pa
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
 from kto_scale.assets import DEMO_DATA, TINY_LLAMA_DIR
 from kto_scale.config import KTOConfig
 from kto_scale.data import DataError, Example, load_examples
-from kto_scale.prepare import kl_partners, prepare_data, prepare_dataset, truncate
+from kto_scale.prepare import Lengths, kl_partners, prepare_data, prepare_dataset, truncate
 
 BOS, EOS = 0, 1
 DIGITS = "1234567890"  # the tiny tokenizer splits digits: one token each
@@ -162,7 +164,15 @@ def test_chat_template_that_does_not_extend_the_prompt_is_an_error(tokenizer):
 # --- truncation -----------------------------------------------------------------------------------
 
 
+def truncate_one(prompt, completion, bos, max_length, max_prompt_length, max_completion_length):
+    """`truncate` on a one-row chunk: the (prompt, completion) kept, or None when the row is dropped."""
+    rows, prompts, completions, _, _ = truncate(pa.array([prompt]), pa.array([completion]), bos, EOS,
+                                                Lengths(max_length, max_prompt_length, max_completion_length))
+    return (prompts[0].as_py(), completions[0].as_py()) if len(rows) else None
+
+
 def test_truncate_steps_by_hand():
+    truncate = truncate_one
     prompt, completion = [BOS, 10, 11, 12, 13, 14], [20, 21, 22, 23, EOS]
     # (1) the prompt keeps its last tokens, BOS stays and counts.
     assert truncate(prompt, completion, BOS, 100, 3, None) == ([BOS, 13, 14], completion)
@@ -236,7 +246,7 @@ def test_kl_pairing_is_deterministic_in_seed(tokenizer):
 
 def test_kl_partners_are_not_just_neighbours():
     prompts = [[i] for i in range(200)]  # all distinct: the ring shift is 1, but the ring is shuffled
-    partners = kl_partners(prompts, [""] * 200, seed=0)
+    partners = kl_partners(np.array([p[0] for p in prompts], dtype=np.uint64), seed=0, source=str).tolist()
     assert sorted(partners) == list(range(200))  # every completion is used once
     assert sum(abs(j - i) == 1 for i, j in enumerate(partners)) < 20
 
@@ -259,6 +269,7 @@ def test_demo_data_prepares_with_the_demo_lengths(tokenizer):
     data, stats = prepare(examples, tokenizer, max_length=128, max_prompt_length=64)
     assert stats.dropped_too_long == 0 and len(data) == len(examples)
     assert json.dumps(data[0])  # plain python values only
+    assert data.features["prompt_ids"].feature.dtype == "int32"  # half the bytes of Python's int64 default
 
 
 def test_cut_completions_are_counted_and_most_cut_is_a_loud_warning(tokenizer, caplog):

@@ -1,0 +1,272 @@
+"""The data path at scale: N synthetic KTO examples from the HH pairs, each stage's wall time and the
+peak RSS of its whole process tree.
+
+The N examples are N/2 {chosen, rejected} pairs cycled from an Anthropic HH file, each made distinct
+by a tag "[k]" at the start of its first human turn (so prompts do not repeat and KL pairing has real
+work); lengths are HH's own. Every stage runs as its own process (its memory is its own), watched by
+this driver, which sums the RSS of the process and all its children every 50 ms (memory-mapped Arrow
+pages the process touched count, as RSS counts them):
+
+- prepare: kto-scale's preparation on a cold cache (shared_prepared_data), split into read, tokenize,
+  truncate, pair and write by timing the kto_scale.prepare functions it calls;
+- floor: `datasets.load_dataset("json") + map` tokenizing the chosen and rejected texts, nothing else,
+  in the same number of processes (the floor for this work);
+- reuse: the same call again on the warm cache (what a second run with other training options pays);
+- scan: on the prepared train split, the reference cache's dataset hash and example keys,
+  sequence lengths, BatchPlan's epoch order (shuffled, and group_by_length) and the batch at the
+  epoch's last step (where a resumed run starts: nothing before it is read);
+- train: launch/train.py, one optimizer step of the tiny model, on a cold then a warm cache (time to
+  the first step, whole process).
+
+Usage: python bench/data_scale.py --examples 100000 --hh ../shared/data/hh-rlhf-harmless-test.jsonl.gz
+       [--code /path/to/other/checkout: its train stage only, for "before" numbers]
+Writes bench/results-data-scale/<examples>.json (and prints a table).
+"""
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+HUMAN = "\n\nHuman: "
+
+
+def make_data(hh: Path, examples: int, path: Path) -> None:
+    """examples/2 distinct pairs cycled from the HH text file, tagged apart."""
+    with gzip.open(hh, "rt") if hh.name.endswith(".gz") else open(hh) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not all(isinstance(row.get("chosen"), str) and HUMAN in row["chosen"] for row in rows):
+        raise SystemExit(f"--hh {hh}: not Anthropic HH text rows ({{chosen, rejected}} with {HUMAN!r} turns).")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as out:
+        for k in range(examples // 2):
+            row = rows[k % len(rows)]
+            out.write(json.dumps({side: row[side].replace(HUMAN, f"{HUMAN}[{k}] ", 1) for side in ("chosen", "rejected")})
+                      + "\n")
+    tmp.rename(path)
+
+
+def watch(command: list[str], env: dict | None = None) -> dict:
+    """Run `command`; its wall time, the peak summed RSS of its process tree, and its last stdout line (JSON)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak, done = 0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        root = psutil.Process(process.pid)
+        while not done.is_set():
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    stdout, stderr = process.communicate()
+    done.set()
+    thread.join()
+    if process.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    return {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_gb": round(peak / 2**30, 3),
+            **(json.loads(lines[-1]) if lines else {})}
+
+
+# --- stages (each run in its own process: python bench/data_scale.py --stage NAME CONFIG) ---------------
+
+
+def _timed(module, name: str, times: dict) -> None:
+    """Wrap module.name so that its calls add their wall time to times[name]."""
+    function = getattr(module, name)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            times[name] = round(times.get(name, 0.0) + time.perf_counter() - start, 2)
+
+    setattr(module, name, timed)
+
+
+def stage_prepare(config) -> dict:
+    from kto_scale import prepare
+    from kto_scale.model import load_tokenizer
+    from kto_scale.prepared_cache import shared_prepared_data
+
+    times: dict[str, float] = {}
+    for name in ("load_examples", "tokenize_dataset", "_truncate_all", "kl_partners", "_write_prepared"):
+        _timed(prepare, name, times)
+    tokenizer = load_tokenizer(config)
+    start = time.perf_counter()
+    train, evaluation = shared_prepared_data(config, tokenizer)
+    return {"seconds": round(time.perf_counter() - start, 2), "examples": len(train), "stages_s": {
+        "read": times.get("load_examples"), "tokenize": times.get("tokenize_dataset"),
+        "truncate": times.get("_truncate_all"), "pair": times.get("kl_partners"), "write": times.get("_write_prepared")}}
+
+
+def stage_floor(config) -> dict:
+    import datasets
+
+    from kto_scale.model import load_tokenizer
+    from kto_scale.prepare import dataset_num_proc
+
+    tokenizer = load_tokenizer(config)
+    start = time.perf_counter()
+    rows = datasets.load_dataset("json", data_files=config.dataset_name, split="train",
+                                 cache_dir=str(Path(config.output_dir).parent / "hf-cache"))
+    read = time.perf_counter() - start
+
+    def tokenize(batch):
+        return {side: tokenizer(batch[side], add_special_tokens=False).input_ids for side in ("chosen", "rejected")}
+
+    rows.map(tokenize, batched=True, num_proc=dataset_num_proc(config), remove_columns=["chosen", "rejected"])
+    return {"seconds": round(time.perf_counter() - start, 2), "read_s": round(read, 2)}
+
+
+def stage_scan(config) -> dict:
+    from kto_scale.collate import BatchPlan, collate, sequence_lengths
+    from kto_scale.model import load_tokenizer
+    from kto_scale.prepared_cache import shared_prepared_data
+    from kto_scale.ref_cache import dataset_hash, example_keys
+
+    train, _ = shared_prepared_data(config, load_tokenizer(config))
+    out = {}
+
+    def time_it(name, work):
+        start = time.perf_counter()
+        result = work()
+        out[name] = round(time.perf_counter() - start, 3)
+        return result
+
+    time_it("dataset_hash", lambda: dataset_hash(train))
+    time_it("example_keys", lambda: example_keys(train))
+    lengths = time_it("sequence_lengths", lambda: sequence_lengths(train))
+    for name, plan in (("shuffled", BatchPlan(len(train), 8, 4, 8)), ("group_by_length", BatchPlan(len(train), 8, 4, 8,
+                                                                                                     lengths))):
+        time_it(f"batch_plan_{name}", lambda plan=plan: plan.epoch_order(0, 42))
+        last = plan.steps_per_epoch - 1  # a resumed run's first batch: a slice of the epoch order
+        time_it(f"resume_batch_{name}", lambda plan=plan, last=last: [collate(train, b, 0) for b in
+                                                                     plan.micro_batches(last, 0, 42, rank=0)])
+    return out
+
+
+def stage_main(argv: list[str]) -> None:
+    """A stage's process: run it on the config file and print its numbers as the last stdout line."""
+    from kto_scale.config import load_config
+
+    stage, config_path = argv
+    config = load_config(["--config", config_path])
+    print(json.dumps({"prepare": stage_prepare, "floor": stage_floor, "scan": stage_scan}[stage](config)))
+
+
+# --- driver ------------------------------------------------------------------------------------------
+
+
+def write_config(data: Path, model: str, work: Path, name: str, new_options: bool, **extra) -> Path:
+    import yaml
+
+    config = {"model_name_or_path": model, "init_random_weights": True, "dataset_name": str(data),
+              "output_dir": str(work / name), "max_length": 512, "max_prompt_length": 256, "data_seed": 42, "skip_bad_rows": True,
+              "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "lora_r": 8, "lora_alpha": 16,
+              "max_steps": 1, "save_steps": 1000, "logging_steps": 1, "disable_tqdm": True,
+              "overwrite_output_dir": True, "deepspeed": str(REPO / "ds_configs/zero2.json"), **extra}
+    if new_options:
+        config["prepared_data_dir"] = str(work / "prepared")
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def report(output: Path) -> str:
+    """A markdown table of every result in `output` (written to output/results.md)."""
+    rows = ["| examples given | code | prepare cold s (read / tokenize / truncate / pair / write) | peak RSS GB "
+            "| load_dataset+map floor s (peak GB) | prepare / floor | warm reuse s (process wall) | hash / keys / "
+            "BatchPlan shuffled / grouped s | train 1 step cold / warm wall s (peak GB) |", "|" + "---|" * 9]
+    for path in sorted(output.glob("*.json"), key=lambda p: (json.loads(p.read_text())["examples_given"], p.name)):
+        r, dash = json.loads(path.read_text()), "-"
+        cold, floor, warm, scan = (r.get(k, {}) for k in ("prepare_cold", "floor_load_dataset_map", "prepare_warm",
+                                                          "scan"))
+        stages = " / ".join(str(v) for v in cold.get("stages_s", {}).values())
+        train = [r.get(k, {}) for k in ("train_1_step_cold", "train_1_step_warm")]
+        rows.append(
+            f"| {r['examples_given']:,} | {r['commit']} | {cold.get('seconds', dash)} ({stages or dash}) "
+            f"| {cold.get('peak_rss_gb', dash)} | {floor.get('seconds', dash)} ({floor.get('peak_rss_gb', dash)}) "
+            f"| {r.get('prepare_over_floor', dash)} | {warm.get('seconds', dash)} ({warm.get('wall_s', dash)}) "
+            f"| {' / '.join(str(scan.get(k, dash)) for k in ('dataset_hash', 'example_keys', 'batch_plan_shuffled', 'batch_plan_group_by_length'))} "
+            f"| {' / '.join(str(t.get('wall_s', dash)) for t in train)} "
+            f"({' / '.join(str(t.get('peak_rss_gb', dash)) for t in train)}) |")
+    table = "\n".join(rows) + "\n"
+    (output / "results.md").write_text(table)
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=100_000)
+    parser.add_argument("--hh", type=Path, default=REPO.parent / "shared/data/hh-rlhf-harmless-test.jsonl.gz")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/kto-data-scale"))
+    parser.add_argument("--model", default=str(REPO / "kto_scale/assets/tiny-llama"))
+    parser.add_argument("--stages", default="prepare,floor,reuse,scan,train")
+    parser.add_argument("--code", type=Path, default=None, help="another checkout: run its train stage only")
+    parser.add_argument("--output", type=Path, default=REPO / "bench/results-data-scale")
+    args = parser.parse_args()
+    if not args.hh.is_file():
+        raise SystemExit(f"--hh {args.hh} does not exist; give an Anthropic HH .jsonl(.gz) file.")
+    git = ["git", "-C", str(args.code or REPO)]
+    commit = subprocess.run([*git, "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    work = args.work / str(args.examples)
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "pairs.jsonl"
+    if not data.exists():
+        make_data(args.hh, args.examples, data)
+    env = dict(os.environ, PYTHONPATH=str(args.code or REPO), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    stage = [sys.executable, str(Path(__file__).resolve()), "--stage"]
+    results: dict = {"examples_given": args.examples, "data_mb": round(data.stat().st_size / 2**20, 1)}
+    stages = args.stages.split(",") if args.code is None else ["train"]
+    config = write_config(data, args.model, work, "bench", args.code is None)
+    if "prepare" in stages:
+        subprocess.run(["rm", "-rf", str(work / "prepared")], check=True)
+        results["prepare_cold"] = watch([*stage, "prepare", str(config)], env)
+    if "floor" in stages:
+        results["floor_load_dataset_map"] = watch([*stage, "floor", str(config)], env)
+        results["prepare_over_floor"] = round(results["prepare_cold"]["seconds"]
+                                              / results["floor_load_dataset_map"]["seconds"], 2)
+    if "reuse" in stages:
+        results["prepare_warm"] = watch([*stage, "prepare", str(config)], env)
+    if "scan" in stages:
+        results["scan"] = watch([*stage, "scan", str(config)], env)
+    if "train" in stages:
+        subprocess.run(["rm", "-rf", str(work / "prepared")], check=True)
+        train = [sys.executable, str((args.code or REPO) / "launch/train.py"), "--config"]
+        cold = write_config(data, args.model, work, "train-cold", args.code is None)
+        results["train_1_step_cold"] = watch([*train, str(cold)], env)
+        if args.code is None:
+            warm = write_config(data, args.model, work, "train-warm", True, beta=0.5, learning_rate=1e-3)
+            results["train_1_step_warm"] = watch([*train, str(warm)], env)
+    results.update(commit=commit, command=" ".join(sys.argv), cores=len(os.sched_getaffinity(0)),
+                   machine=f"{platform.processor() or platform.machine()}, {psutil.virtual_memory().total / 2**30:.0f} GB")
+    args.output.mkdir(parents=True, exist_ok=True)
+    name = f"{args.examples}{'-' + args.code.name if args.code else ''}.json"
+    (args.output / name).write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results, indent=1))
+    print(report(args.output))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--stage"]:
+        stage_main(sys.argv[2:])
+    else:
+        main()
