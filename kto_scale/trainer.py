@@ -35,6 +35,7 @@ from kto_scale.engine import Engine
 from kto_scale.evaluate import evaluation_metrics, no_grad_logps, score_dataset
 from kto_scale.generate import GenerationLog, PromptGenerations
 from kto_scale.loss import balanced_weights, kto_losses
+from kto_scale.memory_report import log_estimate, log_peak
 from kto_scale.metrics import MetricsLogger
 from kto_scale.model import SequenceLogps, add_lora, load_base_model, shares_prompt
 from kto_scale.plot import plot_runs
@@ -147,6 +148,7 @@ def train(config: KTOConfig) -> Path:
     if config.ref_cache:
         caches = {split: open_ref_cache(config.ref_cache, config, tokenizer, split, data)
                   for split, data in (("train", train_set), ("eval", eval_set)) if data is not None}
+    memory_estimate = log_estimate(config, world_size)
     checkpoint = find_checkpoint(config)
     if checkpoint:
         start.engine.prepare_resume(checkpoint, check_resume(checkpoint, config, world_size))
@@ -223,6 +225,7 @@ def train(config: KTOConfig) -> Path:
         if step % config.save_steps == 0:
             save_checkpoint(engine, tokenizer, config, step)
     progress.close()
+    log_peak(memory_estimate)
 
     final = Path(config.output_dir) / "adapter"
     save_adapter(engine, tokenizer, config, final)
