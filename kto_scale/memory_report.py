@@ -12,6 +12,7 @@ import resource
 import torch
 
 from kto_scale.config import ConfigError, KTOConfig
+from kto_scale.distributed import all_gather
 from kto_scale.plan import (
     GPU_OVERHEAD,
     Cluster,
@@ -42,7 +43,7 @@ def log_estimate(config: KTOConfig, world_size: int) -> Estimate | None:
     except ConfigError as e:
         logger.info("No memory estimate for this run: %s", e)
         return None
-    logger.info("Memory estimate per GPU (launch/plan.py): %.2f GiB (%s).", result.gpu_total / GiB,
+    logger.info("Memory estimate per GPU (launch/plan.py): %.3f GiB (%s).", result.gpu_total / GiB,
                 ", ".join(f"{name} {size / GiB:.2f}" for name, size in result.gpu.items()))
     if gpu_memory is not None and result.gpu_total > gpu_memory:
         largest = largest_micro_batch(config, shape, cluster)
@@ -66,13 +67,15 @@ def comparable_estimate(result: Estimate, on_gpu: bool) -> int:
     return max(result.gpu_total, result.host_load // result.ranks_per_node + result.gpu["framework overhead"])
 
 
-def log_peak(result: Estimate | None) -> None:
-    """The measured peak of this rank beside the estimate (comparable_estimate says what is compared)."""
-    on_gpu = torch.cuda.is_available()
+def log_peak(result: Estimate | None, device: torch.device) -> None:
+    """Every rank's measured peak beside the estimate (comparable_estimate says what is compared); all
+    ranks call (one all-gather)."""
+    on_gpu = device.type == "cuda"
     if on_gpu:
-        peak, what = torch.cuda.max_memory_allocated(), "max_memory_allocated"
+        peak, what = torch.cuda.max_memory_allocated(device), "max_memory_allocated"
     else:
         peak, what = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
+    peaks = all_gather(torch.tensor([peak], dtype=torch.int64, device=device)).tolist()
     expected = None if result is None else comparable_estimate(result, on_gpu)
-    logger.info("Measured peak memory (%s): %.2f GiB%s.", what, peak / GiB,
-                "" if expected is None else f"; the planner estimated {expected / GiB:.2f} GiB")
+    logger.info("Measured peak memory (%s) per rank: %s GiB%s.", what, ", ".join(f"{p / GiB:.3f}" for p in peaks),
+                "" if expected is None else f"; the planner estimated {expected / GiB:.3f} GiB")

@@ -26,16 +26,18 @@ host. FSDP2 (peft keeps LoRA in fp32): weights 4P/N, Adam 8P/N, gradients 4P/N, 
 accumulate unsharded between micro-batches (gradient_accumulation_steps > 1); offload moves all to the
 host. An sft_adapter adds a frozen copy (the reference) in w bytes, sharded like the base.
 Activations of the gradient pass, per token and layer (what autograd saves with LoRA on every
-projection, sdpa attention): the two RMSNorms save their fp32 inputs (2 x 4H); the normed outputs feed
-the LoRA A matrices (2 x wH); sdpa saves q, k, v (k and v repeated to A heads under a padding mask)
-and its output (4wA) and o_proj's LoRA its reshaped input (wA); the MLP saves gate, silu(gate), up and
-their product (4wI); the seven LoRA A outputs (7wr). S = 8H + 2wH + 5wA + 4wI + 7wr. Eager attention
-adds its score and probability matrices (2 w heads T per token); lora_dropout > 0 adds a dropped copy
-and a mask per adapted input (in (w + 1)). Without gradient checkpointing a pass keeps L t S; with it,
+projection, sdpa attention): the two RMSNorms save their fp32 inputs (2 x 4H) and 1/rms (2 x 4); the
+normed outputs feed the LoRA A matrices (2 x wH); sdpa saves q, k, v (k and v repeated to A heads
+under a padding mask), its output, which o_proj's LoRA reads as it is (4wA), its fp32 logsumexp
+(4 heads) and its [B, 1, T, T] mask (wT); the MLP saves gate, silu(gate), up and their product (4wI);
+the seven LoRA A outputs (7wr). S = 8H + 8 + 2wH + 4wA + 4 heads + wT + 4wI + 7wr (counted exactly by
+torch.autograd.graph.saved_tensors_hooks on a LoRA Llama: bench/plan_check.py). flash_attention_2
+takes no mask (no wT); eager attention saves its probabilities instead of a logsumexp (w heads T);
+lora_dropout > 0 adds a dropped copy and a mask per adapted input (in (w + 1)). Without gradient checkpointing a pass keeps L t S; with it,
 each layer's input (L t wH) and one layer recomputed (t S). Backward holds gradients of one layer's
 saved tensors (t S) on top; the edges add the final norm's fp32 input and the LM head's input,
-t (4 + w) H. The LM head (kto_scale.logprobs) computes C = min(logprob_chunk_size, t) rows of logits at
-a time: in the gradient pass the logits in w, their fp32 copy, logsumexp's exponentials, the fp32
+t (4 + w) H. The LM head (kto_scale.logprobs) computes C = min(logprob_chunk_size, B (T - 1)) rows of
+logits at a time (the scored positions of rows that are all completion but one prompt token): in the gradient pass the logits in w, their fp32 copy, logsumexp's exponentials, the fp32
 gradient and the gradient in w, C V (2w + 12) bytes (bench/lm_head_memory.py measures this: 2.0 GiB for
 C 1024, V 128256, bf16); in a no-grad pass C V (w + 8).
 The no-grad passes (the reference on each example and its KL pair, the policy on the KL pair) keep no
@@ -247,9 +249,11 @@ def layer_activation_bytes(shape: ModelShape, config: KTOConfig, w: int, length:
     h, a, i = shape.hidden, shape.attention_width, shape.intermediate
     targets = config.lora_target_modules or PROJECTIONS
     adapted = [shape.projections()[name] for name in PROJECTIONS if name in targets]
-    saved = 8 * h + 2 * w * h + 5 * w * a + 4 * w * i + len(adapted) * w * config.lora_r
+    saved = 8 * h + 8 + 2 * w * h + 4 * w * a + 4 * w * i + len(adapted) * w * config.lora_r
     if config.attn_implementation == "eager":
-        saved += 2 * w * shape.heads * length
+        saved += w * shape.heads * length + w * length
+    elif config.attn_implementation != "flash_attention_2":  # sdpa (transformers' default)
+        saved += 4 * shape.heads + w * length
     if config.lora_dropout > 0:
         saved += sum(in_features * (w + 1) for in_features, _ in adapted)
     return saved
@@ -264,12 +268,14 @@ def activation_bytes(shape: ModelShape, config: KTOConfig, micro_batch: int, che
     kept = shape.layers * tokens * (w * shape.hidden if checkpointing else per_token)
     recompute = tokens * per_token if checkpointing else 0
     grad_pass = kept + recompute + tokens * per_token + tokens * (4 + w) * shape.hidden
-    chunk = min(config.logprob_chunk_size, tokens)
-    completion = min(config.max_completion_length or length, length)
+    # Rows at max_length, all completion but one prompt token: the most scored positions a batch can have.
+    completion = min(config.max_completion_length or length, length - 1)
+    chunk = min(config.logprob_chunk_size, micro_batch * completion)
     ref_length = length if config.ref_cache else length + completion  # x + y + y' on the fly
     no_grad_tokens = micro_batch * ref_length
+    no_grad_chunk = min(config.logprob_chunk_size, micro_batch * (ref_length - 1))
     no_grad = (no_grad_tokens * layer_activation_bytes(shape, config, w, ref_length)
-               + chunk * shape.vocab * (w + 8))
+               + no_grad_chunk * shape.vocab * (w + 8))
     return {"activations (gradient pass)": grad_pass, "LM head chunk": chunk * shape.vocab * (2 * w + 12),
             "no-grad passes (peak)": no_grad}
 

@@ -225,7 +225,7 @@ def train(config: KTOConfig) -> Path:
         if step % config.save_steps == 0:
             save_checkpoint(engine, tokenizer, config, step)
     progress.close()
-    log_peak(memory_estimate)
+    log_peak(memory_estimate, engine.device)
 
     final = Path(config.output_dir) / "adapter"
     save_adapter(engine, tokenizer, config, final)

@@ -14,6 +14,7 @@ from kto_scale.config import REPO_ROOT, ConfigError, KTOConfig
 from kto_scale.plan import (
     GPU_OVERHEAD,
     Cluster,
+    activation_bytes,
     estimate,
     largest_micro_batch,
     parse_size,
@@ -47,20 +48,23 @@ def test_shape_counts_the_models_parameters():
 
 def test_zero2_estimate_by_hand():
     """fp32 (w = 4), ZeRO-2 on 2 GPUs, micro-batch 2 x 64 tokens (t = 128), no checkpointing, reference
-    on the fly. Per token and layer S = 8H + 2wH + 5wA + 4wI + 7wr = 512 + 512 + 1280 + 2816 + 112 = 5232."""
+    on the fly. Per token and layer S = 8H + 8 + 2wH + 4wA + 4 heads + wT + 4wI + 7wr
+    = 512 + 8 + 512 + 1024 + 16 + 256 + 2816 + 112 = 5256."""
     result = estimate(tiny_config(), read_shape(tiny_config()), Cluster(1, 2, 80 * 2**30), overhead=1000)
-    s, t = 5232, 128
+    s, t = 5256, 128
     assert result.gpu == {
         "base weights": (2 * LAYER + EDGES) * 4,  # every GPU holds the whole base
         "DeepSpeed buckets": 64 * 64 * 4,
         "LoRA weights": 4 * LORA, "LoRA gradients": 4 * LORA,
         "Adam state": 8 * LORA // 2,  # ZeRO-2: split over the 2 ranks
         "activations": 2 * t * s + t * s + t * (4 + 4) * 64,  # L t S kept, one layer's gradients, edges
-        "LM head chunk": 128 * 938 * (2 * 4 + 12),  # C = min(1024, t) rows of V logits
+        "LM head chunk": 2 * 63 * 938 * (2 * 4 + 12),  # C = min(1024, B (T - 1)) rows of V logits
         "framework overhead": 1000,
     }
-    # No-grad passes over x + y + y' (2 x 64 tokens a row): 2 t S + C V (w + 8), below the gradient pass.
-    assert 2 * t * s + 128 * 938 * 12 < result.gpu["activations"] + result.gpu["LM head chunk"]
+    # No-grad passes over x + y + y' (2 rows of 64 + 63 tokens; wT is then 4 x 127; C = 2 x 126 rows):
+    # below the gradient pass, so the estimate shows the gradient pass.
+    no_grad = 2 * 127 * (s - 4 * 64 + 4 * 127) + 2 * 126 * 938 * (4 + 8)
+    assert no_grad < result.gpu["activations"] + result.gpu["LM head chunk"]
     assert result.host_load == 2 * (2 * LAYER + EDGES) * 4  # each rank loads the whole model on the CPU
     assert result.gpu_total == sum(result.gpu.values())
 
@@ -88,9 +92,13 @@ def test_quantized_and_checkpointed():
     result = estimate(config, shape, Cluster(1, 1, 2**30))
     linear = shape.linear_params
     assert result.gpu["base weights"] == int(linear * (0.5 + 1 / 64 + 4 / 16384)) + (shape.params - linear) * 2
-    s = 8 * 64 + 2 * 2 * 64 + 5 * 2 * 64 + 4 * 2 * 176 + 7 * 2 * 4
+    s = 8 * 64 + 8 + 2 * 2 * 64 + 4 * 2 * 64 + 4 * 4 + 2 * 64 + 4 * 2 * 176 + 7 * 2 * 4
     t = 128
-    assert result.gpu["activations"] == 2 * t * 2 * 64 + t * s + t * s + t * (4 + 2) * 64
+    passes = activation_bytes(shape, config, 2, checkpointing=True)
+    assert passes["activations (gradient pass)"] == 2 * t * 2 * 64 + t * s + t * s + t * (4 + 2) * 64
+    # Checkpointing shrinks the gradient pass below the no-grad passes (x + y + y', 2 x 127 tokens),
+    # which then set the step's peak.
+    assert result.gpu["activations (no-grad passes)"] == passes["no-grad passes (peak)"]
 
 
 def test_largest_micro_batch_is_the_boundary():
