@@ -31,7 +31,7 @@ normed outputs feed the LoRA A matrices (2 x wH); sdpa saves q, k, v (k and v re
 under a padding mask), its output, which o_proj's LoRA reads as it is (4wA), its fp32 logsumexp
 (4 heads) and its [B, 1, T, T] mask (wT); the MLP saves gate, silu(gate), up and their product (4wI);
 the seven LoRA A outputs (7wr). S = 8H + 8 + 2wH + 4wA + 4 heads + wT + 4wI + 7wr (counted exactly by
-torch.autograd.graph.saved_tensors_hooks on a LoRA Llama: bench/plan_check.py). flash_attention_2
+torch.autograd.graph.saved_tensors_hooks on a LoRA Llama: tests/test_plan.py). flash_attention_2
 takes no mask (no wT); eager attention saves its probabilities instead of a logsumexp (w heads T);
 lora_dropout > 0 adds a dropped copy and a mask per adapted input (in (w + 1)). Without gradient checkpointing a pass keeps L t S; with it,
 each layer's input (L t wH) and one layer recomputed (t S). Backward holds gradients of one layer's

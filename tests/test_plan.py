@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from kto_scale.assets import TINY_LLAMA_DIR
@@ -17,6 +18,7 @@ from kto_scale.plan import (
     activation_bytes,
     estimate,
     largest_micro_batch,
+    layer_activation_bytes,
     parse_size,
     read_shape,
 )
@@ -148,3 +150,30 @@ def test_cli_bad_input_is_one_line(tmp_path, args, named):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], done.stderr
+
+
+def test_saved_activations_are_what_autograd_saves():
+    """S, the planner's bytes per token and layer, against the bytes autograd actually saves in the
+    decoder of the tiny LoRA Llama (fp32, sdpa, a padded batch): every tensor a saved_tensors_hooks
+    sees, counted once per storage, parameters left out. The only other saved tensors are RoPE's cos
+    and sin, shared by all layers ([1, 1, T, head_dim] each). Exact: both sides count bytes."""
+    config = tiny_config(attn_implementation="sdpa")
+    shape = read_shape(config)
+    model = get_peft_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA_DIR),
+                                                            attn_implementation="sdpa"),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    batch, length = 2, 64
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, :5] = 0  # padding: transformers passes sdpa a [B, 1, T, T] mask
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.get_base_model().get_decoder()(input_ids=torch.randint(900, (batch, length)), attention_mask=mask)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = sum(size for pointer, size in storages.items() if pointer not in parameters)
+    rope = 2 * length * shape.head_dim * 4
+    assert saved - rope == shape.layers * batch * length * layer_activation_bytes(shape, config, 4, length)
