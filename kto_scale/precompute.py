@@ -131,7 +131,7 @@ def precompute(config: KTOConfig) -> Path:
     start = setup(config, cache_dir / "prepared",
                   lambda: on_main_process(lambda: lock_directory(cache_dir / LOCK_FILE, f"ref_cache {cache_dir}")))
     splits = {"train": start.train_set, "eval": start.eval_set}
-    model = load_model(config)
+    model = load_model(config, empty=start.engine.loads_on_rank0_only and start.rank != 0)
     shared_prompt = shares_prompt(config, model)
     engine = start.engine.inference_engine(model)
     fingerprint = run_fingerprint(config, start.tokenizer, splits)

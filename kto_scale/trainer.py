@@ -152,7 +152,7 @@ def train(config: KTOConfig) -> Path:
     checkpoint = find_checkpoint(config)
     if checkpoint:
         start.engine.prepare_resume(checkpoint, check_resume(checkpoint, config, world_size))
-    base = load_base_model(config)
+    base = load_base_model(config, empty=start.engine.loads_on_rank0_only and rank != 0)
     shared_prompt = not caches and shares_prompt(config, base)  # a cache replaces the reference passes
     set_aside_previous_run(config)  # every check passed: only now does the old run make way
     if config.init_random_weights:  # the adapter is only meaningful next to these exact weights
