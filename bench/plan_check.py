@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,12 @@ ESTIMATE = re.compile(r"Memory estimate per GPU \(launch/plan.py\): ([\d.]+) GiB
 PEAK = re.compile(r"Measured peak memory \(([^)]+)\) per rank: ([\d., ]+) GiB; the planner estimated ([\d.]+) GiB")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def make_model(path: Path, shape: dict) -> Path:
     """A model dir: the tiny tokenizer and a config.json of `shape` (weights: init_random_weights)."""
     path.mkdir(parents=True, exist_ok=True)
@@ -87,9 +94,12 @@ def run_case(name: str, work: Path, max_length: int, allocator: str) -> dict:
     config_path = work / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     train = ["launch/train.py", "--config", str(config_path)]
+    port = str(free_port())  # not the launchers' default 29500, which another job may hold
     command = {"python": [sys.executable, *train],
-               "deepspeed": [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), *train],
-               "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), *train]}[launcher]
+               "deepspeed": [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+                             "--master_port", port, *train],
+               "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                            "--master_port", port, *train]}[launcher]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, **ALLOCATORS[allocator], "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)})
     log = done.stdout + done.stderr
@@ -134,7 +144,8 @@ def main() -> None:
         for name in args.only or CASES:
             for allocator in ALLOCATORS:
                 rows.append(run_case(name, Path(tmp), args.max_length, allocator))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "failed"}), rows[-1].get("failed", ""))
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "failed"}), rows[-1].get("failed", ""),
+                      flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     (args.out / "results.md").write_text(report(rows, args.max_length))

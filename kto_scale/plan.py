@@ -47,10 +47,12 @@ the shared-prompt reference over x + y + y' (Tc: the longest completion) or B T 
 Overhead. A GPU also holds the CUDA context, NCCL and cuBLAS buffers and allocator fragmentation:
 GPU_OVERHEAD (2 GiB, a stated allowance, not derived), and DeepSpeed's gradient reduction bucket
 (HF's "auto": H^2 elements in w bytes).
-Host RAM at load, per node: every rank that builds the whole model on the CPU before the engine
-shards or moves it holds all of it (DeepSpeed ZeRO-0/1/2, FSDP2 and init_random_weights: n x model);
-ZeRO-3 loads partitioned (model/N per rank); a quantized base is placed on the GPU as it is read.
-Offloaded shards and optimizer state add their share for training.
+Host RAM at load, per node (the node of rank 0, the fullest): DeepSpeed ZeRO-0/1/2 build the whole
+model on the CPU on every rank before moving it (n x model; so does ZeRO-3 with init_random_weights);
+ZeRO-3 loads partitioned (model/N per rank); FSDP2 loads the whole model on rank 0 only, which
+broadcasts it to the other ranks' GPUs (model); a quantized base is placed on the GPU as it is read. A checkpoint in the training dtype is memory-mapped, so "the whole model" is
+then shared, reclaimable page cache rather than copies (docs/scaling.md measures both). Offloaded
+shards and optimizer state add their share for training.
 """
 
 import json
@@ -325,10 +327,14 @@ def estimate(config: KTOConfig, shape: ModelShape, cluster: Cluster, micro_batch
         gpu["LM head chunk"] = parts["LM head chunk"]
     gpu["framework overhead"] = overhead
 
-    whole_on_cpu = (config.init_random_weights or layout.engine == "fsdp"
-                    or (layout.stage < 3 and not (config.load_in_4bit or config.load_in_8bit)))
-    partitioned = layout.engine == "zero" and layout.stage >= 3 and not config.init_random_weights
-    host_load = per_node * (model if whole_on_cpu else model // n_ranks if partitioned else 0)
+    if layout.engine == "fsdp":  # rank 0 loads and broadcasts, shards go to the GPUs (kto_scale.fsdp.shard)
+        host_load = model
+    elif layout.stage >= 3 and not config.init_random_weights:  # zero.Init: partitioned as it is read
+        host_load = per_node * (model // n_ranks)
+    elif config.load_in_4bit or config.load_in_8bit:  # quantized onto the GPU as it is read
+        host_load = 0
+    else:  # every rank builds the whole model on the CPU first
+        host_load = per_node * model
     other = activation_bytes(shape, config, micro_batch, not checkpointing)
     other_total = max(other["activations (gradient pass)"] + other["LM head chunk"], other["no-grad passes (peak)"])
     notes = [f"with gradient_checkpointing {'off' if checkpointing else 'on'}, activations would be "

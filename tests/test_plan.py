@@ -79,6 +79,7 @@ def test_fsdp_and_zero3_shard_the_base():
     assert fsdp.gpu["base weights"] == 2 * LAYER * 4 // 2 + 2 * LAYER * 4 + EDGES * 4
     assert (fsdp.gpu["LoRA weights"], fsdp.gpu["LoRA gradients"], fsdp.gpu["Adam state"]) == (
         4 * LORA // 2, 4 * LORA, 8 * LORA // 2)
+    assert fsdp.host_load == (2 * LAYER + EDGES) * 4  # rank 0 alone loads, and broadcasts
     config = tiny_config(deepspeed=str(REPO_ROOT / "ds_configs/zero3.json"))
     zero3 = estimate(config, read_shape(config), Cluster(2, 1, 2**30))
     assert zero3.gpu["base weights"] == (2 * LAYER + EDGES) * 4 // 2 + 2 * LAYER * 4
