@@ -363,11 +363,15 @@ def what_to_change(config: KTOConfig, result: Estimate, largest: int) -> list[st
                       "global batch)")
     if not config.gradient_checkpointing:
         advice.append("gradient_checkpointing: true")
-    if layout.stage < 3:
+    quantized = config.load_in_4bit or config.load_in_8bit
+    if layout.stage < 3 and quantized:  # bitsandbytes' packed weights are not sharded (kto_scale.config)
+        advice.append("load_in_4bit/load_in_8bit: false with fsdp: full_shard (shard a bf16 base over the GPUs; "
+                      "a quantized base is whole on every GPU)")
+    elif layout.stage < 3:
         advice.append("deepspeed: ds_configs/zero3.json or fsdp: full_shard (shard the base over the GPUs)")
     elif not layout.offload_params:
         advice.append("ds_configs/zero3_offload.json or fsdp: full_shard offload (keep shards on the host)")
-    if not (config.load_in_4bit or config.load_in_8bit) and layout.stage < 3:
+    if not quantized and layout.stage < 3:
         advice.append("load_in_4bit: true (QLoRA on ZeRO-2)")
     if not config.ref_cache and "no-grad" in " ".join(result.gpu):
         advice.append("ref_cache (launch/precompute_ref.py): no reference passes during training")
