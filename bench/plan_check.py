@@ -1,7 +1,7 @@
 """The capacity planner (kto_scale.plan) against measurement: predicted vs measured peak memory per rank.
 
     python bench/plan_check.py --out bench/results-plan            # on CPU: peak RSS, 1 and 2 ranks
-    python bench/plan_check.py --out bench/results-plan --only zero2-b4
+    python bench/plan_check.py --out bench/results-plan --only zero3-2ranks-b4 --allocator "mmap threshold 64 KiB"
 
 Each case is one real training run (launch/train.py: init_random_weights, fp32, one optimizer step)
 of a Llama shape built from the packaged tiny tokenizer and a config.json of that shape, on data whose
@@ -138,11 +138,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", nargs="*", choices=list(CASES), help="these cases (default: all)")
     parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--allocator", nargs="*", choices=list(ALLOCATORS), help="these allocators (default: both)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="plan-check-") as tmp:
         for name in args.only or CASES:
-            for allocator in ALLOCATORS:
+            for allocator in args.allocator or ALLOCATORS:
                 rows.append(run_case(name, Path(tmp), args.max_length, allocator))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "failed"}), rows[-1].get("failed", ""),
                       flush=True)
