@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 def log_estimate(config: KTOConfig, world_size: int) -> Estimate | None:
     """Log the per-GPU estimate for this run; warn when this GPU's memory is below it. None when the
     planner cannot read this model's shape (logged; training goes on)."""
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world_size)  # torchrun, deepspeed
     gpu_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory \
         if torch.cuda.is_available() else None
     cluster = Cluster(max(world_size // per_node, 1), per_node, gpu_memory or 0)
