@@ -37,9 +37,12 @@ lora_dropout > 0 adds a dropped copy and a mask per adapted input (in (w + 1)). 
 each layer's input (L t wH) and one layer recomputed (t S). Backward holds gradients of one layer's
 saved tensors (t S) on top; the edges add the final norm's fp32 input and the LM head's input,
 t (4 + w) H. The LM head (kto_scale.logprobs) computes C = min(logprob_chunk_size, B (T - 1)) rows of
-logits at a time (the scored positions of rows that are all completion but one prompt token): in the gradient pass the logits in w, their fp32 copy, logsumexp's exponentials, the fp32
-gradient and the gradient in w, C V (2w + 12) bytes (bench/lm_head_memory.py measures this: 2.0 GiB for
-C 1024, V 128256, bf16); in a no-grad pass C V (w + 8).
+logits at a time (the scored positions of rows that are all completion but one prompt token). In the
+gradient pass: the logits in w, their fp32 copy, logsumexp's exponentials, the fp32 gradient and the
+gradient in w, C V (2w + 12) bytes in bf16/fp16; in fp32 the copy and the cast gradient are the
+logits and the gradient themselves, and the gather's gradient is a fourth fp32 tensor: C V 16 (so 16
+bytes either way; bench/lm_head_memory.py measures 16.0 in bf16 at C 1024, V 128256, and 16.4 in fp32
+at C 1024, V 32000). In a no-grad pass C V (w + 8).
 The no-grad passes (the reference on each example and its KL pair, the policy on the KL pair) keep no
 graph: one layer's tensors at a time (at most t' S) and the LM head chunk, where t' = B (T + Tc) for
 the shared-prompt reference over x + y + y' (Tc: the longest completion) or B T from a reference cache
@@ -278,7 +281,7 @@ def activation_bytes(shape: ModelShape, config: KTOConfig, micro_batch: int, che
     no_grad_chunk = min(config.logprob_chunk_size, micro_batch * (ref_length - 1))
     no_grad = (no_grad_tokens * layer_activation_bytes(shape, config, w, ref_length)
                + no_grad_chunk * shape.vocab * (w + 8))
-    return {"activations (gradient pass)": grad_pass, "LM head chunk": chunk * shape.vocab * (2 * w + 12),
+    return {"activations (gradient pass)": grad_pass, "LM head chunk": chunk * shape.vocab * 16,
             "no-grad passes (peak)": no_grad}
 
 
