@@ -45,8 +45,8 @@ class KTOConfig:
     """Hub revision (branch, tag or commit) of the model and tokenizer."""
     init_random_weights: bool = False
     """Build the model from its config.json with random weights (seeded) instead of loading weights:
-    the same weights on every ZeRO stage and rank count (each rank builds the whole model before
-    DeepSpeed partitions it). For the demo and tests only."""
+    the same weights on every ZeRO stage and rank count (on DeepSpeed each rank builds the whole model
+    before it partitions it; on FSDP2 rank 0 builds it and broadcasts it). For the demo and tests only."""
     trust_remote_code: bool = False
     """Allow model code from the hub repository to run. Off unless you trust it."""
     attn_implementation: str | None = None

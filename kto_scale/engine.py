@@ -105,6 +105,7 @@ class DeepSpeedSetup:
         self.config, self.world_size = config, world_size
         self.ds_config = resolve_deepspeed_config(config, world_size)
         self.shards_weights = self.ds_config.is_zero3()
+        self.loads_on_rank0_only = False  # every rank loads (ZeRO-3: its partition, as transformers reads it)
 
     def _finalize(self, args: TrainingArguments, model, total_steps: int) -> None:
         try:  # fills the "auto" sizes that depend on the model's hidden size and the schedule length

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
@@ -76,9 +77,11 @@ def _device() -> torch.device:
 
 
 class FSDPSetup:
-    """FSDP2 needs nothing before the model loads (every rank loads it, fully_shard keeps a shard)."""
+    """FSDP2 needs nothing before the model loads: rank 0 loads it, the other ranks build it empty (on the
+    meta device), and `shard` hands every rank its shards from rank 0."""
 
     shards_weights = True
+    loads_on_rank0_only = True
 
     def __init__(self, config: KTOConfig, world_size: int) -> None:
         self.config, self.world_size = config, world_size
@@ -99,7 +102,12 @@ class FSDPSetup:
 
 def shard(module: SequenceLogps, settings: FSDPSettings, world_size: int) -> torch.device:
     """fully_shard every decoder layer, then the root (embeddings, final norm, LM head), whose `generate`
-    gets the hooks forward gets; returns the device."""
+    gets the hooks forward gets; returns the device.
+
+    Only rank 0 holds the weights (the other ranks' parameters are on the meta device: FSDPSetup): it
+    keeps its loaded state dict while it shards, then broadcasts it one tensor at a time and every rank
+    keeps its shard of each (torch.distributed.checkpoint's broadcast_from_rank0). A node's peak is one
+    whole model (rank 0's) plus the shards, not one model per rank."""
     device = _device()
     mesh = init_device_mesh(device.type, (world_size,))
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if settings.bf16 \
@@ -112,9 +120,12 @@ def shard(module: SequenceLogps, settings: FSDPSettings, world_size: int) -> tor
     if not layers:
         raise ConfigError(f"fsdp: {type(base).__name__} names no decoder layer class (_no_split_modules) to "
                           "shard; use DeepSpeed (deepspeed: ds_configs/zero3.json) for this model.")
+    loaded = module.state_dict() if world_size > 1 and torch.distributed.get_rank() == 0 else {}
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mixed, offload_policy=offload)
     fully_shard(module, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+    if world_size > 1:
+        set_model_state_dict(module, loaded, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     register_fsdp_forward_method(module, "generate")  # the root's weights gathered for generation too
     return device
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
@@ -20,6 +21,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -76,6 +78,21 @@ def _quantization(config: KTOConfig) -> dict:
     return {"quantization_config": quantization, "device_map": {"": device}}
 
 
+def _model_config(config: KTOConfig) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(
+        config.model_name_or_path, revision=config.model_revision, trust_remote_code=config.trust_remote_code
+    )
+
+
+def _empty_model(config: KTOConfig, dtype: torch.dtype) -> PreTrainedModel:
+    """The model's structure with every parameter on the meta device (no memory, nothing read), its
+    buffers (RoPE's frequencies, which no checkpoint holds) computed as usual on the CPU."""
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(_model_config(config), dtype=dtype,
+                                                trust_remote_code=config.trust_remote_code,
+                                                attn_implementation=config.attn_implementation)
+
+
 def _random_model(config: KTOConfig, dtype: torch.dtype) -> PreTrainedModel:
     """The model with random weights seeded by config.seed, the same on every engine, stage and rank count.
 
@@ -85,9 +102,7 @@ def _random_model(config: KTOConfig, dtype: torch.dtype) -> PreTrainedModel:
     zero.Init), and DeepSpeed partitions it when the engine is created, broadcasting rank 0's weights.
     Each rank holds the whole model until then: fine for the tiny models random weights are meant for.
     """
-    model_config = AutoConfig.from_pretrained(
-        config.model_name_or_path, revision=config.model_revision, trust_remote_code=config.trust_remote_code
-    )
+    model_config = _model_config(config)
     torch.manual_seed(config.seed)
     with set_zero3_state():
         return AutoModelForCausalLM.from_config(
@@ -96,10 +111,16 @@ def _random_model(config: KTOConfig, dtype: torch.dtype) -> PreTrainedModel:
         )
 
 
-def load_base_model(config: KTOConfig) -> PreTrainedModel:
-    """The base causal LM, frozen weights as loaded (or seeded random weights with init_random_weights)."""
+def load_base_model(config: KTOConfig, empty: bool = False) -> PreTrainedModel:
+    """The base causal LM, frozen weights as loaded (or seeded random weights with init_random_weights).
+
+    empty: its parameters on the meta device instead, nothing read: FSDP2's ranks other than 0, which
+    get their shards from rank 0 when the model is sharded (kto_scale.fsdp.shard), so that a node
+    holds one whole copy of the model, not one per rank."""
     dtype = train_dtype(config)
-    if config.init_random_weights:
+    if empty:
+        model = _empty_model(config, dtype)
+    elif config.init_random_weights:
         model = _random_model(config, dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(
@@ -117,9 +138,9 @@ def load_base_model(config: KTOConfig) -> PreTrainedModel:
     return model
 
 
-def load_model(config: KTOConfig) -> PeftModel:
-    """The base model with fresh LoRA adapters attached: the trainable policy."""
-    return add_lora(load_base_model(config), config)
+def load_model(config: KTOConfig, empty: bool = False) -> PeftModel:
+    """The base model with fresh LoRA adapters attached: the trainable policy (empty: see load_base_model)."""
+    return add_lora(load_base_model(config, empty), config)
 
 
 def add_lora(model: PreTrainedModel, config: KTOConfig) -> PeftModel:

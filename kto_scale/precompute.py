@@ -130,7 +130,7 @@ def precompute(config: KTOConfig) -> Path:
     cache_dir = Path(config.ref_cache)
     start = setup(config, lambda: on_main_process(lambda: lock_directory(cache_dir / LOCK_FILE, f"ref_cache {cache_dir}")))
     splits = {"train": start.train_set, "eval": start.eval_set}
-    model = load_model(config)
+    model = load_model(config, empty=start.engine.loads_on_rank0_only and start.rank != 0)
     reference = reference_layout(config, model, cached=False)  # it writes the cache
     engine = start.engine.inference_engine(model)
     fingerprint = run_fingerprint(config, start.tokenizer, splits)

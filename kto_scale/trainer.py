@@ -34,6 +34,7 @@ from kto_scale.distributed import all_reduce_sum, shutdown
 from kto_scale.engine import Engine
 from kto_scale.generate import GenerationLog, GenerationSettings, PromptGenerations
 from kto_scale.loss import balanced_weights, kl_baseline, kto_losses
+from kto_scale.memory_report import log_estimate, log_peak
 from kto_scale.metrics import MetricsLogger
 from kto_scale.model import SequenceLogps, add_lora, load_base_model, reference_layout
 from kto_scale.plot import plot_runs
@@ -157,10 +158,11 @@ def train(config: KTOConfig) -> Path:
     if config.ref_cache:
         caches = {split: open_ref_cache(config.ref_cache, config, tokenizer, split, data)
                   for split, data in (("train", train_set), ("eval", eval_set)) if data is not None}
+    memory_estimate = log_estimate(config, world_size)
     checkpoint = find_checkpoint(config)
     if checkpoint:
         start.engine.prepare_resume(checkpoint, check_resume(checkpoint, config, world_size))
-    base = load_base_model(config)
+    base = load_base_model(config, empty=start.engine.loads_on_rank0_only and rank != 0)
     reference = reference_layout(config, base, cached=bool(caches))
     set_aside_previous_run(config)  # every check passed: only now does the old run make way
     if config.init_random_weights:  # the adapter is only meaningful next to these exact weights
@@ -234,6 +236,7 @@ def train(config: KTOConfig) -> Path:
         if step % config.save_steps == 0:
             save_checkpoint(engine, tokenizer, config, step)
     progress.close()
+    log_peak(memory_estimate, engine.device)
 
     final = Path(config.output_dir) / "adapter"
     save_adapter(engine, tokenizer, config, final)

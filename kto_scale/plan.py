@@ -1,0 +1,428 @@
+"""Capacity planning: the memory a KTO run needs per GPU and per node, from config.json alone.
+
+Pure arithmetic on the model's shape (read from its config.json, never its weights), the run's config
+and the cluster. Every term is a formula below; `launch/plan.py` prints them and the trainer logs the
+total at start. Notation: N ranks (nodes x gpus_per_node), n ranks per node, L decoder layers, H hidden
+size, A = heads x head_dim, K = kv_heads x head_dim, I intermediate size, V vocabulary, r LoRA rank,
+w bytes per weight and activation element (2 in bf16/fp16, 4 in fp32), B micro-batch, T max_length,
+t = B x T tokens (padded batches are at most that long).
+
+Weights. A Llama decoder layer holds 2HA + 2HK + 3HI linear weights (q, o; k, v; gate, up, down) and 2H
+of norms (+ biases where the config has them); the edges are the embedding VH, the LM head VH (unless
+tied) and the final norm H. 4-bit (bitsandbytes NF4/FP4) stores a linear weight in 1/2 byte plus its
+quantization constants: an fp32 absmax per block of 64 (4/64 bytes), or with nested quantization an
+8-bit absmax per 64 and an fp32 per 256 of those (1/64 + 4/16384); 8-bit stores 1 byte plus an fp32
+scale per output row. Everything else stays in w bytes.
+  ZeRO-0/1/2: every GPU holds the whole base. ZeRO-3: 1/N of it, plus the layers it has gathered: the
+  one running and the one prefetched (2 layers in w bytes); with offload_param, only those two.
+  FSDP2: 1/N of every decoder layer, plus 2 gathered layers, plus the edges whole (FSDP2 does not
+  reshard the root module after forward, so embedding and LM head stay gathered through the step);
+  with offload, the shards live on the host.
+LoRA. P trainable parameters, r (in + out) per adapted projection. DeepSpeed casts them to the compute
+dtype: weights wP and gradients wP on every GPU, plus 16P bytes of optimizer state (fp32 master 4, Adam
+moments 8, fp32 gradient 4) in mixed precision, or 8P (Adam only) in fp32; ZeRO-1/2 split the optimizer
+state over N, ZeRO-3 also the weights and gradients; offload_optimizer moves the optimizer state to the
+host. FSDP2 (peft keeps LoRA in fp32): weights 4P/N, Adam 8P/N, gradients 4P/N, or 4P while gradients
+accumulate unsharded between micro-batches (gradient_accumulation_steps > 1); offload moves all to the
+host. An sft_adapter adds a frozen copy (the reference) in w bytes, sharded like the base.
+Activations of the gradient pass, per token and layer (what autograd saves with LoRA on every
+projection, sdpa attention): the two RMSNorms save their fp32 inputs (2 x 4H) and 1/rms (2 x 4); the
+normed outputs feed the LoRA A matrices (2 x wH); sdpa saves q, k, v (k and v repeated to A heads
+under a padding mask), its output, which o_proj's LoRA reads as it is (4wA), its fp32 logsumexp
+(4 heads) and its [B, 1, T, T] mask (wT); the MLP saves gate, silu(gate), up and their product (4wI);
+the seven LoRA A outputs (7wr). S = 8H + 8 + 2wH + 4wA + 4 heads + wT + 4wI + 7wr (counted exactly by
+torch.autograd.graph.saved_tensors_hooks on a LoRA Llama: tests/test_plan.py). flash_attention_2
+takes no mask (no wT); eager attention saves its probabilities instead of a logsumexp (w heads T);
+lora_dropout > 0 adds a dropped copy and a mask per adapted input (in (w + 1)). Without gradient checkpointing a pass keeps L t S; with it,
+each layer's input (L t wH) and one layer recomputed (t S). Backward holds gradients of one layer's
+saved tensors (t S) on top; the edges add the final norm's fp32 input and the LM head's input,
+t (4 + w) H. The LM head (kto_scale.logprobs) computes C = min(logprob_chunk_size, B (T - 1)) rows of
+logits at a time (the scored positions of rows that are all completion but one prompt token). In the
+gradient pass: the logits in w, their fp32 copy, logsumexp's exponentials, the fp32 gradient and the
+gradient in w, C V (2w + 12) bytes in bf16/fp16; in fp32 the copy and the cast gradient are the
+logits and the gradient themselves, and the gather's gradient is a fourth fp32 tensor: C V 16 (so 16
+bytes either way; bench/lm_head_memory.py measures 16.0 in bf16 at C 1024, V 128256, and 16.4 in fp32
+at C 1024, V 32000). In a no-grad pass C V (w + 8).
+The no-grad passes (the reference on each example and its KL pair, the policy on the KL pair) keep no
+graph: one layer's tensors at a time (at most t' S) and the LM head chunk, where t' = B (T + Tc) for
+the shared-prompt reference over x + y + y' (Tc: the longest completion) or B T from a reference cache
+(ref_cache: only the policy's KL pass runs on the fly). The step's peak is the larger of the two.
+Overhead. A GPU also holds the CUDA context, NCCL and cuBLAS buffers and allocator fragmentation:
+GPU_OVERHEAD (2 GiB, a stated allowance, not derived), and DeepSpeed's gradient reduction bucket
+(HF's "auto": H^2 elements in w bytes).
+Host RAM at load, per node (the node of rank 0, the fullest): DeepSpeed ZeRO-0/1/2 build the whole
+model on the CPU on every rank before moving it (n x model; so does ZeRO-3 with init_random_weights);
+ZeRO-3 loads partitioned (model/N per rank); FSDP2 loads the whole model on rank 0 only, which
+broadcasts it to the other ranks' GPUs (model); a quantized base is placed on the GPU as it is read. A checkpoint in the training dtype is memory-mapped, so "the whole model" is
+then shared, reclaimable page cache rather than copies (docs/scaling.md measures both). Offloaded
+shards and optimizer state add their share for training.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from kto_scale.config import ConfigError, KTOConfig, find_deepspeed_config
+from kto_scale.data import load_examples
+
+GiB = 2**30
+GPU_OVERHEAD = 2 * GiB
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MAX_MICRO_BATCH = 4096  # the search for the largest micro-batch stops here
+
+
+def parse_size(text: str, setting: str) -> int:
+    """'80GB', '80GiB', '1TB', '512' (GiB) -> bytes; GB and GiB both mean 2^30 (as GPUs are sold)."""
+    units = {"TIB": 2**40, "TB": 2**40, "GIB": GiB, "GB": GiB, "MIB": 2**20, "MB": 2**20, "G": GiB, "T": 2**40}
+    value = text.strip().upper()
+    for unit, size in units.items():
+        if value.endswith(unit):
+            value, scale = value[: -len(unit)], size
+            break
+    else:
+        scale = GiB
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{setting} {text!r}: give a size such as 80GB or 1TB.") from None
+    if number <= 0:
+        raise ConfigError(f"{setting} {text!r} must be positive.")
+    return int(number * scale)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A Llama-family decoder's sizes, from config.json."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_model_config(cls, model_config, name: str) -> "ModelShape":
+        c = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        try:
+            heads = c.num_attention_heads
+            return cls(layers=c.num_hidden_layers, hidden=c.hidden_size, intermediate=c.intermediate_size,
+                       heads=heads, kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+                       head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads, vocab=c.vocab_size,
+                       tied=bool(getattr(c, "tie_word_embeddings", False)),
+                       attention_bias=bool(getattr(c, "attention_bias", False)),
+                       mlp_bias=bool(getattr(c, "mlp_bias", False)))
+        except AttributeError as e:
+            raise ConfigError(f"model_name_or_path {name!r}: its config.json lacks {e.name} (the planner reads "
+                              "Llama-family configs: hidden_size, intermediate_size, num_hidden_layers, ...).") from None
+
+    @property
+    def attention_width(self) -> int:  # A
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:  # K
+        return self.kv_heads * self.head_dim
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear projection of a layer."""
+        h, a, k, i = self.hidden, self.attention_width, self.kv_width, self.intermediate
+        return {"q_proj": (h, a), "k_proj": (h, k), "v_proj": (h, k), "o_proj": (a, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def linear_params(self) -> int:
+        """Linear weights of the decoder layers (what bitsandbytes quantizes)."""
+        return self.layers * sum(i * o for i, o in self.projections().values())
+
+    @property
+    def layer_params(self) -> int:
+        biases = (self.attention_width + 2 * self.kv_width) * self.attention_bias \
+            + (2 * self.intermediate + self.hidden) * self.mlp_bias
+        return sum(i * o for i, o in self.projections().values()) + 2 * self.hidden + biases
+
+    @property
+    def edge_params(self) -> int:
+        """Embedding, LM head (unless tied) and final norm: FSDP2's root module."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + self.edge_params
+
+    def lora_params(self, r: int, targets: list[str] | None) -> int:
+        """Trainable LoRA parameters: r (in + out) per adapted projection of every layer."""
+        chosen = self.projections() if not targets else {
+            name: shape for name, shape in self.projections().items() if name in targets}
+        unknown = sorted(set(targets or ()) - set(PROJECTIONS))
+        if unknown:
+            raise ConfigError(f"lora_target_modules {unknown}: the planner knows the Llama projections {PROJECTIONS}.")
+        return self.layers * sum(r * (i + o) for i, o in chosen.values())
+
+
+def read_shape(config: KTOConfig) -> ModelShape:
+    """The model's shape from its config.json: a local dir, or a hub id's config.json (from the hub cache,
+    else fetched: that one small file only)."""
+    def read(local_only: bool):
+        return AutoConfig.from_pretrained(config.model_name_or_path, revision=config.model_revision,
+                                          trust_remote_code=config.trust_remote_code, local_files_only=local_only)
+    try:
+        try:  # the hub cache first: no network round trips (or retries, offline) for a config already here
+            model_config = read(local_only=True)
+        except OSError:
+            model_config = read(local_only=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model_name_or_path {config.model_name_or_path!r}: cannot read its config.json "
+                          f"({str(e).splitlines()[0]}). Check the path or the hub id.") from None
+    return ModelShape.from_model_config(model_config, config.model_name_or_path)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    gpus_per_node: int
+    gpu_memory: int  # bytes
+    host_memory: int | None = None  # bytes per node; None: not checked
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the engine keeps what: read from the config's fsdp setting or its DeepSpeed JSON."""
+
+    engine: str  # "zero" or "fsdp"
+    stage: int  # ZeRO stage (3 for FSDP2: everything sharded)
+    offload_params: bool
+    offload_optimizer: bool
+
+    @classmethod
+    def of(cls, config: KTOConfig) -> "Layout":
+        if config.fsdp:
+            offload = "offload" in config.fsdp.split()
+            return cls("fsdp", 3, offload, offload)
+        zero = json.loads(find_deepspeed_config(config.deepspeed).read_text()).get("zero_optimization", {})
+        device = lambda section: (zero.get(section) or {}).get("device", "none") in ("cpu", "nvme")  # noqa: E731
+        return cls("zero", int(zero.get("stage", 0)), device("offload_param"), device("offload_optimizer"))
+
+    def describe(self) -> str:
+        if self.engine == "fsdp":
+            return "FSDP2 full_shard" + (" + CPU offload" if self.offload_params else "")
+        offload = [name for name, on in (("params", self.offload_params), ("optimizer", self.offload_optimizer)) if on]
+        return f"DeepSpeed ZeRO-{self.stage}" + (f" + CPU offload ({', '.join(offload)})" if offload else "")
+
+
+@dataclass
+class Estimate:
+    """Bytes per GPU by component, host bytes per node, and the inputs they came from."""
+
+    gpu: dict[str, int]
+    host_load: int
+    host_train: int
+    layout: Layout
+    micro_batch: int
+    ranks_per_node: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gpu_total(self) -> int:
+        return sum(self.gpu.values())
+
+
+def _weight_bytes(shape: ModelShape, config: KTOConfig, w: int) -> int:
+    """The whole base in memory: quantized linear weights and everything else in w bytes."""
+    other = shape.params - shape.linear_params
+    if config.load_in_4bit:
+        constants = 1 / 64 + 4 / (64 * 256) if config.use_bnb_nested_quant else 4 / 64
+        return int(shape.linear_params * (0.5 + constants)) + other * w
+    if config.load_in_8bit:
+        rows = shape.layers * sum(o for _, o in shape.projections().values())
+        return shape.linear_params + 4 * rows + other * w
+    return shape.params * w
+
+
+def layer_activation_bytes(shape: ModelShape, config: KTOConfig, w: int, length: int) -> int:
+    """S: bytes autograd saves per token in one decoder layer (module docstring), rows `length` long."""
+    h, a, i = shape.hidden, shape.attention_width, shape.intermediate
+    targets = config.lora_target_modules or PROJECTIONS
+    adapted = [shape.projections()[name] for name in PROJECTIONS if name in targets]
+    saved = 8 * h + 8 + 2 * w * h + 4 * w * a + 4 * w * i + len(adapted) * w * config.lora_r
+    if config.attn_implementation == "eager":
+        saved += w * shape.heads * length + w * length
+    elif config.attn_implementation != "flash_attention_2":  # sdpa (transformers' default)
+        saved += 4 * shape.heads + w * length
+    if config.lora_dropout > 0:
+        saved += sum(in_features * (w + 1) for in_features, _ in adapted)
+    return saved
+
+
+def activation_bytes(shape: ModelShape, config: KTOConfig, micro_batch: int, checkpointing: bool) -> dict[str, int]:
+    """The gradient pass, the LM head chunk and the no-grad passes' peak, in bytes per GPU."""
+    w = 2 if (config.bf16 or config.fp16) else 4
+    length = config.max_length
+    tokens = micro_batch * length
+    per_token = layer_activation_bytes(shape, config, w, length)
+    kept = shape.layers * tokens * (w * shape.hidden if checkpointing else per_token)
+    recompute = tokens * per_token if checkpointing else 0
+    grad_pass = kept + recompute + tokens * per_token + tokens * (4 + w) * shape.hidden
+    # Rows at max_length, all completion but one prompt token: the most scored positions a batch can have.
+    completion = min(config.max_completion_length or length, length - 1)
+    chunk = min(config.logprob_chunk_size, micro_batch * completion)
+    ref_length = length if config.ref_cache else length + completion  # x + y + y' on the fly
+    no_grad_tokens = micro_batch * ref_length
+    no_grad_chunk = min(config.logprob_chunk_size, micro_batch * (ref_length - 1))
+    no_grad = (no_grad_tokens * layer_activation_bytes(shape, config, w, ref_length)
+               + no_grad_chunk * shape.vocab * (w + 8))
+    return {"activations (gradient pass)": grad_pass, "LM head chunk": chunk * shape.vocab * 16,
+            "no-grad passes (peak)": no_grad}
+
+
+def estimate(config: KTOConfig, shape: ModelShape, cluster: Cluster, micro_batch: int | None = None,
+             overhead: int = GPU_OVERHEAD) -> Estimate:
+    """Per-GPU and per-node memory of training `config` on `cluster` (formulas: module docstring)."""
+    layout, n_ranks, per_node = Layout.of(config), cluster.world_size, cluster.gpus_per_node
+    micro_batch = micro_batch or config.per_device_train_batch_size
+    mixed = config.bf16 or config.fp16
+    w = 2 if mixed else 4
+    model = _weight_bytes(shape, config, w)
+    live = 2 * shape.layer_params * w  # ZeRO-3/FSDP2: the running layer and the prefetched one, gathered
+    edges = shape.edge_params * w
+    p = shape.lora_params(config.lora_r, config.lora_target_modules)
+    frozen_lora = p * w if config.sft_adapter else 0
+
+    gpu: dict[str, int] = {}
+    if layout.engine == "fsdp":
+        layer_shards = (model - edges) // n_ranks
+        gpu["base weights"] = (0 if layout.offload_params else layer_shards) + live + edges
+        lora_grads = 4 * p if config.gradient_accumulation_steps > 1 else 4 * p // n_ranks
+        lora = {"LoRA weights": 4 * p // n_ranks, "LoRA gradients": lora_grads, "Adam state": 8 * p // n_ranks}
+        host_offload = (layer_shards + 16 * p // n_ranks) * per_node if layout.offload_params else 0
+        lora = {k: 0 for k in lora} if layout.offload_params else lora
+    else:
+        sharded = layout.stage >= 3
+        gpu["base weights"] = (0 if layout.offload_params else model // n_ranks) + live if sharded else model
+        optimizer = (16 if mixed else 8) * p // (n_ranks if layout.stage >= 1 else 1)
+        lora = {"LoRA weights": w * p // (n_ranks if sharded else 1),
+                "LoRA gradients": w * p // (n_ranks if sharded else 1),
+                "Adam state": 0 if layout.offload_optimizer else optimizer}
+        host_offload = per_node * ((model // n_ranks if layout.offload_params else 0)
+                                   + (optimizer if layout.offload_optimizer else 0))
+        if layout.stage >= 1:
+            gpu["DeepSpeed buckets"] = shape.hidden**2 * w
+    if frozen_lora:
+        gpu["frozen SFT adapter"] = frozen_lora // (n_ranks if layout.stage >= 3 else 1)
+    gpu.update(lora)
+    checkpointing = config.gradient_checkpointing
+    parts = activation_bytes(shape, config, micro_batch, checkpointing)
+    grad_peak = parts["activations (gradient pass)"] + parts["LM head chunk"]
+    if parts["no-grad passes (peak)"] > grad_peak:
+        gpu["activations (no-grad passes)"] = parts["no-grad passes (peak)"]
+    else:
+        gpu["activations"] = parts["activations (gradient pass)"]
+        gpu["LM head chunk"] = parts["LM head chunk"]
+    gpu["framework overhead"] = overhead
+
+    if layout.engine == "fsdp":  # rank 0 loads and broadcasts, shards go to the GPUs (kto_scale.fsdp.shard)
+        host_load = model
+    elif layout.stage >= 3 and not config.init_random_weights:  # zero.Init: partitioned as it is read
+        host_load = per_node * (model // n_ranks)
+    elif config.load_in_4bit or config.load_in_8bit:  # quantized onto the GPU as it is read
+        host_load = 0
+    else:  # every rank builds the whole model on the CPU first
+        host_load = per_node * model
+    other = activation_bytes(shape, config, micro_batch, not checkpointing)
+    other_total = max(other["activations (gradient pass)"] + other["LM head chunk"], other["no-grad passes (peak)"])
+    notes = [f"with gradient_checkpointing {'off' if checkpointing else 'on'}, activations would be "
+             f"{other_total / GiB:.2f} GiB"]
+    return Estimate(gpu, host_load, host_offload, layout, micro_batch, per_node, notes)
+
+
+def largest_micro_batch(config: KTOConfig, shape: ModelShape, cluster: Cluster, overhead: int = GPU_OVERHEAD) -> int:
+    """The largest per_device_train_batch_size whose estimate fits the GPU (0: not even 1)."""
+    fits = lambda b: estimate(config, shape, cluster, b, overhead).gpu_total <= cluster.gpu_memory  # noqa: E731
+    low, high = 0, 1
+    while high <= MAX_MICRO_BATCH and fits(high):
+        low, high = high, high * 2
+    high = min(high, MAX_MICRO_BATCH + 1)
+    while high - low > 1:  # fits(low), not fits(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def what_to_change(config: KTOConfig, result: Estimate, largest: int) -> list[str]:
+    """The settings that would lower the per-GPU estimate, the cheapest first."""
+    layout, advice = result.layout, []
+    if 0 < largest < result.micro_batch:
+        advice.append(f"per_device_train_batch_size {largest} (raise gradient_accumulation_steps to keep the "
+                      "global batch)")
+    if not config.gradient_checkpointing:
+        advice.append("gradient_checkpointing: true")
+    quantized = config.load_in_4bit or config.load_in_8bit
+    if layout.stage < 3 and quantized:  # bitsandbytes' packed weights are not sharded (kto_scale.config)
+        advice.append("load_in_4bit/load_in_8bit: false with fsdp: full_shard (shard a bf16 base over the GPUs; "
+                      "a quantized base is whole on every GPU)")
+    elif layout.stage < 3:
+        advice.append("deepspeed: ds_configs/zero3.json or fsdp: full_shard (shard the base over the GPUs)")
+    elif not layout.offload_params:
+        advice.append("ds_configs/zero3_offload.json or fsdp: full_shard offload (keep shards on the host)")
+    if not quantized and layout.stage < 3:
+        advice.append("load_in_4bit: true (QLoRA on ZeRO-2)")
+    if not config.ref_cache and "no-grad" in " ".join(result.gpu):
+        advice.append("ref_cache (launch/precompute_ref.py): no reference passes during training")
+    return advice or ["more GPUs or GPUs with more memory"]
+
+
+def check_layout(config: KTOConfig, result: Estimate, cluster: Cluster, examples: int | None) -> None:
+    """Layouts that cannot run at all: a ConfigError naming the setting."""
+    if examples is not None and examples < cluster.world_size:
+        raise ConfigError(f"{cluster.world_size} GPUs but the training data has {examples} examples: some ranks would "
+                          "never get one. Use fewer GPUs (--nodes/--gpus_per_node) or more data.")
+    if cluster.host_memory is not None and result.host_train > cluster.host_memory:
+        raise ConfigError(f"offload needs {result.host_train / GiB:.1f} GiB of host RAM per node and --host_memory is "
+                          f"{cluster.host_memory / GiB:.0f} GiB: turn offload off (ds_configs/zero3.json, fsdp: "
+                          "full_shard), or use more nodes.")
+
+
+def report(config: KTOConfig, shape: ModelShape, cluster: Cluster, result: Estimate, largest: int) -> str:
+    """The planner's printout: per GPU, per node, the verdict and what to change."""
+    gib = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
+    lines = [f"{config.model_name_or_path}: {shape.params / 1e9:.2f}B parameters ({shape.layers} layers, hidden "
+             f"{shape.hidden}, vocab {shape.vocab}); LoRA r={config.lora_r}: "
+             f"{shape.lora_params(config.lora_r, config.lora_target_modules) / 1e6:.1f}M trainable",
+             f"{cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs of {cluster.gpu_memory / GiB:.0f} GiB, "
+             f"{result.layout.describe()}, micro-batch {result.micro_batch} x max_length {config.max_length}, "
+             f"gradient_checkpointing {config.gradient_checkpointing}, "
+             f"reference {'from ref_cache' if config.ref_cache else 'on the fly'}", "", "per GPU:"]
+    lines += [f"  {name:<30}{gib(size)}" for name, size in result.gpu.items()]
+    lines += [f"  {'total':<30}{gib(result.gpu_total)}   of {cluster.gpu_memory / GiB:.0f} GiB",
+              *(f"  ({note})" for note in result.notes), "", "per node:",
+              f"  {'GPU memory':<30}{gib(result.gpu_total * cluster.gpus_per_node)}",
+              f"  {'host RAM at load':<30}{gib(result.host_load)}",
+              f"  {'host RAM for offload':<30}{gib(result.host_train)}", ""]
+    fits = result.gpu_total <= cluster.gpu_memory
+    host_fits = cluster.host_memory is None or result.host_load <= cluster.host_memory
+    lines.append(f"fits: {'yes' if fits else 'NO'} (largest micro-batch that fits: {largest})")
+    if not host_fits:
+        lines.append(f"host RAM: NO, loading needs {result.host_load / GiB:.0f} GiB per node and --host_memory is "
+                     f"{cluster.host_memory / GiB:.0f} GiB: ZeRO-3 loads partitioned (deepspeed: ds_configs/zero3.json)")
+    if not fits:
+        lines += ["to fit, change:", *(f"  - {advice}" for advice in what_to_change(config, result, largest))]
+    return "\n".join(lines)
+
+
+def training_examples(config: KTOConfig) -> int | None:
+    """How many training examples a local dataset holds (after eval_fraction); None for a hub dataset,
+    which the planner does not download."""
+    if not config.dataset_name or not Path(config.dataset_name).exists():
+        return None
+    examples, _ = load_examples(config.dataset_name, skip_bad_rows=config.skip_bad_rows)
+    return len(examples) - int(len(examples) * config.eval_fraction)

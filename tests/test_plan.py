@@ -1,0 +1,184 @@
+"""The capacity planner (kto_scale.plan, launch/plan.py): its arithmetic on a shape small enough to
+compute by hand, and its one-line answers to bad input."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from kto_scale.assets import TINY_LLAMA_DIR
+from kto_scale.config import REPO_ROOT, ConfigError, KTOConfig
+from kto_scale.plan import (
+    GPU_OVERHEAD,
+    Cluster,
+    activation_bytes,
+    estimate,
+    largest_micro_batch,
+    layer_activation_bytes,
+    parse_size,
+    read_shape,
+)
+
+# The packaged tiny Llama: H 64, I 176, 2 layers, 4 heads x 16 (A 64), 2 kv heads (K 32), V 938, untied.
+LAYER = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 176 + 2 * 64  # q, k, v, o, MLP, 2 norms = 46208
+EDGES = 938 * 64 * 2 + 64  # embedding, LM head, final norm = 120128
+LORA = 2 * 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 176))  # r 4 on the 7 projections = 9344
+
+
+def tiny_config(**overrides) -> KTOConfig:
+    values = {"model_name_or_path": str(TINY_LLAMA_DIR), "dataset_name": "unused.jsonl", "max_length": 64,
+              "max_prompt_length": 32, "per_device_train_batch_size": 2, "lora_r": 4, "lora_dropout": 0.0,
+              "deepspeed": str(REPO_ROOT / "ds_configs/zero2.json")}
+    values.update(overrides)
+    return KTOConfig(**values)
+
+
+def test_shape_counts_the_models_parameters():
+    """Hand-computed counts, and the same as the model transformers builds from that config."""
+    shape = read_shape(tiny_config())
+    assert (shape.layer_params, shape.edge_params, shape.params) == (LAYER, EDGES, 2 * LAYER + EDGES)
+    assert shape.lora_params(4, None) == LORA
+    assert shape.lora_params(4, ["q_proj", "v_proj"]) == 2 * 4 * ((64 + 64) + (64 + 32))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA_DIR))
+    assert shape.params == sum(p.numel() for p in model.parameters())
+
+
+def test_zero2_estimate_by_hand():
+    """fp32 (w = 4), ZeRO-2 on 2 GPUs, micro-batch 2 x 64 tokens (t = 128), no checkpointing, reference
+    on the fly. Per token and layer S = 8H + 8 + 2wH + 4wA + 4 heads + wT + 4wI + 7wr
+    = 512 + 8 + 512 + 1024 + 16 + 256 + 2816 + 112 = 5256."""
+    config = tiny_config()
+    shape = read_shape(config)
+    result = estimate(config, shape, Cluster(1, 2, 80 * 2**30), overhead=1000)
+    s, t = 5256, 128
+    passes = activation_bytes(shape, config, 2, checkpointing=False)
+    assert passes["activations (gradient pass)"] == 2 * t * s + t * s + t * (4 + 4) * 64  # L t S, gradients, edges
+    assert passes["LM head chunk"] == 2 * 63 * 938 * 16  # C = min(1024, B (T - 1)) rows of V logits, 16 bytes
+    # No-grad passes over x + y + y' (2 rows of 64 + 63 tokens; wT is then 4 x 127; C = 2 x 126 rows):
+    # above the gradient pass for this tiny shape (its vocabulary is small), so they set the peak.
+    no_grad = 2 * 127 * (s - 4 * 64 + 4 * 127) + 2 * 126 * 938 * (4 + 8)
+    assert no_grad > passes["activations (gradient pass)"] + passes["LM head chunk"]
+    assert result.gpu == {
+        "base weights": (2 * LAYER + EDGES) * 4,  # every GPU holds the whole base
+        "DeepSpeed buckets": 64 * 64 * 4,
+        "LoRA weights": 4 * LORA, "LoRA gradients": 4 * LORA,
+        "Adam state": 8 * LORA // 2,  # ZeRO-2: split over the 2 ranks
+        "activations (no-grad passes)": no_grad,
+        "framework overhead": 1000,
+    }
+    assert result.host_load == 2 * (2 * LAYER + EDGES) * 4  # each rank loads the whole model on the CPU
+    assert result.gpu_total == sum(result.gpu.values())
+
+
+def test_fsdp_and_zero3_shard_the_base():
+    """FSDP2 on 2 ranks keeps 1/2 of the layers, 2 gathered layers and the root (edges) whole; its
+    fp32 LoRA gradients stay unsharded while 2 micro-batches accumulate. ZeRO-3: 1/2 of everything."""
+    config = tiny_config(fsdp="full_shard", deepspeed=None, gradient_accumulation_steps=2)
+    fsdp = estimate(config, read_shape(config), Cluster(1, 2, 2**30))
+    assert fsdp.gpu["base weights"] == 2 * LAYER * 4 // 2 + 2 * LAYER * 4 + EDGES * 4
+    assert (fsdp.gpu["LoRA weights"], fsdp.gpu["LoRA gradients"], fsdp.gpu["Adam state"]) == (
+        4 * LORA // 2, 4 * LORA, 8 * LORA // 2)
+    assert fsdp.host_load == (2 * LAYER + EDGES) * 4  # rank 0 alone loads, and broadcasts
+    config = tiny_config(deepspeed=str(REPO_ROOT / "ds_configs/zero3.json"))
+    zero3 = estimate(config, read_shape(config), Cluster(2, 1, 2**30))
+    assert zero3.gpu["base weights"] == (2 * LAYER + EDGES) * 4 // 2 + 2 * LAYER * 4
+    assert zero3.gpu["LoRA weights"] == 4 * LORA // 2
+    assert zero3.host_load == (2 * LAYER + EDGES) * 4 // 2  # one rank per node, loaded partitioned
+
+
+def test_quantized_and_checkpointed():
+    """4-bit: 1/2 byte + 1/64 + 4/16384 (nested constants) per linear weight; checkpointing keeps
+    one wH input per layer and token plus one recomputed layer (bf16: w = 2)."""
+    config = tiny_config(load_in_4bit=True, bf16=True, gradient_checkpointing=True)
+    shape = read_shape(config)
+    result = estimate(config, shape, Cluster(1, 1, 2**30))
+    linear = shape.linear_params
+    assert result.gpu["base weights"] == int(linear * (0.5 + 1 / 64 + 4 / 16384)) + (shape.params - linear) * 2
+    s = 8 * 64 + 8 + 2 * 2 * 64 + 4 * 2 * 64 + 4 * 4 + 2 * 64 + 4 * 2 * 176 + 7 * 2 * 4
+    t = 128
+    passes = activation_bytes(shape, config, 2, checkpointing=True)
+    assert passes["activations (gradient pass)"] == 2 * t * 2 * 64 + t * s + t * s + t * (4 + 2) * 64
+    # Checkpointing shrinks the gradient pass below the no-grad passes (x + y + y', 2 x 127 tokens),
+    # which then set the step's peak.
+    assert result.gpu["activations (no-grad passes)"] == passes["no-grad passes (peak)"]
+
+
+def test_largest_micro_batch_is_the_boundary():
+    config = tiny_config()
+    shape = read_shape(config)
+    cluster = Cluster(1, 1, GPU_OVERHEAD + 64 * 2**20)
+    largest = largest_micro_batch(config, shape, cluster)
+    assert largest > 0
+    assert estimate(config, shape, cluster, largest).gpu_total <= cluster.gpu_memory
+    assert estimate(config, shape, cluster, largest + 1).gpu_total > cluster.gpu_memory
+
+
+def test_parse_size():
+    assert parse_size("80GB", "x") == 80 * 2**30 and parse_size("1TB", "x") == 2**40 and parse_size("24", "x") == 24 * 2**30
+    with pytest.raises(ConfigError, match="--gpu_memory"):
+        parse_size("lots", "--gpu_memory")
+
+
+def _plan(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(f'{{"prompt": "p", "completion": "c", "label": {str(i % 2 == 0).lower()}}}\n'
+                            for i in range(6)))
+    command = [sys.executable, "launch/plan.py", "--model_name_or_path", str(TINY_LLAMA_DIR),
+               "--dataset_name", str(data), "--max_length", "64", "--max_prompt_length", "32", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+
+
+def test_cli_prints_the_plan(tmp_path):
+    done = _plan(tmp_path, "--nodes", "1", "--gpus_per_node", "2", "--gpu_memory", "80GB")
+    assert done.returncode == 0, done.stderr
+    assert "fits: yes" in done.stdout and "host RAM at load" in done.stdout and "LM head chunk" in done.stdout
+    tight = _plan(tmp_path, "--gpus_per_node", "2", "--gpu_memory", "1GB")  # below the 2 GiB CUDA allowance
+    assert tight.returncode == 1 and "fits: NO" in tight.stdout and "to fit, change:" in tight.stdout
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--model_name_or_path", "/nonexistent/model"], "model_name_or_path"),
+    (["--gpus_per_node", "8"], "6 examples"),  # 6 examples, 8 GPUs
+    (["--load_in_4bit", "true", "--fp16", "true", "--fsdp", "full_shard", "--deepspeed", "null"], "fsdp"),
+    (["--deepspeed", "ds_configs/zero3_offload.json", "--gpus_per_node", "2", "--host_memory", "0.0001GB"],
+     "--host_memory"),
+    (["--gpu_memory", "a lot"], "--gpu_memory"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, args, named):
+    done = _plan(tmp_path, *args)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], done.stderr
+
+
+def test_saved_activations_are_what_autograd_saves():
+    """S, the planner's bytes per token and layer, against the bytes autograd actually saves in the
+    decoder of the tiny LoRA Llama (fp32, sdpa, a padded batch): every tensor a saved_tensors_hooks
+    sees, counted once per storage, parameters left out. The only other saved tensors are RoPE's cos
+    and sin, shared by all layers ([1, 1, T, head_dim] each). Exact: both sides count bytes."""
+    config = tiny_config(attn_implementation="sdpa")
+    shape = read_shape(config)
+    model = get_peft_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA_DIR),
+                                                            attn_implementation="sdpa"),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    batch, length = 2, 64
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, :5] = 0  # padding: transformers passes sdpa a [B, 1, T, T] mask
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.get_base_model().get_decoder()(input_ids=torch.randint(900, (batch, length)), attention_mask=mask)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = sum(size for pointer, size in storages.items() if pointer not in parameters)
+    rope = 2 * length * shape.head_dim * 4
+    assert saved - rope == shape.layers * batch * length * layer_activation_bytes(shape, config, 4, length)
