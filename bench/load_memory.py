@@ -74,8 +74,8 @@ def measure(argv: list[str]) -> None:
 
     from kto_scale.config import load_config
     from kto_scale.distributed import all_gather, init_distributed
-    from kto_scale.engine import engine_setup
     from kto_scale.model import SequenceLogps, add_lora, load_base_model
+    from kto_scale.startup import engine_setup
 
     sampler = PeakSampler()
     sampler.start()

@@ -41,5 +41,9 @@ def setup(config: KTOConfig, claim_output: Callable[[], None]) -> Start:
     check_sft_adapter(config, tokenizer)  # before the data and the model: fail fast
     train_set, eval_set = shared_prepared_data(config, tokenizer)  # kept in prepared_data_dir for later runs
     # The engine is set up before the model loads: ZeRO-3 loads it already partitioned.
-    engine = FSDPSetup(config, world_size) if config.fsdp else DeepSpeedSetup(config, world_size)
-    return Start(rank, world_size, tokenizer, train_set, eval_set, engine)
+    return Start(rank, world_size, tokenizer, train_set, eval_set, engine_setup(config, world_size))
+
+
+def engine_setup(config: KTOConfig, world_size: int) -> DeepSpeedSetup | FSDPSetup:
+    """The engine the config asks for, before the model is loaded (FSDP2 if `fsdp` is set, else DeepSpeed)."""
+    return FSDPSetup(config, world_size) if config.fsdp else DeepSpeedSetup(config, world_size)
