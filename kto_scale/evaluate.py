@@ -29,7 +29,7 @@ from kto_scale.engine import Engine
 from kto_scale.generate import GENERATIONS_FILE, PromptGenerations
 from kto_scale.loss import balanced_weights, kl_baseline, kto_losses
 from kto_scale.model import load_base_model, reference_mode, shares_prompt
-from kto_scale.outdir import replace_refusal
+from kto_scale.outdir import record_contents, replace_refusal
 from kto_scale.ref_cache import RefCache
 from kto_scale.sft_adapter import add_reference_adapter
 from kto_scale.startup import setup
@@ -162,6 +162,7 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
             if generations:
                 (tmp / GENERATIONS_FILE).write_text("".join(json.dumps(row) + "\n" for row in generations))
             (tmp / "summary.json").write_text(json.dumps({"split": split, "examples": len(dataset), **summary}, indent=1))
+            record_contents(tmp)  # what a later evaluation into `output` may replace
         logger.info("Scored %d %s examples; wrote %s", len(dataset), split, output)
     shutdown()
     return summary

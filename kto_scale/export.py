@@ -42,7 +42,13 @@ from safetensors.torch import load_file, save_file
 from transformers.modeling_utils import str_to_torch_dtype
 
 from kto_scale.atomic import atomic_directory
-from kto_scale.outdir import DirectoryBusy, lock_directory, replace_refusal, unlock_and_remove
+from kto_scale.outdir import (
+    DirectoryBusy,
+    lock_directory,
+    record_contents,
+    replace_refusal,
+    unlock_and_remove,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -389,6 +395,7 @@ def atomic_output_dir(output: Path, overwrite: bool, inputs: list[Path]) -> Iter
         check_output(output, overwrite, inputs)
         with atomic_directory(output) as tmp:
             yield tmp
+            record_contents(tmp)  # what a later --overwrite may replace
     finally:
         unlock_and_remove(lock_file)
 

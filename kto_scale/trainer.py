@@ -22,21 +22,20 @@ from kto_scale.checkpoint import (
     check_resume,
     find_checkpoint,
     load_checkpoint,
-    prepare_output_dir,
     save_adapter,
     save_base_model,
     save_checkpoint,
-    set_aside_previous_run,
 )
 from kto_scale.collate import BatchPlan, collate, sequence_lengths, to_device
 from kto_scale.config import ConfigError, KTOConfig, save_config
-from kto_scale.distributed import all_reduce_sum, global_kl_baseline, shutdown
+from kto_scale.distributed import all_reduce_sum, global_kl_baseline, on_main_process, shutdown
 from kto_scale.engine import Engine
 from kto_scale.evaluate import evaluation_metrics, no_grad_logps, score_dataset
 from kto_scale.generate import GenerationLog, PromptGenerations
 from kto_scale.loss import balanced_weights, kto_losses
 from kto_scale.metrics import MetricsLogger
 from kto_scale.model import SequenceLogps, add_lora, load_base_model, shares_prompt
+from kto_scale.outdir import prepare_output_dir, set_aside_previous_run
 from kto_scale.plot import plot_runs
 from kto_scale.ref_cache import RefCache, open_ref_cache
 from kto_scale.startup import setup
@@ -125,7 +124,7 @@ def class_balance_warning(n_desirable: int, n_undesirable: int, weights: tuple[f
 
 def train(config: KTOConfig) -> Path:
     """Train the LoRA policy with KTO; returns the directory of the final adapter."""
-    start = setup(config, Path(config.output_dir) / "prepared", lambda: prepare_output_dir(config))
+    start = setup(config, Path(config.output_dir) / "prepared", lambda: on_main_process(lambda: prepare_output_dir(config)))
     rank, world_size, tokenizer, train_set, eval_set = (start.rank, start.world_size, start.tokenizer,
                                                          start.train_set, start.eval_set)
     n_desirable = sum(train_set["label"])
@@ -152,7 +151,7 @@ def train(config: KTOConfig) -> Path:
         start.engine.prepare_resume(checkpoint, check_resume(checkpoint, config, world_size))
     base = load_base_model(config)
     shared_prompt = not caches and shares_prompt(config, base)  # a cache replaces the reference passes
-    set_aside_previous_run(config)  # every check passed: only now does the old run make way
+    on_main_process(lambda: set_aside_previous_run(config))  # every check passed: only now does the old run make way
     if config.init_random_weights:  # the adapter is only meaningful next to these exact weights
         save_base_model(base, tokenizer, Path(config.output_dir) / "base_model")
     model = add_lora(base, config)

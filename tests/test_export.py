@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 
 from kto_scale import export
 from kto_scale.export import ExportError, export_adapter, merge_lora
+from kto_scale.outdir import OWNED, record_owned
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -210,8 +211,12 @@ def test_non_empty_output_needs_overwrite(base_and_adapter, tmp_path):
         merge_lora(base, adapter, out)
     assert (out / "old.txt").read_text() == "keep me"
     (out / "old.txt").unlink()
-    (out / "config.json").write_text("{}")  # what an interrupted earlier merge might have left
-    merge_lora(base, adapter, out, overwrite=True)
+    (out / "config.json").write_text("{}")  # named like a merge's file, but no merge recorded writing it
+    with pytest.raises(ExportError, match="which no kto-scale run recorded"):
+        merge_lora(base, adapter, out, overwrite=True)
+    (out / "config.json").unlink()
+    merge_lora(base, adapter, out)
+    merge_lora(base, adapter, out, overwrite=True)  # an earlier merge: replaced
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temporary and no lock file left
     with pytest.raises(ExportError, match="contains or lies inside the input"):
@@ -296,11 +301,12 @@ def test_failure_mid_write_leaves_no_output(base_and_adapter, tmp_path, monkeypa
 
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "config.json").write_text("{}")
+    record_owned(tmp_path / "merged", ["config.json"])  # as an earlier merge leaves it
     written.clear()
     with pytest.raises(OSError, match="disk full"):
         merge_lora(base, adapter, tmp_path / "merged", max_shard_size="60KB", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
-    assert [p.name for p in (tmp_path / "merged").iterdir()] == ["config.json"]
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [OWNED, "config.json"]
 
 
 def test_killed_merge_leaves_no_output(base_and_adapter, tmp_path):
