@@ -22,10 +22,18 @@ from pathlib import Path
 import deepspeed
 import numpy as np
 import torch
+import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kto_scale.atomic import atomic_directory, replace_directory, write_atomic
-from kto_scale.config import ConfigError, KTOConfig, save_config
+from kto_scale.config import (
+    CONFIG_FILE,
+    OPTIMIZATION_FIELDS,
+    RESUME_OPTIONS,
+    ConfigError,
+    KTOConfig,
+    save_config,
+)
 from kto_scale.distributed import any_rank, barrier, is_main_process, on_main_process
 from kto_scale.engine import DEEPSPEED_TAG, FSDP_TAG, Engine
 from kto_scale.outdir import LATEST, checkpoints, latest_checkpoint, record_owned
@@ -35,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 ENGINE_TAGS = {"deepspeed": DEEPSPEED_TAG, "fsdp": FSDP_TAG}  # each engine's state directory in a checkpoint
 TRAINER_STATE = "trainer_state.json"
+CHANGES_FILE = "config_changes.jsonl"  # one line per resume with changed settings
 
 
 def _write_adapter(engine: Engine, tokenizer: PreTrainedTokenizerBase, config: KTOConfig, path: Path,
@@ -167,6 +176,7 @@ def check_resume(path: Path, config: KTOConfig, world_size: int) -> int:
         switch = "--fsdp full_shard --deepspeed null" if other == "fsdp" else "--fsdp '' (DeepSpeed)"
         raise ConfigError(f"{path} was written by {other} and this run uses {engine}: resume it with the engine "
                           f"that wrote it ({switch}).")
+    _check_changes(path, config)
     global_batch = _global_batch(config, world_size)
     if state["global_batch_size"] != global_batch:
         raise ConfigError(
@@ -175,6 +185,28 @@ def check_resume(path: Path, config: KTOConfig, world_size: int) -> int:
             "keep it equal so the resumed run sees the batches the original would have."
         )
     return state["world_size"]
+
+
+def _check_changes(path: Path, config: KTOConfig) -> None:
+    """Compare the settings checkpoint `path` was written with to this run's. A change to what is
+    optimized is refused unless resume_with_changes; every accepted change is logged and appended to
+    <output_dir>/config_changes.jsonl (kto_config.yaml then holds the run's settings from here on)."""
+    saved = yaml.safe_load((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
+    now = config.to_dict()
+    changes = {name: [saved.get(name), value] for name, value in now.items()
+               if name not in RESUME_OPTIONS and saved.get(name) != value}
+    listed = "; ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items()
+                       if name in OPTIMIZATION_FIELDS)
+    if listed and not config.resume_with_changes:
+        raise ConfigError(f"{path} was trained with other settings that change the optimization: {listed}. Resume "
+                          "with the checkpoint's values, pass --resume_with_changes true to continue with these "
+                          f"(each change is recorded in {CHANGES_FILE}), or start a new run.")
+    if changes:
+        logger.warning("Resuming from %s with changed settings: %s.", path,
+                       "; ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items()))
+        if is_main_process():
+            with open(Path(config.output_dir) / CHANGES_FILE, "a") as log:
+                log.write(json.dumps({"checkpoint": str(path), "changes": changes}) + "\n")
 
 
 def load_checkpoint(engine: Engine, path: Path) -> int:

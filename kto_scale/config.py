@@ -30,6 +30,18 @@ INPUT_PATHS = ("model_name_or_path", "dataset_name", "eval_dataset_name", "deeps
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORTERS = ("none", "wandb", "tensorboard")
 KL_BASELINES = ("effective_batch", "micro_batch")
+# Settings a resumed run may not change without resume_with_changes: they change what is optimized (the
+# global batch is checked on its own; max_steps and num_train_epochs may grow a run).
+OPTIMIZATION_FIELDS = (
+    "model_name_or_path", "model_revision", "init_random_weights", "load_in_4bit", "load_in_8bit",
+    "bnb_4bit_quant_type", "use_bnb_nested_quant", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "sft_adapter", "dataset_name", "eval_fraction", "skip_bad_rows", "max_length", "max_prompt_length",
+    "max_completion_length", "group_by_length", "data_seed", "beta", "desirable_weight", "undesirable_weight",
+    "kl_pairs_per_step", "kl_baseline", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "max_grad_norm", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "seed", "bf16", "fp16",
+)
+# How a run is resumed, not what it computes: never a change worth recording.
+RESUME_OPTIONS = ("resume_from_checkpoint", "resume_with_changes", "overwrite_output_dir")
 
 
 class ConfigError(ValueError):

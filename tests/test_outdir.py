@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from runs import ROOT, TRAIN, clean_env, config_file
 
-from kto_scale.checkpoint import checkpoints
+from kto_scale.checkpoint import CHANGES_FILE, check_resume
 from kto_scale.config import ConfigError, KTOConfig, save_config
 from kto_scale.evaluate import check_output as check_eval_output
 from kto_scale.export import ExportError
 from kto_scale.export import check_output as check_export_output
-from kto_scale.outdir import prepare_output_dir, record_owned, set_aside_previous_run
+from kto_scale.outdir import checkpoints, prepare_output_dir, record_owned, set_aside_previous_run
 
 
 def _tree(directory: Path) -> dict[str, bytes]:
@@ -141,3 +141,28 @@ def test_a_merge_replaces_only_its_own_earlier_output(tmp_path):
     (tmp_path / "model" / "model.safetensors").write_bytes(b"weights")
     with pytest.raises(ExportError, match="which no kto-scale run recorded"):
         check_export_output(tmp_path / "model", True, [])
+
+
+def test_resuming_with_settings_that_change_the_optimization_is_explicit(tmp_path):
+    """The checkpoint's saved settings are compared with the new ones: beta and learning_rate changed
+    are refused with both listed; resume_with_changes continues, logs and records every change, and
+    the checkpoint's own kto_config.yaml is left as written. A longer run (max_steps) is no refusal."""
+    saved = _config(tmp_path / "run", max_steps=4)
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    (checkpoint / "deepspeed").mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2, "world_size": 1, "global_batch_size": 4}))
+    save_config(saved, checkpoint)
+    written = (checkpoint / "kto_config.yaml").read_bytes()
+
+    changed = _config(tmp_path / "run", max_steps=4, beta=0.5, learning_rate=1e-4)
+    with pytest.raises(ConfigError, match=r"beta 0.1 -> 0.5; learning_rate 5e-05 -> 0.0001\. .*--resume_with_changes"):
+        check_resume(checkpoint, changed, world_size=1)
+    assert not (tmp_path / "run" / CHANGES_FILE).exists()
+
+    check_resume(checkpoint, _config(tmp_path / "run", max_steps=8), world_size=1)
+    changed.resume_with_changes = True
+    check_resume(checkpoint, changed, world_size=1)
+    lines = [json.loads(line) for line in (tmp_path / "run" / CHANGES_FILE).read_text().splitlines()]
+    assert [line["changes"] for line in lines] == [{"max_steps": [4, 8]},
+                                                  {"beta": [0.1, 0.5], "learning_rate": [5e-05, 1e-4]}]
+    assert (checkpoint / "kto_config.yaml").read_bytes() == written
