@@ -22,8 +22,9 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        name_the_path(error, path)
         raise
 
 
@@ -49,7 +50,15 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        name_the_path(error, path)
         raise
     replace_directory(tmp, path)
+
+
+def name_the_path(error: BaseException, path: Path) -> None:
+    """A failed write (no space left, read-only file system) often names no file: name the one that
+    was being written, so the message says where."""
+    if isinstance(error, OSError) and not error.filename:
+        error.filename = str(path)

@@ -15,6 +15,7 @@ holds the adapter's and the reference's completions of the prompts training pick
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -115,13 +116,22 @@ def evaluation_metrics(scores: dict[str, Tensor], beta: float, weights: tuple[fl
 
 
 def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: str = "eval") -> dict[str, float]:
-    """Score `split` ("eval" or "train") of the config's data with base + adapter; write to `output`."""
+    """Score `split` ("eval" or "train") of the config's data with base + adapter; write to `output`.
+    The tokenized data, next to `output` while it runs, is removed however the evaluation ends."""
+    prepared = Path(output).with_name(f".{Path(output).name}.prepared")
+    try:
+        return _evaluate(config, adapter, Path(output), split, prepared)
+    finally:
+        if is_main_process():
+            shutil.rmtree(prepared, ignore_errors=True)
+
+
+def _evaluate(config: KTOConfig, adapter: str | Path, output: Path, split: str, prepared: Path) -> dict[str, float]:
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter {adapter} is not a peft adapter directory (no adapter_config.json).")
-    output = Path(output)
     check_output(output, [Path(adapter), *(Path(p) for p in (config.model_name_or_path, config.sft_adapter,
                                                                config.dataset_name, config.eval_dataset_name) if p)])
-    start = setup(config, output.with_name(f".{output.name}.prepared"), lambda: None)
+    start = setup(config, prepared, lambda: None)
     dataset = {"train": start.train_set, "eval": start.eval_set}[split]
     if dataset is None:
         raise ConfigError("The config has no eval data: set eval_dataset_name or eval_fraction, or pass --split train.")

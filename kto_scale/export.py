@@ -37,7 +37,7 @@ import torch
 from huggingface_hub import StateDictSplit, split_torch_state_dict_into_shards
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers.modeling_utils import str_to_torch_dtype
 
@@ -327,7 +327,10 @@ def merged_tensors(files: list[Path], plan: dict[str, LoraPair], fan_in_fan_out:
 
 def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write one safetensors shard (HF's loaders expect the "format" metadata)."""
-    save_file(tensors, path, metadata={"format": "pt"})
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as error:  # a failed write (disk full, read-only) as an OSError naming the file
+        raise OSError(None, str(error), str(path)) from error
 
 
 def plan_shards(base: dict[str, torch.Tensor], dtype: torch.dtype, max_shard_size: str) -> StateDictSplit:

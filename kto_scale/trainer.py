@@ -37,6 +37,7 @@ from kto_scale.metrics import MetricsLogger
 from kto_scale.model import SequenceLogps, add_lora, load_base_model, shares_prompt
 from kto_scale.outdir import prepare_output_dir, set_aside_previous_run
 from kto_scale.plot import plot_runs
+from kto_scale.preemption import Preempted, SigtermStop
 from kto_scale.ref_cache import RefCache, open_ref_cache
 from kto_scale.startup import setup
 
@@ -183,6 +184,7 @@ def train(config: KTOConfig) -> Path:
             generation_log.write(generations.rows(step), step=step)
         return result
 
+    stop = SigtermStop(config.sigterm_timeout_s)
     sums, z_refs, window_start = {}, [], time.perf_counter()
     progress = tqdm(total=total_steps, initial=start_step, disable=rank != 0 or config.disable_tqdm, desc="kto")
     last_eval, bad_steps = None, 0
@@ -221,6 +223,15 @@ def train(config: KTOConfig) -> Path:
             last_eval = (step, run_eval(step))
         if step % config.save_steps == 0:
             save_checkpoint(engine, tokenizer, config, step)
+        if stop.agreed(engine.device):  # SIGTERM on any rank: every rank stops after this step
+            if step % config.save_steps:
+                save_checkpoint(engine, tokenizer, config, step)
+            for log in (progress, generation_log, metrics):
+                if log is not None:
+                    log.close()
+            shutdown()
+            raise Preempted(f"stopped by SIGTERM after step {step} of {total_steps}; checkpoint-{step} is written: "
+                            "continue with --resume_from_checkpoint latest.")
     progress.close()
 
     final = Path(config.output_dir) / "adapter"

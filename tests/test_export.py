@@ -452,7 +452,7 @@ def test_command_line_reports_bad_input(base_and_adapter, tmp_path):
     finally:
         sys.path.remove(str(REPO / "launch"))
     base, adapter = base_and_adapter
-    with pytest.raises(SystemExit, match=r"merge_lora: error: .*adapter/config.json is missing"):
+    with pytest.raises(SystemExit, match=r"^error: .*adapter/config.json is missing"):
         cli.main(["--base", str(adapter), "--adapter", str(adapter), "--output", str(tmp_path / "m")])
     cli.main(["--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "m"), "--dtype", "fp16"])
     assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "float16"
