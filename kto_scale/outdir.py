@@ -247,21 +247,23 @@ def set_aside_previous_run(config: KTOConfig) -> None:
     output = Path(config.output_dir)
     if _previous_run(config):
         aside = move_previous_run(output, _run_entries(output))
-        previous = previous_runs(output)
-        logger.warning("The previous run in %s (%s) was moved to %s; %d set-aside run(s) there hold %s in all. "
-                       "Nothing is deleted: remove one with `rm -r %s` when you no longer need it, or set "
-                       "keep_previous_runs.", output, _size(aside), aside, len(previous), _size(*previous), aside)
         if config.keep_previous_runs is not None:
+            previous = previous_runs(output)
             for old in previous[: max(len(previous) - config.keep_previous_runs, 0)]:
                 logger.warning("keep_previous_runs=%d: deleting %s (%s).", config.keep_previous_runs, old, _size(old))
                 shutil.rmtree(old)
+        previous = previous_runs(output)
+        logger.warning("The previous run in %s (%s) was moved to %s; %d set-aside run(s) there hold %s in all. "
+                       "Nothing else is deleted: remove one with `rm -r %s` when you no longer need it, or set "
+                       "keep_previous_runs.", output, _size(aside), aside, len(previous), _size(*previous), aside)
     record_owned(output, RUN_NAMES)
 
 
 def move_previous_run(output_dir: Path, names: list[str]) -> Path:
     """Move the entries `names` of `output_dir` into a new `<output_dir>/.previous-run-<UTC time>/`, with
     an ownership record listing them (it marks the folder as set aside by kto-scale); return it."""
-    name = f"{PREVIOUS_RUN}{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    now = time.time()  # to the microsecond: the names sort oldest first, however fast runs follow each other
+    name = f"{PREVIOUS_RUN}{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}.{int(now % 1 * 1e6):06d}"
     aside, suffix = output_dir / name, 1
     while aside.exists():  # two overwrites within a second
         aside, suffix = output_dir / f"{name}-{suffix}", suffix + 1

@@ -166,3 +166,26 @@ def test_resuming_with_settings_that_change_the_optimization_is_explicit(tmp_pat
     assert [line["changes"] for line in lines] == [{"max_steps": [4, 8]},
                                                   {"beta": [0.1, 0.5], "learning_rate": [5e-05, 1e-4]}]
     assert (checkpoint / "kto_config.yaml").read_bytes() == written
+
+
+def test_set_aside_runs_are_counted_and_only_our_oldest_removed(tmp_path, caplog):
+    """Each set-aside logs its size, how many there are, their total and how to remove one; with
+    keep_previous_runs only kto-scale's own oldest set-aside folders go, each named in the log."""
+    out = tmp_path / "run"
+    _finished_run(out)
+    (out / ".previous-run-00000000-000000").mkdir()  # the user's, named like ours: never removed
+    asides = []
+    for _ in range(3):
+        config = _config(out, overwrite_output_dir=True, keep_previous_runs=1)
+        prepare_output_dir(config)
+        with caplog.at_level("WARNING", logger="kto_scale.outdir"):
+            set_aside_previous_run(config)
+        (aside,) = set(out.glob(".previous-run-*")) - set(asides) - {out / ".previous-run-00000000-000000"}
+        asides.append(aside)
+        assert f"was moved to {aside}; 1 set-aside run(s) there hold" in caplog.text
+        assert f"`rm -r {aside}`" in caplog.text
+        save_config(config, out)
+        (out / "adapter").mkdir()
+    assert sorted(out.glob(".previous-run-*")) == [out / ".previous-run-00000000-000000", asides[-1]]
+    assert f"keep_previous_runs=1: deleting {asides[0]}" in caplog.text
+    assert f"keep_previous_runs=1: deleting {asides[1]}" in caplog.text
