@@ -137,7 +137,12 @@ def _evaluate(config: KTOConfig, adapter: str | Path, output: Path, split: str, 
         raise ConfigError("The config has no eval data: set eval_dataset_name or eval_fraction, or pass --split train.")
     base = load_base_model(config)
     shared_prompt = shares_prompt(config, base)
-    model = PeftModel.from_pretrained(base, str(adapter))
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter))
+    except (RuntimeError, ValueError, KeyError) as error:  # shapes or module names of another base
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"--adapter {adapter} does not fit the model {config.model_name_or_path}: it was trained on "
+                          f"another base ({first}). Pass the config of the run that trained it.") from None
     if config.sft_adapter:  # the reference training used: base + the SFT adapter
         add_reference_adapter(model, config)
     engine = start.engine.inference_engine(model)

@@ -32,7 +32,7 @@ from pathlib import Path
 import datasets
 
 from kto_scale.atomic import atomic_directory
-from kto_scale.config import KTOConfig
+from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.data import DataError, Example, load_examples, split_train_eval
 from kto_scale.distributed import on_main_process
 
@@ -83,9 +83,10 @@ def prepare_dataset(
             max_prompt_length,
         )
     if not keep:
-        raise DataError(
-            f"No examples left to train on: all {len(examples)} were dropped as too long. "
-            "Raise max_length, or set max_prompt_length to cut long prompts."
+        # The length settings did this, not the data: a ConfigError, never blamed on (eval) data.
+        raise ConfigError(
+            f"max_length={max_length} with max_prompt_length={max_prompt_length} leaves no room for a completion in "
+            f"any of the {len(examples)} examples: raise max_length, or set max_prompt_length to cut long prompts."
         )
     cut = [i for i in keep if len(cuts[i][1]) < len(completions[i])]
     eos = [tokenizer.eos_token_id]
