@@ -3,6 +3,7 @@ replaced, moved, rotated or deleted (issue 20's four reproductions, and the same
 cache, an evaluation and a merge), and every set-aside run is accounted for."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +190,16 @@ def test_set_aside_runs_are_counted_and_only_our_oldest_removed(tmp_path, caplog
     assert sorted(out.glob(".previous-run-*")) == [out / ".previous-run-00000000-000000", asides[-1]]
     assert f"keep_previous_runs=1: deleting {asides[0]}" in caplog.text
     assert f"keep_previous_runs=1: deleting {asides[1]}" in caplog.text
+
+
+@pytest.mark.e2e
+def test_a_runs_files_are_as_readable_as_the_umask_allows(one_process_run):
+    """A team shares run directories: nothing a run writes is made private behind the user's umask
+    (files 0666 and directories 0777, less the umask; with the usual 022, group- and world-readable)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {str(p.relative_to(one_process_run)): (p.stat().st_mode & 0o777, p.is_dir())
+             for p in one_process_run.rglob("*")}
+    wrong = {name: oct(mode) for name, (mode, is_dir) in modes.items()  # (DeepSpeed copies its scripts 0744)
+             if mode & ~0o111 != (0o777 if is_dir else 0o666) & ~umask & ~0o111}
+    assert modes and not wrong, wrong
