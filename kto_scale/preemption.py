@@ -2,8 +2,9 @@
 finish its optimizer step, write a checkpoint and exit with REQUEUE_EXIT, which launch/slurm/kto.sbatch
 requeues. A second SIGTERM, or `sigterm_timeout_s` without finishing, exits at once.
 
-Ranks get the signal at different moments (or only some of them do), so the decision to stop is taken
-together once per step (`any_rank`): every rank stops after the same step, and none waits for another.
+Ranks get the signal at different moments (or only some of them do), so the training loop takes the
+decision to stop together once per step (`any_rank` of `requested`): every rank stops after the same
+step, and none waits for another. This module imports no torch.distributed (launch/plot.py uses it).
 """
 
 import logging
@@ -11,10 +12,6 @@ import os
 import signal
 import threading
 import time
-
-import torch
-
-from kto_scale.distributed import any_rank
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +44,7 @@ class SigtermStop:
         timer.daemon = True
         timer.start()
 
-    def agreed(self, device: torch.device) -> bool:
-        """Whether any rank got SIGTERM: the same answer on every rank (all ranks call once per step)."""
-        return any_rank(self.requested_at is not None, device)
+    @property
+    def requested(self) -> bool:
+        """Whether this rank got SIGTERM."""
+        return self.requested_at is not None

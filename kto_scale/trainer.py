@@ -28,7 +28,7 @@ from kto_scale.checkpoint import (
 )
 from kto_scale.collate import BatchPlan, collate, sequence_lengths, to_device
 from kto_scale.config import ConfigError, KTOConfig, save_config
-from kto_scale.distributed import all_reduce_sum, global_kl_baseline, on_main_process, shutdown
+from kto_scale.distributed import all_reduce_sum, any_rank, global_kl_baseline, on_main_process, shutdown
 from kto_scale.engine import Engine
 from kto_scale.evaluate import evaluation_metrics, no_grad_logps, score_dataset
 from kto_scale.generate import GenerationLog, PromptGenerations
@@ -223,7 +223,7 @@ def train(config: KTOConfig) -> Path:
             last_eval = (step, run_eval(step))
         if step % config.save_steps == 0:
             save_checkpoint(engine, tokenizer, config, step)
-        if stop.agreed(engine.device):  # SIGTERM on any rank: every rank stops after this step
+        if any_rank(stop.requested, engine.device):  # SIGTERM on any rank: every rank stops after this step
             if step % config.save_steps:
                 save_checkpoint(engine, tokenizer, config, step)
             for log in (progress, generation_log, metrics):

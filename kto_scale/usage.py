@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from kto_scale.config import KTOConfig
-from kto_scale.distributed import exit_without_teardown
 from kto_scale.preemption import REQUEUE_EXIT, Preempted
 
 T = TypeVar("T")
@@ -70,6 +69,8 @@ def run_command(work: Callable[[], T]) -> T:
     try:
         return work()
     except Preempted as stopped:
+        from kto_scale.distributed import exit_without_teardown  # here only: plot.py need not load deepspeed
+
         if os.environ.get("RANK", "0") == "0":  # one line for the job, not one per rank
             print(stopped, file=sys.stderr)
         exit_without_teardown(REQUEUE_EXIT)
