@@ -71,5 +71,5 @@ def readable_as_umask_allows(directory: Path) -> None:
 def name_the_path(error: BaseException, path: Path) -> None:
     """A failed write (no space left, read-only file system) often names no file: name the one that
     was being written, so the message says where."""
-    if isinstance(error, OSError) and not error.filename:
+    if isinstance(error, OSError) and error.strerror and not error.filename:
         error.filename = str(path)

@@ -92,7 +92,7 @@ def test_merge_matches_peft_and_loads_without_peft(base_and_adapter, tmp_path):
     base_index = json.loads((base / "model.safetensors.index.json").read_text())
     assert index["weight_map"].keys() == base_index["weight_map"].keys()
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("model")) == [
-        "config.json", "generation_config.json", "tokenizer_config.json"]
+        OWNED, "config.json", "generation_config.json", "tokenizer_config.json"]
     assert json.loads((out / "tokenizer_config.json").read_text()) == {"from": "adapter"}
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
 
@@ -379,7 +379,7 @@ def test_adapter_only_from_peft_dir(base_and_adapter, tmp_path):
               tmp_path / "named" / export.ADAPTER_WEIGHTS)
 
     out = export_adapter(base, tmp_path / "named", tmp_path / "clean")
-    assert sorted(p.name for p in out.iterdir()) == [export.ADAPTER_CONFIG, export.ADAPTER_WEIGHTS,
+    assert sorted(p.name for p in out.iterdir()) == [OWNED, export.ADAPTER_CONFIG, export.ADAPTER_WEIGHTS,
                                                       "tokenizer_config.json"]
     assert json.loads((out / export.ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == str(base)
     exported = load_file(out / export.ADAPTER_WEIGHTS)
