@@ -22,8 +22,9 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        name_the_path(error, path)
         raise
 
 
@@ -32,6 +33,7 @@ def replace_directory(tmp: Path, path: Path) -> None:
 
     rename() cannot replace a non-empty directory, so the old one is moved aside first and deleted last.
     """
+    readable_as_umask_allows(tmp)
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
         os.replace(path, old)
@@ -49,7 +51,25 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        name_the_path(error, path)
         raise
     replace_directory(tmp, path)
+
+
+def readable_as_umask_allows(directory: Path) -> None:
+    """Give every file under `directory` the read permissions the umask allows: some writers
+    (safetensors) create files 0600 whatever the umask, and a team shares a cluster's run directories."""
+    umask = os.umask(0)
+    os.umask(umask)  # the only way to read it
+    for file in directory.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            file.chmod(file.stat().st_mode | (0o444 & ~umask))
+
+
+def name_the_path(error: BaseException, path: Path) -> None:
+    """A failed write (no space left, read-only file system) often names no file: name the one that
+    was being written, so the message says where."""
+    if isinstance(error, OSError) and error.strerror and not error.filename:
+        error.filename = str(path)

@@ -16,39 +16,40 @@ at any moment never leaves a checkpoint that looks whole.
 import json
 import logging
 import random
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kto_scale.atomic import atomic_directory, replace_directory, write_atomic
-from kto_scale.config import CONFIG_FILE, ConfigError, KTOConfig, save_config
-from kto_scale.distributed import barrier, is_main_process, on_main_process
+from kto_scale.config import (
+    CONFIG_FILE,
+    OPTIMIZATION_FIELDS,
+    RESUME_OPTIONS,
+    ConfigError,
+    KTOConfig,
+    save_config,
+)
+from kto_scale.distributed import any_rank, barrier, is_main_process, on_main_process
 from kto_scale.engine import DEEPSPEED_TAG, Engine
 from kto_scale.fsdp import FSDP_TAG
-from kto_scale.outdir import LOCK_FILE, lock_directory, move_previous_run
+from kto_scale.outdir import LATEST, checkpoints, latest_checkpoint, record_owned
 from kto_scale.sft_adapter import POLICY_ADAPTER
 
 logger = logging.getLogger(__name__)
 
-LATEST = "latest"
 ENGINE_TAGS = {"deepspeed": DEEPSPEED_TAG, "fsdp": FSDP_TAG}  # each engine's state directory in a checkpoint
 TRAINER_STATE = "trainer_state.json"
-# What a run writes into output_dir, and overwrite_output_dir moves aside (prepared/, the tokenized
-# data, is rewritten by every run and stays).
-RUN_FILES = re.compile(r"adapter|base_model|\.?checkpoint-\d+(\.tmp)?|latest|kto_config\.yaml|metrics\.jsonl|"
-                       r"generations\.jsonl|plots\.png|tensorboard|wandb")
-INPUTS = ("model_name_or_path", "sft_adapter", "dataset_name", "eval_dataset_name", "ref_cache")
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+CHANGES_FILE = "config_changes.jsonl"  # one line per resume with changed settings
 
 
-def _write_adapter(engine: Engine, tokenizer: PreTrainedTokenizerBase, config: KTOConfig, path: Path) -> None:
-    """Rank 0 writes the adapter files into `path`; every rank must call (the LoRA shards are gathered).
-    Only the trainable LoRA weights are gathered, never the base: cheap even for a 70B base."""
-    state = engine.trainable_state_dict()
+def _write_adapter(engine: Engine, tokenizer: PreTrainedTokenizerBase, config: KTOConfig, path: Path,
+                   state: dict) -> None:
+    """Rank 0 writes the adapter files into `path` from `state`, the LoRA weights gathered from every
+    rank by `engine.trainable_state_dict()` (never the base: cheap even for a 70B base)."""
     if is_main_process():
         # Only the policy: with sft_adapter, the frozen reference adapter is not the run's output.
         engine.module.model.save_pretrained(path, selected_adapters=[POLICY_ADAPTER], state_dict=state)
@@ -63,7 +64,7 @@ def save_adapter(engine: Engine, tokenizer: PreTrainedTokenizerBase, config: KTO
     if is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _write_adapter(engine, tokenizer, config, tmp)
+    _write_adapter(engine, tokenizer, config, tmp, engine.trainable_state_dict())
     if is_main_process():
         replace_directory(tmp, path)
     barrier()  # nobody reads or moves on before the directory is complete
@@ -95,34 +96,48 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoint directories of a run, oldest first."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if _CHECKPOINT.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(_CHECKPOINT.fullmatch(p.name).group(1)))
-
-
 def save_checkpoint(engine: Engine, tokenizer, config: KTOConfig, step: int) -> Path:
-    """Write `checkpoint-<step>` (all ranks call), point `latest` at it, keep the newest save_total_limit."""
+    """Write `checkpoint-<step>` (all ranks call), point `latest` at it, keep the newest save_total_limit.
+
+    A rank that cannot write its part (disk full, read-only, no permission) stops every rank with an
+    OSError naming the checkpoint; the half-written directory is removed, and the previous checkpoint
+    and `latest` stay as they were.
+    """
     output = Path(config.output_dir)
     path, tmp = output / f"checkpoint-{step}", output / f".checkpoint-{step}.tmp"
-    if is_main_process():
+
+    def start() -> None:
+        record_owned(output, [path.name])
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving this step
         tmp.mkdir(parents=True)
-    barrier()
-    engine.save_checkpoint(tmp)
-    torch.save(_rng_state(), tmp / f"rng_state_{engine.global_rank}.pt")
-    _write_adapter(engine, tokenizer, config, tmp)
-    if is_main_process():
-        state = {"step": step, "world_size": engine.world_size, "global_batch_size": _global_batch(config, engine.world_size)}
-        (tmp / TRAINER_STATE).write_text(json.dumps(state))
-    barrier()  # every rank's shards are on disk before the checkpoint becomes visible
-    if is_main_process():
+
+    on_main_process(start)
+    adapter = engine.trainable_state_dict()  # the one collective: before any rank can fail a write
+    failure = None
+    try:
+        engine.save_checkpoint(tmp)
+        torch.save(_rng_state(), tmp / f"rng_state_{engine.global_rank}.pt")
+        _write_adapter(engine, tokenizer, config, tmp, adapter)
+        if is_main_process():
+            state = {"step": step, "world_size": engine.world_size,
+                     "global_batch_size": _global_batch(config, engine.world_size)}
+            write_atomic(tmp / TRAINER_STATE, json.dumps(state))
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        failure = error
+    if any_rank(failure is not None, engine.device):  # every rank's shards are on disk, or every rank stops
+        if is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+        cause = getattr(failure, "strerror", None) or str(failure or "another rank could not write its part")
+        raise OSError(getattr(failure, "errno", None), cause, str(path)) from failure
+
+    def publish() -> None:
         replace_directory(tmp, path)
         write_atomic(output / LATEST, path.name)
         if config.save_total_limit:
             for old in checkpoints(output)[: -config.save_total_limit]:
                 shutil.rmtree(old)
-    barrier()
+
+    on_main_process(publish)
     return path
 
 
@@ -136,11 +151,10 @@ def find_checkpoint(config: KTOConfig) -> Path | None:
     if not config.resume_from_checkpoint:
         return None
     if config.resume_from_checkpoint == "latest":
-        pointer = Path(config.output_dir) / LATEST
-        if not pointer.exists():
+        path = latest_checkpoint(config.output_dir)
+        if path is None:
             logger.info("No checkpoint in %s yet: starting from step 0.", config.output_dir)
             return None
-        path = Path(config.output_dir) / pointer.read_text().strip()
     else:
         path = Path(config.resume_from_checkpoint)
     if not (path / TRAINER_STATE).is_file() or not any((path / tag).is_dir() for tag in ENGINE_TAGS.values()):
@@ -162,6 +176,7 @@ def check_resume(path: Path, config: KTOConfig, world_size: int) -> int:
         switch = "--fsdp full_shard --deepspeed null" if other == "fsdp" else "--fsdp '' (DeepSpeed)"
         raise ConfigError(f"{path} was written by {other} and this run uses {engine}: resume it with the engine "
                           f"that wrote it ({switch}).")
+    _check_changes(path, config)
     global_batch = _global_batch(config, world_size)
     if state["global_batch_size"] != global_batch:
         raise ConfigError(
@@ -170,6 +185,28 @@ def check_resume(path: Path, config: KTOConfig, world_size: int) -> int:
             "keep it equal so the resumed run sees the batches the original would have."
         )
     return state["world_size"]
+
+
+def _check_changes(path: Path, config: KTOConfig) -> None:
+    """Compare the settings checkpoint `path` was written with to this run's. A change to what is
+    optimized is refused unless resume_with_changes; every accepted change is logged and appended to
+    <output_dir>/config_changes.jsonl (kto_config.yaml then holds the run's settings from here on)."""
+    saved = yaml.safe_load((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
+    now = config.to_dict()
+    changes = {name: [saved.get(name), value] for name, value in now.items()
+               if name not in RESUME_OPTIONS and saved.get(name) != value}
+    listed = "; ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items()
+                       if name in OPTIMIZATION_FIELDS)
+    if listed and not config.resume_with_changes:
+        raise ConfigError(f"{path} was trained with other settings that change the optimization: {listed}. Resume "
+                          "with the checkpoint's values, pass --resume_with_changes true to continue with these "
+                          f"(each change is recorded in {CHANGES_FILE}), or start a new run.")
+    if changes:
+        logger.warning("Resuming from %s with changed settings: %s.", path,
+                       "; ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items()))
+        if is_main_process():
+            with open(Path(config.output_dir) / CHANGES_FILE, "a") as log:
+                log.write(json.dumps({"checkpoint": str(path), "changes": changes}) + "\n")
 
 
 def load_checkpoint(engine: Engine, path: Path) -> int:
@@ -183,59 +220,3 @@ def load_checkpoint(engine: Engine, path: Path) -> int:
                        engine.world_size, state["world_size"])
     logger.info("Resumed from %s at step %d.", path, state["step"])
     return state["step"]
-
-
-def prepare_output_dir(config: KTOConfig) -> None:
-    """Lock output_dir for this run (rank 0 holds the lock) and refuse to mix two runs in one directory.
-
-    All ranks call; a refusal is raised on every rank. Nothing is moved or deleted here: with
-    overwrite_output_dir the old run is moved aside by `set_aside_previous_run`, once this run has
-    passed its checks (config, data, model) and is about to write.
-    """
-    output = Path(config.output_dir)
-
-    def check() -> None:
-        lock_directory(output / LOCK_FILE, f"output_dir {output}")
-        if not _holds_run(output) or config.resume_from_checkpoint:
-            return
-        if not config.overwrite_output_dir:
-            raise ConfigError(
-                f"{output} already holds a run (its config or checkpoints): pass --resume_from_checkpoint latest "
-                "to continue it, --overwrite_output_dir true to replace it, or pick another output_dir."
-            )
-        for name in INPUTS:  # e.g. sft_adapter: outputs/run/adapter with output_dir outputs/run
-            value = getattr(config, name)
-            inside = value and _inside_run_files(Path(value), output)
-            if inside:
-                raise ConfigError(f"{name} {value} lies inside {inside}, which overwrite_output_dir would move "
-                                  "aside before it is read: copy it out of output_dir, or pick another output_dir.")
-
-    on_main_process(check)
-
-
-def set_aside_previous_run(config: KTOConfig) -> None:
-    """With overwrite_output_dir, move the run already in output_dir into `.previous-run-<time>/` inside
-    it, out of the new run's way (all ranks call). Nothing is deleted: remove it when no longer needed."""
-    output = Path(config.output_dir)
-
-    def move() -> None:
-        if not config.overwrite_output_dir or config.resume_from_checkpoint or not _holds_run(output):
-            return
-        aside = move_previous_run(output, RUN_FILES)
-        logger.warning("overwrite_output_dir: the previous run in %s was moved to %s (delete it when you no "
-                       "longer need it).", output, aside)
-
-    on_main_process(move)
-
-
-def _inside_run_files(path: Path, output: Path) -> Path | None:
-    """The entry of output/ that `path` is or lies inside, when it is one a run writes."""
-    path, output = path.resolve(), output.resolve()
-    if output not in path.parents:
-        return None
-    entry = output / path.relative_to(output).parts[0]
-    return entry if RUN_FILES.fullmatch(entry.name) else None
-
-
-def _holds_run(output: Path) -> bool:
-    return (output / CONFIG_FILE).exists() or bool(checkpoints(output))

@@ -30,6 +30,18 @@ INPUT_PATHS = ("model_name_or_path", "dataset_name", "eval_dataset_name", "deeps
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORTERS = ("none", "wandb", "tensorboard")
 KL_BASELINES = ("effective_batch", "micro_batch")
+# Settings a resumed run may not change without resume_with_changes: they change what is optimized (the
+# global batch is checked on its own; max_steps and num_train_epochs may grow a run).
+OPTIMIZATION_FIELDS = (
+    "model_name_or_path", "model_revision", "init_random_weights", "load_in_4bit", "load_in_8bit",
+    "bnb_4bit_quant_type", "use_bnb_nested_quant", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "sft_adapter", "dataset_name", "eval_fraction", "skip_bad_rows", "max_length", "max_prompt_length",
+    "max_completion_length", "group_by_length", "data_seed", "beta", "desirable_weight", "undesirable_weight",
+    "kl_pairs_per_step", "kl_baseline", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "max_grad_norm", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "seed", "bf16", "fp16",
+)
+# How a run is resumed, not what it computes: never a change worth recording.
+RESUME_OPTIONS = ("resume_from_checkpoint", "resume_with_changes", "overwrite_output_dir")
 
 
 class ConfigError(ValueError):
@@ -212,7 +224,17 @@ class KTOConfig:
     """Keep only the newest this many checkpoints; None keeps all."""
     resume_from_checkpoint: str | None = None
     """Continue a run: "latest" (the newest complete checkpoint in output_dir, or a fresh start when
-    there is none yet, convenient for requeued jobs) or a checkpoint directory."""
+    the run saved none yet, convenient for requeued jobs) or a checkpoint directory."""
+    resume_with_changes: bool = False
+    """Resume even though settings that change the optimization (beta, learning rate, weights, data,
+    LoRA, seeds) differ from the checkpoint's; each change is logged and appended to
+    <output_dir>/config_changes.jsonl. Off: such a resume is refused with the list of changes."""
+    keep_previous_runs: int | None = None
+    """With overwrite_output_dir, keep at most this many runs set aside in output_dir/.previous-run-*
+    and delete the oldest (only folders kto-scale set aside; each deletion is logged). None keeps all."""
+    sigterm_timeout_s: int = 300
+    """After SIGTERM (preemption, a time limit), seconds to finish the step and write a checkpoint
+    before the run exits anyway; a second SIGTERM exits at once."""
     report_to: list[str] = field(default_factory=lambda: ["none"])
     """Trackers besides the always-written metrics.jsonl: wandb, tensorboard, or none."""
     run_name: str | None = None
@@ -228,10 +250,12 @@ class KTOConfig:
             raise ConfigError("dataset_name is not set: give a data file, a save_to_disk dir or a hub name.")
         positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                     "max_length", "logging_steps", "save_steps", "lora_r", "logprob_chunk_size", "dist_timeout_s", "max_bad_steps",
-                    "precompute_batch_size"]
+                    "precompute_batch_size", "sigterm_timeout_s"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}.")
+        if self.keep_previous_runs is not None and self.keep_previous_runs < 0:
+            raise ConfigError(f"keep_previous_runs must be >= 0 or null, got {self.keep_previous_runs}.")
         if self.save_total_limit is not None and self.save_total_limit <= 0:
             raise ConfigError(f"save_total_limit must be > 0 or null, got {self.save_total_limit}.")
         if self.eval_steps is not None and self.eval_steps <= 0:

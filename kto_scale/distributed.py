@@ -66,6 +66,11 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is True on any: one decision all ranks act on together."""
+    return bool(all_reduce_sum(torch.tensor([int(flag)], device=device)).item())
+
+
 def all_gather(tensor: Tensor) -> Tensor:
     """Concatenate every rank's tensor along dim 0, rank order (all ranks must pass the same shape)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

@@ -26,7 +26,7 @@ from kto_scale.distributed import is_main_process, shutdown
 from kto_scale.generate import GENERATIONS_FILE, GenerationSettings, PromptGenerations
 from kto_scale.loss import balanced_weights
 from kto_scale.model import load_base_model, reference_layout
-from kto_scale.outdir import replace_refusal
+from kto_scale.outdir import record_contents, replace_refusal
 from kto_scale.scoring import evaluation_metrics, score_dataset
 from kto_scale.sft_adapter import add_reference_adapter
 from kto_scale.startup import setup
@@ -38,9 +38,9 @@ EVAL_FILES = ("examples.jsonl", "summary.json", GENERATIONS_FILE)  # all that --
 
 def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: str = "eval") -> dict[str, float]:
     """Score `split` ("eval" or "train") of the config's data with base + adapter; write to `output`."""
+    output = Path(output)
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter {adapter} is not a peft adapter directory (no adapter_config.json).")
-    output = Path(output)
     check_output(output, [Path(adapter), *(Path(p) for p in (config.model_name_or_path, config.sft_adapter,
                                                                config.dataset_name, config.eval_dataset_name) if p)])
     start = setup(config, lambda: None)
@@ -49,7 +49,12 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
         raise ConfigError("The config has no eval data: set eval_dataset_name or eval_fraction, or pass --split train.")
     base = load_base_model(config, empty=start.engine.loads_on_rank0_only and start.rank != 0)
     reference = reference_layout(config, base, cached=False)
-    model = PeftModel.from_pretrained(base, str(adapter))
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter))
+    except (RuntimeError, ValueError, KeyError) as error:  # shapes or module names of another base
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"--adapter {adapter} does not fit the model {config.model_name_or_path}: it was trained on "
+                          f"another base ({first}). Pass the config of the run that trained it.") from None
     if config.sft_adapter:  # the reference training used: base + the SFT adapter
         add_reference_adapter(model, config)
     engine = start.engine.inference_engine(model)
@@ -85,6 +90,7 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
             if generations:
                 (tmp / GENERATIONS_FILE).write_text("".join(json.dumps(row) + "\n" for row in generations))
             (tmp / "summary.json").write_text(json.dumps({"split": split, "examples": len(dataset), **summary}, indent=1))
+            record_contents(tmp)  # what a later evaluation into `output` may replace
         logger.info("Scored %d %s examples; wrote %s", len(dataset), split, output)
     shutdown()
     return summary

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import StateDictSplit, split_torch_state_dict_into_shards
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 from transformers.modeling_utils import str_to_torch_dtype
@@ -50,7 +50,13 @@ from kto_scale.adapter_files import (
     read_json,
 )
 from kto_scale.atomic import atomic_directory
-from kto_scale.outdir import DirectoryBusy, lock_directory, replace_refusal, unlock_and_remove
+from kto_scale.outdir import (
+    DirectoryBusy,
+    lock_directory,
+    record_contents,
+    replace_refusal,
+    unlock_and_remove,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +183,10 @@ def merged_tensors(files: list[Path], plan: dict[str, LoraPair], fan_in_fan_out:
 
 def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write one safetensors shard (HF's loaders expect the "format" metadata)."""
-    save_file(tensors, path, metadata={"format": "pt"})
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as error:  # a failed write (disk full, read-only) as an OSError naming the file
+        raise OSError(None, str(error), str(path)) from error
 
 
 def plan_shards(base: dict[str, torch.Tensor], dtype: torch.dtype, max_shard_size: str) -> StateDictSplit:
@@ -248,6 +257,7 @@ def atomic_output_dir(output: Path, overwrite: bool, inputs: list[Path]) -> Iter
         check_output(output, overwrite, inputs)
         with atomic_directory(output) as tmp:
             yield tmp
+            record_contents(tmp)  # what a later --overwrite may replace
     finally:
         unlock_and_remove(lock_file)
 

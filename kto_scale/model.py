@@ -123,11 +123,17 @@ def load_base_model(config: KTOConfig, empty: bool = False) -> PreTrainedModel:
     elif config.init_random_weights:
         model = _random_model(config, dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            config.model_name_or_path, revision=config.model_revision, dtype=dtype,
-            trust_remote_code=config.trust_remote_code, attn_implementation=config.attn_implementation,
-            **_quantization(config),
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                config.model_name_or_path, revision=config.model_revision, dtype=dtype,
+                trust_remote_code=config.trust_remote_code, attn_implementation=config.attn_implementation,
+                **_quantization(config),
+            )
+        except (ImportError, ValueError) as error:  # an attention backend not installed (ImportError) or unknown
+            if config.attn_implementation and (isinstance(error, ImportError) or "attn_implementation" in str(error)):
+                raise ConfigError(f"attn_implementation {config.attn_implementation!r} cannot be used here: "
+                                  f"{' '.join(str(error).split())} Install it, or choose sdpa or eager.") from None
+            raise
     for name in _LOGIT_POSTPROCESSING:
         if getattr(model.config, name, None) not in (None, 1.0):
             raise ValueError(
@@ -165,7 +171,12 @@ def add_lora(model: PreTrainedModel, config: KTOConfig) -> PeftModel:
     # Seed here so the adapters' initial weights do not depend on how much randomness loading used
     # (ZeRO-3's partitioned loading consumes it differently from a plain load).
     torch.manual_seed(config.seed)
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:  # peft: "Target modules {...} not found in the base model"
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"lora_target_modules {config.lora_target_modules}: {error} The model's linear layers are "
+                          f"named {linear}.") from None
 
 
 def reference_layout(config: KTOConfig, model: PreTrainedModel, cached: bool) -> ReferenceLayout:

@@ -10,6 +10,7 @@ a kill, it keeps the shards that verify and redoes the rest.
 import hashlib
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -24,7 +25,14 @@ from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.distributed import all_gather, all_reduce_sum, on_main_process, shutdown
 from kto_scale.engine import Engine
 from kto_scale.model import load_model, reference_layout
-from kto_scale.outdir import LOCK_FILE, lock_directory
+from kto_scale.outdir import (
+    LOCK_FILE,
+    lock_directory,
+    owned,
+    record_owned,
+    refuse_inputs_inside,
+    refuse_unrecorded,
+)
 from kto_scale.ref_cache import (
     FORMAT_VERSION,
     MANIFEST,
@@ -40,6 +48,19 @@ from kto_scale.scoring import reference_logps
 from kto_scale.startup import setup
 
 logger = logging.getLogger(__name__)
+
+_SHARD = re.compile(r"(train|eval)-\d+\.safetensors")
+
+
+def _claim_cache_dir(config: KTOConfig, cache_dir: Path) -> None:
+    """Lock the cache dir, and refuse it when it holds an input or someone's files named like a cache's."""
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise ConfigError(f"ref_cache {cache_dir} is a file: choose a directory path.")
+    refuse_inputs_inside(config, cache_dir, "ref_cache")
+    lock_directory(cache_dir / LOCK_FILE, f"ref_cache {cache_dir}")
+    refuse_unrecorded(cache_dir, lambda name: name == MANIFEST or bool(_SHARD.fullmatch(name)),
+                      "ref_cache")
+    record_owned(cache_dir, [MANIFEST])
 
 
 def _reference_logps(engine: Engine, subset: datasets.Dataset, batch_size: int, pad_id: int,
@@ -79,8 +100,10 @@ def _precompute_split(engine: Engine, config: KTOConfig, dataset: datasets.Datas
     shas = [finished_shard(p, fingerprint_id, r) if rank == 0 and p.exists() else None
             for p, r in zip(paths, shards, strict=True)]
     if rank == 0:  # shards of an earlier layout (another batch size or number of ranks)
-        for stale in set(cache_dir.glob(f"{split}-*.safetensors")) - set(paths):
-            stale.unlink()
+        for stale in {cache_dir / name for name in owned(cache_dir) if _SHARD.fullmatch(name)} - set(paths):
+            if stale.name.startswith(split):
+                stale.unlink(missing_ok=True)
+        record_owned(cache_dir, [p.name for p in paths])
     finished = all_reduce_sum(torch.tensor([sha is not None for sha in shas], device=engine.device).long())
     finished = [bool(done) for done in finished.tolist()]  # rank 0's verdict, on every rank
     if any(finished):
@@ -128,7 +151,7 @@ def precompute(config: KTOConfig) -> Path:
     if not config.ref_cache:
         raise ConfigError("ref_cache is not set: pass --ref_cache DIR, the directory to write the cache to.")
     cache_dir = Path(config.ref_cache)
-    start = setup(config, lambda: on_main_process(lambda: lock_directory(cache_dir / LOCK_FILE, f"ref_cache {cache_dir}")))
+    start = setup(config, lambda: on_main_process(lambda: _claim_cache_dir(config, cache_dir)))
     splits = {"train": start.train_set, "eval": start.eval_set}
     model = load_model(config, empty=start.engine.loads_on_rank0_only and start.rank != 0)
     reference = reference_layout(config, model, cached=False)  # it writes the cache

@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 
 from kto_scale.collate import ragged
-from kto_scale.config import KTOConfig
+from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.data import DataError, Example, examples_dataset, load_examples, split_train_eval, turn
 
 logger = logging.getLogger(__name__)
@@ -278,8 +278,10 @@ def _truncate_all(tokenized: datasets.Dataset, bos: int | None, eos: int | None,
                        "(max_length=%d, max_prompt_length=%s).", dropped, total, lengths.max_length,
                        lengths.max_prompt_length)
     if not examples:
-        raise DataError(f"No examples left to train on: all {total} were dropped as too long. "
-                        "Raise max_length, or set max_prompt_length to cut long prompts.")
+        # The length settings did this, not the data: a ConfigError, never blamed on (eval) data.
+        raise ConfigError(f"max_length={lengths.max_length} with max_prompt_length={lengths.max_prompt_length} leaves "
+                          f"no room for a completion in any of the {total} examples: raise max_length, or set "
+                          "max_prompt_length to cut long prompts.")
     _warn_if_cut(cut, lost_eos, examples, lengths)
     offsets = np.zeros(examples + 1, dtype=np.int64)
     np.cumsum(columns.pop("completion_length"), out=offsets[1:])

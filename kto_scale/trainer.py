@@ -22,22 +22,22 @@ from kto_scale.checkpoint import (
     check_resume,
     find_checkpoint,
     load_checkpoint,
-    prepare_output_dir,
     save_adapter,
     save_base_model,
     save_checkpoint,
-    set_aside_previous_run,
 )
 from kto_scale.collate import BatchPlan, collate, desirable_count, sequence_lengths, to_device
 from kto_scale.config import ConfigError, KTOConfig, save_config
-from kto_scale.distributed import all_reduce_sum, shutdown
+from kto_scale.distributed import all_reduce_sum, any_rank, on_main_process, shutdown
 from kto_scale.engine import Engine
 from kto_scale.generate import GenerationLog, GenerationSettings, PromptGenerations
 from kto_scale.loss import balanced_weights, kl_baseline, kto_losses
 from kto_scale.memory_report import log_estimate, log_peak
 from kto_scale.metrics import MetricsLogger
 from kto_scale.model import SequenceLogps, add_lora, load_base_model, reference_layout
+from kto_scale.outdir import prepare_output_dir, set_aside_previous_run
 from kto_scale.plot import plot_runs
+from kto_scale.preemption import Preempted, SigtermStop
 from kto_scale.ref_cache import RefCache, open_ref_cache
 from kto_scale.scoring import evaluation_metrics, no_grad_logps, score_dataset
 from kto_scale.startup import setup
@@ -136,7 +136,7 @@ def class_balance_warning(n_desirable: int, n_undesirable: int, weights: tuple[f
 
 def train(config: KTOConfig) -> Path:
     """Train the LoRA policy with KTO; returns the directory of the final adapter."""
-    start = setup(config, lambda: prepare_output_dir(config))
+    start = setup(config, lambda: on_main_process(lambda: prepare_output_dir(config)))
     rank, world_size, tokenizer, train_set, eval_set = (start.rank, start.world_size, start.tokenizer,
                                                          start.train_set, start.eval_set)
     n_desirable = desirable_count(train_set)
@@ -164,7 +164,7 @@ def train(config: KTOConfig) -> Path:
         start.engine.prepare_resume(checkpoint, check_resume(checkpoint, config, world_size))
     base = load_base_model(config, empty=start.engine.loads_on_rank0_only and rank != 0)
     reference = reference_layout(config, base, cached=bool(caches))
-    set_aside_previous_run(config)  # every check passed: only now does the old run make way
+    on_main_process(lambda: set_aside_previous_run(config))  # every check passed: only now does the old run make way
     if config.init_random_weights:  # the adapter is only meaningful next to these exact weights
         save_base_model(base, tokenizer, Path(config.output_dir) / "base_model")
     model = add_lora(base, config)
@@ -197,6 +197,7 @@ def train(config: KTOConfig) -> Path:
             generation_log.write(generations.rows(step), step=step)
         return result
 
+    stop = SigtermStop(config.sigterm_timeout_s)
     sums, z_refs, window_start = {}, [], time.perf_counter()
     progress = tqdm(total=total_steps, initial=start_step, disable=rank != 0 or config.disable_tqdm, desc="kto")
     last_eval, bad_steps = None, 0
@@ -235,6 +236,15 @@ def train(config: KTOConfig) -> Path:
             last_eval = (step, run_eval(step))
         if step % config.save_steps == 0:
             save_checkpoint(engine, tokenizer, config, step)
+        if any_rank(stop.requested, engine.device):  # SIGTERM on any rank: every rank stops after this step
+            if step % config.save_steps:
+                save_checkpoint(engine, tokenizer, config, step)
+            for log in (progress, generation_log, metrics):
+                if log is not None:
+                    log.close()
+            shutdown()
+            raise Preempted(f"stopped by SIGTERM after step {step} of {total_steps}; checkpoint-{step} is written: "
+                            "continue with --resume_from_checkpoint latest.")
     progress.close()
     log_peak(memory_estimate, engine.device)
 

@@ -1,16 +1,22 @@
-"""`--help` of the config-driven scripts: every KTOConfig option with its type, default and meaning.
-
-The meanings are the fields' docstrings in config.py, read from its source, so they stay the one
-place an option is documented.
+"""What every launch script shares: `--help` (every KTOConfig option with its type, default and
+meaning, read from the fields' docstrings in config.py, the one place an option is documented) and
+`run_command`, which turns the errors a user can act on into one line.
 """
 
 import ast
 import dataclasses
 import inspect
+import os
+import sys
 import types
 import typing
+from collections.abc import Callable
+from typing import TypeVar
 
 from kto_scale.config import KTOConfig
+from kto_scale.preemption import REQUEUE_EXIT, Preempted
+
+T = TypeVar("T")
 
 
 def _field_docs() -> dict[str, str]:
@@ -47,3 +53,28 @@ def exit_if_help(argv: list[str], usage: str) -> None:
     if "-h" in argv or "--help" in argv:
         print(f"usage: {usage.strip()}\n\n{options_help()}")
         raise SystemExit(0)
+
+
+def os_error_line(error: OSError) -> str:
+    """`PATH: No space left on device` (or Read-only file system, Permission denied, ...)."""
+    cause = error.strerror or str(error)
+    return f"{error.filename}: {cause}" if error.filename else cause
+
+
+def run_command(work: Callable[[], T]) -> T:
+    """Run a launch script's job. The library raises ValueError (ConfigError, DataError, ...) for the
+    user's input and RuntimeError for a run that failed (e.g. max_bad_steps), OSError for a disk that is
+    full, read-only or not ours to write: each ends the script with one line `error: ...` and exit code 1,
+    not a traceback (KTO_SCALE_TRACEBACK=1 shows it). A run stopped by SIGTERM exits with REQUEUE_EXIT."""
+    try:
+        return work()
+    except Preempted as stopped:
+        from kto_scale.distributed import exit_without_teardown  # here only: plot.py need not load deepspeed
+
+        if os.environ.get("RANK", "0") == "0":  # one line for the job, not one per rank
+            print(stopped, file=sys.stderr)
+        exit_without_teardown(REQUEUE_EXIT)
+    except (ValueError, RuntimeError, OSError) as error:
+        if os.environ.get("KTO_SCALE_TRACEBACK") == "1":
+            raise
+        sys.exit(f"error: {os_error_line(error) if isinstance(error, OSError) else error}")

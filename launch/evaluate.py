@@ -9,14 +9,12 @@ Any training option can be overridden as in launch/train.py (e.g. --eval_dataset
 
 import argparse
 import logging
-import sys
 import warnings
 
-from kto_scale.config import ConfigError, load_config
-from kto_scale.data import DataError
+from kto_scale.config import load_config
 from kto_scale.distributed import exit_without_teardown
 from kto_scale.evaluate import evaluate
-from kto_scale.usage import options_help
+from kto_scale.usage import options_help, run_command
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -28,9 +26,6 @@ if __name__ == "__main__":
                         "(and generations.jsonl with --generate_during_eval true)")
     parser.add_argument("--split", choices=("eval", "train"), default="eval", help="which split of the data")
     args, config_args = parser.parse_known_args()  # the rest are training options, --config first
-    try:
-        summary = evaluate(load_config(config_args), args.adapter, args.output, args.split)
-    except (ConfigError, DataError) as e:
-        sys.exit(f"error: {e}")
+    summary = run_command(lambda: evaluate(load_config(config_args), args.adapter, args.output, args.split))
     print("  ".join(f"{k}={v:.4f}" for k, v in summary.items()))
     exit_without_teardown()  # the job is done and written: no interpreter teardown (see its docstring)

@@ -7,8 +7,8 @@
 import argparse
 import logging
 
-from kto_scale.adapter_files import AdapterError
 from kto_scale.export import DTYPES, export_adapter, merge_lora
+from kto_scale.usage import run_command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,14 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     """Run the export the command line asks for; bad input ends with a one-line error."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.adapter_only:
-            export_adapter(args.base, args.adapter, args.output, args.overwrite, args.allow_pickle)
-        else:
-            merge_lora(args.base, args.adapter, args.output, args.dtype, args.max_shard_size,
-                       args.overwrite, args.allow_pickle)
-    except AdapterError as err:  # ExportError is one too
-        raise SystemExit(f"merge_lora: error: {err}") from None
+    if args.adapter_only:
+        run_command(lambda: export_adapter(args.base, args.adapter, args.output, args.overwrite, args.allow_pickle))
+    else:
+        run_command(lambda: merge_lora(args.base, args.adapter, args.output, args.dtype, args.max_shard_size,
+                                       args.overwrite, args.allow_pickle))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import argparse
 
 from kto_scale.plot import plot_runs
+from kto_scale.usage import run_command
 
 
 def main() -> None:
@@ -13,11 +14,7 @@ def main() -> None:
         "--output", help="PNG path (default: RUN_DIR/plots.png for one run, ./kto_runs.png for several)"
     )
     args = parser.parse_args()
-    try:
-        path = plot_runs(args.run_dirs, args.output)
-    except FileNotFoundError as err:
-        parser.error(str(err))
-    print(path)
+    print(run_command(lambda: plot_runs(args.run_dirs, args.output)))
 
 
 if __name__ == "__main__":

@@ -11,17 +11,13 @@ Stopped or killed, the same command resumes: the finished shards are kept.
 import logging
 import sys
 
-from kto_scale.config import ConfigError, load_config
-from kto_scale.data import DataError
+from kto_scale.config import load_config
 from kto_scale.distributed import exit_without_teardown
 from kto_scale.precompute import precompute
-from kto_scale.usage import exit_if_help
+from kto_scale.usage import exit_if_help, run_command
 
 if __name__ == "__main__":
     exit_if_help(sys.argv[1:], __doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        precompute(load_config(sys.argv[1:]))
-    except (ConfigError, DataError) as e:  # the user's settings, data or cache: a message, not a traceback
-        sys.exit(f"error: {e}")
+    run_command(lambda: precompute(load_config(sys.argv[1:])))
     exit_without_teardown()  # the job is done and written: no interpreter teardown (see its docstring)

@@ -10,19 +10,15 @@ import logging
 import sys
 import warnings
 
-from kto_scale.config import DEMO_CONFIG, ConfigError, load_config
-from kto_scale.data import DataError
+from kto_scale.config import DEMO_CONFIG, load_config
 from kto_scale.distributed import exit_without_teardown
 from kto_scale.trainer import train
-from kto_scale.usage import exit_if_help
+from kto_scale.usage import exit_if_help, run_command
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # DeepSpeed calls torch.distributed functions that torch has deprecated: one warning per call.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     exit_if_help(sys.argv[1:], __doc__)
-    try:
-        train(load_config(sys.argv[1:], default_config=DEMO_CONFIG))  # the demo only without any option
-    except (ConfigError, DataError) as e:  # the user's settings or data: a message, not a traceback
-        sys.exit(f"error: {e}")
+    run_command(lambda: train(load_config(sys.argv[1:], default_config=DEMO_CONFIG)))  # the demo: no option at all
     exit_without_teardown()  # the job is done and written: no interpreter teardown (see its docstring)

@@ -8,6 +8,7 @@ from runs import DEEPSPEED, free_port, generations, metrics, run
 
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.evaluate import check_output, evaluate
+from kto_scale.outdir import record_owned
 
 
 def _evaluate(command: list[str], run_dir, output) -> tuple[list[dict], dict]:
@@ -73,4 +74,5 @@ def test_output_that_holds_the_run_or_an_input_is_refused_before_anything_runs(t
     check_output(tmp_path / "earlier-eval", [run_dir / "adapter"])  # new, or holding only eval files: fine
     (tmp_path / "earlier-eval").mkdir()
     (tmp_path / "earlier-eval" / "summary.json").write_text("{}")
+    record_owned(tmp_path / "earlier-eval", ["summary.json"])  # as an earlier evaluation leaves it
     check_output(tmp_path / "earlier-eval", [run_dir / "adapter"])

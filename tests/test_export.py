@@ -28,7 +28,8 @@ from transformers import (
 from kto_scale import export
 from kto_scale.adapter_files import AdapterError
 from kto_scale.assets import TINY_LLAMA_DIR
-from kto_scale.export import export_adapter, merge_lora
+from kto_scale.export import ExportError, export_adapter, merge_lora
+from kto_scale.outdir import OWNED, record_owned
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -116,7 +117,7 @@ def test_merge_matches_peft_and_loads_without_peft(base_and_adapter, tmp_path):
     base_index = json.loads((base / "model.safetensors.index.json").read_text())
     assert index["weight_map"].keys() == base_index["weight_map"].keys()
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("model")) == sorted([
-        "config.json", "generation_config.json", *tokenizer_files(adapter)])
+        OWNED, "config.json", "generation_config.json", *tokenizer_files(adapter)])
     assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(adapter).get_vocab()
     assert ADAPTER_TOKEN in AutoTokenizer.from_pretrained(out).get_vocab()  # the adapter's, not the base's
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
@@ -235,8 +236,12 @@ def test_non_empty_output_needs_overwrite(base_and_adapter, tmp_path):
         merge_lora(base, adapter, out)
     assert (out / "old.txt").read_text() == "keep me"
     (out / "old.txt").unlink()
-    (out / "config.json").write_text("{}")  # what an interrupted earlier merge might have left
-    merge_lora(base, adapter, out, overwrite=True)
+    (out / "config.json").write_text("{}")  # named like a merge's file, but no merge recorded writing it
+    with pytest.raises(ExportError, match="which no kto-scale run recorded"):
+        merge_lora(base, adapter, out, overwrite=True)
+    (out / "config.json").unlink()
+    merge_lora(base, adapter, out)
+    merge_lora(base, adapter, out, overwrite=True)  # an earlier merge: replaced
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temporary and no lock file left
     with pytest.raises(AdapterError, match="contains or lies inside the input"):
@@ -321,11 +326,12 @@ def test_failure_mid_write_leaves_no_output(base_and_adapter, tmp_path, monkeypa
 
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "config.json").write_text("{}")
+    record_owned(tmp_path / "merged", ["config.json"])  # as an earlier merge leaves it
     written.clear()
     with pytest.raises(OSError, match="disk full"):
         merge_lora(base, adapter, tmp_path / "merged", max_shard_size="60KB", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
-    assert [p.name for p in (tmp_path / "merged").iterdir()] == ["config.json"]
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [OWNED, "config.json"]
 
 
 @pytest.mark.e2e
@@ -400,7 +406,7 @@ def test_adapter_only_from_peft_dir(base_and_adapter, tmp_path):
               tmp_path / "named" / export.ADAPTER_WEIGHTS)
 
     out = export_adapter(base, tmp_path / "named", tmp_path / "clean")
-    assert sorted(p.name for p in out.iterdir()) == sorted([export.ADAPTER_CONFIG, export.ADAPTER_WEIGHTS,
+    assert sorted(p.name for p in out.iterdir()) == sorted([OWNED, export.ADAPTER_CONFIG, export.ADAPTER_WEIGHTS,
                                                              *tokenizer_files(adapter)])
     assert json.loads((out / export.ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == str(base)
     exported = load_file(out / export.ADAPTER_WEIGHTS)
@@ -474,7 +480,7 @@ def test_command_line_reports_bad_input(base_and_adapter, tmp_path):
     finally:
         sys.path.remove(str(REPO / "launch"))
     base, adapter = base_and_adapter
-    with pytest.raises(SystemExit, match=r"merge_lora: error: .*adapter/config.json is missing"):
+    with pytest.raises(SystemExit, match=r"^error: .*adapter/config.json is missing"):
         cli.main(["--base", str(adapter), "--adapter", str(adapter), "--output", str(tmp_path / "m")])
     cli.main(["--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "m"), "--dtype", "fp16"])
     assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "float16"

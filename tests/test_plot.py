@@ -97,4 +97,4 @@ def test_command_line(two_runs, tmp_path):
     assert done.stdout.strip() == str(two_runs[0] / "plots.png")
     missing = tmp_path / "nowhere"
     done = subprocess.run(command + [str(missing)], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and str(missing) in done.stderr
+    assert done.returncode == 1 and f"error: {missing}: no metrics.jsonl" in done.stderr

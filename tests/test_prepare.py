@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoConfig, AutoTokenizer
 
 from kto_scale.assets import DEMO_DATA, TINY_LLAMA_DIR
-from kto_scale.config import KTOConfig
+from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.data import DataError, Example, load_examples
 from kto_scale.prepare import Lengths, kl_partners, prepare_data, prepare_dataset, truncate
 
@@ -209,7 +209,8 @@ def test_truncation_in_prepare(tokenizer, caplog):
 def test_nothing_left_is_an_error(tokenizer):
     with pytest.raises(DataError, match="No examples to prepare"):
         prepare([], tokenizer)
-    with pytest.raises(DataError, match="No examples left to train on: all 2 were dropped as too long"):
+    with pytest.raises(ConfigError, match="max_length=5 with max_prompt_length=None leaves no room for a completion in any "
+                                          "of the 2 examples"):
         prepare([Example(DIGITS, "A", True), Example(DIGITS[::-1], "B", False)], tokenizer, max_length=5)
 
 

@@ -11,9 +11,15 @@ import pytest
 import yaml
 from runs import DEEPSPEED, ROOT, TRAIN, clean_env, config_file, free_port, write_data
 
-from kto_scale.checkpoint import RUN_FILES, prepare_output_dir
 from kto_scale.config import DEMO_CONFIG, ConfigError, KTOConfig, load_config
-from kto_scale.outdir import LOCK_FILE, DirectoryBusy, move_previous_run
+from kto_scale.outdir import (
+    LOCK_FILE,
+    OWNED,
+    DirectoryBusy,
+    prepare_output_dir,
+    record_owned,
+    set_aside_previous_run,
+)
 
 
 def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -46,33 +52,38 @@ def test_failed_overwrite_keeps_the_previous_run_and_a_good_one_moves_it_aside(t
     assert not (previous / "checkpoint-4").exists() and (previous / "adapter").is_dir()
 
 
-def test_move_previous_run_moves_only_what_a_run_writes(tmp_path):
-    """The prepared data, the lock, older moved-aside runs and the user's own files stay in place."""
+def test_setting_aside_moves_only_what_a_run_recorded(tmp_path):
+    """The prepared data, the lock, older set-aside runs and the user's own files stay in place."""
     for name in ("adapter", "checkpoint-4", "prepared", ".previous-run-20260101-000000", "my-data"):
         (tmp_path / name).mkdir()
     for name in ("metrics.jsonl", "latest", "kto_config.yaml", "my.yaml", LOCK_FILE):
         (tmp_path / name).write_text(name)
-    aside = move_previous_run(tmp_path, RUN_FILES)
-    assert sorted(p.name for p in aside.iterdir()) == ["adapter", "checkpoint-4", "kto_config.yaml", "latest",
+    record_owned(tmp_path, ["adapter", "checkpoint-4", "prepared", "metrics.jsonl", "latest", "kto_config.yaml",
+                            ".previous-run-20260101-000000"])
+    config = KTOConfig(model_name_or_path="m", dataset_name="d", output_dir=str(tmp_path), overwrite_output_dir=True)
+    prepare_output_dir(config)
+    set_aside_previous_run(config)
+    (aside,) = set(tmp_path.glob(".previous-run-*")) - {tmp_path / ".previous-run-20260101-000000"}
+    assert sorted(p.name for p in aside.iterdir()) == [OWNED, "adapter", "checkpoint-4", "kto_config.yaml", "latest",
                                                       "metrics.jsonl"]
     assert sorted(p.name for p in tmp_path.iterdir() if p != aside) == sorted(
-        [".previous-run-20260101-000000", LOCK_FILE, "my-data", "my.yaml", "prepared"])
-    assert move_previous_run(tmp_path, RUN_FILES) is None  # nothing left to move
+        [".previous-run-20260101-000000", LOCK_FILE, OWNED, "my-data", "my.yaml", "prepared"])
 
 
-def test_overwrite_refuses_an_input_inside_what_it_would_move(tmp_path):
+def test_overwrite_refuses_an_input_inside_the_output_dir(tmp_path):
     """sft_adapter = the previous run's adapter, output_dir = that run: moving the run aside would take
     the adapter away before it is read, so the run is refused before anything moves."""
     run_dir = tmp_path / "run"
     (run_dir / "adapter").mkdir(parents=True)
     (run_dir / "kto_config.yaml").write_text("{}")
+    record_owned(run_dir, ["adapter", "kto_config.yaml"])
     config = KTOConfig(model_name_or_path="m", dataset_name="d.jsonl", output_dir=str(run_dir),
                        overwrite_output_dir=True, sft_adapter=str(run_dir / "adapter"))
-    with pytest.raises(ConfigError, match=r"sft_adapter .*adapter lies inside .*adapter, which overwrite_output_dir"):
+    with pytest.raises(ConfigError, match=r"sft_adapter .*adapter lies inside output_dir"):
         prepare_output_dir(config)
     assert (run_dir / "adapter").is_dir() and (run_dir / "kto_config.yaml").is_file()
     config.sft_adapter = str(tmp_path / "elsewhere")
-    prepare_output_dir(config)  # an input outside the run's files is fine
+    prepare_output_dir(config)  # an input outside output_dir is fine
 
 
 _HOLD = """
