@@ -66,7 +66,12 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     """A hash of what turns text into ids: the fast tokenizer's whole definition (vocabulary, merges,
     normalizer, added tokens, post-processor), or a slow one's vocabulary, and the special tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        # Without its truncation and padding: runtime state that every call with other settings changes.
+        definition = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        definition = json.dumps(definition, sort_keys=True)
+    else:
+        definition = json.dumps(sorted(tokenizer.get_vocab().items()))
     specials = json.dumps([type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id,
                            sorted(map(str, tokenizer.all_special_tokens))])
     return hashlib.sha256((definition + specials).encode()).hexdigest()

@@ -5,7 +5,6 @@ processes ask for it at the same time."""
 import logging
 import os
 import threading
-import time
 
 import pytest
 
@@ -81,26 +80,46 @@ def _other_template(tokenizer):
 
 def test_two_processes_preparing_at_once_prepare_once(tmp_path, tokenizer, monkeypatch):
     """flock conflicts between separate opens of the lock file, threads included: the second waits,
-    then reuses what the first wrote."""
-    calls, real = [], prepared_cache.prepare_data
+    then reuses what the first wrote. The first preparation holds the lock until the second has said it
+    waits (an event, not a sleep; the 120 s bound only ends a hang)."""
+    calls, real, second_waits = [], prepared_cache.prepare_data, threading.Event()
 
-    def slow_prepare(*args):
+    class WaitSeen(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("Waiting for another process"):
+                second_waits.set()
+
+    def held_prepare(*args):
         calls.append(1)
-        time.sleep(1.0)  # the other thread arrives meanwhile
+        assert second_waits.wait(120), "the second preparation never waited on the lock"
         return real(*args)
 
-    monkeypatch.setattr(prepared_cache, "prepare_data", slow_prepare)
+    monkeypatch.setattr(prepared_cache, "prepare_data", held_prepare)
+    handler = WaitSeen(level=logging.INFO)
+    prepared_cache.logger.addHandler(handler)
+    monkeypatch.setattr(prepared_cache.logger, "level", logging.INFO)
     results = [None, None]
 
     def run(i):
         results[i] = shared_prepared_data(_config(tmp_path), tokenizer)[0]
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        prepared_cache.logger.removeHandler(handler)
     assert len(calls) == 1 and _rows(results[0]) == _rows(results[1])
+
+
+def test_the_tokenizer_fingerprint_ignores_its_truncation_state(tokenizer):
+    """A fast tokenizer's serialized form carries the truncation/padding of its last call: not part of
+    what turns text into ids, so using the tokenizer must not change the data's fingerprint."""
+    before = prepared_cache._tokenizer_fingerprint(tokenizer)
+    tokenizer(["a long text " * 20], truncation=True, max_length=5, padding="max_length")
+    assert prepared_cache._tokenizer_fingerprint(tokenizer) == before
 
 
 def test_a_killed_preparation_leaves_no_entry_and_is_redone(tmp_path, tokenizer, monkeypatch):

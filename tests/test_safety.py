@@ -53,12 +53,13 @@ def test_failed_overwrite_keeps_the_previous_run_and_a_good_one_moves_it_aside(t
 
 
 def test_setting_aside_moves_only_what_a_run_recorded(tmp_path):
-    """The prepared data, the lock, older set-aside runs and the user's own files stay in place."""
+    """The lock, older set-aside runs and the user's own files stay in place (`prepared/`, where older
+    versions kept the tokenized data, is now anyone's unrecorded folder)."""
     for name in ("adapter", "checkpoint-4", "prepared", ".previous-run-20260101-000000", "my-data"):
         (tmp_path / name).mkdir()
     for name in ("metrics.jsonl", "latest", "kto_config.yaml", "my.yaml", LOCK_FILE):
         (tmp_path / name).write_text(name)
-    record_owned(tmp_path, ["adapter", "checkpoint-4", "prepared", "metrics.jsonl", "latest", "kto_config.yaml",
+    record_owned(tmp_path, ["adapter", "checkpoint-4", "metrics.jsonl", "latest", "kto_config.yaml",
                             ".previous-run-20260101-000000"])
     config = KTOConfig(model_name_or_path="m", dataset_name="d", output_dir=str(tmp_path), overwrite_output_dir=True)
     prepare_output_dir(config)
