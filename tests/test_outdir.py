@@ -97,6 +97,7 @@ def test_rotation_and_resume_see_only_this_runs_checkpoints(tmp_path):
     assert [p.name for p in checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
 
 
+@pytest.mark.e2e
 def test_a_foreign_checkpoint_in_the_output_dir_loses_nothing(tmp_path, tiny_model):
     """Reproduction 4 from the command line: the run and its requeue leave checkpoint-500 as it was
     and never end with a `latest` naming a deleted checkpoint."""
@@ -114,6 +115,7 @@ def test_a_foreign_checkpoint_in_the_output_dir_loses_nothing(tmp_path, tiny_mod
         assert not (out / "latest").exists()
 
 
+@pytest.mark.e2e
 def test_a_users_files_in_a_reference_cache_dir_are_refused(tmp_path, tiny_model):
     """precompute_ref.py deleted a user's `train-00003.safetensors` as a stale shard of another layout."""
     cache = tmp_path / "cache"

@@ -134,6 +134,7 @@ def _plan(tmp_path, *args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
 
 
+@pytest.mark.e2e
 def test_cli_prints_the_plan(tmp_path):
     done = _plan(tmp_path, "--nodes", "1", "--gpus_per_node", "2", "--gpu_memory", "80GB")
     assert done.returncode == 0, done.stderr
@@ -150,6 +151,7 @@ def test_cli_prints_the_plan(tmp_path):
      "--host_memory"),
     (["--gpu_memory", "a lot"], "--gpu_memory"),
 ])
+@pytest.mark.e2e
 def test_cli_bad_input_is_one_line(tmp_path, args, named):
     done = _plan(tmp_path, *args)
     assert done.returncode == 1 and "Traceback" not in done.stderr
