@@ -98,10 +98,10 @@ def test_two_processes_preparing_at_once_prepare_once(tmp_path, tokenizer, monke
     handler = WaitSeen(level=logging.INFO)
     prepared_cache.logger.addHandler(handler)
     monkeypatch.setattr(prepared_cache.logger, "level", logging.INFO)
-    results = [None, None]
+    results, config = [None, None], _config(tmp_path)  # the data file written before either thread reads it
 
     def run(i):
-        results[i] = shared_prepared_data(_config(tmp_path), tokenizer)[0]
+        results[i] = shared_prepared_data(config, tokenizer)[0]
 
     try:
         threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
