@@ -85,7 +85,9 @@ def test_resume_on_one_rank_and_export_from_an_fsdp_checkpoint(tmp_path, tiny_mo
     shutil.rmtree(resumed / "adapter")
     (resumed / "latest").write_text("checkpoint-2")
     config = config_file(tmp_path, "resumed", tiny_model, **FSDP)
-    torchrun(1, config, "--resume_from_checkpoint", "latest")
+    # The same data as the copied run (a resume refuses another dataset_name: issue 20's explicit changes).
+    data = load_config(["--config", str(resumed / "kto_config.yaml")]).dataset_name
+    torchrun(1, config, "--resume_from_checkpoint", "latest", "--dataset_name", data)
     _assert_same_steps(one_process_run, resumed)
     _assert_same_adapter(one_process_run, resumed, atol=1e-5)
 
