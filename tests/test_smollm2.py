@@ -12,7 +12,7 @@ import pytest
 import torch
 from peft import PeftModel
 from runs import DEEPSPEED, ROOT, TRAIN, config_file, free_port, metrics, run
-from tolerances import merged_logits_atol
+from tolerances import logp_rtol, merged_logits_atol
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kto_scale.collate import collate
@@ -100,8 +100,8 @@ def test_logps_equal_plain_transformers_and_peft(smollm2, smol_tokenizer, tmp_pa
         want_reference = [_plain_logps(base, tok, e) for e in examples]
         peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
         want_policy = [_plain_logps(peft_model, tok, e) for e in examples]
-    torch.testing.assert_close(got_reference, torch.stack(want_reference), atol=2e-4, rtol=0)
-    torch.testing.assert_close(got_policy, torch.stack(want_policy), atol=2e-4, rtol=0)
+    torch.testing.assert_close(got_reference, torch.stack(want_reference), atol=2e-4, rtol=logp_rtol(30))
+    torch.testing.assert_close(got_policy, torch.stack(want_policy), atol=2e-4, rtol=logp_rtol(30))
     assert (got_policy - got_reference).abs().min() > 0.01  # the adapters change what is compared
 
 
