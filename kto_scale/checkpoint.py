@@ -195,15 +195,14 @@ def _check_changes(path: Path, config: KTOConfig) -> None:
     now = config.to_dict()
     changes = {name: [saved.get(name), value] for name, value in now.items()
                if name not in RESUME_OPTIONS and saved.get(name) != value}
-    listed = "; ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items()
-                       if name in OPTIMIZATION_FIELDS)
+    described = {name: f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items()}
+    listed = "; ".join(line for name, line in described.items() if name in OPTIMIZATION_FIELDS)
     if listed and not config.resume_with_changes:
         raise ConfigError(f"{path} was trained with other settings that change the optimization: {listed}. Resume "
                           "with the checkpoint's values, pass --resume_with_changes true to continue with these "
                           f"(each change is recorded in {CHANGES_FILE}), or start a new run.")
     if changes:
-        logger.warning("Resuming from %s with changed settings: %s.", path,
-                       "; ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items()))
+        logger.warning("Resuming from %s with changed settings: %s.", path, "; ".join(described.values()))
         if is_main_process():
             with open(Path(config.output_dir) / CHANGES_FILE, "a") as log:
                 log.write(json.dumps({"checkpoint": str(path), "changes": changes}) + "\n")

@@ -44,6 +44,7 @@ from kto_scale.startup import setup
 
 logger = logging.getLogger(__name__)
 
+
 def global_kl_baseline(kl_ratio_sum: Tensor, pairs: Tensor, examples: Tensor) -> tuple[Tensor, Tensor]:
     """z_ref over every rank's mismatched pairs, and the global number of examples (one all-reduce).
 
