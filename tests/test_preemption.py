@@ -13,7 +13,7 @@ import psutil
 import pytest
 from runs import DEEPSPEED, ROOT, clean_env, config_file, deepspeed_run, free_port
 from test_fsdp import FSDP, TORCHRUN
-from test_scale import _assert_same_adapter, _assert_same_steps, assert_resumed_equals_whole
+from test_scale import _assert_same_steps, assert_resumed_equals_whole
 
 
 def _logged_steps(run_dir: Path) -> int:
@@ -47,8 +47,8 @@ def test_sigterm_between_checkpoints_then_resume_equals_the_uninterrupted_run(tm
     SIGTERM to rank 1 after step 4 (of 16: the run cannot end before the signal lands, however fast the
     machine) stops both ranks after the same step, with a checkpoint of it and one
     line saying so (exit 75 under DeepSpeed's launcher; torchrun turns any failed worker into exit 1, so
-    kto.sbatch requeues on its own trap too); resumed, the run logs every step once, as the uninterrupted one (DeepSpeed: 1e-6, the
-    same kernels; FSDP2 against DeepSpeed: 1e-5, as tests/test_fsdp.py derives)."""
+    kto.sbatch requeues on its own trap too); resumed, the run logs every step once, as the uninterrupted one (DeepSpeed: exactly, the
+    same kernels; FSDP2 against DeepSpeed: within tests/tolerances.py's run tolerances)."""
     options = dict(gradient_accumulation_steps=1, max_steps=16, save_steps=3, eval_fraction=0.0)
     deepspeed_run(2, config_file(tmp_path, "whole", tiny_model, **options))
     launchers = {"ds": ([*DEEPSPEED, "--num_gpus", "2"], {}), "fsdp": ([*TORCHRUN, "--nproc_per_node", "2"], FSDP)}
@@ -69,5 +69,4 @@ def test_sigterm_between_checkpoints_then_resume_equals_the_uninterrupted_run(tm
             assert_resumed_equals_whole(tmp_path / "whole", out, stopped, steps=16)
         else:
             _assert_same_steps(tmp_path / "whole", out)
-            _assert_same_adapter(tmp_path / "whole", out, atol=1e-5)
 
