@@ -62,9 +62,17 @@ class KTOConfig:
     trust_remote_code: bool = False
     """Allow model code from the hub repository to run. Off unless you trust it."""
     attn_implementation: str | None = None
-    """transformers attention backend ("sdpa", "flash_attention_2", "eager"); None lets it choose."""
+    """transformers attention backend ("sdpa", "flash_attention_2", "flex_attention", "eager"); None lets it
+    choose (sdpa). flex_attention (CUDA only) masks packed rows and the shared-prompt pass with a BlockMask
+    instead of a dense T x T mask (docs/performance.md)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (about 30% slower)."""
+    use_liger_kernel: bool = False
+    """Liger-Kernel's fused Triton kernels for the RMSNorm, SwiGLU MLP and RoPE of Llama layers (not its
+    losses: the log-probs are already a chunked fp32 head). CUDA and the liger-kernel package only."""
+    torch_compile: bool = False
+    """torch.compile each decoder layer (regional: one graph for all layers, dynamic shapes, so a new packed
+    length does not recompile). Needs Triton on CUDA, a C++ compiler on the CPU; the first steps compile."""
     load_in_4bit: bool = False
     """QLoRA: load the base in 4 bits with bitsandbytes (ZeRO-2 only). The reference uses the same
     quantized weights."""
