@@ -120,8 +120,9 @@ class KTOConfig:
     """Completions keep their first max_completion_length tokens."""
     padding_free: bool = False
     """Pack each micro-batch's sequences back to back into one row (position ids restart per
-    sequence, attention never crosses them): no padding at all. Best with attn_implementation
-    "flash_attention_2" on GPU; sdpa and eager build a block-diagonal mask instead."""
+    sequence, attention never crosses them): no padding at all. On GPU, "flash_attention_2" (its
+    variable-length kernel) or "flex_attention" (a BlockMask) skip the other sequences; sdpa and eager
+    build a dense block-diagonal mask instead."""
     group_by_length: bool = False
     """Put examples of similar length into the same batches (less padding; batches are still
     shuffled by epoch and cover every example once)."""
@@ -145,7 +146,7 @@ class KTOConfig:
     """The reference scores an example (x, y) and its KL pair (x, y') in one forward pass over
     x + y + y' (y' attends to x and itself, its positions continue from x), so the prompt is computed
     once, on the fly and in launch/precompute_ref.py. Needs attention that takes a 4D mask (sdpa,
-    eager); with others (flash_attention_2) the two passes stay separate, which is logged."""
+    eager, flex_attention); with others (flash_attention_2) the two passes stay separate, which is logged."""
     kl_pairs_per_step: int = 0
     """Estimate z_ref from this many KL pairs per optimizer step, drawn without replacement from the
     effective batch (seeded by seed and step: the same on any number of ranks and on resume), and skip
