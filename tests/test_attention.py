@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers.integrations.flex_attention as transformers_flex
 from test_shared_prompt import _dataset
-from tolerances import logp_rtol
+from tolerances import FP32_EPS, logp_rtol
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import AutoConfig
 from transformers.masking_utils import create_causal_mask
@@ -16,7 +16,7 @@ from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_p
 
 from kto_scale.assets import TINY_LLAMA_DIR
 from kto_scale.attention import attention_rule, block_mask, dense_mask
-from kto_scale.collate import ReferenceLayout, collate
+from kto_scale.collate import ReferenceLayout, collate, to_device
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.model import SequenceLogps, load_base_model, load_model, reference_mode
 
@@ -154,3 +154,40 @@ def test_flex_attention_refused_on_cpu():
                        attn_implementation="flex_attention")
     with pytest.raises(ConfigError, match="^attn_implementation flex_attention needs a CUDA GPU"):
         load_base_model(config)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward and Triton kernel: CUDA only")
+@pytest.mark.parametrize("packed", [False, True])
+def test_flex_equals_dense_forward_and_backward_on_cuda(packed):
+    """On a GPU, the real path: the compiled FlexAttention kernel with the BlockMask against sdpa with the
+    dense mask, fp32, for the policy rows (forward and backward: log-probs and LoRA gradients) and the
+    shared-prompt reference rows (forward). Bounds as in test_kernels.py's compiled-vs-eager test: other
+    kernels, logp_rtol per log-prob sum; a LoRA gradient 16 num_layers sqrt(fan_in) 2^-24 of its largest
+    element (TF32 stays off: torch's default for fp32 matmuls). In the e2e tier: the first FlexAttention
+    calls compile Triton kernels (tens of seconds)."""
+    policy = load_model(KTOConfig(model_name_or_path=str(TINY_LLAMA_DIR), init_random_weights=True, lora_r=4,
+                                  lora_dropout=0.0)).cuda()
+    with torch.no_grad():  # nonzero adapters, so that the gradients reach every LoRA matrix
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    module = SequenceLogps(policy, chunk_size=5)
+    batch = to_device(_batch(packed, [False, True, True, False]), torch.device("cuda"))
+    results = []
+    for attention in ("sdpa", "flex_attention"):
+        policy.get_base_model().set_attn_implementation(attention)
+        policy.zero_grad()
+        logps = module(**batch["policy"])
+        logps.sum().backward()
+        with reference_mode(policy):
+            reference = module(**batch["reference"])
+        results.append((logps.detach(), reference, {n: p.grad.clone() for n, p in policy.named_parameters()
+                                                     if p.requires_grad}))
+    (logps, reference, grads), (logps_f, reference_f, grads_f) = results
+    layers, fan_in = policy.config.num_hidden_layers, policy.config.intermediate_size
+    torch.testing.assert_close(logps_f, logps, atol=0, rtol=logp_rtol(layers))
+    torch.testing.assert_close(reference_f, reference, atol=0, rtol=logp_rtol(layers))
+    for name, grad in grads.items():
+        bound = 16 * layers * fan_in ** 0.5 * FP32_EPS * float(grad.abs().max())
+        assert float((grads_f[name] - grad).abs().max()) <= bound, name
