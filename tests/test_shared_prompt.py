@@ -38,7 +38,8 @@ def test_collated_layout_by_hand():
     assert shared["score_positions"].tolist() == [1, 2, 3, 1]
     assert shared["score_targets"].tolist() == [21, 22, 23, 31]
     assert shared["score_sequences"].tolist() == [0, 0, 0, 1]
-    mask = dense_mask(attention_rule(None, shared["segments"], None), 1, 6, torch.device("cpu"), None)[0, 0].int().tolist()
+    rule = attention_rule(None, shared["segments"], None)
+    mask = dense_mask(rule, 1, 6, torch.device("cpu"), None)[0, 0].int().tolist()
     assert mask[5] == [1, 1, 0, 0, 0, 1]  # y' sees x and itself, not y
     assert mask[4] == [1, 1, 1, 1, 1, 0]  # y sees x and y (causal), not y'
 
