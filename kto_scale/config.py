@@ -62,9 +62,17 @@ class KTOConfig:
     trust_remote_code: bool = False
     """Allow model code from the hub repository to run. Off unless you trust it."""
     attn_implementation: str | None = None
-    """transformers attention backend ("sdpa", "flash_attention_2", "eager"); None lets it choose."""
+    """transformers attention backend ("sdpa", "flash_attention_2", "flex_attention", "eager"); None lets it
+    choose (sdpa). flex_attention (CUDA only) masks packed rows and the shared-prompt pass with a BlockMask
+    instead of a dense T x T mask (docs/performance.md)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (about 30% slower)."""
+    use_liger_kernel: bool = False
+    """Liger-Kernel's fused Triton kernels for the RMSNorm, SwiGLU MLP and RoPE of Llama layers (not its
+    losses: the log-probs are already a chunked fp32 head). CUDA and the liger-kernel package only."""
+    torch_compile: bool = False
+    """torch.compile each decoder layer (regional: one graph for all layers, dynamic shapes, so a new packed
+    length does not recompile). Needs Triton on CUDA, a C++ compiler on the CPU; the first steps compile."""
     load_in_4bit: bool = False
     """QLoRA: load the base in 4 bits with bitsandbytes (ZeRO-2 only). The reference uses the same
     quantized weights."""
@@ -112,8 +120,9 @@ class KTOConfig:
     """Completions keep their first max_completion_length tokens."""
     padding_free: bool = False
     """Pack each micro-batch's sequences back to back into one row (position ids restart per
-    sequence, attention never crosses them): no padding at all. Best with attn_implementation
-    "flash_attention_2" on GPU; sdpa and eager build a block-diagonal mask instead."""
+    sequence, attention never crosses them): no padding at all. On GPU, "flash_attention_2" (its
+    variable-length kernel) or "flex_attention" (a BlockMask) skip the other sequences; sdpa and eager
+    build a dense block-diagonal mask instead."""
     group_by_length: bool = False
     """Put examples of similar length into the same batches (less padding; batches are still
     shuffled by epoch and cover every example once)."""
@@ -137,7 +146,7 @@ class KTOConfig:
     """The reference scores an example (x, y) and its KL pair (x, y') in one forward pass over
     x + y + y' (y' attends to x and itself, its positions continue from x), so the prompt is computed
     once, on the fly and in launch/precompute_ref.py. Needs attention that takes a 4D mask (sdpa,
-    eager); with others (flash_attention_2) the two passes stay separate, which is logged."""
+    eager, flex_attention); with others (flash_attention_2) the two passes stay separate, which is logged."""
     kl_pairs_per_step: int = 0
     """Estimate z_ref from this many KL pairs per optimizer step, drawn without replacement from the
     effective batch (seeded by seed and step: the same on any number of ranks and on resume), and skip

@@ -27,15 +27,15 @@ from transformers import (
 )
 from transformers.modeling_utils import set_zero3_state
 
+from kto_scale.attention import CUSTOM_MASK_ATTENTION, layout_mask
 from kto_scale.collate import ReferenceLayout
 from kto_scale.config import ConfigError, KTOConfig
+from kto_scale.kernels import apply_kernels, check_attention_device
 from kto_scale.logprobs import chunked_completion_logps, scored_token_logps
 from kto_scale.sft_adapter import add_sft_adapters, has_reference_adapter, reference_adapter_active
 
 logger = logging.getLogger(__name__)
 
-# Attention implementations that take an arbitrary 4D mask, as the shared-prompt reference pass needs.
-CUSTOM_MASK_ATTENTION = ("sdpa", "eager")
 # Models whose logits are not just lm_head(hidden): the chunked head would score them wrongly.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
@@ -117,6 +117,7 @@ def load_base_model(config: KTOConfig, empty: bool = False) -> PreTrainedModel:
     empty: its parameters on the meta device instead, nothing read: FSDP2's ranks other than 0, which
     get their shards from rank 0 when the model is sharded (kto_scale.fsdp.shard), so that a node
     holds one whole copy of the model, not one per rank."""
+    check_attention_device(config)
     dtype = train_dtype(config)
     if empty:
         model = _empty_model(config, dtype)
@@ -141,6 +142,7 @@ def load_base_model(config: KTOConfig, empty: bool = False) -> PreTrainedModel:
                 "kto-scale scores completions with lm_head(hidden) and does not support it."
             )
     model.config.use_cache = False  # no generation during training; the KV cache only costs memory
+    apply_kernels(model, config)
     return model
 
 
@@ -196,26 +198,6 @@ def reference_layout(config: KTOConfig, model: PreTrainedModel, cached: bool) ->
     logger.info("Reference passes: one forward over prompt + completion + KL completion per example "
                 "(shared_prompt_reference).")
     return ReferenceLayout.SHARED
-
-
-def shared_prompt_mask(segments: Tensor, sequence_ids: Tensor | None, dtype: torch.dtype | None) -> Tensor:
-    """[B, 1, T, T] attention mask of x + y + y' rows (kto_scale.collate: segments [B, T] 0 prompt,
-    1 completion, 2 KL completion, -1 padding): causal, and a token sees the prompt and its own segment
-    only, so y' never sees y; with `sequence_ids` [B, T] (packed rows), never another sequence.
-
-    dtype None: bool, True where attention is allowed (sdpa); else an additive mask of that dtype, 0 or
-    its most negative value (eager adds it to the scores). Padding queries see the prompt and padding,
-    so no row is fully masked.
-    """
-    q, k = segments[:, :, None], segments[:, None, :]
-    causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool, device=segments.device).tril()
-    allowed = ((k == 0) | (k == q)) & causal
-    if sequence_ids is not None:
-        allowed &= sequence_ids[:, :, None] == sequence_ids[:, None, :]
-    allowed = allowed.unsqueeze(1)
-    if dtype is None:
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 @contextlib.contextmanager
@@ -286,7 +268,8 @@ class SequenceLogps(nn.Module):
         Padded: [B, T] input_ids, completion_mask and attention_mask -> [B].
         Packed (padding-free): [1, N] input_ids and completion_mask holding B sequences back to back,
         and [B] sequence_lengths -> [B]. Position ids restart at 0 for each sequence, which
-        transformers turns into attention that never crosses sequences.
+        transformers turns into attention that never crosses sequences (with flex_attention, the
+        BlockMask of kto_scale.attention does it).
         Shared prompt (kto_scale.collate's "reference" inputs): x + y + y' rows given as input_ids,
         segments, position_ids and the score_* lists (packed: and sequence_lengths) -> [2B], the B
         examples' log-probs then their KL pairs'.
@@ -303,13 +286,8 @@ class SequenceLogps(nn.Module):
                 starts = torch.cumsum(sequence_lengths, 0) - sequence_lengths
                 position_ids = (torch.arange(total, device=input_ids.device) - starts[sequence_ids]).unsqueeze(0)
             sequence_ids = sequence_ids.unsqueeze(0)
-        if segments is not None:
-            attention = base.config._attn_implementation
-            if attention not in CUSTOM_MASK_ATTENTION:
-                raise ValueError(f"Shared-prompt rows need attention that takes a 4D mask {CUSTOM_MASK_ATTENTION}, "
-                                 f"not {attention} (kto_scale.model.reference_layout decides).")
-            dtype = None if attention == "sdpa" else base.get_input_embeddings().weight.dtype
-            attention_mask = shared_prompt_mask(segments, sequence_ids, dtype)
+        attention_mask = layout_mask(base.config._attn_implementation, input_ids, attention_mask, segments,
+                                     sequence_ids, base.get_input_embeddings().weight.dtype)
         hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     use_cache=False).last_hidden_state
         if segments is not None:

@@ -10,9 +10,10 @@ import torch
 from tolerances import logp_rtol
 
 from kto_scale.assets import TINY_LLAMA_DIR
+from kto_scale.attention import attention_rule, dense_mask
 from kto_scale.collate import ReferenceLayout, collate
 from kto_scale.config import KTOConfig
-from kto_scale.model import SequenceLogps, load_model, reference_layout, reference_mode, shared_prompt_mask
+from kto_scale.model import SequenceLogps, load_model, reference_layout, reference_mode
 
 
 def _dataset(prompt_lengths, completion_lengths, kl_completion_lengths) -> datasets.Dataset:
@@ -37,7 +38,8 @@ def test_collated_layout_by_hand():
     assert shared["score_positions"].tolist() == [1, 2, 3, 1]
     assert shared["score_targets"].tolist() == [21, 22, 23, 31]
     assert shared["score_sequences"].tolist() == [0, 0, 0, 1]
-    mask = shared_prompt_mask(shared["segments"], None, None)[0, 0].int().tolist()
+    rule = attention_rule(None, shared["segments"], None)
+    mask = dense_mask(rule, 1, 6, torch.device("cpu"), None)[0, 0].int().tolist()
     assert mask[5] == [1, 1, 0, 0, 0, 1]  # y' sees x and itself, not y
     assert mask[4] == [1, 1, 1, 1, 1, 0]  # y sees x and y (causal), not y'
 
