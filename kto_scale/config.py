@@ -30,6 +30,7 @@ INPUT_PATHS = ("model_name_or_path", "dataset_name", "eval_dataset_name", "deeps
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORTERS = ("none", "wandb", "tensorboard")
 KL_BASELINES = ("effective_batch", "micro_batch")
+QUANT_STORAGES = ("uint8", "bfloat16", "float16", "float32")
 # Settings a resumed run may not change without resume_with_changes: they change what is optimized (the
 # global batch is checked on its own; max_steps and num_train_epochs may grow a run).
 OPTIMIZATION_FIELDS = (
@@ -66,14 +67,18 @@ class KTOConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (about 30% slower)."""
     load_in_4bit: bool = False
-    """QLoRA: load the base in 4 bits with bitsandbytes (ZeRO-2 only). The reference uses the same
-    quantized weights."""
+    """QLoRA: load the base in 4 bits with bitsandbytes (DeepSpeed ZeRO-2 or ZeRO-3). The reference uses
+    the same quantized weights."""
     load_in_8bit: bool = False
-    """Load the base in 8 bits with bitsandbytes (ZeRO-2 only)."""
+    """Load the base in 8 bits with bitsandbytes (DeepSpeed ZeRO-2 only)."""
     bnb_4bit_quant_type: str = "nf4"
     """4-bit data type: "nf4" (QLoRA's) or "fp4"."""
     use_bnb_nested_quant: bool = True
     """Double quantization: quantize the 4-bit quantization constants too (saves ~0.4 bits/weight)."""
+    bnb_4bit_quant_storage: str | None = None
+    """The dtype the packed 4-bit weights are stored in (two 4-bit values per byte, viewed as this
+    dtype; the values are the same): "uint8", "bfloat16", "float16" or "float32". None: the training
+    dtype on ZeRO-3 (which partitions every weight as one flat buffer of that dtype), uint8 elsewhere."""
 
     # --- LoRA (the policy) ---
     lora_r: int = 16
@@ -277,6 +282,9 @@ class KTOConfig:
             raise ConfigError("load_in_4bit and load_in_8bit are both set: choose one.")
         if (self.load_in_4bit or self.load_in_8bit) and self.init_random_weights:
             raise ConfigError("init_random_weights cannot be quantized: save the model first and load it.")
+        if self.bnb_4bit_quant_storage not in (None, *QUANT_STORAGES):
+            raise ConfigError(f"bnb_4bit_quant_storage must be one of {QUANT_STORAGES} or null, got "
+                              f"{self.bnb_4bit_quant_storage!r}.")
         if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
             raise ConfigError(f"bnb_4bit_quant_type must be nf4 or fp4, got {self.bnb_4bit_quant_type!r}.")
         if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:

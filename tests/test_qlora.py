@@ -57,11 +57,21 @@ def test_two_rank_zero2_trains_a_4bit_base(tmp_path, quantizable_model):
     assert (tmp_path / "q" / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_zero3_with_a_quantized_base_is_refused():
-    config = load_config(["--model_name_or_path", "m", "--dataset_name", "d", "--load_in_4bit", "true",
+@pytest.mark.parametrize("options, message", [
+    (["--load_in_8bit", "true"], "cannot partition bitsandbytes' 8-bit weights .* use load_in_4bit on ZeRO-3"),
+    (["--load_in_4bit", "true", "--bnb_4bit_quant_storage", "uint8"],
+     "bnb_4bit_quant_storage uint8 on ZeRO-3 .* set it to float32 or leave it unset"),
+])
+def test_zero3_refuses_what_it_cannot_partition(options, message):
+    config = load_config(["--model_name_or_path", "m", "--dataset_name", "d", *options,
                           "--deepspeed", str(ROOT / "ds_configs/zero3.json")])
-    with pytest.raises(ConfigError, match="use ds_configs/zero2.json"):
+    with pytest.raises(ConfigError, match=message):
         resolve_deepspeed_config(config, world_size=1)
+
+
+def test_quant_storage_is_validated():
+    with pytest.raises(ConfigError, match="bnb_4bit_quant_storage must be one of"):
+        KTOConfig(model_name_or_path="m", dataset_name="d", bnb_4bit_quant_storage="int4").validate()
 
 
 def test_sft_reference_on_a_4bit_base(tmp_path, quantizable_model):
