@@ -74,6 +74,15 @@ def quant_storage(config: KTOConfig) -> str:
     return str(train_dtype(config)).removeprefix("torch.") if is_deepspeed_zero3_enabled() else "uint8"
 
 
+def bnb_config(config: KTOConfig) -> BitsAndBytesConfig:
+    """The bitsandbytes settings of a 4/8-bit base (kto_scale.quantized_base rebuilds the same rounding)."""
+    return BitsAndBytesConfig(
+        load_in_4bit=config.load_in_4bit, load_in_8bit=config.load_in_8bit,
+        bnb_4bit_quant_type=config.bnb_4bit_quant_type, bnb_4bit_use_double_quant=config.use_bnb_nested_quant,
+        bnb_4bit_compute_dtype=train_dtype(config), bnb_4bit_quant_storage=quant_storage(config),
+    )
+
+
 def _quantization(config: KTOConfig) -> dict:
     """from_pretrained arguments for a bitsandbytes 4/8-bit base (none without quantization).
 
@@ -82,14 +91,9 @@ def _quantization(config: KTOConfig) -> dict:
     rank briefly holds the 4-bit base (~0.56 bytes per weight), never a 16-bit copy."""
     if not (config.load_in_4bit or config.load_in_8bit):
         return {}
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=config.load_in_4bit, load_in_8bit=config.load_in_8bit,
-        bnb_4bit_quant_type=config.bnb_4bit_quant_type, bnb_4bit_use_double_quant=config.use_bnb_nested_quant,
-        bnb_4bit_compute_dtype=train_dtype(config), bnb_4bit_quant_storage=quant_storage(config),
-    )
     # No device_map (ZeRO-3 refuses one): bitsandbytes' quantizer then quantizes each weight as it is
     # placed, straight onto this rank's current GPU (or the CPU), not moved later.
-    return {"quantization_config": quantization}
+    return {"quantization_config": bnb_config(config)}
 
 
 def _model_config(config: KTOConfig) -> PretrainedConfig:

@@ -95,3 +95,55 @@ def test_sft_reference_on_a_4bit_base(tmp_path, quantizable_model):
     assert any("Linear4bit" in type(m).__name__ for m in base.modules())
     torch.testing.assert_close(reference, expected, atol=1e-5, rtol=0)
     assert torch.equal(step0, reference) and not torch.allclose(reference, bare)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_merge_rebuilds_the_4bit_weights_the_run_loaded(quantizable_model, bf16):
+    """kto_scale.quantized_base quantizes each weight with the same bitsandbytes call as the 4-bit load
+    (same kernel, same shapes): its dequantized weights equal the loaded model's exactly."""
+    import bitsandbytes.functional as bnb_functional
+    from safetensors.torch import load_file
+
+    from kto_scale.quantized_base import as_trained, quantized_weight_names
+
+    config = KTOConfig(model_name_or_path=str(quantizable_model), load_in_4bit=True, bf16=bf16)
+    model, saved = load_base_model(config), load_file(quantizable_model / "model.safetensors")
+    loaded = {f"{name}.weight": m.weight for name, m in model.named_modules() if "Linear4bit" in type(m).__name__}
+    assert quantized_weight_names(quantizable_model, config) == loaded.keys() and len(loaded) == 14
+    for name, weight in loaded.items():
+        assert torch.equal(as_trained(saved[name], config), bnb_functional.dequantize_4bit(weight, weight.quant_state).float())
+
+
+def test_merging_a_4bit_adapter_is_peft_on_the_dequantized_base(quantizable_model, tmp_path):
+    """A QLoRA adapter merges into the dequantized 4-bit weights it was trained against, written in 16
+    (here 32) bits: the merged model's logits are peft's on the dequantized base within merged_logits_atol
+    (tests/tolerances.py: (W + s B A) x vs W x + s B (A x), fp32, fan-in 192, 2 layers), and not those of
+    the adapter on the original weights (the quantization error is far above that tolerance)."""
+    from peft import PeftModel
+    from test_export import TOKENS, plain_logits
+    from tolerances import merged_logits_atol
+
+    from kto_scale.config import save_config
+    from kto_scale.export import merge_lora
+
+    config = KTOConfig(model_name_or_path=str(quantizable_model), dataset_name="d", load_in_4bit=True, lora_r=4,
+                       lora_dropout=0.0)
+    policy = load_model(config)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    policy.save_pretrained(tmp_path / "adapter")
+    save_config(config, tmp_path / "adapter")  # as every kto-scale adapter dir carries it
+    merge_lora(quantizable_model, tmp_path / "adapter", tmp_path / "merged")
+
+    with torch.no_grad():
+        dequantized = PeftModel.from_pretrained(load_base_model(config).dequantize(), tmp_path / "adapter").eval()
+        expected = dequantized(TOKENS).logits
+        on_original = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(quantizable_model),
+                                                tmp_path / "adapter").eval()(TOKENS).logits
+    merged = plain_logits(tmp_path / "merged")
+    atol = merged_logits_atol(expected, 192, 2)
+    torch.testing.assert_close(merged, expected, atol=atol, rtol=0)
+    assert (merged - on_original).abs().max() > 100 * atol
+    assert not any("quantization_config" in line for line in (tmp_path / "merged" / "config.json").open())
