@@ -342,9 +342,10 @@ class KTOConfig:
             raise ConfigError("fsdp with fp16 is not supported (it needs a sharded loss scaler): use bf16, or "
                               "DeepSpeed for fp16.")
         if self.load_in_4bit or self.load_in_8bit:
-            raise ConfigError("fsdp cannot shard a bitsandbytes-quantized base (its packed 4/8-bit weights are not "
-                              "plain tensors fully_shard can split): train QLoRA on DeepSpeed ZeRO-2 "
-                              "(deepspeed: ds_configs/zero2.json), or fsdp with a bf16 base.")
+            raise ConfigError("fsdp cannot shard a bitsandbytes-quantized base (FSDP2 all-gathers a 4-bit weight as a "
+                              "plain tensor without its quantization state, and its rank-0 broadcast load cannot "
+                              "carry that state): train QLoRA on DeepSpeed ZeRO-3 (deepspeed: ds_configs/zero3.json), "
+                              "which shards the 4-bit base, or fsdp with a bf16 base.")
 
     def warmup_steps_for(self, total_steps: int) -> int:
         """Warmup steps for a run of total_steps optimizer steps."""
@@ -355,6 +356,17 @@ class KTOConfig:
 
 
 _FIELDS = [f.name for f in dataclasses.fields(KTOConfig)]
+
+
+def check_zero3_quantization(config: KTOConfig) -> None:
+    """The bitsandbytes settings a ZeRO-3 DeepSpeed JSON cannot partition (the engine and the planner ask)."""
+    if config.load_in_8bit:
+        raise ConfigError(f"{config.deepspeed} is ZeRO-3, which cannot partition bitsandbytes' 8-bit weights (int8 "
+                          "with separate scales): use load_in_4bit on ZeRO-3, or ds_configs/zero2.json for 8-bit.")
+    compute = "bfloat16" if config.bf16 else "float16" if config.fp16 else "float32"
+    if config.load_in_4bit and config.bnb_4bit_quant_storage not in (None, compute):
+        raise ConfigError(f"bnb_4bit_quant_storage {config.bnb_4bit_quant_storage} on ZeRO-3 ({config.deepspeed}): "
+                          f"ZeRO-3 partitions weights in the training dtype; set it to {compute} or leave it unset.")
 
 
 def find_deepspeed_config(path: str) -> Path:

@@ -33,9 +33,9 @@ from transformers import TrainingArguments
 from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
 from kto_scale.atomic import atomic_directory, write_atomic
-from kto_scale.config import ConfigError, KTOConfig, find_deepspeed_config
+from kto_scale.config import ConfigError, KTOConfig, check_zero3_quantization, find_deepspeed_config
 from kto_scale.distributed import is_main_process, on_main_process
-from kto_scale.model import SequenceLogps, train_dtype
+from kto_scale.model import SequenceLogps
 from kto_scale.optimizer import OptimizerSettings, optimizer_and_schedule
 
 logger = logging.getLogger(__name__)
@@ -89,13 +89,8 @@ def resolve_deepspeed_config(config: KTOConfig, world_size: int) -> HfTrainerDee
     if args.world_size != world_size:  # train_batch_size is computed from it
         raise RuntimeError(f"TrainingArguments sees {args.world_size} ranks, the process group {world_size}.")
     ds_config.trainer_config_process(args)
-    if ds_config.is_zero3() and config.load_in_8bit:
-        raise ConfigError(f"{config.deepspeed} is ZeRO-3, which cannot partition bitsandbytes' 8-bit weights (int8 "
-                          "with separate scales): use load_in_4bit on ZeRO-3, or ds_configs/zero2.json for 8-bit.")
-    compute = str(train_dtype(config)).removeprefix("torch.")
-    if ds_config.is_zero3() and config.load_in_4bit and config.bnb_4bit_quant_storage not in (None, compute):
-        raise ConfigError(f"bnb_4bit_quant_storage {config.bnb_4bit_quant_storage} on ZeRO-3 ({config.deepspeed}): "
-                          f"ZeRO-3 partitions weights in the training dtype; set it to {compute} or leave it unset.")
+    if ds_config.is_zero3():
+        check_zero3_quantization(config)
     if ds_config.mismatches:  # fail now, before any heavy work, not after the model is loaded
         raise ConfigError(f"{config.deepspeed} contradicts the training config (set these to \"auto\"):\n"
                           + "\n".join(ds_config.mismatches))
