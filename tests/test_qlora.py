@@ -1,5 +1,7 @@
 """QLoRA: a bitsandbytes 4/8-bit base on CPU. The reference is the same quantized weights with the
-adapters off; training runs on two ZeRO-2 ranks; ZeRO-3 is refused before anything loads."""
+adapters off; training on two ZeRO-3 ranks (the 4-bit base partitioned) is training on one ZeRO-2 rank;
+what ZeRO-3 cannot partition is refused before anything loads; a merge rebuilds the 4-bit weights the
+adapter was trained against."""
 
 import dataclasses
 import math
@@ -10,6 +12,7 @@ import torch
 from runs import (
     DEEPSPEED,
     ROOT,
+    TRAIN,
     config_file,
     deepspeed_run,
     die_after_first,
@@ -60,7 +63,7 @@ def test_reference_is_the_quantized_base(quantizable_model, bits):
 
 @pytest.mark.e2e
 def test_zero3_qlora_is_zero2_qlora_and_precomputes_evaluates_resumes_and_merges(tmp_path, quantizable_model):
-    """One 4-bit base, two ZeRO-2 ranks against two ZeRO-3 ranks (each rank holds half of the packed 4-bit
+    """One 4-bit base, one ZeRO-2 rank against two ZeRO-3 ranks (each holds half of the packed 4-bit
     weights, stored as float32 elements: bnb_4bit_quant_storage's default there). The ZeRO-3 run is killed
     after its step-2 checkpoint and resumed; it then must log, generate and save what the ZeRO-2 run does
     within test_scale.assert_same_run's 1e-5. Its derivation holds as is: both engines dequantize the same
@@ -78,10 +81,10 @@ def test_zero3_qlora_is_zero2_qlora_and_precomputes_evaluates_resumes_and_merges
     from test_scale import assert_same_run
     from tolerances import logp_rtol
 
-    runs = {stage: config_file(tmp_path, f"zero{stage}", quantizable_model, gradient_accumulation_steps=1,
+    runs = {stage: config_file(tmp_path, f"zero{stage}", quantizable_model, gradient_accumulation_steps=4 - stage,
                                load_in_4bit=True, deepspeed=str(ROOT / f"ds_configs/zero{stage}.json"))
-            for stage in (2, 3)}
-    deepspeed_run(2, runs[2])
+            for stage in (2, 3)}  # the same global batch: 1 rank x 2 micro-batches, 2 ranks x 1
+    run([*TRAIN, "--config", str(runs[2])])
     train = metrics(tmp_path / "zero2", "train")
     assert [m["step"] for m in train] == [1, 2, 3, 4] and all(math.isfinite(m["loss"]) for m in train)
 
