@@ -97,6 +97,23 @@ def test_zero3_qlora_is_zero2_qlora_and_precomputes_evaluates_resumes_and_merges
                                                  tmp_path / "zero3" / "adapter", tmp_path / "merged")
 
 
+def test_quant_storage_changes_no_value(quantizable_model):
+    """bnb_4bit_quant_storage only views the packed bytes as another dtype (ZeRO-3 uses the training
+    dtype): the same kernels on the same bytes give bit-identical logits and LoRA gradients (bf16)."""
+    ids = torch.randint(3, 500, (2, 10))
+    results = []
+    for storage in ("uint8", "bfloat16"):
+        policy = load_model(KTOConfig(model_name_or_path=str(quantizable_model), load_in_4bit=True, bf16=True,
+                                      bnb_4bit_quant_storage=storage, lora_dropout=0.0))
+        weight = policy.get_base_model().model.layers[0].mlp.down_proj.base_layer.weight
+        assert weight.dtype == getattr(torch, storage)
+        logits = policy(input_ids=ids).logits
+        logits.float().logsumexp(-1).sum().backward()
+        results.append((logits.detach(), [p.grad for p in policy.parameters() if p.requires_grad]))
+    (logits, grads), (viewed, viewed_grads) = results
+    assert torch.equal(viewed, logits) and all(map(torch.equal, viewed_grads, grads))
+
+
 @pytest.mark.parametrize("options, message", [
     (["--load_in_8bit", "true"], "cannot partition bitsandbytes' 8-bit weights .* use load_in_4bit on ZeRO-3"),
     (["--load_in_4bit", "true", "--bnb_4bit_quant_storage", "uint8"],
