@@ -30,6 +30,7 @@ INPUT_PATHS = ("model_name_or_path", "dataset_name", "eval_dataset_name", "deeps
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORTERS = ("none", "wandb", "tensorboard")
 KL_BASELINES = ("effective_batch", "micro_batch")
+QUANT_STORAGES = ("uint8", "bfloat16", "float16", "float32")
 # Settings a resumed run may not change without resume_with_changes: they change what is optimized (the
 # global batch is checked on its own; max_steps and num_train_epochs may grow a run).
 OPTIMIZATION_FIELDS = (
@@ -74,14 +75,18 @@ class KTOConfig:
     """torch.compile each decoder layer (regional: one graph for all layers, dynamic shapes, so a new packed
     length does not recompile). Needs Triton on CUDA, a C++ compiler on the CPU; the first steps compile."""
     load_in_4bit: bool = False
-    """QLoRA: load the base in 4 bits with bitsandbytes (ZeRO-2 only). The reference uses the same
-    quantized weights."""
+    """QLoRA: load the base in 4 bits with bitsandbytes (DeepSpeed ZeRO-2 or ZeRO-3). The reference uses
+    the same quantized weights."""
     load_in_8bit: bool = False
-    """Load the base in 8 bits with bitsandbytes (ZeRO-2 only)."""
+    """Load the base in 8 bits with bitsandbytes (DeepSpeed ZeRO-2 only)."""
     bnb_4bit_quant_type: str = "nf4"
     """4-bit data type: "nf4" (QLoRA's) or "fp4"."""
     use_bnb_nested_quant: bool = True
     """Double quantization: quantize the 4-bit quantization constants too (saves ~0.4 bits/weight)."""
+    bnb_4bit_quant_storage: str | None = None
+    """The dtype the packed 4-bit weights are stored in (two 4-bit values per byte, viewed as this
+    dtype; the values are the same): "uint8", "bfloat16", "float16" or "float32". None: the training
+    dtype on ZeRO-3 (which partitions every weight as one flat buffer of that dtype), uint8 elsewhere."""
 
     # --- LoRA (the policy) ---
     lora_r: int = 16
@@ -286,6 +291,9 @@ class KTOConfig:
             raise ConfigError("load_in_4bit and load_in_8bit are both set: choose one.")
         if (self.load_in_4bit or self.load_in_8bit) and self.init_random_weights:
             raise ConfigError("init_random_weights cannot be quantized: save the model first and load it.")
+        if self.bnb_4bit_quant_storage not in (None, *QUANT_STORAGES):
+            raise ConfigError(f"bnb_4bit_quant_storage must be one of {QUANT_STORAGES} or null, got "
+                              f"{self.bnb_4bit_quant_storage!r}.")
         if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
             raise ConfigError(f"bnb_4bit_quant_type must be nf4 or fp4, got {self.bnb_4bit_quant_type!r}.")
         if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
@@ -343,9 +351,10 @@ class KTOConfig:
             raise ConfigError("fsdp with fp16 is not supported (it needs a sharded loss scaler): use bf16, or "
                               "DeepSpeed for fp16.")
         if self.load_in_4bit or self.load_in_8bit:
-            raise ConfigError("fsdp cannot shard a bitsandbytes-quantized base (its packed 4/8-bit weights are not "
-                              "plain tensors fully_shard can split): train QLoRA on DeepSpeed ZeRO-2 "
-                              "(deepspeed: ds_configs/zero2.json), or fsdp with a bf16 base.")
+            raise ConfigError("fsdp cannot shard a bitsandbytes-quantized base (FSDP2 all-gathers a 4-bit weight as a "
+                              "plain tensor without its quantization state, and its rank-0 broadcast load cannot "
+                              "carry that state): train QLoRA on DeepSpeed ZeRO-3 (deepspeed: ds_configs/zero3.json), "
+                              "which shards the 4-bit base, or fsdp with a bf16 base.")
 
     def warmup_steps_for(self, total_steps: int) -> int:
         """Warmup steps for a run of total_steps optimizer steps."""
@@ -356,6 +365,17 @@ class KTOConfig:
 
 
 _FIELDS = [f.name for f in dataclasses.fields(KTOConfig)]
+
+
+def check_zero3_quantization(config: KTOConfig) -> None:
+    """The bitsandbytes settings a ZeRO-3 DeepSpeed JSON cannot partition (the engine and the planner ask)."""
+    if config.load_in_8bit:
+        raise ConfigError(f"{config.deepspeed} is ZeRO-3, which cannot partition bitsandbytes' 8-bit weights (int8 "
+                          "with separate scales): use load_in_4bit on ZeRO-3, or ds_configs/zero2.json for 8-bit.")
+    compute = "bfloat16" if config.bf16 else "float16" if config.fp16 else "float32"
+    if config.load_in_4bit and config.bnb_4bit_quant_storage not in (None, compute):
+        raise ConfigError(f"bnb_4bit_quant_storage {config.bnb_4bit_quant_storage} on ZeRO-3 ({config.deepspeed}): "
+                          f"ZeRO-3 partitions weights in the training dtype; set it to {compute} or leave it unset.")
 
 
 def find_deepspeed_config(path: str) -> Path:

@@ -33,7 +33,7 @@ from transformers import TrainingArguments
 from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
 from kto_scale.atomic import atomic_directory, write_atomic
-from kto_scale.config import ConfigError, KTOConfig, find_deepspeed_config
+from kto_scale.config import ConfigError, KTOConfig, check_zero3_quantization, find_deepspeed_config
 from kto_scale.distributed import is_main_process, on_main_process
 from kto_scale.model import SequenceLogps
 from kto_scale.optimizer import OptimizerSettings, optimizer_and_schedule
@@ -89,9 +89,8 @@ def resolve_deepspeed_config(config: KTOConfig, world_size: int) -> HfTrainerDee
     if args.world_size != world_size:  # train_batch_size is computed from it
         raise RuntimeError(f"TrainingArguments sees {args.world_size} ranks, the process group {world_size}.")
     ds_config.trainer_config_process(args)
-    if ds_config.is_zero3() and (config.load_in_4bit or config.load_in_8bit):
-        raise ConfigError(f"{config.deepspeed} is ZeRO-3, which partitions weights and cannot shard a "
-                          "bitsandbytes-quantized base: use ds_configs/zero2.json with load_in_4bit/load_in_8bit.")
+    if ds_config.is_zero3():
+        check_zero3_quantization(config)
     if ds_config.mismatches:  # fail now, before any heavy work, not after the model is loaded
         raise ConfigError(f"{config.deepspeed} contradicts the training config (set these to \"auto\"):\n"
                           + "\n".join(ds_config.mismatches))

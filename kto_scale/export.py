@@ -13,8 +13,9 @@ settings the merge implements; every other peft option must hold peft's default,
 `modules_to_save`, embedding LoRA, other peft variants and options of a newer peft are refused, naming the
 setting. Such adapters can still be served unmerged (peft, vLLM).
 
-Quantized training (QLoRA): an adapter trained on a 4/8-bit base merges into the original 16-bit weights, so
-the merged model differs slightly (by the quantization error) from the model it was trained against.
+Quantized training (QLoRA): an adapter a kto-scale run trained on a 4-bit base (its kto_config.yaml says so)
+merges into that base's dequantized weights, as it was trained against them, and the result is written in
+16 bits (kto_scale.quantized_base); one trained on an 8-bit base merges into the original 16-bit weights.
 
 Outputs are written into `.<output name>.tmp-<pid>` beside it and renamed into place when complete, so an
 interrupted export never leaves a directory that looks like a finished one (a killed run leaves that hidden
@@ -27,7 +28,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -57,6 +58,7 @@ from kto_scale.outdir import (
     replace_refusal,
     unlock_and_remove,
 )
+from kto_scale.quantized_base import weights_as_trained
 
 logger = logging.getLogger(__name__)
 
@@ -166,10 +168,14 @@ def check_architecture(base_config: dict, adapter_config: dict, base: Path, sour
                        "so this is only a warning; the weight shapes were checked.", trained_on, base)
 
 
-def merged_tensors(files: list[Path], plan: dict[str, LoraPair], fan_in_fan_out: bool,
-                   dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """The base tensors with their LoRA deltas added, cast to `dtype` (non-float tensors are kept as they are)."""
+def merged_tensors(files: list[Path], plan: dict[str, LoraPair], fan_in_fan_out: bool, dtype: torch.dtype,
+                   as_trained: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, tensor: tensor,
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The base tensors (each as the adapter was trained against it: `as_trained`, see
+    kto_scale.quantized_base) with their LoRA deltas added, cast to `dtype` (non-float tensors are kept
+    as they are)."""
     for name, tensor in iter_tensors(files):
+        tensor = as_trained(name, tensor)
         if name in plan:
             pair = plan[name]
             delta = pair.scale * (pair.b.float() @ pair.a.float())
@@ -293,8 +299,8 @@ def merge_lora(base: str | Path, adapter: str | Path, output: str | Path, dtype:
     logger.info("Merging %d LoRA modules into %s (%d weight files) as %s", len(plan), base, len(files), out_dtype)
 
     with atomic_output_dir(output, overwrite, inputs=[base, adapter]) as tmp:
-        write_shards(merged_tensors(files, plan, bool(adapter_config.get("fan_in_fan_out")), out_dtype),
-                     shards, tmp)
+        write_shards(merged_tensors(files, plan, bool(adapter_config.get("fan_in_fan_out")), out_dtype,
+                                    weights_as_trained(base, adapter)), shards, tmp)
         base_config["dtype"] = str(out_dtype).removeprefix("torch.")
         base_config.pop("torch_dtype", None)  # the pre-transformers-5 name would contradict `dtype`
         (tmp / "config.json").write_text(json.dumps(base_config, indent=2) + "\n")

@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_utils import set_zero3_state
 
 from kto_scale.attention import CUSTOM_MASK_ATTENTION, layout_mask
@@ -64,18 +65,35 @@ def load_tokenizer(config: KTOConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _quantization(config: KTOConfig) -> dict:
-    """from_pretrained arguments for a bitsandbytes 4/8-bit base (none without quantization)."""
-    if not (config.load_in_4bit or config.load_in_8bit):
-        return {}
-    quantization = BitsAndBytesConfig(
+def quant_storage(config: KTOConfig) -> str:
+    """bnb_4bit_quant_storage, resolved: ZeRO-3 partitions and gathers each module's weights as flat
+    buffers of one dtype, so there the packed 4-bit bytes are viewed as the training dtype (peft's
+    "DeepSpeed ZeRO-3 + QLoRA" recipe); elsewhere bitsandbytes' own uint8."""
+    if config.bnb_4bit_quant_storage:
+        return config.bnb_4bit_quant_storage
+    return str(train_dtype(config)).removeprefix("torch.") if is_deepspeed_zero3_enabled() else "uint8"
+
+
+def bnb_config(config: KTOConfig) -> BitsAndBytesConfig:
+    """The bitsandbytes settings of a 4/8-bit base (kto_scale.quantized_base rebuilds the same rounding)."""
+    return BitsAndBytesConfig(
         load_in_4bit=config.load_in_4bit, load_in_8bit=config.load_in_8bit,
         bnb_4bit_quant_type=config.bnb_4bit_quant_type, bnb_4bit_use_double_quant=config.use_bnb_nested_quant,
-        bnb_4bit_compute_dtype=train_dtype(config),
+        bnb_4bit_compute_dtype=train_dtype(config), bnb_4bit_quant_storage=quant_storage(config),
     )
-    # Weights are quantized as they are placed: straight onto this rank's GPU, not moved later.
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    return {"quantization_config": quantization, "device_map": {"": device}}
+
+
+def _quantization(config: KTOConfig) -> dict:
+    """from_pretrained arguments for a bitsandbytes 4/8-bit base (none without quantization).
+
+    Under ZeRO-3, transformers loads a quantized model whole on each rank (no zero.Init: the weights
+    are quantized as they are read), and DeepSpeed partitions it when the engine is created: each
+    rank briefly holds the 4-bit base (~0.56 bytes per weight), never a 16-bit copy."""
+    if not (config.load_in_4bit or config.load_in_8bit):
+        return {}
+    # No device_map (ZeRO-3 refuses one): bitsandbytes' quantizer then quantizes each weight as it is
+    # placed, straight onto this rank's current GPU (or the CPU), not moved later.
+    return {"quantization_config": bnb_config(config)}
 
 
 def _model_config(config: KTOConfig) -> PretrainedConfig:
@@ -141,6 +159,13 @@ def load_base_model(config: KTOConfig, empty: bool = False) -> PreTrainedModel:
                 f"{config.model_name_or_path} post-processes its logits ({name}={getattr(model.config, name)}); "
                 "kto-scale scores completions with lm_head(hidden) and does not support it."
             )
+    if is_deepspeed_zero3_enabled():
+        for module in model.modules():
+            # bitsandbytes repacks a 4-bit weight in place for its AVX-512 CPU kernel at the first
+            # inference pass; under ZeRO-3 that weight is a gathered copy, freed after the pass, and
+            # re-gathered in the original packing: the quant state would then describe the wrong one.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     model.config.use_cache = False  # no generation during training; the KV cache only costs memory
     apply_kernels(model, config)
     return model

@@ -14,7 +14,10 @@ quantization constants: an fp32 absmax per block of 64 (4/64 bytes), or with nes
 8-bit absmax per 64 and an fp32 per 256 of those (1/64 + 4/16384); 8-bit stores 1 byte plus an fp32
 scale per output row. Everything else stays in w bytes.
   ZeRO-0/1/2: every GPU holds the whole base. ZeRO-3: 1/N of it, plus the layers it has gathered: the
-  one running and the one prefetched (2 layers in w bytes); with offload_param, only those two.
+  one running and the one prefetched (2 layers, as stored); with offload_param, only those two. A 4-bit
+  base's quantization constants are no parameters, so ZeRO-3 leaves them whole on every GPU; and
+  transformers loads a quantized base whole onto every GPU (no zero.Init) before DeepSpeed partitions
+  it: that load peak (the 4-bit base + overhead) must fit too.
   FSDP2: 1/N of every decoder layer, plus 2 gathered layers, plus the edges whole (FSDP2 does not
   reshard the root module after forward, so embedding and LM head stay gathered through the step);
   with offload, the shards live on the host.
@@ -64,7 +67,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from kto_scale.config import ConfigError, KTOConfig, find_deepspeed_config
+from kto_scale.config import ConfigError, KTOConfig, check_zero3_quantization, find_deepspeed_config
 from kto_scale.data import load_examples
 
 GiB = 2**30
@@ -231,18 +234,30 @@ class Estimate:
     micro_batch: int
     ranks_per_node: int
     notes: list[str] = field(default_factory=list)
+    gpu_load: int = 0  # the GPU's peak while the model loads, where it exceeds nothing else: 0
 
     @property
     def gpu_total(self) -> int:
         return sum(self.gpu.values())
+
+    @property
+    def gpu_peak(self) -> int:
+        """What the GPU must hold at some point: training, or loading a quantized base whole."""
+        return max(self.gpu_total, self.gpu_load)
+
+
+def _constant_bytes(shape: ModelShape, config: KTOConfig) -> int:
+    """bitsandbytes' 4-bit quantization constants: no parameters, so ZeRO-3 leaves them whole on every GPU."""
+    if not config.load_in_4bit:
+        return 0
+    return int(shape.linear_params * (1 / 64 + 4 / (64 * 256) if config.use_bnb_nested_quant else 4 / 64))
 
 
 def _weight_bytes(shape: ModelShape, config: KTOConfig, w: int) -> int:
     """The whole base in memory: quantized linear weights and everything else in w bytes."""
     other = shape.params - shape.linear_params
     if config.load_in_4bit:
-        constants = 1 / 64 + 4 / (64 * 256) if config.use_bnb_nested_quant else 4 / 64
-        return int(shape.linear_params * (0.5 + constants)) + other * w
+        return shape.linear_params // 2 + _constant_bytes(shape, config) + other * w
     if config.load_in_8bit:
         rows = shape.layers * sum(o for _, o in shape.projections().values())
         return shape.linear_params + 4 * rows + other * w
@@ -292,9 +307,9 @@ def estimate(config: KTOConfig, shape: ModelShape, cluster: Cluster, micro_batch
     micro_batch = micro_batch or config.per_device_train_batch_size
     mixed = config.bf16 or config.fp16
     w = 2 if mixed else 4
-    model = _weight_bytes(shape, config, w)
-    live = 2 * shape.layer_params * w  # ZeRO-3/FSDP2: the running layer and the prefetched one, gathered
+    model, constants = _weight_bytes(shape, config, w), _constant_bytes(shape, config)
     edges = shape.edge_params * w
+    live = 2 * (model - constants - edges) // shape.layers  # ZeRO-3/FSDP2: the running and the prefetched layer
     p = shape.lora_params(config.lora_r, config.lora_target_modules)
     frozen_lora = p * w if config.sft_adapter else 0
 
@@ -308,7 +323,8 @@ def estimate(config: KTOConfig, shape: ModelShape, cluster: Cluster, micro_batch
         lora = {k: 0 for k in lora} if layout.offload_params else lora
     else:
         sharded = layout.stage >= 3
-        gpu["base weights"] = (0 if layout.offload_params else model // n_ranks) + live if sharded else model
+        partition = 0 if layout.offload_params else (model - constants) // n_ranks
+        gpu["base weights"] = partition + constants + live if sharded else model
         optimizer = (16 if mixed else 8) * p // (n_ranks if layout.stage >= 1 else 1)
         lora = {"LoRA weights": w * p // (n_ranks if sharded else 1),
                 "LoRA gradients": w * p // (n_ranks if sharded else 1),
@@ -332,22 +348,28 @@ def estimate(config: KTOConfig, shape: ModelShape, cluster: Cluster, micro_batch
 
     if layout.engine == "fsdp":  # rank 0 loads and broadcasts, shards go to the GPUs (kto_scale.fsdp.shard)
         host_load = model
-    elif layout.stage >= 3 and not config.init_random_weights:  # zero.Init: partitioned as it is read
-        host_load = per_node * (model // n_ranks)
     elif config.load_in_4bit or config.load_in_8bit:  # quantized onto the GPU as it is read
         host_load = 0
+    elif layout.stage >= 3 and not config.init_random_weights:  # zero.Init: partitioned as it is read
+        host_load = per_node * (model // n_ranks)
     else:  # every rank builds the whole model on the CPU first
         host_load = per_node * model
     other = activation_bytes(shape, config, micro_batch, not checkpointing)
     other_total = max(other["activations (gradient pass)"] + other["LM head chunk"], other["no-grad passes (peak)"])
     notes = [f"with gradient_checkpointing {'off' if checkpointing else 'on'}, activations would be "
              f"{other_total / GiB:.2f} GiB"]
-    return Estimate(gpu, host_load, host_offload, layout, micro_batch, per_node, notes)
+    # A quantized base is loaded whole onto every GPU (transformers skips zero.Init for it); ZeRO-3
+    # partitions it only when the engine is built, before any activation exists.
+    gpu_load = model + overhead if layout.engine == "zero" and (config.load_in_4bit or config.load_in_8bit) else 0
+    if gpu_load and layout.stage >= 3:
+        notes.append(f"at load every GPU holds the whole quantized base, {gpu_load / GiB:.2f} GiB with the "
+                     "overhead, until DeepSpeed partitions it")
+    return Estimate(gpu, host_load, host_offload, layout, micro_batch, per_node, notes, gpu_load)
 
 
 def largest_micro_batch(config: KTOConfig, shape: ModelShape, cluster: Cluster, overhead: int = GPU_OVERHEAD) -> int:
     """The largest per_device_train_batch_size whose estimate fits the GPU (0: not even 1)."""
-    fits = lambda b: estimate(config, shape, cluster, b, overhead).gpu_total <= cluster.gpu_memory  # noqa: E731
+    fits = lambda b: estimate(config, shape, cluster, b, overhead).gpu_peak <= cluster.gpu_memory  # noqa: E731
     low, high = 0, 1
     while high <= MAX_MICRO_BATCH and fits(high):
         low, high = high, high * 2
@@ -361,21 +383,24 @@ def largest_micro_batch(config: KTOConfig, shape: ModelShape, cluster: Cluster, 
 def what_to_change(config: KTOConfig, result: Estimate, largest: int) -> list[str]:
     """The settings that would lower the per-GPU estimate, the cheapest first."""
     layout, advice = result.layout, []
+    if result.gpu_load and largest == 0:  # not even micro-batch 1: the quantized base does not load
+        advice.append(f"load_in_4bit/load_in_8bit: false with ds_configs/zero3_offload.json or fsdp: full_shard offload "
+                      f"(transformers loads a quantized base whole onto every GPU, {result.gpu_load / GiB:.1f} GiB, "
+                      "before ZeRO-3 partitions it; a 16-bit base is partitioned as it is read)")
     if 0 < largest < result.micro_batch:
         advice.append(f"per_device_train_batch_size {largest} (raise gradient_accumulation_steps to keep the "
                       "global batch)")
     if not config.gradient_checkpointing:
         advice.append("gradient_checkpointing: true")
     quantized = config.load_in_4bit or config.load_in_8bit
-    if layout.stage < 3 and quantized:  # bitsandbytes' packed weights are not sharded (kto_scale.config)
-        advice.append("load_in_4bit/load_in_8bit: false with fsdp: full_shard (shard a bf16 base over the GPUs; "
-                      "a quantized base is whole on every GPU)")
+    if layout.stage < 3 and quantized:  # ZeRO-3 shards a 4-bit base, not an 8-bit one (kto_scale.engine)
+        advice.append("deepspeed: ds_configs/zero3.json with load_in_4bit: true (shard the 4-bit base over the GPUs)")
     elif layout.stage < 3:
         advice.append("deepspeed: ds_configs/zero3.json or fsdp: full_shard (shard the base over the GPUs)")
     elif not layout.offload_params:
         advice.append("ds_configs/zero3_offload.json or fsdp: full_shard offload (keep shards on the host)")
-    if not quantized and layout.stage < 3:
-        advice.append("load_in_4bit: true (QLoRA on ZeRO-2)")
+    if not quantized:
+        advice.append("load_in_4bit: true (QLoRA, sharded on DeepSpeed ZeRO-3)")
     if not config.ref_cache and "no-grad" in " ".join(result.gpu):
         advice.append("ref_cache (launch/precompute_ref.py): no reference passes during training")
     return advice or ["more GPUs or GPUs with more memory"]
@@ -383,6 +408,8 @@ def what_to_change(config: KTOConfig, result: Estimate, largest: int) -> list[st
 
 def check_layout(config: KTOConfig, result: Estimate, cluster: Cluster, examples: int | None) -> None:
     """Layouts that cannot run at all: a ConfigError naming the setting."""
+    if result.layout.engine == "zero" and result.layout.stage >= 3:
+        check_zero3_quantization(config)
     if examples is not None and examples < cluster.world_size:
         raise ConfigError(f"{cluster.world_size} GPUs but the training data has {examples} examples: some ranks would "
                           "never get one. Use fewer GPUs (--nodes/--gpus_per_node) or more data.")
@@ -408,7 +435,7 @@ def report(config: KTOConfig, shape: ModelShape, cluster: Cluster, result: Estim
               f"  {'GPU memory':<30}{gib(result.gpu_total * cluster.gpus_per_node)}",
               f"  {'host RAM at load':<30}{gib(result.host_load)}",
               f"  {'host RAM for offload':<30}{gib(result.host_train)}", ""]
-    fits = result.gpu_total <= cluster.gpu_memory
+    fits = result.gpu_peak <= cluster.gpu_memory
     host_fits = cluster.host_memory is None or result.host_load <= cluster.host_memory
     lines.append(f"fits: {'yes' if fits else 'NO'} (largest micro-batch that fits: {largest})")
     if not host_fits:

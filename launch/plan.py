@@ -47,4 +47,4 @@ if __name__ == "__main__":
     except (ConfigError, DataError) as e:
         sys.exit(f"error: {e}")
     print(report(config, shape, cluster, result, largest))
-    sys.exit(0 if result.gpu_total <= cluster.gpu_memory else 1)
+    sys.exit(0 if result.gpu_peak <= cluster.gpu_memory else 1)

@@ -16,6 +16,7 @@ from kto_scale.plan import (
     GPU_OVERHEAD,
     Cluster,
     activation_bytes,
+    check_layout,
     estimate,
     largest_micro_batch,
     layer_activation_bytes,
@@ -184,3 +185,25 @@ def test_saved_activations_are_what_autograd_saves():
     saved = sum(size for pointer, size in storages.items() if pointer not in parameters)
     rope = 2 * length * shape.head_dim * 4
     assert saved - rope == shape.layers * batch * length * layer_activation_bytes(shape, config, 4, length)
+
+
+def test_zero3_shards_the_packed_4bit_weights_but_loads_them_whole():
+    """ZeRO-3 partitions the packed 4-bit weights and the 16-bit rest over N, not the quantization
+    constants (no parameters), and gathers 2 layers as stored; at load every GPU holds the whole
+    quantized base plus the overhead (transformers skips zero.Init for it)."""
+    config = tiny_config(load_in_4bit=True, bf16=True, deepspeed=str(REPO_ROOT / "ds_configs/zero3.json"))
+    shape = read_shape(config)
+    result = estimate(config, shape, Cluster(1, 4, 2**30))
+    linear, constants = shape.linear_params, int(shape.linear_params * (1 / 64 + 4 / 16384))
+    whole = linear // 2 + constants + (shape.params - linear) * 2
+    gathered = 2 * (linear // 2 + (shape.params - linear - EDGES) * 2) // 2  # 2 of the 2 layers, as stored
+    assert result.gpu["base weights"] == (whole - constants) // 4 + constants + gathered
+    assert result.gpu_load == whole + GPU_OVERHEAD and result.host_load == 0
+    assert result.gpu_peak == max(result.gpu_total, result.gpu_load)
+
+
+def test_8bit_on_zero3_is_refused_naming_the_alternative():
+    config = tiny_config(load_in_8bit=True, deepspeed=str(REPO_ROOT / "ds_configs/zero3.json"))
+    cluster = Cluster(1, 2, 2**30)
+    with pytest.raises(ConfigError, match="8-bit weights .* use load_in_4bit on ZeRO-3, or ds_configs/zero2.json"):
+        check_layout(config, estimate(config, read_shape(config), cluster), cluster, None)
