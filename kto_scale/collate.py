@@ -109,20 +109,43 @@ def _pad(sequences: list[list[int]] | list[np.ndarray], value: int) -> Tensor:
     return pad_sequence([torch.as_tensor(s, dtype=torch.long) for s in sequences], batch_first=True, padding_value=value)
 
 
+def _completion_scores(start: int, prompt: list[int], completion: list[int]) -> tuple[np.ndarray, list[int]]:
+    """The positions (flattened, from the sequence's `start`) that score a completion token of x + y, and
+    those tokens: the token at position t is scored by position t - 1, from the first completion token
+    on (a sequence's first token has nothing to score it)."""
+    first = max(len(prompt), 1)
+    return start + np.arange(first - 1, len(prompt) + len(completion) - 1), completion[first - len(prompt):]
+
+
+def _score_lists(sources: list[np.ndarray], targets: list[list[int]], sequences: list[np.ndarray]) -> dict[str, Tensor]:
+    """The scored positions, their target tokens and their sequences, listed on the host, so the model
+    never asks the device where they are (a `nonzero` would stall the host until the GPU catches up)."""
+    return {"score_positions": torch.from_numpy(np.concatenate(sources).astype(np.int64)),
+            "score_targets": torch.tensor([t for part in targets for t in part], dtype=torch.long),
+            "score_sequences": torch.from_numpy(np.concatenate(sequences).astype(np.int64))}
+
+
 def _sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int, packed: bool) -> dict[str, Tensor]:
-    """Prompt + completion sequences: right-padded to [B, T], or packed back to back into [1, N]."""
+    """Prompt + completion sequences: right-padded to [B, T], or packed back to back into [1, N]; with
+    the scored positions of their completion tokens (`_score_lists`: positions into the flattened
+    input_ids, row by row)."""
     ids = [p + c for p, c in zip(prompts, completions, strict=True)]
     masks = [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions, strict=True)]
+    lengths = [len(s) for s in ids]
+    starts = np.cumsum([0, *lengths[:-1]]) if packed else np.arange(len(ids)) * max(lengths)
+    scores = [_completion_scores(start, p, c) for start, p, c in zip(starts, prompts, completions, strict=True)]
+    out = _score_lists([s for s, _ in scores], [t for _, t in scores],
+                       [np.full(len(t), row) for row, (_, t) in enumerate(scores)])
     if packed:
         return {
             "input_ids": torch.tensor([[t for s in ids for t in s]], dtype=torch.long),
             "completion_mask": torch.tensor([[m for s in masks for m in s]], dtype=torch.bool),
-            "sequence_lengths": torch.tensor([len(s) for s in ids], dtype=torch.long),
+            "sequence_lengths": torch.tensor(lengths, dtype=torch.long), **out,
         }
     return {
         "input_ids": _pad(ids, pad_id),
         "completion_mask": _pad(masks, 0).bool(),
-        "attention_mask": _pad([[1] * len(s) for s in ids], 0),
+        "attention_mask": _pad([[1] * len(s) for s in ids], 0), **out,
     }
 
 
@@ -148,18 +171,14 @@ def _shared_prompt_sequences(prompts: list[list[int]], completions: list[list[in
         ids.append(p + c + k)
         segments.append(np.repeat(np.array([0, 1, 2], dtype=np.int64), [len(p), len(c), len(k)]))
         positions.append(np.concatenate([np.arange(len(p) + len(c)), np.arange(len(p), len(p) + len(k))]))
-        # As in the separate sequences x + y and x + y': the token at position t is scored by position
-        # t - 1, from the first completion token on (a sequence's first token has nothing to score it).
-        # Positions are those of x + y and x + y'; y' lies len(c) further on in this row.
-        first = max(len(p), 1)
-        y_scored, kl_scored = np.arange(first, len(p) + len(c)), np.arange(first, len(p) + len(k))
-        kl_sources = np.where(kl_scored - 1 < len(p), kl_scored - 1, kl_scored - 1 + len(c))
-        sources += [starts[row] + y_scored - 1, starts[row] + kl_sources]
-        targets += [c[first - len(p):], k[first - len(p):]]
-        sequences += [np.full(len(y_scored), row), np.full(len(kl_scored), len(prompts) + row)]
-    out = {"score_positions": torch.from_numpy(np.concatenate(sources).astype(np.int64)),
-           "score_targets": torch.tensor([t for part in targets for t in part], dtype=torch.long),
-           "score_sequences": torch.from_numpy(np.concatenate(sequences).astype(np.int64))}
+        # Scored as in the separate sequences x + y and x + y'; y' lies len(c) further on in this row.
+        y_sources, y_targets = _completion_scores(starts[row], p, c)
+        kl_sources, kl_targets = _completion_scores(0, p, k)
+        kl_sources = starts[row] + np.where(kl_sources < len(p), kl_sources, kl_sources + len(c))
+        sources += [y_sources, kl_sources]
+        targets += [y_targets, kl_targets]
+        sequences += [np.full(len(y_targets), row), np.full(len(kl_targets), len(prompts) + row)]
+    out = _score_lists(sources, targets, sequences)
     if packed:
         out.update(input_ids=torch.tensor([[t for s in ids for t in s]]),
                    segments=torch.from_numpy(np.concatenate(segments))[None],
@@ -171,14 +190,17 @@ def _shared_prompt_sequences(prompts: list[list[int]], completions: list[list[in
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """A collated batch (nested dicts of tensors, and its ReferenceLayout) moved to `device`."""
-    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) if isinstance(v, Tensor) else v
+    """A collated batch (nested dicts of tensors, and its ReferenceLayout) moved to `device`. Copies from
+    pinned memory are asynchronous (the host goes on queueing work); from pageable memory they cannot be
+    (the host would have to keep the source alive), so those stay blocking."""
+    return {k: to_device(v, device) if isinstance(v, dict)
+            else v.to(device, non_blocking=v.is_pinned()) if isinstance(v, Tensor) else v
             for k, v in batch.items()}
 
 
 def collate(dataset, indices: list[int], pad_id: int, packed: bool = False,
             reference: ReferenceLayout = ReferenceLayout.SEPARATE,
-            kl: list[bool] | None = None) -> dict[str, Tensor | dict[str, Tensor] | ReferenceLayout]:
+            kl: list[bool] | None = None, cache=None) -> dict[str, Tensor | dict[str, Tensor] | ReferenceLayout]:
     """Tensors for the examples at `indices` (PAD_SLOT rows become weight-0 copies of a real example,
     so shapes and collectives stay the same on every rank).
 
@@ -194,7 +216,9 @@ def collate(dataset, indices: list[int], pad_id: int, packed: bool = False,
     collectives need every rank).
     "reference_layout": `reference`, how the reference log-probs of this batch are computed; with
     ReferenceLayout.SHARED, also "reference": each example and its KL pair (when scored) in one
-    sequence (see `_shared_prompt_sequences`), for the reference's single pass.
+    sequence (see `_shared_prompt_sequences`), for the reference's single pass; with
+    ReferenceLayout.CACHED, "cached_reference" [B] and "cached_reference_kl" [K] float32, looked up
+    here in `cache` (a kto_scale.ref_cache.RefCache), on the host, by dataset row.
     """
     real = [i for i in indices if i != PAD_SLOT]
     filler = real[0] if real else 0
@@ -219,6 +243,9 @@ def collate(dataset, indices: list[int], pad_id: int, packed: bool = False,
         "kl_tokens": _lengths(kl_prompts, kl_completions),
         "reference_layout": reference,
     }
+    if reference is ReferenceLayout.CACHED:
+        cached, cached_kl = cache.lookup(batch["index"])
+        batch.update(cached_reference=cached, cached_reference_kl=cached_kl[batch["kl_rows"]])
     if reference is ReferenceLayout.SHARED:
         batch["reference"] = _shared_prompt_sequences(rows["prompt_ids"], rows["completion_ids"],
                                                       rows["kl_completion_ids"], kl_rows, pad_id, packed)

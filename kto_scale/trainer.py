@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kto_scale.batches import StepBatches, train_loader
 from kto_scale.checkpoint import (
     check_resume,
     find_checkpoint,
@@ -26,7 +27,7 @@ from kto_scale.checkpoint import (
     save_base_model,
     save_checkpoint,
 )
-from kto_scale.collate import BatchPlan, collate, desirable_count, sequence_lengths, to_device
+from kto_scale.collate import BatchPlan, desirable_count, sequence_lengths, to_device
 from kto_scale.config import ConfigError, KTOConfig, save_config
 from kto_scale.distributed import all_reduce_sum, any_rank, on_main_process, shutdown
 from kto_scale.engine import Engine
@@ -38,7 +39,7 @@ from kto_scale.model import SequenceLogps, add_lora, load_base_model, reference_
 from kto_scale.outdir import prepare_output_dir, set_aside_previous_run
 from kto_scale.plot import plot_runs
 from kto_scale.preemption import Preempted, SigtermStop
-from kto_scale.ref_cache import RefCache, open_ref_cache
+from kto_scale.ref_cache import open_ref_cache
 from kto_scale.scoring import evaluation_metrics, no_grad_logps, score_dataset
 from kto_scale.startup import setup
 
@@ -56,14 +57,15 @@ def global_kl_baseline(kl_ratio_sum: Tensor, pairs: Tensor, examples: Tensor) ->
 
 
 def train_step(
-    engine: Engine, batches: list[dict], config: KTOConfig, weights: tuple[float, float], cache: RefCache | None
+    engine: Engine, batches: list[dict], config: KTOConfig, weights: tuple[float, float]
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """One optimizer step over this rank's micro-batches; returns (named metric sums, [] z_ref).
+    """One optimizer step over this rank's micro-batches (on the device); returns (named metric sums,
+    [] z_ref), all device tensors: nothing here waits for the device (metrics are read at logging).
 
     The z_ref returned (logged as `kl`) is the one the step used; with kl_baseline "micro_batch", the
     mean of its micro-batches' z_refs.
     """
-    no_grad = [no_grad_logps(engine, b, cache) for b in batches]
+    no_grad = [no_grad_logps(engine, b) for b in batches]
     kl_ratios = [(policy_kl - reference_kl) * b["kl_weight"]
                  for b, (_, reference_kl, policy_kl) in zip(batches, no_grad, strict=True)]
     kl_sum = torch.stack([k.sum() for k in kl_ratios]).sum()
@@ -198,18 +200,16 @@ def train(config: KTOConfig) -> Path:
             generation_log.write(generations.rows(step), step=step)
         return result
 
-    stop = SigtermStop(config.sigterm_timeout_s)
+    stop = SigtermStop(config.sigterm_timeout_s)  # before the loader's workers start: they ignore SIGTERM
+    steps = range(start_step + 1, total_steps + 1)
+    loader = train_loader(StepBatches(plan, train_set, rank, config, tokenizer.pad_token_id, reference,
+                                      caches.get("train")), steps, config, engine.device)
     sums, z_refs, window_start = {}, [], time.perf_counter()
     progress = tqdm(total=total_steps, initial=start_step, disable=rank != 0 or config.disable_tqdm, desc="kto")
     last_eval, bad_steps = None, 0
-    for step in range(start_step + 1, total_steps + 1):
+    for step, micro_batches in zip(steps, loader, strict=True):
         epoch, step_in_epoch = divmod(step - 1, plan.steps_per_epoch)
-        kl_rows = plan.kl_selection(step, config.seed, rank, config.kl_pairs_per_step)
-        batches = [to_device(collate(train_set, indices, tokenizer.pad_token_id, config.padding_free, reference,
-                                     kl), engine.device)
-                   for indices, kl in zip(plan.micro_batches(step_in_epoch, epoch, config.seed, rank), kl_rows,
-                                          strict=True)]
-        step_sums, z_ref = train_step(engine, batches, config, weights, caches.get("train"))
+        step_sums, z_ref = train_step(engine, [to_device(b, engine.device) for b in micro_batches], config, weights)
         # The engine skips an update whose gradient norm is not finite (fp16 overflow, NaN/inf in
         # fp32/bf16); the decision is global, so every rank takes the same branch here.
         bad_steps = 0 if engine.was_step_applied() else bad_steps + 1
@@ -237,7 +237,7 @@ def train(config: KTOConfig) -> Path:
             last_eval = (step, run_eval(step))
         if step % config.save_steps == 0:
             save_checkpoint(engine, tokenizer, config, step)
-        if any_rank(stop.requested, engine.device):  # SIGTERM on any rank: every rank stops after this step
+        if any_rank(stop.requested):  # SIGTERM on any rank: every rank stops after this step
             if step % config.save_steps:
                 save_checkpoint(engine, tokenizer, config, step)
             for log in (progress, generation_log, metrics):
