@@ -5,7 +5,8 @@ per_device_train_batch_size examples. Each epoch is a fresh permutation (seeded 
 into global batches; rank r takes the r-th contiguous slice and cuts it into its micro-batches. The
 last global batch of an epoch may be short: its missing slots are filled with weight-0 rows, so every
 rank runs the same number of forward/backward passes (ZeRO-3 collectives need all ranks) and no
-example is dropped or counted twice.
+example is dropped or counted twice. With a token budget (max_tokens_per_batch) the global batch is
+the same; each rank's slice is cut into micro-batches by tokens instead of rows (BatchPlan).
 """
 
 import enum
@@ -39,13 +40,23 @@ class ReferenceLayout(enum.Enum):
 
 @dataclass(frozen=True, eq=False)  # eq=False: hashed by identity (an array field), for epoch_order's cache
 class BatchPlan:
-    """Layout of the global batches; identical on every rank."""
+    """Layout of the global batches; identical on every rank.
+
+    By rows (max_tokens None): rank r takes slots r * P .. (r + 1) * P - 1 of the global batch (P =
+    micro_batch_size x accumulation_steps) in micro-batches of micro_batch_size. By tokens: the same
+    slots, the real examples among them cut in order into micro-batches of at most max_tokens tokens
+    (`token_counts`; an example longer than that is a micro-batch alone), and every rank runs as many
+    micro-batches as the rank with the most (the others add weight-0 filler micro-batches), so every
+    collective has every rank. Either way a step's examples depend on neither the rank count nor the
+    token budget."""
 
     num_examples: int
     micro_batch_size: int
     accumulation_steps: int
     world_size: int
     lengths: np.ndarray | None = None  # [num_examples] tokens per example, to group batches by length
+    max_tokens: int | None = None  # fill micro-batches to this many tokens instead of micro_batch_size rows
+    token_counts: np.ndarray | None = None  # [num_examples] what each example counts against max_tokens
 
     @property
     def global_batch_size(self) -> int:
@@ -67,29 +78,54 @@ class BatchPlan:
         megabatch = np.arange(len(order)) // (MEGABATCH * self.global_batch_size)
         return order[np.lexsort((-np.asarray(self.lengths)[order], megabatch))]  # lexsort is stable
 
+    def _global_batch(self, step_in_epoch: int, epoch: int, seed: int) -> np.ndarray:
+        """The examples of a step's global batch, in slot order (the epoch's last may be short)."""
+        start = step_in_epoch * self.global_batch_size
+        return self.epoch_order(epoch, seed)[start : start + self.global_batch_size]
+
+    def _slots(self, step_in_epoch: int, epoch: int, seed: int, rank: int) -> list[list[int]]:
+        """This rank's micro-batches as slots of the global batch (-1: a filler micro-batch)."""
+        per_rank = self.micro_batch_size * self.accumulation_steps
+        if self.max_tokens is None:
+            return [list(range(start, start + self.micro_batch_size))
+                    for start in range(rank * per_rank, (rank + 1) * per_rank, self.micro_batch_size)]
+        counts = np.asarray(self.token_counts)[self._global_batch(step_in_epoch, epoch, seed)]
+        ranks = [self._fill(range(r * per_rank, min((r + 1) * per_rank, len(counts))), counts)
+                 for r in range(self.world_size)]
+        most = max(1, *(len(micro_batches) for micro_batches in ranks))
+        return ranks[rank] + [[-1]] * (most - len(ranks[rank]))
+
+    def _fill(self, slots: range, counts: np.ndarray) -> list[list[int]]:
+        """`slots` in order, cut where the next example would take a micro-batch over max_tokens."""
+        micro_batches, tokens = [], 0
+        for slot in slots:
+            if micro_batches and tokens + counts[slot] <= self.max_tokens:
+                micro_batches[-1].append(slot)
+                tokens += counts[slot]
+            else:
+                micro_batches.append([slot])
+                tokens = counts[slot]
+        return micro_batches
+
     def micro_batches(self, step_in_epoch: int, epoch: int, seed: int, rank: int) -> list[list[int]]:
         """This rank's micro-batches (example indices, PAD_SLOT for filler rows) for one optimizer step."""
-        order = self.epoch_order(epoch, seed)
-        start = step_in_epoch * self.global_batch_size
-        batch = order[start : start + self.global_batch_size].tolist()
-        batch += [PAD_SLOT] * (self.global_batch_size - len(batch))
-        per_rank = self.micro_batch_size * self.accumulation_steps
-        mine = batch[rank * per_rank : (rank + 1) * per_rank]
-        return [mine[i : i + self.micro_batch_size] for i in range(0, per_rank, self.micro_batch_size)]
+        batch = self._global_batch(step_in_epoch, epoch, seed).tolist()
+        return [[batch[slot] if 0 <= slot < len(batch) else PAD_SLOT for slot in micro]
+                for micro in self._slots(step_in_epoch, epoch, seed, rank)]
 
     def kl_selection(self, step: int, seed: int, rank: int, pairs: int) -> list[list[bool]]:
         """Which rows of this rank's micro-batches (as `micro_batches` lays them out) have their KL pair
         scored at optimizer step `step` (1-based): `pairs` slots of the global batch drawn without
         replacement, seeded by (seed, step), so the draw is the same whatever the number of ranks and
         on a resumed run. pairs <= 0: every slot."""
-        chosen = torch.ones(self.global_batch_size, dtype=torch.bool)
+        chosen = np.ones(self.global_batch_size, dtype=bool)
         if 0 < pairs < self.global_batch_size:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            chosen = torch.zeros(self.global_batch_size, dtype=torch.bool)
-            chosen[torch.randperm(self.global_batch_size, generator=generator)[:pairs]] = True
-        per_rank = self.micro_batch_size * self.accumulation_steps
-        mine = chosen[rank * per_rank : (rank + 1) * per_rank].tolist()
-        return [mine[i : i + self.micro_batch_size] for i in range(0, per_rank, self.micro_batch_size)]
+            chosen[:] = False
+            chosen[torch.randperm(self.global_batch_size, generator=generator)[:pairs].numpy()] = True
+        epoch, step_in_epoch = divmod(step - 1, self.steps_per_epoch)
+        return [[bool(chosen[slot]) if slot >= 0 else False for slot in micro]
+                for micro in self._slots(step_in_epoch, epoch, seed, rank)]
 
 
 def shard_indices(num_examples: int, batch_size: int, world_size: int, rank: int) -> list[list[int]]:

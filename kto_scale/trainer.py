@@ -76,16 +76,16 @@ def train_step(
         z_refs = [global_kl_baseline(kl.sum(), b["kl_weight"].sum(), b["weight"].sum())[0]
                   for b, kl in zip(batches, kl_ratios, strict=True)]
         z_ref = torch.stack(z_refs).mean()
-    # Both engines average gradients over ranks and accumulation steps (DeepSpeed's semantics); undo that
-    # and divide by the global example count, so the step's gradient is the mean over the effective
-    # batch's real examples.
-    scale = engine.world_size * len(batches) / n_global
+    # Both engines sum gradients over a step's micro-batches and average them over ranks; undo the
+    # average and divide by the global example count, so the step's gradient is the mean over the
+    # effective batch's real examples, however many micro-batches carry them.
+    scale = engine.world_size / n_global
 
     sums: dict[str, Tensor] = {}
-    for batch, (reference, _, _), micro_z_ref in zip(batches, no_grad, z_refs, strict=True):
+    for i, (batch, (reference, _, _), micro_z_ref) in enumerate(zip(batches, no_grad, z_refs, strict=True)):
         policy = engine(**batch["policy"])
         losses, rewards = kto_losses(policy, reference, batch["desirable"], micro_z_ref, config.beta, *weights)
-        engine.backward((losses * batch["weight"]).sum() * scale)
+        engine.backward((losses * batch["weight"]).sum() * scale, boundary=i == len(batches) - 1)
         engine.step()
         sums = add_sums(sums, metric_sums(batch, losses.detach(), rewards, policy.detach()))
     return sums, z_ref
@@ -149,9 +149,9 @@ def train(config: KTOConfig) -> Path:
     if balance:
         logger.warning(balance)
 
-    lengths = sequence_lengths(train_set) if config.group_by_length else None
+    lengths = sequence_lengths(train_set) if config.group_by_length or config.max_tokens_per_batch else None
     plan = BatchPlan(len(train_set), config.per_device_train_batch_size, config.gradient_accumulation_steps,
-                     world_size, lengths)
+                     world_size, lengths if config.group_by_length else None, config.max_tokens_per_batch, lengths)
     if config.kl_pairs_per_step > plan.global_batch_size:
         raise ConfigError(f"kl_pairs_per_step ({config.kl_pairs_per_step}) is more than the global batch "
                           f"({plan.global_batch_size} = {world_size} ranks x {config.gradient_accumulation_steps} "
