@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
 TOKEN_COLUMNS = ("prompt_ids", "completion_ids", "kl_completion_ids")
 PAD_SLOT = -1  # an index that marks a weight-0 filler row
@@ -136,56 +135,72 @@ def shard_indices(num_examples: int, batch_size: int, world_size: int, rank: int
     return [padded[i + rank * batch_size : i + (rank + 1) * batch_size] for i in range(0, len(padded), step)]
 
 
-def _lengths(prompts: list[list[int]], completions: list[list[int]]) -> Tensor:
+def _lengths(prompts: list[np.ndarray], completions: list[np.ndarray]) -> Tensor:
     return torch.tensor([len(p) + len(c) for p, c in zip(prompts, completions, strict=True)], dtype=torch.long)
 
 
-def _pad(sequences: list[list[int]] | list[np.ndarray], value: int) -> Tensor:
-    """[B, T] long, each sequence right-padded with `value` to the longest."""
-    return pad_sequence([torch.as_tensor(s, dtype=torch.long) for s in sequences], batch_first=True, padding_value=value)
+@dataclass
+class _Rows:
+    """B rows of consecutive parts (x, y or x, y, y') laid end to end: the flat token ids, each token's
+    part (0 x, 1 y, 2 y') and row, its offset in its row, each row's length; numpy throughout, so a
+    micro-batch costs a few array operations, not a Python loop over its tokens."""
+
+    ids: np.ndarray
+    part: np.ndarray
+    row: np.ndarray
+    offset: np.ndarray
+    lengths: np.ndarray
+
+    @classmethod
+    def of(cls, *columns: list[np.ndarray]) -> "_Rows":
+        pieces = [piece for parts in zip(*columns, strict=True) for piece in parts]
+        sizes = np.array([len(piece) for piece in pieces], dtype=np.int64).reshape(-1, len(columns))
+        lengths = sizes.sum(1)
+        row = np.repeat(np.arange(len(lengths)), lengths)
+        offset = np.arange(len(row)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        part = np.repeat(np.tile(np.arange(len(columns)), len(lengths)), sizes.ravel())
+        ids = np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, dtype=np.int64)
+        return cls(ids, part, row, offset, lengths)
+
+    def starts(self, packed: bool) -> np.ndarray:
+        """[B] where each row begins in the flattened input_ids: back to back, or every max-length."""
+        return np.cumsum(self.lengths) - self.lengths if packed else np.arange(len(self.lengths)) * self.lengths.max()
+
+    def layout(self, values: np.ndarray, pad: int, packed: bool) -> Tensor:
+        """A per-token array as [1, N] (packed) or right-padded with `pad` to [B, T]."""
+        if packed:
+            return torch.from_numpy(values)[None]
+        out = np.full((len(self.lengths), self.lengths.max()), pad, dtype=values.dtype)
+        out[self.row, self.offset] = values
+        return torch.from_numpy(out)
 
 
-def _completion_scores(start: int, prompt: list[int], completion: list[int]) -> tuple[np.ndarray, list[int]]:
-    """The positions (flattened, from the sequence's `start`) that score a completion token of x + y, and
-    those tokens: the token at position t is scored by position t - 1, from the first completion token
-    on (a sequence's first token has nothing to score it)."""
-    first = max(len(prompt), 1)
-    return start + np.arange(first - 1, len(prompt) + len(completion) - 1), completion[first - len(prompt):]
+def _score_lists(scored: np.ndarray, sources: np.ndarray, targets: np.ndarray, sequences: np.ndarray) -> dict[str, Tensor]:
+    """The positions (into the flattened input_ids) that score a token, those tokens and the sequences
+    they count for, at the tokens `scored` marks, listed on the host, so the model never asks the device
+    where they are (a `nonzero` would stall the host until the GPU catches up)."""
+    return {"score_positions": torch.from_numpy(sources[scored]), "score_targets": torch.from_numpy(targets[scored]),
+            "score_sequences": torch.from_numpy(sequences[scored])}
 
 
-def _score_lists(sources: list[np.ndarray], targets: list[list[int]], sequences: list[np.ndarray]) -> dict[str, Tensor]:
-    """The scored positions, their target tokens and their sequences, listed on the host, so the model
-    never asks the device where they are (a `nonzero` would stall the host until the GPU catches up)."""
-    return {"score_positions": torch.from_numpy(np.concatenate(sources).astype(np.int64)),
-            "score_targets": torch.tensor([t for part in targets for t in part], dtype=torch.long),
-            "score_sequences": torch.from_numpy(np.concatenate(sequences).astype(np.int64))}
-
-
-def _sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int, packed: bool) -> dict[str, Tensor]:
+def _sequences(prompts: list[np.ndarray], completions: list[np.ndarray], pad_id: int, packed: bool) -> dict[str, Tensor]:
     """Prompt + completion sequences: right-padded to [B, T], or packed back to back into [1, N]; with
-    the scored positions of their completion tokens (`_score_lists`: positions into the flattened
-    input_ids, row by row)."""
-    ids = [p + c for p, c in zip(prompts, completions, strict=True)]
-    masks = [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions, strict=True)]
-    lengths = [len(s) for s in ids]
-    starts = np.cumsum([0, *lengths[:-1]]) if packed else np.arange(len(ids)) * max(lengths)
-    scores = [_completion_scores(start, p, c) for start, p, c in zip(starts, prompts, completions, strict=True)]
-    out = _score_lists([s for s, _ in scores], [t for _, t in scores],
-                       [np.full(len(t), row) for row, (_, t) in enumerate(scores)])
+    the scored positions of their completion tokens (`_score_lists`, row by row): the token at position
+    t is scored by position t - 1, from the first completion token on (a sequence's first token has
+    nothing to score it)."""
+    rows = _Rows.of(prompts, completions)
+    completion = rows.part == 1
+    out = _score_lists(completion & (rows.offset >= 1), rows.starts(packed)[rows.row] + rows.offset - 1, rows.ids,
+                       rows.row)
+    out.update(input_ids=rows.layout(rows.ids, pad_id, packed), completion_mask=rows.layout(completion, False, packed))
     if packed:
-        return {
-            "input_ids": torch.tensor([[t for s in ids for t in s]], dtype=torch.long),
-            "completion_mask": torch.tensor([[m for s in masks for m in s]], dtype=torch.bool),
-            "sequence_lengths": torch.tensor(lengths, dtype=torch.long), **out,
-        }
-    return {
-        "input_ids": _pad(ids, pad_id),
-        "completion_mask": _pad(masks, 0).bool(),
-        "attention_mask": _pad([[1] * len(s) for s in ids], 0), **out,
-    }
+        out["sequence_lengths"] = torch.from_numpy(rows.lengths)
+    else:
+        out["attention_mask"] = rows.layout(np.ones(len(rows.ids), dtype=np.int64), 0, packed)
+    return out
 
 
-def _shared_prompt_sequences(prompts: list[list[int]], completions: list[list[int]], kl_completions: list[list[int]],
+def _shared_prompt_sequences(prompts: list[np.ndarray], completions: list[np.ndarray], kl_completions: list[np.ndarray],
                              kl_rows: list[int], pad_id: int, packed: bool) -> dict[str, Tensor]:
     """Each example and its KL pair as one sequence x + y + y', for the reference's one pass over both.
 
@@ -198,30 +213,21 @@ def _shared_prompt_sequences(prompts: list[list[int]], completions: list[list[in
     the examples, B .. 2B - 1: their KL pairs). Only the rows in `kl_rows` get their y' (the others'
     KL sums stay 0). Padded rows are [B, T]; packed, [1, N] plus `sequence_lengths` [B].
     """
-    kl_completions = [k if row in kl_rows else [] for row, k in enumerate(kl_completions)]
-    lengths = [len(p) + len(c) + len(k) for p, c, k in zip(prompts, completions, kl_completions, strict=True)]
-    width = sum(lengths) if packed else max(lengths)
-    starts = np.cumsum([0, *lengths[:-1]]) if packed else np.arange(len(lengths)) * width
-    ids, segments, positions, sources, targets, sequences = [], [], [], [], [], []
-    for row, (p, c, k) in enumerate(zip(prompts, completions, kl_completions, strict=True)):
-        ids.append(p + c + k)
-        segments.append(np.repeat(np.array([0, 1, 2], dtype=np.int64), [len(p), len(c), len(k)]))
-        positions.append(np.concatenate([np.arange(len(p) + len(c)), np.arange(len(p), len(p) + len(k))]))
-        # Scored as in the separate sequences x + y and x + y'; y' lies len(c) further on in this row.
-        y_sources, y_targets = _completion_scores(starts[row], p, c)
-        kl_sources, kl_targets = _completion_scores(0, p, k)
-        kl_sources = starts[row] + np.where(kl_sources < len(p), kl_sources, kl_sources + len(c))
-        sources += [y_sources, kl_sources]
-        targets += [y_targets, kl_targets]
-        sequences += [np.full(len(y_targets), row), np.full(len(kl_targets), len(prompts) + row)]
-    out = _score_lists(sources, targets, sequences)
+    kl_completions = [k if row in kl_rows else k[:0] for row, k in enumerate(kl_completions)]
+    rows = _Rows.of(prompts, completions, kl_completions)
+    prompt_length = np.array([len(p) for p in prompts], dtype=np.int64)[rows.row]
+    y_length = np.array([len(c) for c in completions], dtype=np.int64)[rows.row]
+    kl = rows.part == 2
+    positions = np.where(kl, rows.offset - y_length, rows.offset)  # y' continues from the end of x
+    # Scored as in the separate sequences x + y and x + y': y' lies len(y) further on in this row, and
+    # its first token is scored by the last prompt token.
+    source = np.where(kl & (positions - 1 < prompt_length), positions - 1, rows.offset - 1)
+    out = _score_lists((rows.part > 0) & (positions >= 1), rows.starts(packed)[rows.row] + source, rows.ids,
+                       rows.row + kl * len(prompts))
+    out.update(input_ids=rows.layout(rows.ids, pad_id, packed), segments=rows.layout(rows.part, -1, packed),
+               position_ids=rows.layout(positions, 0, packed))
     if packed:
-        out.update(input_ids=torch.tensor([[t for s in ids for t in s]]),
-                   segments=torch.from_numpy(np.concatenate(segments))[None],
-                   position_ids=torch.from_numpy(np.concatenate(positions))[None],
-                   sequence_lengths=torch.tensor(lengths))
-    else:
-        out.update(input_ids=_pad(ids, pad_id), segments=_pad(segments, -1), position_ids=_pad(positions, 0))
+        out["sequence_lengths"] = torch.from_numpy(rows.lengths)
     return out
 
 
@@ -259,7 +265,11 @@ def collate(dataset, indices: list[int], pad_id: int, packed: bool = False,
     real = [i for i in indices if i != PAD_SLOT]
     filler = real[0] if real else 0
     rows_used = [filler if i == PAD_SLOT else i for i in indices]
-    rows = dataset[rows_used]
+    table = dataset.with_format("arrow")[rows_used]  # token lists as numpy views, not Python lists
+    rows = {name: table.column(name).to_pylist() for name in ("label", "pair_id")}
+    for name in TOKEN_COLUMNS:
+        offsets, values = ragged(table.column(name))
+        rows[name] = np.split(values, offsets[1:-1])
     weight = torch.tensor([0.0 if i == PAD_SLOT else 1.0 for i in indices])
     kl_rows = list(range(len(indices))) if kl is None else [row for row, chosen in enumerate(kl) if chosen]
     kl_weight = weight[kl_rows] if kl_rows else torch.zeros(1)
