@@ -23,8 +23,8 @@ class StepBatches(Dataset):
 
     def __init__(self, plan: BatchPlan, dataset: datasets.Dataset, rank: int, config: KTOConfig, pad_id: int,
                  reference: ReferenceLayout, cache=None) -> None:
-        self.plan, self.dataset, self.rank, self.pad_id, self.reference, self.cache = (plan, dataset, rank, pad_id,
-                                                                                      reference, cache)
+        self.plan, self.rank, self.pad_id, self.reference, self.cache = plan, rank, pad_id, reference, cache
+        self.dataset = dataset.with_format("arrow")  # what collate reads; formatted once, not per batch
         self.seed, self.kl_pairs, self.packed = config.seed, config.kl_pairs_per_step, config.padding_free
 
     def __getitem__(self, step: int) -> list[dict]:

@@ -265,7 +265,9 @@ def collate(dataset, indices: list[int], pad_id: int, packed: bool = False,
     real = [i for i in indices if i != PAD_SLOT]
     filler = real[0] if real else 0
     rows_used = [filler if i == PAD_SLOT else i for i in indices]
-    table = dataset.with_format("arrow")[rows_used]  # token lists as numpy views, not Python lists
+    # Token lists as numpy views of the Arrow rows, not Python lists (with_format copies the Dataset
+    # object: kto_scale.batches passes one formatted already).
+    table = (dataset if dataset.format["type"] == "arrow" else dataset.with_format("arrow"))[rows_used]
     rows = {name: table.column(name).to_pylist() for name in ("label", "pair_id")}
     for name in TOKEN_COLUMNS:
         offsets, values = ragged(table.column(name))
