@@ -1,7 +1,8 @@
 """The KTO training loop: one explicit loop built from functions, the same for 1 to N ranks and for both
 engines (DeepSpeed, FSDP2: kto_scale.engine).
 
-Each optimizer step takes this rank's `gradient_accumulation_steps` micro-batches and
+Each optimizer step takes this rank's micro-batches (`gradient_accumulation_steps` of them, or as many
+as max_tokens_per_batch cuts its share into; collated ahead by kto_scale.batches) and
 1. runs the no-grad passes of all of them first: the reference (adapters off) on each example and on
    its mismatched KL pair, and the policy on the KL pair;
 2. reduces the KL baseline z_ref over every micro-batch of every rank (the whole effective batch);
