@@ -43,9 +43,12 @@ def _ignore_sigterm(worker_id: int) -> None:
 
 def train_loader(batches: StepBatches, steps: range, config: KTOConfig, device: torch.device) -> DataLoader:
     """The DataLoader that yields `batches[step]` for each step of `steps`, in order: collated in
-    dataloader_num_workers processes (0: in this one, between steps), up to dataloader_prefetch_factor
-    steps ahead per worker, in pinned memory on CUDA (dataloader_pin_memory)."""
+    dataloader_num_workers processes (0: in this one, between steps; None: 2 on CUDA, none on CPU, where
+    they would take cores from training), up to dataloader_prefetch_factor steps ahead per worker, in
+    pinned memory on CUDA (dataloader_pin_memory)."""
     workers = config.dataloader_num_workers
+    if workers is None:
+        workers = 2 if device.type == "cuda" else 0
     return DataLoader(batches, batch_size=None, sampler=steps, num_workers=workers,
                       pin_memory=config.dataloader_pin_memory and device.type == "cuda",
                       prefetch_factor=config.dataloader_prefetch_factor if workers else None,

@@ -119,13 +119,13 @@ class KTOConfig:
     sequence, prompt + completion or prompt + KL completion) instead of per_device_train_batch_size
     rows, so every forward does about the same work. The optimizer step still takes the same global
     batch of examples; docs/performance.md, "Micro-batches by token budget", says how it is split."""
-    dataloader_num_workers: int = 2
+    dataloader_num_workers: int | None = None
     """Processes that collate the next steps' batches while the GPU runs this one (0: in the training
-    process, between steps)."""
+    process, between steps). None: 2 on CUDA, 0 on CPU, where training already uses every core."""
     dataloader_pin_memory: bool = True
     """Collate into pinned host memory on CUDA, so the copies to the GPU do not block the host."""
     dataloader_prefetch_factor: int | None = None
-    """Steps each worker collates ahead (None: torch's default, 2). Needs dataloader_num_workers > 0."""
+    """Steps each worker collates ahead (None: torch's default, 2); unused where no workers run."""
     group_by_length: bool = False
     """Put examples of similar length into the same batches (less padding; batches are still
     shuffled by epoch and cover every example once)."""
@@ -296,10 +296,10 @@ class KTOConfig:
                 f"max_prompt_length ({self.max_prompt_length}) must be in [1, max_length={self.max_length}) "
                 "so that at least one completion token fits."
             )
-        if self.dataloader_num_workers < 0:
-            raise ConfigError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}.")
+        if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
+            raise ConfigError(f"dataloader_num_workers must be >= 0 or null, got {self.dataloader_num_workers}.")
         if self.dataloader_prefetch_factor is not None and (self.dataloader_prefetch_factor <= 0
-                                                            or not self.dataloader_num_workers):
+                                                            or self.dataloader_num_workers == 0):
             raise ConfigError(f"dataloader_prefetch_factor {self.dataloader_prefetch_factor} needs "
                               "dataloader_num_workers > 0 and must be > 0: set both, or leave it null.")
         if self.max_tokens_per_batch is not None and (self.max_tokens_per_batch <= 0 or not self.padding_free):
