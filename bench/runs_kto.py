@@ -31,19 +31,20 @@ def train(spec: dict, name: str, options: list[str]) -> dict:
 
     steps: list[dict] = []
     setup: dict = {}
-    collate, train_step = trainer.collate, trainer.train_step
+    to_device, train_step = trainer.to_device, trainer.train_step
 
-    # Wrapped because the loop builds each step's batch here and nowhere else visible: its token
-    # counts, and the start of the step's CPU time (wall time comes from metrics.jsonl).
-    def recording_collate(dataset, indices, *args, **kwargs):
+    # Wrapped because the loop moves each step's collated batch (from the DataLoader, still on the host)
+    # to the device here: its token counts, and the start of the step's CPU time in this process
+    # (collation itself runs in the DataLoader's workers; wall time comes from metrics.jsonl).
+    def recording_to_device(batch, device):
         if not setup:  # the first batch: model, engine and data are set up
             setup.update(after_setup_mib=rss_mib(), peak_after_setup_mib=maxrss_mib())
         start_cpu = time.process_time()
-        batch = collate(dataset, indices, *args, **kwargs)
         policy, kl = batch["policy"], batch["kl"]
         steps.append({"start_cpu": start_cpu, **batch_stats(padding_mask(policy), policy["completion_mask"],
-                                                            padding_mask(kl), kl["completion_mask"], len(indices))})
-        return batch
+                                                            padding_mask(kl), kl["completion_mask"],
+                                                            len(batch["weight"]))})
+        return to_device(batch, device)
 
     # Wrapped to end the step's CPU time before logging (as its wall time ends) and to read its RSS.
     def timed_train_step(*args, **kwargs):
@@ -51,7 +52,7 @@ def train(spec: dict, name: str, options: list[str]) -> dict:
         steps[-1].update(cpu_s=time.process_time() - steps[-1].pop("start_cpu"), rss_mib=rss_mib())
         return out
 
-    trainer.collate, trainer.train_step = recording_collate, timed_train_step
+    trainer.to_device, trainer.train_step = recording_to_device, timed_train_step
     config = load_config(kto_argv(spec, name, options))
     start = time.perf_counter()
     trainer.train(config)

@@ -124,7 +124,7 @@ def save_checkpoint(engine: Engine, tokenizer, config: KTOConfig, step: int) -> 
             write_atomic(tmp / TRAINER_STATE, json.dumps(state))
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
         failure = error
-    if any_rank(failure is not None, engine.device):  # every rank's shards are on disk, or every rank stops
+    if any_rank(failure is not None):  # every rank's shards are on disk, or every rank stops
         if is_main_process():
             shutil.rmtree(tmp, ignore_errors=True)
         cause = getattr(failure, "strerror", None) or str(failure or "another rank could not write its part")

@@ -5,7 +5,8 @@ per_device_train_batch_size examples. Each epoch is a fresh permutation (seeded 
 into global batches; rank r takes the r-th contiguous slice and cuts it into its micro-batches. The
 last global batch of an epoch may be short: its missing slots are filled with weight-0 rows, so every
 rank runs the same number of forward/backward passes (ZeRO-3 collectives need all ranks) and no
-example is dropped or counted twice.
+example is dropped or counted twice. With a token budget (max_tokens_per_batch) the global batch is
+the same; each rank's slice is cut into micro-batches by tokens instead of rows (BatchPlan).
 """
 
 import enum
@@ -20,7 +21,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
 TOKEN_COLUMNS = ("prompt_ids", "completion_ids", "kl_completion_ids")
 PAD_SLOT = -1  # an index that marks a weight-0 filler row
@@ -39,13 +39,23 @@ class ReferenceLayout(enum.Enum):
 
 @dataclass(frozen=True, eq=False)  # eq=False: hashed by identity (an array field), for epoch_order's cache
 class BatchPlan:
-    """Layout of the global batches; identical on every rank."""
+    """Layout of the global batches; identical on every rank.
+
+    By rows (max_tokens None): rank r takes slots r * P .. (r + 1) * P - 1 of the global batch (P =
+    micro_batch_size x accumulation_steps) in micro-batches of micro_batch_size. By tokens: the same
+    slots, the real examples among them cut in order into micro-batches of at most max_tokens tokens
+    (`token_counts`; an example longer than that is a micro-batch alone), and every rank runs as many
+    micro-batches as the rank with the most (the others add weight-0 filler micro-batches), so every
+    collective has every rank. Either way a step's examples depend on neither the rank count nor the
+    token budget."""
 
     num_examples: int
     micro_batch_size: int
     accumulation_steps: int
     world_size: int
     lengths: np.ndarray | None = None  # [num_examples] tokens per example, to group batches by length
+    max_tokens: int | None = None  # fill micro-batches to this many tokens instead of micro_batch_size rows
+    token_counts: np.ndarray | None = None  # [num_examples] what each example counts against max_tokens
 
     @property
     def global_batch_size(self) -> int:
@@ -67,29 +77,54 @@ class BatchPlan:
         megabatch = np.arange(len(order)) // (MEGABATCH * self.global_batch_size)
         return order[np.lexsort((-np.asarray(self.lengths)[order], megabatch))]  # lexsort is stable
 
+    def _global_batch(self, step_in_epoch: int, epoch: int, seed: int) -> np.ndarray:
+        """The examples of a step's global batch, in slot order (the epoch's last may be short)."""
+        start = step_in_epoch * self.global_batch_size
+        return self.epoch_order(epoch, seed)[start : start + self.global_batch_size]
+
+    def _slots(self, step_in_epoch: int, epoch: int, seed: int, rank: int) -> list[list[int]]:
+        """This rank's micro-batches as slots of the global batch (-1: a filler micro-batch)."""
+        per_rank = self.micro_batch_size * self.accumulation_steps
+        if self.max_tokens is None:
+            return [list(range(start, start + self.micro_batch_size))
+                    for start in range(rank * per_rank, (rank + 1) * per_rank, self.micro_batch_size)]
+        counts = np.asarray(self.token_counts)[self._global_batch(step_in_epoch, epoch, seed)]
+        ranks = [self._fill(range(r * per_rank, min((r + 1) * per_rank, len(counts))), counts)
+                 for r in range(self.world_size)]
+        most = max(1, *(len(micro_batches) for micro_batches in ranks))
+        return ranks[rank] + [[-1]] * (most - len(ranks[rank]))
+
+    def _fill(self, slots: range, counts: np.ndarray) -> list[list[int]]:
+        """`slots` in order, cut where the next example would take a micro-batch over max_tokens."""
+        micro_batches, tokens = [], 0
+        for slot in slots:
+            if micro_batches and tokens + counts[slot] <= self.max_tokens:
+                micro_batches[-1].append(slot)
+                tokens += counts[slot]
+            else:
+                micro_batches.append([slot])
+                tokens = counts[slot]
+        return micro_batches
+
     def micro_batches(self, step_in_epoch: int, epoch: int, seed: int, rank: int) -> list[list[int]]:
         """This rank's micro-batches (example indices, PAD_SLOT for filler rows) for one optimizer step."""
-        order = self.epoch_order(epoch, seed)
-        start = step_in_epoch * self.global_batch_size
-        batch = order[start : start + self.global_batch_size].tolist()
-        batch += [PAD_SLOT] * (self.global_batch_size - len(batch))
-        per_rank = self.micro_batch_size * self.accumulation_steps
-        mine = batch[rank * per_rank : (rank + 1) * per_rank]
-        return [mine[i : i + self.micro_batch_size] for i in range(0, per_rank, self.micro_batch_size)]
+        batch = self._global_batch(step_in_epoch, epoch, seed).tolist()
+        return [[batch[slot] if 0 <= slot < len(batch) else PAD_SLOT for slot in micro]
+                for micro in self._slots(step_in_epoch, epoch, seed, rank)]
 
     def kl_selection(self, step: int, seed: int, rank: int, pairs: int) -> list[list[bool]]:
         """Which rows of this rank's micro-batches (as `micro_batches` lays them out) have their KL pair
         scored at optimizer step `step` (1-based): `pairs` slots of the global batch drawn without
         replacement, seeded by (seed, step), so the draw is the same whatever the number of ranks and
         on a resumed run. pairs <= 0: every slot."""
-        chosen = torch.ones(self.global_batch_size, dtype=torch.bool)
+        chosen = np.ones(self.global_batch_size, dtype=bool)
         if 0 < pairs < self.global_batch_size:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            chosen = torch.zeros(self.global_batch_size, dtype=torch.bool)
-            chosen[torch.randperm(self.global_batch_size, generator=generator)[:pairs]] = True
-        per_rank = self.micro_batch_size * self.accumulation_steps
-        mine = chosen[rank * per_rank : (rank + 1) * per_rank].tolist()
-        return [mine[i : i + self.micro_batch_size] for i in range(0, per_rank, self.micro_batch_size)]
+            chosen[:] = False
+            chosen[torch.randperm(self.global_batch_size, generator=generator)[:pairs].numpy()] = True
+        epoch, step_in_epoch = divmod(step - 1, self.steps_per_epoch)
+        return [[bool(chosen[slot]) if slot >= 0 else False for slot in micro]
+                for micro in self._slots(step_in_epoch, epoch, seed, rank)]
 
 
 def shard_indices(num_examples: int, batch_size: int, world_size: int, rank: int) -> list[list[int]]:
@@ -100,33 +135,72 @@ def shard_indices(num_examples: int, batch_size: int, world_size: int, rank: int
     return [padded[i + rank * batch_size : i + (rank + 1) * batch_size] for i in range(0, len(padded), step)]
 
 
-def _lengths(prompts: list[list[int]], completions: list[list[int]]) -> Tensor:
+def _lengths(prompts: list[np.ndarray], completions: list[np.ndarray]) -> Tensor:
     return torch.tensor([len(p) + len(c) for p, c in zip(prompts, completions, strict=True)], dtype=torch.long)
 
 
-def _pad(sequences: list[list[int]] | list[np.ndarray], value: int) -> Tensor:
-    """[B, T] long, each sequence right-padded with `value` to the longest."""
-    return pad_sequence([torch.as_tensor(s, dtype=torch.long) for s in sequences], batch_first=True, padding_value=value)
+@dataclass
+class _Rows:
+    """B rows of consecutive parts (x, y or x, y, y') laid end to end: the flat token ids, each token's
+    part (0 x, 1 y, 2 y') and row, its offset in its row, each row's length; numpy throughout, so a
+    micro-batch costs a few array operations, not a Python loop over its tokens."""
+
+    ids: np.ndarray
+    part: np.ndarray
+    row: np.ndarray
+    offset: np.ndarray
+    lengths: np.ndarray
+
+    @classmethod
+    def of(cls, *columns: list[np.ndarray]) -> "_Rows":
+        pieces = [piece for parts in zip(*columns, strict=True) for piece in parts]
+        sizes = np.array([len(piece) for piece in pieces], dtype=np.int64).reshape(-1, len(columns))
+        lengths = sizes.sum(1)
+        row = np.repeat(np.arange(len(lengths)), lengths)
+        offset = np.arange(len(row)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        part = np.repeat(np.tile(np.arange(len(columns)), len(lengths)), sizes.ravel())
+        ids = np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, dtype=np.int64)
+        return cls(ids, part, row, offset, lengths)
+
+    def starts(self, packed: bool) -> np.ndarray:
+        """[B] where each row begins in the flattened input_ids: back to back, or every max-length."""
+        return np.cumsum(self.lengths) - self.lengths if packed else np.arange(len(self.lengths)) * self.lengths.max()
+
+    def layout(self, values: np.ndarray, pad: int, packed: bool) -> Tensor:
+        """A per-token array as [1, N] (packed) or right-padded with `pad` to [B, T]."""
+        if packed:
+            return torch.from_numpy(values)[None]
+        out = np.full((len(self.lengths), self.lengths.max()), pad, dtype=values.dtype)
+        out[self.row, self.offset] = values
+        return torch.from_numpy(out)
 
 
-def _sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int, packed: bool) -> dict[str, Tensor]:
-    """Prompt + completion sequences: right-padded to [B, T], or packed back to back into [1, N]."""
-    ids = [p + c for p, c in zip(prompts, completions, strict=True)]
-    masks = [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions, strict=True)]
+def _score_lists(scored: np.ndarray, sources: np.ndarray, targets: np.ndarray, sequences: np.ndarray) -> dict[str, Tensor]:
+    """The positions (into the flattened input_ids) that score a token, those tokens and the sequences
+    they count for, at the tokens `scored` marks, listed on the host, so the model never asks the device
+    where they are (a `nonzero` would stall the host until the GPU catches up)."""
+    return {"score_positions": torch.from_numpy(sources[scored]), "score_targets": torch.from_numpy(targets[scored]),
+            "score_sequences": torch.from_numpy(sequences[scored])}
+
+
+def _sequences(prompts: list[np.ndarray], completions: list[np.ndarray], pad_id: int, packed: bool) -> dict[str, Tensor]:
+    """Prompt + completion sequences: right-padded to [B, T], or packed back to back into [1, N]; with
+    the scored positions of their completion tokens (`_score_lists`, row by row): the token at position
+    t is scored by position t - 1, from the first completion token on (a sequence's first token has
+    nothing to score it)."""
+    rows = _Rows.of(prompts, completions)
+    completion = rows.part == 1
+    out = _score_lists(completion & (rows.offset >= 1), rows.starts(packed)[rows.row] + rows.offset - 1, rows.ids,
+                       rows.row)
+    out.update(input_ids=rows.layout(rows.ids, pad_id, packed), completion_mask=rows.layout(completion, False, packed))
     if packed:
-        return {
-            "input_ids": torch.tensor([[t for s in ids for t in s]], dtype=torch.long),
-            "completion_mask": torch.tensor([[m for s in masks for m in s]], dtype=torch.bool),
-            "sequence_lengths": torch.tensor([len(s) for s in ids], dtype=torch.long),
-        }
-    return {
-        "input_ids": _pad(ids, pad_id),
-        "completion_mask": _pad(masks, 0).bool(),
-        "attention_mask": _pad([[1] * len(s) for s in ids], 0),
-    }
+        out["sequence_lengths"] = torch.from_numpy(rows.lengths)
+    else:
+        out["attention_mask"] = rows.layout(np.ones(len(rows.ids), dtype=np.int64), 0, packed)
+    return out
 
 
-def _shared_prompt_sequences(prompts: list[list[int]], completions: list[list[int]], kl_completions: list[list[int]],
+def _shared_prompt_sequences(prompts: list[np.ndarray], completions: list[np.ndarray], kl_completions: list[np.ndarray],
                              kl_rows: list[int], pad_id: int, packed: bool) -> dict[str, Tensor]:
     """Each example and its KL pair as one sequence x + y + y', for the reference's one pass over both.
 
@@ -139,46 +213,36 @@ def _shared_prompt_sequences(prompts: list[list[int]], completions: list[list[in
     the examples, B .. 2B - 1: their KL pairs). Only the rows in `kl_rows` get their y' (the others'
     KL sums stay 0). Padded rows are [B, T]; packed, [1, N] plus `sequence_lengths` [B].
     """
-    kl_completions = [k if row in kl_rows else [] for row, k in enumerate(kl_completions)]
-    lengths = [len(p) + len(c) + len(k) for p, c, k in zip(prompts, completions, kl_completions, strict=True)]
-    width = sum(lengths) if packed else max(lengths)
-    starts = np.cumsum([0, *lengths[:-1]]) if packed else np.arange(len(lengths)) * width
-    ids, segments, positions, sources, targets, sequences = [], [], [], [], [], []
-    for row, (p, c, k) in enumerate(zip(prompts, completions, kl_completions, strict=True)):
-        ids.append(p + c + k)
-        segments.append(np.repeat(np.array([0, 1, 2], dtype=np.int64), [len(p), len(c), len(k)]))
-        positions.append(np.concatenate([np.arange(len(p) + len(c)), np.arange(len(p), len(p) + len(k))]))
-        # As in the separate sequences x + y and x + y': the token at position t is scored by position
-        # t - 1, from the first completion token on (a sequence's first token has nothing to score it).
-        # Positions are those of x + y and x + y'; y' lies len(c) further on in this row.
-        first = max(len(p), 1)
-        y_scored, kl_scored = np.arange(first, len(p) + len(c)), np.arange(first, len(p) + len(k))
-        kl_sources = np.where(kl_scored - 1 < len(p), kl_scored - 1, kl_scored - 1 + len(c))
-        sources += [starts[row] + y_scored - 1, starts[row] + kl_sources]
-        targets += [c[first - len(p):], k[first - len(p):]]
-        sequences += [np.full(len(y_scored), row), np.full(len(kl_scored), len(prompts) + row)]
-    out = {"score_positions": torch.from_numpy(np.concatenate(sources).astype(np.int64)),
-           "score_targets": torch.tensor([t for part in targets for t in part], dtype=torch.long),
-           "score_sequences": torch.from_numpy(np.concatenate(sequences).astype(np.int64))}
+    kl_completions = [k if row in kl_rows else k[:0] for row, k in enumerate(kl_completions)]
+    rows = _Rows.of(prompts, completions, kl_completions)
+    prompt_length = np.array([len(p) for p in prompts], dtype=np.int64)[rows.row]
+    y_length = np.array([len(c) for c in completions], dtype=np.int64)[rows.row]
+    kl = rows.part == 2
+    positions = np.where(kl, rows.offset - y_length, rows.offset)  # y' continues from the end of x
+    # Scored as in the separate sequences x + y and x + y': y' lies len(y) further on in this row, and
+    # its first token is scored by the last prompt token.
+    source = np.where(kl & (positions - 1 < prompt_length), positions - 1, rows.offset - 1)
+    out = _score_lists((rows.part > 0) & (positions >= 1), rows.starts(packed)[rows.row] + source, rows.ids,
+                       rows.row + kl * len(prompts))
+    out.update(input_ids=rows.layout(rows.ids, pad_id, packed), segments=rows.layout(rows.part, -1, packed),
+               position_ids=rows.layout(positions, 0, packed))
     if packed:
-        out.update(input_ids=torch.tensor([[t for s in ids for t in s]]),
-                   segments=torch.from_numpy(np.concatenate(segments))[None],
-                   position_ids=torch.from_numpy(np.concatenate(positions))[None],
-                   sequence_lengths=torch.tensor(lengths))
-    else:
-        out.update(input_ids=_pad(ids, pad_id), segments=_pad(segments, -1), position_ids=_pad(positions, 0))
+        out["sequence_lengths"] = torch.from_numpy(rows.lengths)
     return out
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """A collated batch (nested dicts of tensors, and its ReferenceLayout) moved to `device`."""
-    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) if isinstance(v, Tensor) else v
+    """A collated batch (nested dicts of tensors, and its ReferenceLayout) moved to `device`. Copies from
+    pinned memory are asynchronous (the host goes on queueing work); from pageable memory they cannot be
+    (the host would have to keep the source alive), so those stay blocking."""
+    return {k: to_device(v, device) if isinstance(v, dict)
+            else v.to(device, non_blocking=v.is_pinned()) if isinstance(v, Tensor) else v
             for k, v in batch.items()}
 
 
 def collate(dataset, indices: list[int], pad_id: int, packed: bool = False,
             reference: ReferenceLayout = ReferenceLayout.SEPARATE,
-            kl: list[bool] | None = None) -> dict[str, Tensor | dict[str, Tensor] | ReferenceLayout]:
+            kl: list[bool] | None = None, cache=None) -> dict[str, Tensor | dict[str, Tensor] | ReferenceLayout]:
     """Tensors for the examples at `indices` (PAD_SLOT rows become weight-0 copies of a real example,
     so shapes and collectives stay the same on every rank).
 
@@ -194,12 +258,20 @@ def collate(dataset, indices: list[int], pad_id: int, packed: bool = False,
     collectives need every rank).
     "reference_layout": `reference`, how the reference log-probs of this batch are computed; with
     ReferenceLayout.SHARED, also "reference": each example and its KL pair (when scored) in one
-    sequence (see `_shared_prompt_sequences`), for the reference's single pass.
+    sequence (see `_shared_prompt_sequences`), for the reference's single pass; with
+    ReferenceLayout.CACHED, "cached_reference" [B] and "cached_reference_kl" [K] float32, looked up
+    here in `cache` (a kto_scale.ref_cache.RefCache), on the host, by dataset row.
     """
     real = [i for i in indices if i != PAD_SLOT]
     filler = real[0] if real else 0
     rows_used = [filler if i == PAD_SLOT else i for i in indices]
-    rows = dataset[rows_used]
+    # Token lists as numpy views of the Arrow rows, not Python lists (with_format copies the Dataset
+    # object: kto_scale.batches passes one formatted already).
+    table = (dataset if dataset.format["type"] == "arrow" else dataset.with_format("arrow"))[rows_used]
+    rows = {name: table.column(name).to_pylist() for name in ("label", "pair_id")}
+    for name in TOKEN_COLUMNS:
+        offsets, values = ragged(table.column(name))
+        rows[name] = np.split(values, offsets[1:-1])
     weight = torch.tensor([0.0 if i == PAD_SLOT else 1.0 for i in indices])
     kl_rows = list(range(len(indices))) if kl is None else [row for row, chosen in enumerate(kl) if chosen]
     kl_weight = weight[kl_rows] if kl_rows else torch.zeros(1)
@@ -219,6 +291,9 @@ def collate(dataset, indices: list[int], pad_id: int, packed: bool = False,
         "kl_tokens": _lengths(kl_prompts, kl_completions),
         "reference_layout": reference,
     }
+    if reference is ReferenceLayout.CACHED:
+        cached, cached_kl = cache.lookup(batch["index"])
+        batch.update(cached_reference=cached, cached_reference_kl=cached_kl[batch["kl_rows"]])
     if reference is ReferenceLayout.SHARED:
         batch["reference"] = _shared_prompt_sequences(rows["prompt_ids"], rows["completion_ids"],
                                                       rows["kl_completion_ids"], kl_rows, pad_id, packed)

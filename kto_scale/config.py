@@ -128,6 +128,18 @@ class KTOConfig:
     sequence, attention never crosses them): no padding at all. On GPU, "flash_attention_2" (its
     variable-length kernel) or "flex_attention" (a BlockMask) skip the other sequences; sdpa and eager
     build a dense block-diagonal mask instead."""
+    max_tokens_per_batch: int | None = None
+    """With padding_free: fill each micro-batch to this many tokens (each example counted by its longer
+    sequence, prompt + completion or prompt + KL completion) instead of per_device_train_batch_size
+    rows, so every forward does about the same work. The optimizer step still takes the same global
+    batch of examples; docs/performance.md, "Micro-batches by token budget", says how it is split."""
+    dataloader_num_workers: int | None = None
+    """Processes that collate the next steps' batches while the GPU runs this one (0: in the training
+    process, between steps). None: 2 on CUDA, 0 on CPU, where training already uses every core."""
+    dataloader_pin_memory: bool = True
+    """Collate into pinned host memory on CUDA, so the copies to the GPU do not block the host."""
+    dataloader_prefetch_factor: int | None = None
+    """Steps each worker collates ahead (None: torch's default, 2); unused where no workers run."""
     group_by_length: bool = False
     """Put examples of similar length into the same batches (less padding; batches are still
     shuffled by epoch and cover every example once)."""
@@ -301,6 +313,15 @@ class KTOConfig:
                 f"max_prompt_length ({self.max_prompt_length}) must be in [1, max_length={self.max_length}) "
                 "so that at least one completion token fits."
             )
+        if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
+            raise ConfigError(f"dataloader_num_workers must be >= 0 or null, got {self.dataloader_num_workers}.")
+        if self.dataloader_prefetch_factor is not None and (self.dataloader_prefetch_factor <= 0
+                                                            or self.dataloader_num_workers == 0):
+            raise ConfigError(f"dataloader_prefetch_factor {self.dataloader_prefetch_factor} needs "
+                              "dataloader_num_workers > 0 and must be > 0: set both, or leave it null.")
+        if self.max_tokens_per_batch is not None and (self.max_tokens_per_batch <= 0 or not self.padding_free):
+            raise ConfigError(f"max_tokens_per_batch {self.max_tokens_per_batch} needs padding_free: true (padded "
+                              "batches are sized in rows) and must be > 0: set padding_free, or leave it null.")
         if self.max_completion_length is not None and self.max_completion_length <= 0:
             raise ConfigError(f"max_completion_length must be > 0 or null, got {self.max_completion_length}.")
         if not 0.0 <= self.eval_fraction < 1.0:

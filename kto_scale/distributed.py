@@ -23,6 +23,10 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+# Host-side decisions (any_rank) are reduced over gloo on the CPU: reducing them on the GPU would need a
+# .item() every step, which makes the host wait until the GPU has run everything queued before it.
+# None: the default group is gloo already (CPU runs).
+_host_group = None
 
 
 def _free_port() -> int:
@@ -48,6 +52,8 @@ def init_distributed(timeout_s: int) -> tuple[int, int, int]:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    global _host_group
+    _host_group = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -66,9 +72,13 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is True on any: one decision all ranks act on together."""
-    return bool(all_reduce_sum(torch.tensor([int(flag)], device=device)).item())
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any: one decision all ranks act on together, taken on
+    the host (gloo) without waiting for the GPU."""
+    flags = torch.tensor([int(flag)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=_host_group)
+    return bool(flags.numpy()[0])  # .numpy(): a host tensor by construction (on a device tensor it raises)
 
 
 def all_gather(tensor: Tensor) -> Tensor:

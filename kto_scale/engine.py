@@ -2,10 +2,11 @@
 the DeepSpeed implementation (the FSDP2 one is kto_scale.fsdp).
 
 Both implement `Engine` with the same semantics, so the loop has one code path:
-- `engine(**batch)` runs SequenceLogps; `backward(loss)` takes one micro-batch's loss and averages
-  gradients over ranks and accumulation micro-batches; `step()` is called after every micro-batch and
-  updates (clip, AdamW, schedule) at the accumulation boundary, skipping and counting an update whose
-  gradient norm is not finite.
+- `engine(**batch)` runs SequenceLogps; `backward(loss, boundary)` takes one micro-batch's loss, sums
+  gradients over the step's micro-batches and averages them over ranks; `boundary` marks the step's last
+  micro-batch (a step may have any number of them: max_tokens_per_batch); `step()` is called after
+  every micro-batch and updates (clip, AdamW, schedule) after the boundary, skipping and counting an
+  update whose gradient norm is not finite.
 - `shards_weights`: every rank holds a shard of every weight, so every rank must take part in every
   forward pass (ZeRO-3, FSDP); `trainable_state_dict()` gathers the LoRA weights whole on rank 0.
 - `save_checkpoint(dir)`/`load_checkpoint(dir)` write and read the engine's own state (optimizer,
@@ -56,7 +57,7 @@ class Engine(Protocol):
     state_tag: str  # the subdirectory of a checkpoint holding this engine's state
 
     def __call__(self, **inputs) -> Tensor: ...
-    def backward(self, loss: Tensor) -> None: ...
+    def backward(self, loss: Tensor, boundary: bool) -> None: ...
     def step(self) -> None: ...
     def was_step_applied(self) -> bool: ...
     def get_global_grad_norm(self) -> float: ...
@@ -182,8 +183,11 @@ class DeepSpeedEngine:
     def __call__(self, **inputs) -> Tensor:
         return self.engine(**inputs)
 
-    def backward(self, loss: Tensor) -> None:
-        self.engine.backward(loss)
+    def backward(self, loss: Tensor, boundary: bool) -> None:
+        # The caller says where the step ends (DeepSpeed would count gradient_accumulation_steps
+        # micro-batches) and scales the loss itself (DeepSpeed would divide by that count).
+        self.engine.set_gradient_accumulation_boundary(boundary)
+        self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> None:
         self.engine.step()

@@ -11,9 +11,9 @@ counterpart of ds_configs/zero3_offload.json. Activation checkpointing is transf
 (`gradient_checkpointing`), as on DeepSpeed.
 
 It behaves as kto_scale.engine.Engine says, with DeepSpeed's semantics, so the two engines give the
-same run: gradients are averaged over ranks (FSDP's reduce-scatter) and accumulation micro-batches
-(the loss divided by their number); at the accumulation boundary the update clips to max_grad_norm,
-and skips (and counts) a step whose gradient norm is not finite, leaving the schedule where it was.
+same run: gradients are averaged over ranks (FSDP's reduce-scatter) and summed over a step's
+micro-batches (the caller scales the loss and marks the step's last micro-batch, the boundary); at the
+boundary the update clips to max_grad_norm, and skips (and counts) a step whose gradient norm is not finite, leaving the schedule where it was.
 Between boundaries gradients stay unsharded and unreduced (`set_requires_gradient_sync`): one
 reduce-scatter per optimizer step (DeepSpeed's ZeRO-2 reduces every micro-batch into its gradient
 partitions; ZeRO-1 reduces once per step).
@@ -63,13 +63,11 @@ class FSDPSettings:
 
     bf16: bool
     cpu_offload: bool  # "offload" in fsdp
-    gradient_accumulation_steps: int
     max_grad_norm: float
 
     @classmethod
     def from_config(cls, config: KTOConfig) -> "FSDPSettings":
-        return cls(config.bf16, "offload" in config.fsdp.split(), config.gradient_accumulation_steps,
-                   config.max_grad_norm)
+        return cls(config.bf16, "offload" in config.fsdp.split(), config.max_grad_norm)
 
 
 def _device() -> torch.device:
@@ -146,21 +144,22 @@ class FSDPEngine:
         if optimizer is not None:  # after fully_shard: the optimizer holds this rank's shards
             self.optimizer, schedule = optimizer_and_schedule(optimizer, self.trainable)
             self.scheduler = schedule(self.optimizer)
-        self.accumulation = settings.gradient_accumulation_steps
         self.micro_steps = self.skipped_steps = 0
+        self._boundary = False
         self._grad_norm, self._applied = torch.zeros(()), True
 
     def __call__(self, **inputs) -> Tensor:
         return self.module(**inputs)
 
-    def backward(self, loss: Tensor) -> None:
+    def backward(self, loss: Tensor, boundary: bool) -> None:
         # Reduce-scatter only with the last micro-batch of the step; before it gradients accumulate.
-        self.module.set_requires_gradient_sync((self.micro_steps + 1) % self.accumulation == 0)
-        (loss / self.accumulation).backward()
+        self.module.set_requires_gradient_sync(boundary)
+        self._boundary = boundary
+        loss.backward()
 
     def step(self) -> None:
         self.micro_steps += 1
-        if self.micro_steps % self.accumulation:
+        if not self._boundary:
             return
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)

@@ -294,7 +294,8 @@ class SequenceLogps(nn.Module):
         Packed (padding-free): [1, N] input_ids and completion_mask holding B sequences back to back,
         and [B] sequence_lengths -> [B]. Position ids restart at 0 for each sequence, which
         transformers turns into attention that never crosses sequences (with flex_attention, the
-        BlockMask of kto_scale.attention does it).
+        BlockMask of kto_scale.attention does it). With the score_* lists (kto_scale.collate lists them
+        for every layout), the LM head runs at exactly those positions.
         Shared prompt (kto_scale.collate's "reference" inputs): x + y + y' rows given as input_ids,
         segments, position_ids and the score_* lists (packed: and sequence_lengths) -> [2B], the B
         examples' log-probs then their KL pairs'.
@@ -315,11 +316,11 @@ class SequenceLogps(nn.Module):
                                      sequence_ids, base.get_input_embeddings().weight.dtype)
         hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     use_cache=False).last_hidden_state
-        if segments is not None:
+        if score_positions is not None:  # listed by collate on the host: no `nonzero` sync here
             token_logps = scored_token_logps(hidden.flatten(0, 1)[score_positions], score_targets,
                                              base.get_output_embeddings(), self.chunk_size)
             examples = input_ids.shape[0] if sequence_lengths is None else len(sequence_lengths)
-            sums = torch.zeros(2 * examples, dtype=torch.float32, device=hidden.device)
+            sums = torch.zeros(examples * (1 if segments is None else 2), dtype=torch.float32, device=hidden.device)
             return sums.index_add(0, score_sequences, token_logps)
         return chunked_completion_logps(
             hidden, base.get_output_embeddings(), input_ids, completion_mask, self.chunk_size,

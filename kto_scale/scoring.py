@@ -27,15 +27,14 @@ def reference_logps(engine: Engine, batch: dict) -> tuple[Tensor, Tensor]:
         return engine(**batch["policy"]), engine(**batch["kl"])
 
 
-def no_grad_logps(engine: Engine, batch: dict, cache: RefCache | None) -> tuple[Tensor, Tensor, Tensor]:
+def no_grad_logps(engine: Engine, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
     """([B] reference logps, [K] reference KL logps, [K] policy KL logps) of a batch, without gradients
     (the KL pairs of the batch's kl_rows).
 
-    A CACHED batch skips the reference passes: a lookup by dataset row in `cache`.
+    A CACHED batch skips the reference passes: collate looked its values up in the cache.
     """
     if batch["reference_layout"] is ReferenceLayout.CACHED:
-        reference, reference_kl = (t.to(engine.device) for t in cache.lookup(batch["index"].cpu()))
-        reference_kl = reference_kl[batch["kl_rows"]]
+        reference, reference_kl = batch["cached_reference"], batch["cached_reference_kl"]
     else:
         reference, reference_kl = reference_logps(engine, batch)
     with torch.no_grad():
@@ -55,8 +54,8 @@ def score_dataset(engine: Engine, dataset, batch_size: int, pad_id: int, cache: 
     columns = {k: [] for k in names}
     engine.eval()  # no LoRA dropout while scoring
     for indices in shard_indices(len(dataset), batch_size, engine.world_size, engine.global_rank):
-        batch = to_device(collate(dataset, indices, pad_id, packed, reference), engine.device)
-        reference, reference_kl, policy_kl = no_grad_logps(engine, batch, cache)
+        batch = to_device(collate(dataset, indices, pad_id, packed, reference, cache=cache), engine.device)
+        reference, reference_kl, policy_kl = no_grad_logps(engine, batch)
         with torch.no_grad():
             policy = engine(**batch["policy"])
         values = dict(policy=policy, reference=reference, policy_kl=policy_kl, reference_kl=reference_kl)

@@ -1,7 +1,8 @@
 """The KTO training loop: one explicit loop built from functions, the same for 1 to N ranks and for both
 engines (DeepSpeed, FSDP2: kto_scale.engine).
 
-Each optimizer step takes this rank's `gradient_accumulation_steps` micro-batches and
+Each optimizer step takes this rank's micro-batches (`gradient_accumulation_steps` of them, or as many
+as max_tokens_per_batch cuts its share into; collated ahead by kto_scale.batches) and
 1. runs the no-grad passes of all of them first: the reference (adapters off) on each example and on
    its mismatched KL pair, and the policy on the KL pair;
 2. reduces the KL baseline z_ref over every micro-batch of every rank (the whole effective batch);
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kto_scale.batches import StepBatches, train_loader
 from kto_scale.checkpoint import (
     check_resume,
     find_checkpoint,
@@ -26,7 +28,7 @@ from kto_scale.checkpoint import (
     save_base_model,
     save_checkpoint,
 )
-from kto_scale.collate import BatchPlan, collate, desirable_count, sequence_lengths, to_device
+from kto_scale.collate import BatchPlan, desirable_count, sequence_lengths, to_device
 from kto_scale.config import ConfigError, KTOConfig, save_config
 from kto_scale.distributed import all_reduce_sum, any_rank, on_main_process, shutdown
 from kto_scale.engine import Engine
@@ -38,7 +40,7 @@ from kto_scale.model import SequenceLogps, add_lora, load_base_model, reference_
 from kto_scale.outdir import prepare_output_dir, set_aside_previous_run
 from kto_scale.plot import plot_runs
 from kto_scale.preemption import Preempted, SigtermStop
-from kto_scale.ref_cache import RefCache, open_ref_cache
+from kto_scale.ref_cache import open_ref_cache
 from kto_scale.scoring import evaluation_metrics, no_grad_logps, score_dataset
 from kto_scale.startup import setup
 
@@ -56,14 +58,15 @@ def global_kl_baseline(kl_ratio_sum: Tensor, pairs: Tensor, examples: Tensor) ->
 
 
 def train_step(
-    engine: Engine, batches: list[dict], config: KTOConfig, weights: tuple[float, float], cache: RefCache | None
+    engine: Engine, batches: list[dict], config: KTOConfig, weights: tuple[float, float]
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """One optimizer step over this rank's micro-batches; returns (named metric sums, [] z_ref).
+    """One optimizer step over this rank's micro-batches (on the device); returns (named metric sums,
+    [] z_ref), all device tensors: nothing here waits for the device (metrics are read at logging).
 
     The z_ref returned (logged as `kl`) is the one the step used; with kl_baseline "micro_batch", the
     mean of its micro-batches' z_refs.
     """
-    no_grad = [no_grad_logps(engine, b, cache) for b in batches]
+    no_grad = [no_grad_logps(engine, b) for b in batches]
     kl_ratios = [(policy_kl - reference_kl) * b["kl_weight"]
                  for b, (_, reference_kl, policy_kl) in zip(batches, no_grad, strict=True)]
     kl_sum = torch.stack([k.sum() for k in kl_ratios]).sum()
@@ -74,16 +77,16 @@ def train_step(
         z_refs = [global_kl_baseline(kl.sum(), b["kl_weight"].sum(), b["weight"].sum())[0]
                   for b, kl in zip(batches, kl_ratios, strict=True)]
         z_ref = torch.stack(z_refs).mean()
-    # Both engines average gradients over ranks and accumulation steps (DeepSpeed's semantics); undo that
-    # and divide by the global example count, so the step's gradient is the mean over the effective
-    # batch's real examples.
-    scale = engine.world_size * len(batches) / n_global
+    # Both engines sum gradients over a step's micro-batches and average them over ranks; undo the
+    # average and divide by the global example count, so the step's gradient is the mean over the
+    # effective batch's real examples, however many micro-batches carry them.
+    scale = engine.world_size / n_global
 
     sums: dict[str, Tensor] = {}
-    for batch, (reference, _, _), micro_z_ref in zip(batches, no_grad, z_refs, strict=True):
+    for i, (batch, (reference, _, _), micro_z_ref) in enumerate(zip(batches, no_grad, z_refs, strict=True)):
         policy = engine(**batch["policy"])
         losses, rewards = kto_losses(policy, reference, batch["desirable"], micro_z_ref, config.beta, *weights)
-        engine.backward((losses * batch["weight"]).sum() * scale)
+        engine.backward((losses * batch["weight"]).sum() * scale, boundary=i == len(batches) - 1)
         engine.step()
         sums = add_sums(sums, metric_sums(batch, losses.detach(), rewards, policy.detach()))
     return sums, z_ref
@@ -147,9 +150,9 @@ def train(config: KTOConfig) -> Path:
     if balance:
         logger.warning(balance)
 
-    lengths = sequence_lengths(train_set) if config.group_by_length else None
+    lengths = sequence_lengths(train_set) if config.group_by_length or config.max_tokens_per_batch else None
     plan = BatchPlan(len(train_set), config.per_device_train_batch_size, config.gradient_accumulation_steps,
-                     world_size, lengths)
+                     world_size, lengths if config.group_by_length else None, config.max_tokens_per_batch, lengths)
     if config.kl_pairs_per_step > plan.global_batch_size:
         raise ConfigError(f"kl_pairs_per_step ({config.kl_pairs_per_step}) is more than the global batch "
                           f"({plan.global_batch_size} = {world_size} ranks x {config.gradient_accumulation_steps} "
@@ -198,18 +201,16 @@ def train(config: KTOConfig) -> Path:
             generation_log.write(generations.rows(step), step=step)
         return result
 
-    stop = SigtermStop(config.sigterm_timeout_s)
+    stop = SigtermStop(config.sigterm_timeout_s)  # before the loader's workers start: they ignore SIGTERM
+    steps = range(start_step + 1, total_steps + 1)
+    loader = train_loader(StepBatches(plan, train_set, rank, config, tokenizer.pad_token_id, reference,
+                                      caches.get("train")), steps, config, engine.device)
     sums, z_refs, window_start = {}, [], time.perf_counter()
     progress = tqdm(total=total_steps, initial=start_step, disable=rank != 0 or config.disable_tqdm, desc="kto")
     last_eval, bad_steps = None, 0
-    for step in range(start_step + 1, total_steps + 1):
+    for step, micro_batches in zip(steps, loader, strict=True):
         epoch, step_in_epoch = divmod(step - 1, plan.steps_per_epoch)
-        kl_rows = plan.kl_selection(step, config.seed, rank, config.kl_pairs_per_step)
-        batches = [to_device(collate(train_set, indices, tokenizer.pad_token_id, config.padding_free, reference,
-                                     kl), engine.device)
-                   for indices, kl in zip(plan.micro_batches(step_in_epoch, epoch, config.seed, rank), kl_rows,
-                                          strict=True)]
-        step_sums, z_ref = train_step(engine, batches, config, weights, caches.get("train"))
+        step_sums, z_ref = train_step(engine, [to_device(b, engine.device) for b in micro_batches], config, weights)
         # The engine skips an update whose gradient norm is not finite (fp16 overflow, NaN/inf in
         # fp32/bf16); the decision is global, so every rank takes the same branch here.
         bad_steps = 0 if engine.was_step_applied() else bad_steps + 1
@@ -237,7 +238,7 @@ def train(config: KTOConfig) -> Path:
             last_eval = (step, run_eval(step))
         if step % config.save_steps == 0:
             save_checkpoint(engine, tokenizer, config, step)
-        if any_rank(stop.requested, engine.device):  # SIGTERM on any rank: every rank stops after this step
+        if any_rank(stop.requested):  # SIGTERM on any rank: every rank stops after this step
             if step % config.save_steps:
                 save_checkpoint(engine, tokenizer, config, step)
             for log in (progress, generation_log, metrics):

@@ -31,8 +31,10 @@ def _sigterm_rank_one(command: list[str], run_dir: Path, after_step: int) -> tup
             deadline = time.monotonic() + 300  # bounds a hang only
             while _logged_steps(run_dir) < after_step and job.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.1)
-            (rank_one,) = [p for p in psutil.Process(job.pid).children(recursive=True)
-                           if p.environ().get("RANK") == "1" and "launch/train.py" in " ".join(p.cmdline())]
+            ranks = [p for p in psutil.Process(job.pid).children(recursive=True)
+                     if p.environ().get("RANK") == "1" and "launch/train.py" in " ".join(p.cmdline())]
+            # Its DataLoader workers share its environment and command line: the rank is their parent.
+            (rank_one,) = [p for p in ranks if p.ppid() not in {q.pid for q in ranks}]
             rank_one.send_signal(signal.SIGTERM)
             code = job.wait(timeout=300)
         finally:

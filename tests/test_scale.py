@@ -103,10 +103,12 @@ def test_two_simulated_nodes_zero3_offload_padding_free_match_one_process(tmp_pa
     """One run that combines what must each leave the numbers alone: launch/slurm/kto.sbatch on two
     simulated nodes (two `deepspeed --hostfile H --no_ssh --node_rank 0|1` launchers, one rank each, as
     on a cluster), ZeRO-3 with parameters and optimizer offloaded to the CPU (LoRA weights gathered from
-    every rank to save), padding-free rows and the shared-prompt reference pass. It logs and saves what
-    the suite's one-process run (1 rank x 2 accumulation, ZeRO-2, padded) does."""
+    every rank to save), padding-free rows and the shared-prompt reference pass, and micro-batches by a
+    token budget: the examples are 25 or 26 tokens, so at 51 a rank's two examples are one micro-batch
+    or two, the other rank adding a filler micro-batch. It logs and saves what the suite's one-process
+    run (1 rank x 2 accumulation, ZeRO-2, padded) does."""
     config = config_file(tmp_path, "nodes", tiny_model, gradient_accumulation_steps=1, padding_free=True,
-                         deepspeed=str(ROOT / "ds_configs/zero3_offload.json"))
+                         max_tokens_per_batch=51, deepspeed=str(ROOT / "ds_configs/zero3_offload.json"))
     result = run_slurm_script(tmp_path, config)
     assert (tmp_path / "hostfile").read_text() == "127.0.0.1 slots=1\nnode-b slots=1\n"
     assert SHARED_PASS in result.stdout + result.stderr
