@@ -61,6 +61,8 @@ def plain_logps(base_dir: Path, adapter: Path, config_path: Path, split: str) ->
 
 
 def test_reference_is_base_plus_sft_and_the_policy_its_copy(tmp_path, tiny_model, sft):
+    """The reference (our "reference" adapter) equals PeftModel.from_pretrained(base, sft) exactly: the same
+    peft LoRA kernels on the same fp32 weights and shapes, and the policy starts exactly there."""
     config = load_config(["--config", str(config_file(tmp_path, "r", tiny_model, sft_adapter=str(sft)))])
     policy = load_model(config)
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), sft).eval()
@@ -70,7 +72,7 @@ def test_reference_is_base_plus_sft_and_the_policy_its_copy(tmp_path, tiny_model
         reference = policy(input_ids=ids).logits
     with torch.no_grad():
         expected, step0, bare = plain(input_ids=ids).logits, policy(input_ids=ids).logits, raw(input_ids=ids).logits
-    torch.testing.assert_close(reference, expected, atol=1e-5, rtol=0)
+    assert torch.equal(reference, expected)
     assert torch.equal(step0, reference)  # the policy starts exactly at the reference
     assert (reference - bare).abs().max() > 0.1  # the SFT adapter matters: not the raw base
     settings = policy.peft_config["default"]
