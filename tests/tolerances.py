@@ -17,15 +17,43 @@ def logp_rtol(num_layers: int) -> float:
     return 2 * (2 * num_layers + 2) * FP32_EPS
 
 
-def merged_logits_atol(logits, fan_in: int, num_layers: int) -> float:
-    """How far a merged model's logits ((W + s B A) x, one fp32 weight) may be from the unmerged
-    W x + s B (A x). Each side rounds differently in every linear stage: the merged weight once per
-    element, and each product sums fan_in terms whose independent roundings add in quadrature, so a
+def stages_rtol(fan_in: int, num_layers: int) -> float:
+    """How far, relative to its size, a model's output vector (its logits, or a backward pass's gradient)
+    may be moved by two fp32 computations that run other kernels or shapes through num_layers layers.
+    Each linear stage's product sums fan_in terms whose independent roundings add in quadrature, so a
     stage's output is off by ~sqrt(fan_in) * 2^-24 relative to its size. A layer has 4 stages in a row
-    (q/k/v then o in attention, gate/up then down in the MLP) and both sides round, so each layer adds
-    up to 8 sqrt(fan_in) 2^-24 relative error to the residual stream, which carries it to the logits:
-    max|logits| * 2^-24 * sqrt(fan_in) * 8 * num_layers (fan_in: the widest, intermediate_size)."""
-    return float(logits.abs().max()) * FP32_EPS * fan_in ** 0.5 * 8 * num_layers
+    (q/k/v then o in attention, gate/up then down in the MLP; backward runs the same ones) and both
+    sides round, so each layer adds up to 8 sqrt(fan_in) 2^-24 (fan_in: the widest, intermediate_size)."""
+    return FP32_EPS * fan_in ** 0.5 * 8 * num_layers
+
+
+def merged_logits_atol(logits, fan_in: int, num_layers: int) -> float:
+    """How far a model's logits may be between two fp32 computations of other kernels or shapes: a merged
+    model's ((W + s B A) x, one fp32 weight, rounded once per element) from the unmerged W x + s B (A x),
+    or a padded batch from one unpadded example. The residual stream carries stages_rtol to the logits:
+    max|logits| * stages_rtol(fan_in, num_layers)."""
+    return float(logits.abs().max()) * stages_rtol(fan_in, num_layers)
+
+
+def logp_atol(logits_atol: float, num_tokens: int) -> float:
+    """How far a sum of num_tokens token log-probs may move when every logit may move by logits_atol:
+    log p(y) = logit_y - logsumexp(logits), and logsumexp moves by at most the largest logit's move (its
+    gradient, softmax, sums to 1), so each token moves by at most 2 logits_atol (the log-softmax's own
+    few roundings of 2^-24 are far below it): 2 * num_tokens * logits_atol."""
+    return 2 * num_tokens * logits_atol
+
+
+def gradient_norm_atol(token_grads, model_config) -> float:
+    """How far, in L2 norm, one parameter tensor's gradient of a sum of token log-probs may be between two
+    fp32 computations of other kernels or shapes. The gradient is the sum over the scored tokens of each
+    token's gradient g_t, a backward pass through the same stages as the forward: stages_rtol for the
+    layers, and the lm_head's backward, which sums over the vocabulary (one stage of sqrt(vocab_size)
+    2^-24 per side). The tokens' terms can cancel in the sum, which keeps their roundings, so the bound is
+    relative to sum_t |g_t|, not to |sum_t g_t| (token_grads: the g_t, computed by the test):
+    (stages_rtol(intermediate_size, num_hidden_layers) + 2 sqrt(vocab_size) 2^-24) * sum_t |g_t|."""
+    rtol = (stages_rtol(model_config.intermediate_size, model_config.num_hidden_layers)
+            + 2 * model_config.vocab_size ** 0.5 * FP32_EPS)
+    return rtol * sum(float(g.norm()) for g in token_grads)
 
 
 BF16_EPS = 2.0 ** -8  # bfloat16 unit roundoff (8 significand bits)
