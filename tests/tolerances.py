@@ -56,6 +56,38 @@ def gradient_norm_atol(token_grads, model_config) -> float:
     return rtol * sum(float(g.norm()) for g in token_grads)
 
 
+def log_softmax_atol(logits, num_tokens: int) -> float:
+    """How far a sum of num_tokens fp32 token log-probs, log_softmax of rows of `logits` ([..., V]), may be
+    from the exact sum of the same logits. Per row, log_softmax rounds x - max and exp once each, a sum
+    of V terms at most 1 (V - 1 roundings relative to it, carried through the log as absolute error),
+    the log and the last subtractions: at most (V + 3) 2^-24 times the size max|logits| + ln V; adding
+    the num_tokens of them rounds each partial sum once more: num_tokens (V + 3 + num_tokens) 2^-24
+    (max|logits| + ln V)."""
+    import math
+
+    vocab = logits.shape[-1]
+    size = float(logits.abs().max()) + math.log(vocab)
+    return num_tokens * (vocab + 3 + num_tokens) * FP32_EPS * size
+
+
+def dot_atol(a, b) -> float:
+    """How far an fp32 product a @ b.T (rows of a with rows of b, fan_in k terms each) may be from exact
+    (or from the same product computed in other shapes, per side): each of the k additions rounds a
+    partial sum, so k 2^-24 times the largest sum of |terms|, max(|a| @ |b|.T)."""
+    return a.shape[-1] * FP32_EPS * float((a.detach().abs().double() @ b.detach().abs().double().T).max())
+
+
+def linear_grads_atol(x, weight, out_grad, out_grad_rtol: float):
+    """Elementwise bounds on how far the gradients of y = x @ weight.T ([N, k] x, [V, k] weight, [N, V]
+    dy = out_grad) may be between two fp32 computations, where each dy element is off by at most
+    out_grad_rtol of its size: d x = dy @ weight sums V terms, d weight = dy.T @ x sums N terms, each
+    within (its sum's roundings + out_grad_rtol) times its sum of |terms|, and both sides round:
+    (2 (V 2^-24 + out_grad_rtol) |dy| @ |weight|, 2 (N 2^-24 + out_grad_rtol) |dy|.T @ |x|)."""
+    g, x, w = out_grad.abs().double(), x.abs().double(), weight.abs().double()
+    vocab, n = w.shape[0], x.shape[0]
+    return (2 * (vocab * FP32_EPS + out_grad_rtol) * (g @ w)).float(), (2 * (n * FP32_EPS + out_grad_rtol) * (g.T @ x)).float()
+
+
 BF16_EPS = 2.0 ** -8  # bfloat16 unit roundoff (8 significand bits)
 
 LORA_LOGP_SENSITIVITY = 5e3
