@@ -16,6 +16,7 @@ import random
 
 import pytest
 import torch
+from tolerances import kto_atol, log_softmax_atol
 
 from kto_scale.logprobs import chunked_completion_logps, completion_logps
 from kto_scale.loss import kl_baseline, kto_losses
@@ -109,13 +110,14 @@ def test_hand_computed_example():
         policy, reference, policy_kl, reference_kl, desirable,
         beta=0.5, desirable_weight=2.0, undesirable_weight=0.5,
     )  # fmt: skip
-    assert z_ref.item() == pytest.approx(0.1, abs=1e-6)
-    assert loss.item() == pytest.approx(0.753257152, abs=1e-6)
-    torch.testing.assert_close(rewards, torch.tensor([0.5, -0.25, -0.5]), atol=1e-6, rtol=0)
+    atol = kto_atol(9.0, 3)  # log-probs up to 9 (the 9-digit constants are within 5e-10 of exact)
+    assert z_ref.item() == pytest.approx(0.1, abs=atol)
+    assert loss.item() == pytest.approx(0.753257152, abs=atol)
+    torch.testing.assert_close(rewards, torch.tensor([0.5, -0.25, -0.5]), atol=atol, rtol=0)
 
     losses, _ = kto_losses(policy, reference, desirable, z_ref, 0.5, 2.0, 0.5)
     torch.testing.assert_close(
-        losses, torch.tensor([0.778721532, 0.212778742, 1.268271182]), atol=1e-6, rtol=0
+        losses, torch.tensor([0.778721532, 0.212778742, 1.268271182]), atol=atol, rtol=0
     )
 
 
@@ -128,7 +130,8 @@ def test_hand_computed_example():
 @pytest.mark.parametrize("batch_size", [1, 2, 7, 32])
 @pytest.mark.parametrize("seed", range(4))
 def test_matches_python_reference(seed, batch_size, labels):
-    """kl_baseline and kto_losses equal the formula evaluated with math.exp and loops, for every output."""
+    """kl_baseline and kto_losses equal the formula evaluated with math.exp and loops, for every output,
+    within kto_atol (tests/tolerances.py) of the inputs' size and the batch."""
     rng = random.Random(1000 * seed + batch_size)
     # float32-representable inputs, so the library's float32 cast loses nothing.
     policy = torch.tensor([rng.uniform(-60.0, -1.0) for _ in range(batch_size)])
@@ -153,9 +156,10 @@ def test_matches_python_reference(seed, batch_size, labels):
         desirable, beta, lam_d, lam_u,
     )  # fmt: skip
     assert loss.dtype == torch.float32 and loss.shape == ()
-    assert z_ref.item() == pytest.approx(ref_z, abs=1e-5)
-    assert loss.item() == pytest.approx(ref_loss, abs=1e-6)
-    torch.testing.assert_close(rewards, torch.tensor(ref_rewards), atol=1e-5, rtol=0)
+    atol = kto_atol(float(torch.cat([policy, reference, policy_kl, reference_kl]).abs().max()), batch_size)
+    assert z_ref.item() == pytest.approx(ref_z, abs=atol)
+    assert loss.item() == pytest.approx(ref_loss, abs=atol)
+    torch.testing.assert_close(rewards, torch.tensor(ref_rewards), atol=atol, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,9 +185,10 @@ def test_bug_unshifted_labels_hand_computed():
     assert naive_completion_logps(logits, ids, mask) == pytest.approx([correct], abs=1e-12)
     assert naive_completion_logps(logits, ids, mask, shift=False) == pytest.approx([buggy], abs=1e-12)
 
-    assert completion_logps(logits, ids, mask).item() == pytest.approx(correct, abs=1e-6)
+    atol = log_softmax_atol(logits, 2)
+    assert completion_logps(logits, ids, mask).item() == pytest.approx(correct, abs=atol)
     assert chunked_completion_logps(logits, identity_head, ids, mask, chunk_size=1).item() == pytest.approx(
-        correct, abs=1e-6
+        correct, abs=atol
     )
 
 
@@ -203,10 +208,11 @@ def test_bug_unshifted_labels_random():
     unshifted = torch.tensor(naive_completion_logps(logits, ids, mask, shift=False))
     assert (shifted - unshifted).abs().min() > 0.1  # the check below discriminates
 
-    torch.testing.assert_close(completion_logps(logits, ids, mask), shifted.float(), atol=1e-5, rtol=0)
+    atol = log_softmax_atol(logits, int(mask.sum(1).max()))  # tests/tolerances.py
+    torch.testing.assert_close(completion_logps(logits, ids, mask), shifted.float(), atol=atol, rtol=0)
     for chunk in (1, 4, 100):
         got = chunked_completion_logps(logits, identity_head, ids, mask, chunk_size=chunk)
-        torch.testing.assert_close(got, shifted.float(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(got, shifted.float(), atol=atol, rtol=0)
 
 
 def test_bug_ratio_is_per_sequence_sum_not_batch_token_normalized():
@@ -250,14 +256,19 @@ def test_bug_ratio_is_per_sequence_sum_not_batch_token_normalized():
         desirable, beta, lam_d, lam_u, z=z,
     )  # fmt: skip
     assert abs(sum_loss - norm_loss) > 1e-2  # the check below discriminates
-    assert loss.item() == pytest.approx(sum_loss, abs=1e-5)
-    torch.testing.assert_close(rewards, torch.tensor(sum_rewards, dtype=torch.float32), atol=1e-5, rtol=0)
+    # The log-probs are within log_softmax_atol of the loop's; r moves by both, the loss and rewards by at
+    # most beta times that (sigmoid's slope 1/4, weights <= 1.33), plus kto_atol's own roundings.
+    logp_atol = 2 * max(log_softmax_atol(logits, 7) for logits in (pol_logits, ref_logits))
+    atol = beta * logp_atol + kto_atol(float(torch.cat([policy, reference]).abs().max()), B)
+    assert loss.item() == pytest.approx(sum_loss, abs=atol)
+    torch.testing.assert_close(rewards, torch.tensor(sum_rewards, dtype=torch.float32), atol=atol, rtol=0)
 
-    # A row's log-prob does not depend on the other rows of the batch (their token count included).
+    # A row's log-prob does not depend on the other rows of the batch (their token count included): other
+    # shapes, so each side within log_softmax_atol of exact.
     alone = chunked_completion_logps(pol_logits[:1], identity_head, ids[:1], mask[:1], chunk_size=5)
-    assert alone.item() == pytest.approx(policy[0].item(), abs=1e-6)
+    assert alone.item() == pytest.approx(policy[0].item(), abs=logp_atol)
     alone = completion_logps(pol_logits[1:2], ids[1:2], mask[1:2])
-    assert alone.item() == pytest.approx(completion_logps(pol_logits, ids, mask)[1].item(), abs=1e-6)
+    assert alone.item() == pytest.approx(completion_logps(pol_logits, ids, mask)[1].item(), abs=logp_atol)
 
 
 def test_bug_undesirable_sign():
@@ -276,8 +287,8 @@ def test_bug_undesirable_sign():
         torch.tensor([-1.0]), torch.tensor([-3.0]), zeros, zeros, torch.tensor([False]),
         beta=1.0, undesirable_weight=2.0,
     )  # fmt: skip
-    assert loss.item() == pytest.approx(2.0 * (1.0 - sigmoid(-2.0)), abs=1e-6)
-    assert loss.item() == pytest.approx(1.761594, abs=1e-6)
+    assert loss.item() == pytest.approx(2.0 * (1.0 - sigmoid(-2.0)), abs=kto_atol(3.0))
+    assert loss.item() == pytest.approx(1.761594, abs=kto_atol(3.0) + 5e-7)  # a 7-digit constant: +- 5e-7
     assert abs(loss.item() - 2.0 * (1.0 - sigmoid(2.0))) > 1.0
 
     # Raising r of the undesirable example raises its loss (and of the desirable one lowers it).
@@ -287,7 +298,7 @@ def test_bug_undesirable_sign():
     base, z0, _ = batch_loss(torch.tensor([-5.0, -5.0]), reference, *kl, desirable, beta=0.5)
     up_u, z1, _ = batch_loss(torch.tensor([-5.0, -4.0]), reference, *kl, desirable, beta=0.5)
     up_d, _, _ = batch_loss(torch.tensor([-4.0, -5.0]), reference, *kl, desirable, beta=0.5)
-    assert z0.item() == pytest.approx(0.1, abs=1e-6) and z1.item() == z0.item()
+    assert z0.item() == pytest.approx(0.1, abs=kto_atol(4.5, 2)) and z1.item() == z0.item()
     assert up_u.item() > base.item() + 1e-3
     assert up_d.item() < base.item() - 1e-3
 
@@ -333,10 +344,11 @@ def test_bug_kl_from_mismatched_pairs_clamped_and_detached():
     reference_kl = torch.tensor([-8.2, -9.2], requires_grad=True)
 
     loss, z_ref, _ = batch_loss(policy, reference, policy_kl, reference_kl, desirable, beta=0.5)
-    assert z_ref.item() == pytest.approx(0.2, abs=1e-6)
+    assert z_ref.item() == pytest.approx(0.2, abs=kto_atol(9.2, 2))
     assert abs(z_ref.item() - 1.0) > 0.5
     losses, _ = kto_losses(policy, reference, desirable, z_ref, 0.5)
-    torch.testing.assert_close(losses, torch.tensor([1 - sigmoid(0.4), 1 - sigmoid(-0.4)]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(losses, torch.tensor([1 - sigmoid(0.4), 1 - sigmoid(-0.4)]), atol=kto_atol(9.2, 2),
+                               rtol=0)
 
     # No gradient through z_ref. The KL mean is positive here, so clamp would pass a gradient
     # if z_ref were not detached.

@@ -88,6 +88,17 @@ def linear_grads_atol(x, weight, out_grad, out_grad_rtol: float):
     return (2 * (vocab * FP32_EPS + out_grad_rtol) * (g @ w)).float(), (2 * (n * FP32_EPS + out_grad_rtol) * (g.T @ x)).float()
 
 
+def kto_atol(size: float, batch_size: int = 1) -> float:
+    """How far kl_baseline / kto_losses' float32 outputs (z_ref, per-example losses, their mean, rewards)
+    may be from the same formula evaluated exactly, for log-probs of size at most `size`: each output is
+    a chain of at most 10 float32 operations per example (the log-ratio's and z_ref's subtractions, the
+    scaling by beta, sigmoid's exp, add and divide, 1 -, the weight) plus a sum over batch_size
+    examples, each rounding once at the size of what it is given (at most `size`, the log-probs): a
+    rounding's error passes on with a slope of at most 1 (sigmoid's is 1/4, beta and the weights are at
+    most 2, a mean divides): (10 + batch_size) * 2 * 2^-24 * size."""
+    return (10 + batch_size) * 2 * FP32_EPS * size
+
+
 BF16_EPS = 2.0 ** -8  # bfloat16 unit roundoff (8 significand bits)
 
 LORA_LOGP_SENSITIVITY = 5e3
