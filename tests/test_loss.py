@@ -321,7 +321,7 @@ def test_bug_undesirable_sign():
         s, lam = (1.0, lam_d) if d else (-1.0, lam_u)
         u = beta * s * (p - q - z)
         expected.append(-lam * beta * s * sigmoid(u) * (1.0 - sigmoid(u)) / 4)
-    torch.testing.assert_close(grad, torch.tensor(expected), atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(grad, torch.tensor(expected), atol=kto_atol(6.0, 4), rtol=0)  # log-probs up to 6
 
 
 def test_bug_kl_from_mismatched_pairs_clamped_and_detached():
@@ -366,14 +366,14 @@ def test_bug_kl_from_mismatched_pairs_clamped_and_detached():
         beta=0.5, desirable_weight=2.0,
     )  # fmt: skip
     assert z_ref.item() == 0.0
-    assert loss.item() == pytest.approx(0.688770, abs=1e-6)
+    assert loss.item() == pytest.approx(0.688770, abs=kto_atol(9.0, 2) + 5e-7)  # a 6-digit constant: +- 5e-7
     expected, *_ = reference_kto(
         policy.tolist(), reference.tolist(), None, None, [True, False], 0.5, 2, 1, z=0.0
     )
     unclamped, *_ = reference_kto(
         policy.tolist(), reference.tolist(), None, None, [True, False], 0.5, 2, 1, z=-0.4
     )
-    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert loss.item() == pytest.approx(expected, abs=kto_atol(9.0, 2))
     assert abs(loss.item() - unclamped) > 1e-2
 
 
@@ -383,9 +383,10 @@ def test_bug_kl_from_mismatched_pairs_clamped_and_detached():
 
 
 def test_kl_baseline_sum_count():
-    """kl_baseline(sum, count) = max(0, sum / count): 1.5 / 3 = 0.5; -1.5 / 3 -> 0; 0 / 0 -> 0."""
-    assert kl_baseline(torch.tensor(1.5), 3).item() == pytest.approx(0.5, abs=1e-7)
-    assert kl_baseline(torch.tensor(1.5), torch.tensor(3)).item() == pytest.approx(0.5, abs=1e-7)
+    """kl_baseline(sum, count) = max(0, sum / count): 1.5 / 3 = 0.5 exactly (a division is correctly rounded
+    and 0.5 is a float32); -1.5 / 3 -> 0; 0 / 0 -> 0."""
+    assert kl_baseline(torch.tensor(1.5), 3).item() == 0.5
+    assert kl_baseline(torch.tensor(1.5), torch.tensor(3)).item() == 0.5
     assert kl_baseline(torch.tensor(1.5, dtype=torch.float64), torch.tensor(3.0)).item() == pytest.approx(0.5)
     assert kl_baseline(torch.tensor(-1.5), 3).item() == 0.0
     zero = kl_baseline(torch.tensor(0.0), 0)
@@ -410,7 +411,8 @@ def test_kl_baseline_from_accumulated_pairs_is_the_mean_over_all_pairs():
     ratios = [a - b for p, q in zip(pol, ref, strict=True) for a, b in zip(p.tolist(), q.tolist(), strict=True)]
     mean_over_pairs = sum(ratios) / len(ratios)
     assert mean_over_pairs > 0.1
-    assert z_trainer.item() == pytest.approx(mean_over_pairs, abs=1e-5)
+    size = float(torch.cat([*pol, *ref]).abs().max())  # tests/tolerances.py: 10 pairs of log-probs this large
+    assert z_trainer.item() == pytest.approx(mean_over_pairs, abs=kto_atol(size, sum(sizes)))
     mean_of_means = sum((p - q).mean().item() for p, q in zip(pol, ref, strict=True)) / len(sizes)
     assert abs(mean_of_means - mean_over_pairs) > 1e-2
 
@@ -428,7 +430,8 @@ def test_kto_losses_with_external_z_ref(z):
     _, _, ref_losses, _ = reference_kto(
         policy.tolist(), reference.tolist(), None, None, desirable.tolist(), 0.3, 1.2, 0.8, z=z
     )
-    torch.testing.assert_close(losses, torch.tensor(ref_losses, dtype=torch.float32), atol=1e-6, rtol=0)
+    atol = kto_atol(float(torch.cat([policy, reference]).abs().max()), 6)  # tests/tolerances.py
+    torch.testing.assert_close(losses, torch.tensor(ref_losses, dtype=torch.float32), atol=atol, rtol=0)
 
     # An external z_ref that carries a graph (e.g. an all-reduced sum of policy KL log-probs) is
     # still treated as a constant.
@@ -446,12 +449,13 @@ def test_kto_losses_with_external_z_ref(z):
 
 
 def test_rewards_are_beta_times_ratio_and_detached():
-    """rewards = beta * (policy - reference): 0.25 * (-10 - -12, -7 - -6) = (0.5, -0.25); no grad."""
+    """rewards = beta * (policy - reference): 0.25 * (-10 - -12, -7 - -6) = (0.5, -0.25), exactly (every
+    value is a float32 and every operation exact); no grad."""
     policy = torch.tensor([-10.0, -7.0], requires_grad=True)
     reference = torch.tensor([-12.0, -6.0], requires_grad=True)
     kl = torch.tensor([-1.0, -1.0])
     _, _, rewards = batch_loss(policy, reference, kl, kl, torch.tensor([True, False]), beta=0.25)
-    torch.testing.assert_close(rewards, torch.tensor([0.5, -0.25]), atol=1e-7, rtol=0)
+    assert rewards.tolist() == [0.5, -0.25]
     assert not rewards.requires_grad and rewards.grad_fn is None
     _, rewards = kto_losses(policy, reference, torch.tensor([True, False]), torch.tensor(0.0), 0.25)
     assert not rewards.requires_grad
@@ -460,7 +464,12 @@ def test_rewards_are_beta_times_ratio_and_detached():
 def test_gradient_matches_finite_differences():
     """d loss / d policy_logps and d loss / d reference_logps (= -d loss / d policy_logps) match
     central finite differences and the closed form
-    -lambda_y * beta * s * sigmoid(u) (1 - sigmoid(u)) / B, u = beta s (r - z), s = +-1."""
+    -lambda_y * beta * s * sigmoid(u) (1 - sigmoid(u)) / B, u = beta s (r - z), s = +-1.
+
+    kto_losses computes in float32, so its loss is within kto_atol (tests/tolerances.py) of exact, and a
+    central difference of step h is off by that twice over 2 h, plus its truncation h^2 / 6 |f^(3)|
+    (|sigmoid^(3)| <= 1/8: |f^(3)| <= max(lambda) beta^3 / (8 B)); the analytic float32 gradient is
+    within kto_atol of the closed form."""
     g = torch.Generator().manual_seed(5)
     B = 5
     policy = (torch.rand(B, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_(True)
@@ -473,8 +482,10 @@ def test_gradient_matches_finite_differences():
     def f(p, q):
         return batch_loss(p, q, policy_kl, reference_kl, desirable, beta, lam_d, lam_u)[0]
 
-    # kto_losses computes in float32, so the finite-difference step is larger than gradcheck's default.
-    assert torch.autograd.gradcheck(f, (policy, reference), eps=1e-2, atol=2e-5, rtol=1e-3)
+    # A step larger than gradcheck's default: the float32 rounding divided by h stays small.
+    h, loss_atol = 5e-2, kto_atol(2.0, B)  # log-probs and KL log-probs within 2 in size
+    fd_atol = loss_atol / h + h**2 / 6 * max(lam_d, lam_u) * beta**3 / (8 * B)
+    assert torch.autograd.gradcheck(f, (policy, reference), eps=h, atol=fd_atol + loss_atol, rtol=0)
 
     loss = f(policy, reference)
     gp, gq = torch.autograd.grad(loss, (policy, reference))
@@ -485,7 +496,7 @@ def test_gradient_matches_finite_differences():
         s, lam = (1.0, lam_d) if d else (-1.0, lam_u)
         u = beta * s * (p - q - z)
         expected.append(-lam * beta * s * sigmoid(u) * (1.0 - sigmoid(u)) / B)
-    torch.testing.assert_close(gp, torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gp, torch.tensor(expected, dtype=torch.float64), atol=loss_atol, rtol=0)
     assert (gp.abs() > 1e-3).all()
 
 
