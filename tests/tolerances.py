@@ -3,6 +3,8 @@ separate reference passes, merged vs unmerged weights, a cache vs on the fly, 1 
 differently, so each test that compares them allows what fp32 rounding of the compared quantity gives,
 derived here. Exact equality is asserted only where the same kernel computes both sides on the same shapes."""
 
+import math
+
 FP32_EPS = 2.0 ** -24  # float32 unit roundoff: one rounding moves a value x by at most |x| * 2^-24
 
 
@@ -63,8 +65,6 @@ def log_softmax_atol(logits, num_tokens: int) -> float:
     the log and the last subtractions: at most (V + 3) 2^-24 times the size max|logits| + ln V; adding
     the num_tokens of them rounds each partial sum once more: num_tokens (V + 3 + num_tokens) 2^-24
     (max|logits| + ln V)."""
-    import math
-
     vocab = logits.shape[-1]
     size = float(logits.abs().max()) + math.log(vocab)
     return num_tokens * (vocab + 3 + num_tokens) * FP32_EPS * size
