@@ -47,8 +47,11 @@ def test_both_trainers_ran_the_same_step(bench):
     assert rows["rows"] == rows["identical_prompt_ids"] == rows["identical_completion_ids"] == ROWS
     counts = check["steps"]["trl"]
     assert all(count["equal_steps"] == STEPS for count in counts.values() if isinstance(count, dict))
-    assert results["per_step"]["kto"][-1]["loss"] != 0.5  # trained: the losses compared are not both the init's
-    assert counts["loss_max_abs_diff"] < 1e-4
+    assert results["per_step"]["kto"][-1]["loss"] != 0.5  # trained: step 2 moved off the untrained 0.5
+    # Step 1 (same weights, same batch) within the derived first_step_loss_tolerance (bench/summary.py).
+    # Later steps are not compared: with Adam's epsilon 1e-8, a gradient component that rounds to the
+    # other sign moves a weight by 2 lr, so no rounding bound holds for the loss after an update.
+    assert counts["first_loss_abs_diff"] <= counts["first_loss_tolerance"]
     report = (bench / "out/results.md").read_text()
     assert "All checks passed: yes" in report
     for label in RUNS.values():

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from tolerances import BF16_EPS, FP32_EPS, dot_atol, linear_grads_atol, log_softmax_atol, logp_atol
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -67,13 +68,15 @@ def test_completion_logps_hand_computed():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_completion_logps_matches_naive_loop(seed):
-    """Right padding, prompts and completions of different lengths, a row without completion (-> 0)."""
+    """Right padding, prompts and completions of different lengths, a row without completion (-> 0); the
+    float32 result within log_softmax_atol (tests/tolerances.py) of the float64 loop."""
     _, _, ids, mask = make_batch(seed)
     g = torch.Generator().manual_seed(100 + seed)
     logits = 4.0 * torch.randn(*ids.shape, 13, generator=g)
     got = completion_logps(logits, ids, mask)
     assert got.dtype == torch.float32 and got.shape == (ids.shape[0],)
-    torch.testing.assert_close(got.double(), naive_completion_logps(logits, ids, mask), atol=1e-5, rtol=0)
+    atol = log_softmax_atol(logits, int(mask.sum(1).max()))
+    torch.testing.assert_close(got.double(), naive_completion_logps(logits, ids, mask), atol=atol, rtol=0)
     assert got[3].item() == 0.0
     # Padding and prompt logits do not matter: perturbing them leaves the result unchanged.
     scoring = torch.zeros_like(mask)
@@ -89,7 +92,8 @@ def test_completion_logps_bf16_logits_give_float32():
     logits = (4.0 * torch.randn(*ids.shape, 13, generator=g)).bfloat16()
     got = completion_logps(logits, ids, mask)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), naive_completion_logps(logits, ids, mask), atol=1e-5, rtol=0)
+    atol = log_softmax_atol(logits, int(mask.sum(1).max()))  # the loop sums the same bf16 values in float64
+    torch.testing.assert_close(got.double(), naive_completion_logps(logits, ids, mask), atol=atol, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,10 +101,33 @@ def test_completion_logps_bf16_logits_give_float32():
 # --------------------------------------------------------------------------------------------
 
 
+def _head_atols(hidden, head, ids, mask, upstream):
+    """For chunked vs full log-probs of head(hidden) (tests/tolerances.py): the values' atol, and
+    elementwise bounds on the hidden's and head weight's gradients of (logps * upstream).sum()."""
+    scored = mask[:, 1:].nonzero(as_tuple=True)
+    rows, targets = hidden[:, :-1][scored].detach(), ids[:, 1:][scored]
+    weight = head.weight.detach()
+    logits = (rows @ weight.T).double()
+    n = int(mask.sum(1).max())
+    logits_atol = dot_atol(rows, weight)
+    value_atol = 2 * (logp_atol(logits_atol, n) + log_softmax_atol(logits, n))
+    # d logp / d logits = onehot - softmax; its |terms| per element: onehot + softmax, times |upstream|.
+    terms = upstream[scored[0], None].abs().double() * (torch.nn.functional.one_hot(targets, weight.shape[0])
+                                                        + logits.softmax(-1))
+    rtol = 2 * logits_atol + log_softmax_atol(logits, 1) + 2 * FP32_EPS
+    row_atol, weight_atol = linear_grads_atol(rows, weight, terms, rtol)
+    hidden_atol = torch.zeros_like(hidden)
+    hidden_atol[:, :-1][scored] = row_atol
+    return value_atol, hidden_atol, weight_atol
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 1000])
 def test_chunked_matches_full_values_and_gradients(chunk_size):
-    """Values, d/d hidden and d/d head.weight agree with the full-logits computation within 1e-5,
-    for chunk sizes 1, 3 and larger than the 21 scored tokens."""
+    """Values, d/d hidden and d/d head.weight agree with the full-logits computation, for chunk sizes 1, 3
+    and larger than the 21 scored tokens. Both are float32 with the head run on other shapes, so (tests/
+    tolerances.py) the values within twice logp_atol(dot_atol) + log_softmax_atol, and the gradients
+    elementwise within linear_grads_atol of d logits = upstream (onehot - softmax), whose elements are
+    off by the exponent's error (2 dot_atol + one row's log_softmax_atol) relative to their |terms|."""
     hidden, head, ids, mask = make_batch(2)
     assert int(mask.sum()) == 21
     upstream = torch.tensor([0.7, -1.3, 0.4, 2.0])  # a non-uniform weighting of the rows
@@ -116,24 +143,25 @@ def test_chunked_matches_full_values_and_gradients(chunk_size):
     (chunked * upstream).sum().backward()
 
     assert chunked.dtype == torch.float32
-    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=0)
+    value_atol, grad_h_atol, grad_w_atol = _head_atols(hidden, head, ids, mask, upstream)
+    torch.testing.assert_close(chunked, full, atol=value_atol, rtol=0)
     torch.testing.assert_close(
-        chunked.double(), naive_completion_logps(head(hidden), ids, mask), atol=1e-4, rtol=0
+        chunked.double(), naive_completion_logps(head(hidden), ids, mask), atol=value_atol, rtol=0
     )
     assert chunked[3].item() == 0.0
-    torch.testing.assert_close(h_chunk.grad, grad_h_full, atol=1e-5, rtol=0)
-    torch.testing.assert_close(head.weight.grad, grad_w_full, atol=1e-5, rtol=0)
+    assert ((h_chunk.grad - grad_h_full).abs() <= grad_h_atol).all()
+    assert ((head.weight.grad - grad_w_full).abs() <= grad_w_atol).all()
     assert h_chunk.grad[3].abs().sum() == 0  # the row without completion gets no gradient
     assert grad_w_full.abs().sum() > 0 and grad_h_full.abs().sum() > 0
 
 
 def test_chunked_no_grad_matches():
-    """Under no_grad (no checkpointing path) the values are the same."""
+    """Under no_grad (no checkpointing path) the values are the same, within _head_atols's values' atol."""
     hidden, head, ids, mask = make_batch(3)
     with torch.no_grad():
         full = completion_logps(head(hidden), ids, mask)
         chunked = chunked_completion_logps(hidden, head, ids, mask, chunk_size=4)
-    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked, full, atol=_head_atols(hidden, head, ids, mask, torch.ones(4))[0], rtol=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,9 +260,13 @@ def test_chunked_never_materializes_full_logits():
 
 
 def test_chunked_bf16_hidden_and_head():
-    """bf16 hidden and head: the result is float32, close to the float32 computation (loose tolerance
-    for bf16 rounding of the hidden states, weights and logits), and equal to the full computation on
-    the same bf16 logits."""
+    """bf16 hidden and head: the result is float32, close to the float32 computation and to the full
+    computation on the same bf16 inputs. Both within logp_atol (tests/tolerances.py) of a logit error:
+    against float32, the bf16 rounding of the hidden states and weights (2 BF16_EPS per product, of the
+    sum of |terms| max(|h| @ |W|)) and of the logit itself (BF16_EPS max|logit|); against the full
+    bf16 computation, which runs the head on other shapes, each side's logit rounds once to bf16 from
+    float32 accumulations within dot_atol: 2 (BF16_EPS max|logit| + dot_atol). Plus both sides'
+    log_softmax_atol."""
     hidden, head, ids, mask = make_batch(6)
     fp32 = completion_logps(head(hidden), ids, mask).detach()
     head_bf16 = nn.Linear(head.in_features, head.out_features, bias=False).to(torch.bfloat16)
@@ -243,10 +275,15 @@ def test_chunked_bf16_hidden_and_head():
     hidden_bf16 = hidden.bfloat16().requires_grad_(True)
     out = chunked_completion_logps(hidden_bf16, head_bf16, ids, mask, chunk_size=3)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out.detach(), fp32, atol=0.2, rtol=0)
+    logits, n = head(hidden).detach(), int(mask.sum(1).max())
+    size, sums = float(logits.abs().max()), float((hidden.abs() @ head.weight.detach().abs().T).max())
+    softmax_atol = 2 * log_softmax_atol(logits, n)
+    torch.testing.assert_close(out.detach(), fp32, atol=logp_atol(BF16_EPS * (2 * sums + size), n) + softmax_atol,
+                               rtol=0)
     assert out[3].item() == 0.0
     same_logits = completion_logps(head_bf16(hidden_bf16), ids, mask)
-    torch.testing.assert_close(out, same_logits, atol=1e-3, rtol=0)
+    logits_atol = 2 * (BF16_EPS * size + dot_atol(hidden_bf16.float(), head_bf16.weight.float()))
+    torch.testing.assert_close(out, same_logits, atol=logp_atol(logits_atol, n) + softmax_atol, rtol=0)
     out.sum().backward()
     assert hidden_bf16.grad.dtype == torch.bfloat16 and torch.isfinite(hidden_bf16.grad.float()).all()
 
@@ -255,7 +292,9 @@ def test_packed_sequences_equal_padded_rows():
     """Sequences packed back to back in one row (sequence_ids) give the same per-sequence values and
     gradients as the same sequences right-padded one per row; no position scores across a boundary
     (here every sequence starts with a completion-free prompt token, except the one that starts
-    with a completion token, which must still not be scored by the previous sequence's last token)."""
+    with a completion token, which must still not be scored by the previous sequence's last token).
+    Exactly: both layouts gather the same scored rows in the same order, so the head runs on the same
+    chunks and each sum adds the same values in the same order."""
     torch.manual_seed(0)
     H, V = 6, 13
     lengths, prompts = [5, 3, 7], [2, 0, 3]  # sequence 1 has an empty prompt: its first token is a completion token
@@ -273,9 +312,8 @@ def test_packed_sequences_equal_padded_rows():
     sequence_ids = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths)).unsqueeze(0)
     got = chunked_completion_logps(torch.cat(hidden)[None], head, torch.cat(ids)[None], torch.cat(masks)[None],
                                    chunk_size=4, sequence_ids=sequence_ids, num_sequences=3)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(got, expected)
     weights = torch.tensor([1.0, -2.0, 0.5])
     grads_expected = torch.autograd.grad((expected * weights).sum(), hidden)
     grads_got = torch.autograd.grad((got * weights).sum(), hidden)
-    for a, b in zip(grads_expected, grads_got, strict=True):
-        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+    assert all(torch.equal(b, a) for a, b in zip(grads_expected, grads_got, strict=True))

@@ -16,6 +16,7 @@ import random
 
 import pytest
 import torch
+from tolerances import kto_atol, log_softmax_atol
 
 from kto_scale.logprobs import chunked_completion_logps, completion_logps
 from kto_scale.loss import kl_baseline, kto_losses
@@ -109,13 +110,14 @@ def test_hand_computed_example():
         policy, reference, policy_kl, reference_kl, desirable,
         beta=0.5, desirable_weight=2.0, undesirable_weight=0.5,
     )  # fmt: skip
-    assert z_ref.item() == pytest.approx(0.1, abs=1e-6)
-    assert loss.item() == pytest.approx(0.753257152, abs=1e-6)
-    torch.testing.assert_close(rewards, torch.tensor([0.5, -0.25, -0.5]), atol=1e-6, rtol=0)
+    atol = kto_atol(9.0, 3)  # log-probs up to 9 (the 9-digit constants are within 5e-10 of exact)
+    assert z_ref.item() == pytest.approx(0.1, abs=atol)
+    assert loss.item() == pytest.approx(0.753257152, abs=atol)
+    torch.testing.assert_close(rewards, torch.tensor([0.5, -0.25, -0.5]), atol=atol, rtol=0)
 
     losses, _ = kto_losses(policy, reference, desirable, z_ref, 0.5, 2.0, 0.5)
     torch.testing.assert_close(
-        losses, torch.tensor([0.778721532, 0.212778742, 1.268271182]), atol=1e-6, rtol=0
+        losses, torch.tensor([0.778721532, 0.212778742, 1.268271182]), atol=atol, rtol=0
     )
 
 
@@ -128,7 +130,8 @@ def test_hand_computed_example():
 @pytest.mark.parametrize("batch_size", [1, 2, 7, 32])
 @pytest.mark.parametrize("seed", range(4))
 def test_matches_python_reference(seed, batch_size, labels):
-    """kl_baseline and kto_losses equal the formula evaluated with math.exp and loops, for every output."""
+    """kl_baseline and kto_losses equal the formula evaluated with math.exp and loops, for every output,
+    within kto_atol (tests/tolerances.py) of the inputs' size and the batch."""
     rng = random.Random(1000 * seed + batch_size)
     # float32-representable inputs, so the library's float32 cast loses nothing.
     policy = torch.tensor([rng.uniform(-60.0, -1.0) for _ in range(batch_size)])
@@ -153,9 +156,10 @@ def test_matches_python_reference(seed, batch_size, labels):
         desirable, beta, lam_d, lam_u,
     )  # fmt: skip
     assert loss.dtype == torch.float32 and loss.shape == ()
-    assert z_ref.item() == pytest.approx(ref_z, abs=1e-5)
-    assert loss.item() == pytest.approx(ref_loss, abs=1e-6)
-    torch.testing.assert_close(rewards, torch.tensor(ref_rewards), atol=1e-5, rtol=0)
+    atol = kto_atol(float(torch.cat([policy, reference, policy_kl, reference_kl]).abs().max()), batch_size)
+    assert z_ref.item() == pytest.approx(ref_z, abs=atol)
+    assert loss.item() == pytest.approx(ref_loss, abs=atol)
+    torch.testing.assert_close(rewards, torch.tensor(ref_rewards), atol=atol, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,9 +185,10 @@ def test_bug_unshifted_labels_hand_computed():
     assert naive_completion_logps(logits, ids, mask) == pytest.approx([correct], abs=1e-12)
     assert naive_completion_logps(logits, ids, mask, shift=False) == pytest.approx([buggy], abs=1e-12)
 
-    assert completion_logps(logits, ids, mask).item() == pytest.approx(correct, abs=1e-6)
+    atol = log_softmax_atol(logits, 2)
+    assert completion_logps(logits, ids, mask).item() == pytest.approx(correct, abs=atol)
     assert chunked_completion_logps(logits, identity_head, ids, mask, chunk_size=1).item() == pytest.approx(
-        correct, abs=1e-6
+        correct, abs=atol
     )
 
 
@@ -203,10 +208,11 @@ def test_bug_unshifted_labels_random():
     unshifted = torch.tensor(naive_completion_logps(logits, ids, mask, shift=False))
     assert (shifted - unshifted).abs().min() > 0.1  # the check below discriminates
 
-    torch.testing.assert_close(completion_logps(logits, ids, mask), shifted.float(), atol=1e-5, rtol=0)
+    atol = log_softmax_atol(logits, int(mask.sum(1).max()))  # tests/tolerances.py
+    torch.testing.assert_close(completion_logps(logits, ids, mask), shifted.float(), atol=atol, rtol=0)
     for chunk in (1, 4, 100):
         got = chunked_completion_logps(logits, identity_head, ids, mask, chunk_size=chunk)
-        torch.testing.assert_close(got, shifted.float(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(got, shifted.float(), atol=atol, rtol=0)
 
 
 def test_bug_ratio_is_per_sequence_sum_not_batch_token_normalized():
@@ -250,14 +256,19 @@ def test_bug_ratio_is_per_sequence_sum_not_batch_token_normalized():
         desirable, beta, lam_d, lam_u, z=z,
     )  # fmt: skip
     assert abs(sum_loss - norm_loss) > 1e-2  # the check below discriminates
-    assert loss.item() == pytest.approx(sum_loss, abs=1e-5)
-    torch.testing.assert_close(rewards, torch.tensor(sum_rewards, dtype=torch.float32), atol=1e-5, rtol=0)
+    # The log-probs are within log_softmax_atol of the loop's; r moves by both, the loss and rewards by at
+    # most beta times that (sigmoid's slope 1/4, weights <= 1.33), plus kto_atol's own roundings.
+    logp_atol = 2 * max(log_softmax_atol(logits, 7) for logits in (pol_logits, ref_logits))
+    atol = beta * logp_atol + kto_atol(float(torch.cat([policy, reference]).abs().max()), B)
+    assert loss.item() == pytest.approx(sum_loss, abs=atol)
+    torch.testing.assert_close(rewards, torch.tensor(sum_rewards, dtype=torch.float32), atol=atol, rtol=0)
 
-    # A row's log-prob does not depend on the other rows of the batch (their token count included).
+    # A row's log-prob does not depend on the other rows of the batch (their token count included): other
+    # shapes, so each side within log_softmax_atol of exact.
     alone = chunked_completion_logps(pol_logits[:1], identity_head, ids[:1], mask[:1], chunk_size=5)
-    assert alone.item() == pytest.approx(policy[0].item(), abs=1e-6)
+    assert alone.item() == pytest.approx(policy[0].item(), abs=logp_atol)
     alone = completion_logps(pol_logits[1:2], ids[1:2], mask[1:2])
-    assert alone.item() == pytest.approx(completion_logps(pol_logits, ids, mask)[1].item(), abs=1e-6)
+    assert alone.item() == pytest.approx(completion_logps(pol_logits, ids, mask)[1].item(), abs=logp_atol)
 
 
 def test_bug_undesirable_sign():
@@ -276,8 +287,8 @@ def test_bug_undesirable_sign():
         torch.tensor([-1.0]), torch.tensor([-3.0]), zeros, zeros, torch.tensor([False]),
         beta=1.0, undesirable_weight=2.0,
     )  # fmt: skip
-    assert loss.item() == pytest.approx(2.0 * (1.0 - sigmoid(-2.0)), abs=1e-6)
-    assert loss.item() == pytest.approx(1.761594, abs=1e-6)
+    assert loss.item() == pytest.approx(2.0 * (1.0 - sigmoid(-2.0)), abs=kto_atol(3.0))
+    assert loss.item() == pytest.approx(1.761594, abs=kto_atol(3.0) + 5e-7)  # a 7-digit constant: +- 5e-7
     assert abs(loss.item() - 2.0 * (1.0 - sigmoid(2.0))) > 1.0
 
     # Raising r of the undesirable example raises its loss (and of the desirable one lowers it).
@@ -287,7 +298,7 @@ def test_bug_undesirable_sign():
     base, z0, _ = batch_loss(torch.tensor([-5.0, -5.0]), reference, *kl, desirable, beta=0.5)
     up_u, z1, _ = batch_loss(torch.tensor([-5.0, -4.0]), reference, *kl, desirable, beta=0.5)
     up_d, _, _ = batch_loss(torch.tensor([-4.0, -5.0]), reference, *kl, desirable, beta=0.5)
-    assert z0.item() == pytest.approx(0.1, abs=1e-6) and z1.item() == z0.item()
+    assert z0.item() == pytest.approx(0.1, abs=kto_atol(4.5, 2)) and z1.item() == z0.item()
     assert up_u.item() > base.item() + 1e-3
     assert up_d.item() < base.item() - 1e-3
 
@@ -310,7 +321,7 @@ def test_bug_undesirable_sign():
         s, lam = (1.0, lam_d) if d else (-1.0, lam_u)
         u = beta * s * (p - q - z)
         expected.append(-lam * beta * s * sigmoid(u) * (1.0 - sigmoid(u)) / 4)
-    torch.testing.assert_close(grad, torch.tensor(expected), atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(grad, torch.tensor(expected), atol=kto_atol(6.0, 4), rtol=0)  # log-probs up to 6
 
 
 def test_bug_kl_from_mismatched_pairs_clamped_and_detached():
@@ -333,10 +344,11 @@ def test_bug_kl_from_mismatched_pairs_clamped_and_detached():
     reference_kl = torch.tensor([-8.2, -9.2], requires_grad=True)
 
     loss, z_ref, _ = batch_loss(policy, reference, policy_kl, reference_kl, desirable, beta=0.5)
-    assert z_ref.item() == pytest.approx(0.2, abs=1e-6)
+    assert z_ref.item() == pytest.approx(0.2, abs=kto_atol(9.2, 2))
     assert abs(z_ref.item() - 1.0) > 0.5
     losses, _ = kto_losses(policy, reference, desirable, z_ref, 0.5)
-    torch.testing.assert_close(losses, torch.tensor([1 - sigmoid(0.4), 1 - sigmoid(-0.4)]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(losses, torch.tensor([1 - sigmoid(0.4), 1 - sigmoid(-0.4)]), atol=kto_atol(9.2, 2),
+                               rtol=0)
 
     # No gradient through z_ref. The KL mean is positive here, so clamp would pass a gradient
     # if z_ref were not detached.
@@ -354,14 +366,14 @@ def test_bug_kl_from_mismatched_pairs_clamped_and_detached():
         beta=0.5, desirable_weight=2.0,
     )  # fmt: skip
     assert z_ref.item() == 0.0
-    assert loss.item() == pytest.approx(0.688770, abs=1e-6)
+    assert loss.item() == pytest.approx(0.688770, abs=kto_atol(9.0, 2) + 5e-7)  # a 6-digit constant: +- 5e-7
     expected, *_ = reference_kto(
         policy.tolist(), reference.tolist(), None, None, [True, False], 0.5, 2, 1, z=0.0
     )
     unclamped, *_ = reference_kto(
         policy.tolist(), reference.tolist(), None, None, [True, False], 0.5, 2, 1, z=-0.4
     )
-    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert loss.item() == pytest.approx(expected, abs=kto_atol(9.0, 2))
     assert abs(loss.item() - unclamped) > 1e-2
 
 
@@ -371,9 +383,10 @@ def test_bug_kl_from_mismatched_pairs_clamped_and_detached():
 
 
 def test_kl_baseline_sum_count():
-    """kl_baseline(sum, count) = max(0, sum / count): 1.5 / 3 = 0.5; -1.5 / 3 -> 0; 0 / 0 -> 0."""
-    assert kl_baseline(torch.tensor(1.5), 3).item() == pytest.approx(0.5, abs=1e-7)
-    assert kl_baseline(torch.tensor(1.5), torch.tensor(3)).item() == pytest.approx(0.5, abs=1e-7)
+    """kl_baseline(sum, count) = max(0, sum / count): 1.5 / 3 = 0.5 exactly (a division is correctly rounded
+    and 0.5 is a float32); -1.5 / 3 -> 0; 0 / 0 -> 0."""
+    assert kl_baseline(torch.tensor(1.5), 3).item() == 0.5
+    assert kl_baseline(torch.tensor(1.5), torch.tensor(3)).item() == 0.5
     assert kl_baseline(torch.tensor(1.5, dtype=torch.float64), torch.tensor(3.0)).item() == pytest.approx(0.5)
     assert kl_baseline(torch.tensor(-1.5), 3).item() == 0.0
     zero = kl_baseline(torch.tensor(0.0), 0)
@@ -398,7 +411,8 @@ def test_kl_baseline_from_accumulated_pairs_is_the_mean_over_all_pairs():
     ratios = [a - b for p, q in zip(pol, ref, strict=True) for a, b in zip(p.tolist(), q.tolist(), strict=True)]
     mean_over_pairs = sum(ratios) / len(ratios)
     assert mean_over_pairs > 0.1
-    assert z_trainer.item() == pytest.approx(mean_over_pairs, abs=1e-5)
+    size = float(torch.cat([*pol, *ref]).abs().max())  # tests/tolerances.py: 10 pairs of log-probs this large
+    assert z_trainer.item() == pytest.approx(mean_over_pairs, abs=kto_atol(size, sum(sizes)))
     mean_of_means = sum((p - q).mean().item() for p, q in zip(pol, ref, strict=True)) / len(sizes)
     assert abs(mean_of_means - mean_over_pairs) > 1e-2
 
@@ -416,7 +430,8 @@ def test_kto_losses_with_external_z_ref(z):
     _, _, ref_losses, _ = reference_kto(
         policy.tolist(), reference.tolist(), None, None, desirable.tolist(), 0.3, 1.2, 0.8, z=z
     )
-    torch.testing.assert_close(losses, torch.tensor(ref_losses, dtype=torch.float32), atol=1e-6, rtol=0)
+    atol = kto_atol(float(torch.cat([policy, reference]).abs().max()), 6)  # tests/tolerances.py
+    torch.testing.assert_close(losses, torch.tensor(ref_losses, dtype=torch.float32), atol=atol, rtol=0)
 
     # An external z_ref that carries a graph (e.g. an all-reduced sum of policy KL log-probs) is
     # still treated as a constant.
@@ -434,12 +449,13 @@ def test_kto_losses_with_external_z_ref(z):
 
 
 def test_rewards_are_beta_times_ratio_and_detached():
-    """rewards = beta * (policy - reference): 0.25 * (-10 - -12, -7 - -6) = (0.5, -0.25); no grad."""
+    """rewards = beta * (policy - reference): 0.25 * (-10 - -12, -7 - -6) = (0.5, -0.25), exactly (every
+    value is a float32 and every operation exact); no grad."""
     policy = torch.tensor([-10.0, -7.0], requires_grad=True)
     reference = torch.tensor([-12.0, -6.0], requires_grad=True)
     kl = torch.tensor([-1.0, -1.0])
     _, _, rewards = batch_loss(policy, reference, kl, kl, torch.tensor([True, False]), beta=0.25)
-    torch.testing.assert_close(rewards, torch.tensor([0.5, -0.25]), atol=1e-7, rtol=0)
+    assert rewards.tolist() == [0.5, -0.25]
     assert not rewards.requires_grad and rewards.grad_fn is None
     _, rewards = kto_losses(policy, reference, torch.tensor([True, False]), torch.tensor(0.0), 0.25)
     assert not rewards.requires_grad
@@ -448,7 +464,12 @@ def test_rewards_are_beta_times_ratio_and_detached():
 def test_gradient_matches_finite_differences():
     """d loss / d policy_logps and d loss / d reference_logps (= -d loss / d policy_logps) match
     central finite differences and the closed form
-    -lambda_y * beta * s * sigmoid(u) (1 - sigmoid(u)) / B, u = beta s (r - z), s = +-1."""
+    -lambda_y * beta * s * sigmoid(u) (1 - sigmoid(u)) / B, u = beta s (r - z), s = +-1.
+
+    kto_losses computes in float32, so its loss is within kto_atol (tests/tolerances.py) of exact, and a
+    central difference of step h is off by that twice over 2 h, plus its truncation h^2 / 6 |f^(3)|
+    (|sigmoid^(3)| <= 1/8: |f^(3)| <= max(lambda) beta^3 / (8 B)); the analytic float32 gradient is
+    within kto_atol of the closed form."""
     g = torch.Generator().manual_seed(5)
     B = 5
     policy = (torch.rand(B, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_(True)
@@ -461,8 +482,10 @@ def test_gradient_matches_finite_differences():
     def f(p, q):
         return batch_loss(p, q, policy_kl, reference_kl, desirable, beta, lam_d, lam_u)[0]
 
-    # kto_losses computes in float32, so the finite-difference step is larger than gradcheck's default.
-    assert torch.autograd.gradcheck(f, (policy, reference), eps=1e-2, atol=2e-5, rtol=1e-3)
+    # A step larger than gradcheck's default: the float32 rounding divided by h stays small.
+    h, loss_atol = 5e-2, kto_atol(2.0, B)  # log-probs and KL log-probs within 2 in size
+    fd_atol = loss_atol / h + h**2 / 6 * max(lam_d, lam_u) * beta**3 / (8 * B)
+    assert torch.autograd.gradcheck(f, (policy, reference), eps=h, atol=fd_atol + loss_atol, rtol=0)
 
     loss = f(policy, reference)
     gp, gq = torch.autograd.grad(loss, (policy, reference))
@@ -473,7 +496,7 @@ def test_gradient_matches_finite_differences():
         s, lam = (1.0, lam_d) if d else (-1.0, lam_u)
         u = beta * s * (p - q - z)
         expected.append(-lam * beta * s * sigmoid(u) * (1.0 - sigmoid(u)) / B)
-    torch.testing.assert_close(gp, torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gp, torch.tensor(expected, dtype=torch.float64), atol=loss_atol, rtol=0)
     assert (gp.abs() > 1e-3).all()
 
 

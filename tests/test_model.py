@@ -5,7 +5,7 @@ import pytest
 import torch
 from runs import ROOT, TRAIN, config_file, deepspeed_run, metrics, run
 from safetensors.torch import load_file
-from tolerances import logp_rtol
+from tolerances import gradient_norm_atol, logp_rtol, run_tolerances
 
 from kto_scale.assets import TINY_LLAMA_DIR
 from kto_scale.config import KTOConfig
@@ -61,7 +61,25 @@ def test_only_lora_parameters_train():
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+def _token_grads(policy, batch: dict, params: list) -> list[tuple]:
+    """For each scored token t of a padded batch, d log p(token t) / d params (one tuple per token)."""
+    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ids, scored = batch["input_ids"], batch["completion_mask"][:, 1:]
+    token_logps = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    return [torch.autograd.grad(token_logps[b, t], params, retain_graph=True) for b, t in scored.nonzero().tolist()]
+
+
+def _assert_gradients_close(got, expected, token_grads, model_config) -> None:
+    """Each LoRA tensor's gradient within gradient_norm_atol (tests/tolerances.py) in L2 norm."""
+    for i, (a, b) in enumerate(zip(expected, got, strict=True)):
+        atol = gradient_norm_atol([g[i] for g in token_grads], model_config)
+        assert float((b - a).norm()) <= atol, (i, float((b - a).norm()), atol)
+
+
 def test_sequence_logps_match_model_logits():
+    """SequenceLogps (lm_head in chunks) equals completion_logps of the model's logits: the log-probs
+    within logp_rtol(2), and the LoRA gradients within gradient_norm_atol (tests/tolerances.py), from
+    the per-token gradients, as the tokens' terms can cancel."""
     policy = _policy_with_nonzero_adapters(_config())
     module = SequenceLogps(policy, chunk_size=5)
     ids, attention, completion = _batch(policy.config.vocab_size)
@@ -69,15 +87,17 @@ def test_sequence_logps_match_model_logits():
     expected = completion_logps(logits, ids, completion)
     got = module(input_ids=ids, attention_mask=attention, completion_mask=completion)
     torch.testing.assert_close(got, expected, atol=0, rtol=logp_rtol(2))  # lm_head in chunks
-    lora_b = next(p for n, p in policy.named_parameters() if "lora_B" in n)
-    (g_expected,) = torch.autograd.grad(expected.sum(), lora_b)
-    (g_got,) = torch.autograd.grad(got.sum(), lora_b)
-    torch.testing.assert_close(g_got, g_expected, atol=1e-5, rtol=1e-4)
+    lora_b = [p for n, p in policy.named_parameters() if "lora_B" in n]
+    token_grads = _token_grads(policy, {"input_ids": ids, "attention_mask": attention, "completion_mask": completion},
+                               lora_b)
+    _assert_gradients_close(torch.autograd.grad(got.sum(), lora_b), torch.autograd.grad(expected.sum(), lora_b),
+                            token_grads, policy.config)
 
 
 def test_packed_batch_equals_padded_batch():
     """SequenceLogps on the packed (padding-free) layout of collate equals the padded layout:
-    the same log-probs and the same LoRA gradients."""
+    the same log-probs (within logp_rtol(2)) and the same LoRA gradients (within gradient_norm_atol,
+    tests/tolerances.py, from the per-token gradients of the padded layout)."""
     import datasets
 
     from kto_scale.collate import collate
@@ -96,14 +116,16 @@ def test_packed_batch_equals_padded_batch():
     expected, got = module(**padded), module(**packed)
     torch.testing.assert_close(got, expected, atol=0, rtol=logp_rtol(2))  # other shapes
     lora_b = [p for n, p in policy.named_parameters() if "lora_B" in n]
-    for a, b in zip(torch.autograd.grad(expected.sum(), lora_b), torch.autograd.grad(got.sum(), lora_b), strict=True):
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)  # float32 sums in another order
+    _assert_gradients_close(torch.autograd.grad(got.sum(), lora_b), torch.autograd.grad(expected.sum(), lora_b),
+                            _token_grads(policy, padded, lora_b), policy.config)
 
 
 @pytest.mark.e2e
 def test_random_init_gives_the_same_base_on_every_stage_and_rank_count(tmp_path):
     """init_random_weights on 1 rank under ZeRO-2 and on 2 ranks under ZeRO-3 (which builds models
-    partitioned): the saved base_model/ weights are identical, and so is the first step's loss and z_ref."""
+    partitioned): the saved base_model/ weights are identical, and the first step's loss and z_ref agree
+    within run_tolerances (tests/tolerances.py) with the weights 0 apart: other ranks and micro-batches
+    round the forward differently."""
     def launch(name: str, ranks: int, stage: str) -> dict:
         config = config_file(tmp_path, name, TINY_LLAMA_DIR, init_random_weights=True, max_steps=1,
                              eval_fraction=0.0, save_steps=100, gradient_accumulation_steps=2 // ranks,
@@ -117,6 +139,8 @@ def test_random_init_gives_the_same_base_on_every_stage_and_rank_count(tmp_path)
     one, two = launch("zero2", 1, "zero2"), launch("zero3", 2, "zero3")
     assert one.keys() == two.keys()
     assert [k for k in one if not torch.equal(one[k], two[k])] == []
-    first, second = metrics(tmp_path / "zero2", "train")[0], metrics(tmp_path / "zero3", "train")[0]
+    first, second = metrics(tmp_path / "zero2")[0], metrics(tmp_path / "zero3")[0]
+    atol = run_tolerances(tmp_path / "zero2", 0.0)[0]  # step 1: the same weights, other passes' rounding
+    assert first["split"] == second["split"] == "train" and first["step"] == second["step"] == 1
     for key in ("loss", "kl"):
-        assert second[key] == pytest.approx(first[key], abs=1e-6), key
+        assert second[key] == pytest.approx(first[key], abs=atol[key]), (key, atol[key])

@@ -61,6 +61,8 @@ def plain_logps(base_dir: Path, adapter: Path, config_path: Path, split: str) ->
 
 
 def test_reference_is_base_plus_sft_and_the_policy_its_copy(tmp_path, tiny_model, sft):
+    """The reference (our "reference" adapter) equals PeftModel.from_pretrained(base, sft) exactly: the same
+    peft LoRA kernels on the same fp32 weights and shapes, and the policy starts exactly there."""
     config = load_config(["--config", str(config_file(tmp_path, "r", tiny_model, sft_adapter=str(sft)))])
     policy = load_model(config)
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), sft).eval()
@@ -70,7 +72,7 @@ def test_reference_is_base_plus_sft_and_the_policy_its_copy(tmp_path, tiny_model
         reference = policy(input_ids=ids).logits
     with torch.no_grad():
         expected, step0, bare = plain(input_ids=ids).logits, policy(input_ids=ids).logits, raw(input_ids=ids).logits
-    torch.testing.assert_close(reference, expected, atol=1e-5, rtol=0)
+    assert torch.equal(reference, expected)
     assert torch.equal(step0, reference)  # the policy starts exactly at the reference
     assert (reference - bare).abs().max() > 0.1  # the SFT adapter matters: not the raw base
     settings = policy.peft_config["default"]
@@ -227,7 +229,9 @@ def test_evaluate_on_two_zero3_ranks_scores_against_the_sft_reference(runs, tiny
 @pytest.mark.e2e
 def test_resume_merge_and_adapter_only_export(runs, tiny_model, tmp_path):
     """Checkpoints hold the policy only; a resume rebuilds the reference from sft_adapter and ends with
-    the uninterrupted run's adapter; merge_lora and --adapter_only export the trained policy."""
+    the uninterrupted run's adapter exactly (one rank runs the same kernels on the same shapes from the
+    checkpoint's exact fp32 state, as in test_scale.assert_resumed_equals_whole); merge_lora and
+    --adapter_only export the trained policy."""
     resumed = tmp_path / "resumed"
     shutil.copytree(runs["one"], resumed)
     shutil.rmtree(resumed / "checkpoint-4")
@@ -236,9 +240,7 @@ def test_resume_merge_and_adapter_only_export(runs, tiny_model, tmp_path):
     run([*TRAIN, "--config", str(runs["config"]), "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
     whole = load_file(runs["one"] / "adapter" / "adapter_model.safetensors")
     again = load_file(resumed / "adapter" / "adapter_model.safetensors")
-    assert whole.keys() == again.keys()
-    for key in whole:
-        torch.testing.assert_close(again[key], whole[key], atol=1e-5, rtol=0)
+    assert whole.keys() == again.keys() and all(torch.equal(again[key], whole[key]) for key in whole)
 
     run([sys.executable, "launch/merge_lora.py", "--base", str(tiny_model), "--adapter",
          str(runs["one"] / "checkpoint-4"), "--output", str(tmp_path / "clean"), "--adapter_only"])

@@ -3,6 +3,8 @@ separate reference passes, merged vs unmerged weights, a cache vs on the fly, 1 
 differently, so each test that compares them allows what fp32 rounding of the compared quantity gives,
 derived here. Exact equality is asserted only where the same kernel computes both sides on the same shapes."""
 
+import math
+
 FP32_EPS = 2.0 ** -24  # float32 unit roundoff: one rounding moves a value x by at most |x| * 2^-24
 
 
@@ -17,15 +19,84 @@ def logp_rtol(num_layers: int) -> float:
     return 2 * (2 * num_layers + 2) * FP32_EPS
 
 
-def merged_logits_atol(logits, fan_in: int, num_layers: int) -> float:
-    """How far a merged model's logits ((W + s B A) x, one fp32 weight) may be from the unmerged
-    W x + s B (A x). Each side rounds differently in every linear stage: the merged weight once per
-    element, and each product sums fan_in terms whose independent roundings add in quadrature, so a
+def stages_rtol(fan_in: int, num_layers: int) -> float:
+    """How far, relative to its size, a model's output vector (its logits, or a backward pass's gradient)
+    may be moved by two fp32 computations that run other kernels or shapes through num_layers layers.
+    Each linear stage's product sums fan_in terms whose independent roundings add in quadrature, so a
     stage's output is off by ~sqrt(fan_in) * 2^-24 relative to its size. A layer has 4 stages in a row
-    (q/k/v then o in attention, gate/up then down in the MLP) and both sides round, so each layer adds
-    up to 8 sqrt(fan_in) 2^-24 relative error to the residual stream, which carries it to the logits:
-    max|logits| * 2^-24 * sqrt(fan_in) * 8 * num_layers (fan_in: the widest, intermediate_size)."""
-    return float(logits.abs().max()) * FP32_EPS * fan_in ** 0.5 * 8 * num_layers
+    (q/k/v then o in attention, gate/up then down in the MLP; backward runs the same ones) and both
+    sides round, so each layer adds up to 8 sqrt(fan_in) 2^-24 (fan_in: the widest, intermediate_size)."""
+    return FP32_EPS * fan_in ** 0.5 * 8 * num_layers
+
+
+def merged_logits_atol(logits, fan_in: int, num_layers: int) -> float:
+    """How far a model's logits may be between two fp32 computations of other kernels or shapes: a merged
+    model's ((W + s B A) x, one fp32 weight, rounded once per element) from the unmerged W x + s B (A x),
+    or a padded batch from one unpadded example. The residual stream carries stages_rtol to the logits:
+    max|logits| * stages_rtol(fan_in, num_layers)."""
+    return float(logits.abs().max()) * stages_rtol(fan_in, num_layers)
+
+
+def logp_atol(logits_atol: float, num_tokens: int) -> float:
+    """How far a sum of num_tokens token log-probs may move when every logit may move by logits_atol:
+    log p(y) = logit_y - logsumexp(logits), and logsumexp moves by at most the largest logit's move (its
+    gradient, softmax, sums to 1), so each token moves by at most 2 logits_atol (the log-softmax's own
+    few roundings of 2^-24 are far below it): 2 * num_tokens * logits_atol."""
+    return 2 * num_tokens * logits_atol
+
+
+def gradient_norm_atol(token_grads, model_config) -> float:
+    """How far, in L2 norm, one parameter tensor's gradient of a sum of token log-probs may be between two
+    fp32 computations of other kernels or shapes. The gradient is the sum over the scored tokens of each
+    token's gradient g_t, a backward pass through the same stages as the forward: stages_rtol for the
+    layers, and the lm_head's backward, which sums over the vocabulary (one stage of sqrt(vocab_size)
+    2^-24 per side). The tokens' terms can cancel in the sum, which keeps their roundings, so the bound is
+    relative to sum_t |g_t|, not to |sum_t g_t| (token_grads: the g_t, computed by the test):
+    (stages_rtol(intermediate_size, num_hidden_layers) + 2 sqrt(vocab_size) 2^-24) * sum_t |g_t|."""
+    rtol = (stages_rtol(model_config.intermediate_size, model_config.num_hidden_layers)
+            + 2 * model_config.vocab_size ** 0.5 * FP32_EPS)
+    return rtol * sum(float(g.norm()) for g in token_grads)
+
+
+def log_softmax_atol(logits, num_tokens: int) -> float:
+    """How far a sum of num_tokens fp32 token log-probs, log_softmax of rows of `logits` ([..., V]), may be
+    from the exact sum of the same logits. Per row, log_softmax rounds x - max and exp once each, a sum
+    of V terms at most 1 (V - 1 roundings relative to it, carried through the log as absolute error),
+    the log and the last subtractions: at most (V + 3) 2^-24 times the size max|logits| + ln V; adding
+    the num_tokens of them rounds each partial sum once more: num_tokens (V + 3 + num_tokens) 2^-24
+    (max|logits| + ln V)."""
+    vocab = logits.shape[-1]
+    size = float(logits.abs().max()) + math.log(vocab)
+    return num_tokens * (vocab + 3 + num_tokens) * FP32_EPS * size
+
+
+def dot_atol(a, b) -> float:
+    """How far an fp32 product a @ b.T (rows of a with rows of b, fan_in k terms each) may be from exact
+    (or from the same product computed in other shapes, per side): each of the k additions rounds a
+    partial sum, so k 2^-24 times the largest sum of |terms|, max(|a| @ |b|.T)."""
+    return a.shape[-1] * FP32_EPS * float((a.detach().abs().double() @ b.detach().abs().double().T).max())
+
+
+def linear_grads_atol(x, weight, out_grad, out_grad_rtol: float):
+    """Elementwise bounds on how far the gradients of y = x @ weight.T ([N, k] x, [V, k] weight, [N, V]
+    dy = out_grad) may be between two fp32 computations, where each dy element is off by at most
+    out_grad_rtol of its size: d x = dy @ weight sums V terms, d weight = dy.T @ x sums N terms, each
+    within (its sum's roundings + out_grad_rtol) times its sum of |terms|, and both sides round:
+    (2 (V 2^-24 + out_grad_rtol) |dy| @ |weight|, 2 (N 2^-24 + out_grad_rtol) |dy|.T @ |x|)."""
+    g, x, w = out_grad.abs().double(), x.abs().double(), weight.abs().double()
+    vocab, n = w.shape[0], x.shape[0]
+    return (2 * (vocab * FP32_EPS + out_grad_rtol) * (g @ w)).float(), (2 * (n * FP32_EPS + out_grad_rtol) * (g.T @ x)).float()
+
+
+def kto_atol(size: float, batch_size: int = 1) -> float:
+    """How far kl_baseline / kto_losses' float32 outputs (z_ref, per-example losses, their mean, rewards)
+    may be from the same formula evaluated exactly, for log-probs of size at most `size`: each output is
+    a chain of at most 10 float32 operations per example (the log-ratio's and z_ref's subtractions, the
+    scaling by beta, sigmoid's exp, add and divide, 1 -, the weight) plus a sum over batch_size
+    examples, each rounding once at the size of what it is given (at most `size`, the log-probs): a
+    rounding's error passes on with a slope of at most 1 (sigmoid's is 1/4, beta and the weights are at
+    most 2, a mean divides): (10 + batch_size) * 2 * 2^-24 * size."""
+    return (10 + batch_size) * 2 * FP32_EPS * size
 
 
 BF16_EPS = 2.0 ** -8  # bfloat16 unit roundoff (8 significand bits)
