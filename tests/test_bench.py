@@ -125,7 +125,7 @@ def test_gpu_preset_and_overrides(monkeypatch):
     bench_trl = bench_module("bench_trl", monkeypatch)
     """The preset sets the GPU shape; an option given on the command line wins over it."""
     args = bench_trl.parse_args(["--gpu-preset", "--layers", "2"])
-    assert args.layers == 2 and args.hidden == bench_trl.GPU_PRESET["hidden"]
+    assert args.layers == 2 and args.hidden == bench_trl.PRESETS["1b"]["hidden"]
     assert args.attn_implementation in ("flash_attention_2", "sdpa")
     args = bench_trl.parse_args([])
     assert args.kv_heads == args.heads and args.attn_implementation is None and not args.padding_free
