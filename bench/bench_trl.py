@@ -242,7 +242,8 @@ def add_efficiency(args: argparse.Namespace, spec: dict, results: dict, runs: di
         result = results[name]
         timed = [step for step in result["steps"] if step["step"] > args.warmup]
         reference = RUNS[name].reference
-        if reference == "shared" and spec["attn_implementation"] not in (None, "sdpa", "eager"):
+        attention = spec["kto_option"].get("attn_implementation", spec["attn_implementation"])
+        if reference == "shared" and attention not in (None, "sdpa", "eager", "flex_attention"):
             reference = "separate"  # kto_scale.model.reference_layout falls back to two passes
         flops_per_s = (run_flops(spec, shape, timed, reference) / run["timed_s"]
                        if RUNS[name].same_batches else None)

@@ -25,6 +25,12 @@ ALL_PROJECTIONS = (*LORA_TARGETS, "gate_proj", "up_proj", "down_proj")
 SHARED_SETTINGS = ("batch_size", "max_length", "lr", "beta", "seed", "warmup", "steps", "precompute_batch_size",
                    "lora_r", "lora_alpha", "kl_pairs", "threads", "padding_free", "dtype", "attn_implementation",
                    "hidden", "layers", "heads", "kv_heads", "intermediate", "lora_targets", "kto_option")
+# kto-scale settings --kto-option may not change: those that make both trainers see the same rows, batches,
+# weights and loss (the comparison), and the run's own bookkeeping.
+SAME_IN_BOTH = ("model_name_or_path", "dataset_name", "skip_bad_rows", "output_dir", "max_length", "max_prompt_length",
+                "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type",
+                "warmup_steps", "max_grad_norm", "beta", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                "max_steps", "logging_steps", "seed", "data_seed", "init_random_weights")
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtype -> the name transformers and torch use
 
 
@@ -136,18 +142,18 @@ def write_kto_config(args, model_dir: Path, data_file: Path, path: Path) -> Path
         "bf16": args.dtype == "bf16",
         "attn_implementation": args.attn_implementation,
     }
-    clashes = sorted(set(args.kto_option) & set(config))
+    clashes = sorted(set(args.kto_option) & set(SAME_IN_BOTH))
     if clashes:
-        raise SystemExit(f"--kto-option {', '.join(clashes)}: the bench sets these itself (the same in both trainers); "
-                         "use the bench's own options for them.")
-    config.update(args.kto_option)
+        raise SystemExit(f"--kto-option {', '.join(clashes)}: the bench sets these the same in both trainers (the "
+                         "same rows, batches and loss); use the bench's own options for them.")
+    config.update(args.kto_option)  # how kto-scale computes (attention, kernels, engine, ...) is free to change
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
 def build_inputs(args, work: Path) -> dict:
     """Model, tokenizer, data file and the kto-scale view of the data; writes and returns the spec."""
-    from kto_scale.config import load_config
+    from kto_scale.config import ConfigError, load_config
     from kto_scale.prepare import prepare_data
 
     tokenizer = load_tokenizer(args.tokenizer)
@@ -158,7 +164,11 @@ def build_inputs(args, work: Path) -> dict:
     data_file.write_text("".join(json.dumps(row) + "\n" for row in kept))
     kto_config = write_kto_config(args, model_dir, data_file, work / "kto_config.yaml")
 
-    train_set, _ = prepare_data(load_config(["--config", str(kto_config)]), tokenizer)
+    try:
+        config = load_config(["--config", str(kto_config)])
+    except ConfigError as error:  # an unknown or invalid --kto-option: one line, not a traceback
+        raise SystemExit(f"kto-scale refuses the bench's config (check --kto-option): {error}") from None
+    train_set, _ = prepare_data(config, tokenizer)
     n = len(train_set)
     if n != len(kept):
         raise RuntimeError(f"kto-scale kept {n} of {len(kept)} rows; the pre-filter should leave it nothing "
