@@ -49,8 +49,11 @@ def test_both_trainers_ran_the_same_step(bench):
     assert all(count["equal_steps"] == STEPS for count in counts.values() if isinstance(count, dict))
     assert results["per_step"]["kto"][-1]["loss"] != 0.5  # trained: the losses compared are not both the init's
     assert counts["loss_max_abs_diff"] < 1e-4
+    weights = check["weights"]  # every child built kto-scale's seeded random model itself, the same one
+    assert weights["same"] and sorted(weights["runs"]) == sorted([*RUNS, *PRECOMPUTES])
+    assert all(w["built_on"] == "cpu" for w in weights["runs"].values())
     report = (bench / "out/results.md").read_text()
-    assert "All checks passed: yes" in report
+    assert "All checks passed: yes" in report and "| p50 step s | p95 step s | p95 / p50 |" in report
     for label in RUNS.values():
         assert f"| {label} | " in report
 
