@@ -11,8 +11,9 @@ parent turns it into profile-<run>.txt. Time is split by what launched it:
 - host gaps: wall time of the window minus the device's busy time (the union of its kernels' intervals).
 
 On a GPU the categories sum kernel time (the kernels of each CPU op, by the op that launched them); on
-CPU, with CPU activities only, they sum each op's self CPU time and "busy" is the union of the aten ops'
-intervals: the same code, rehearsed where there is no GPU.
+CPU, with CPU activities only, they sum the aten ops' self CPU time and "busy" is the union of the top-level
+aten ops' intervals (Python ranges and c10d calls count as gaps): the same code, rehearsed where there is
+no GPU.
 """
 
 import json
@@ -88,10 +89,12 @@ def summarize(events, wall_us: float, steps: int) -> dict:
         if event.device_type != torch.autograd.DeviceType.CPU:  # a kernel: busy device time
             busy.append((event.time_range.start, event.time_range.end))
             continue
+        if not on_gpu:  # CPU only: the aten ops are the work, the rest (Python ranges, c10d) counts as gaps
+            if not event.name.startswith("aten::"):
+                continue
+            if not (event.cpu_parent and event.cpu_parent.name.startswith("aten::")):
+                busy.append((event.time_range.start, event.time_range.end))
         spent = sum(k.duration for k in event.kernels) if on_gpu else event.self_cpu_time_total
-        if not on_gpu and event.name.startswith("aten::") and not (event.cpu_parent and
-                                                                  event.cpu_parent.name.startswith("aten::")):
-            busy.append((event.time_range.start, event.time_range.end))
         if spent <= 0:
             continue
         ancestors, parent = [], event.cpu_parent

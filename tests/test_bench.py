@@ -290,7 +290,7 @@ def test_torch_profile_categories(monkeypatch, tmp_path):
     categories = summary["categories_ms"]
     assert summary["device"] == "cpu" and summary["steps"] == 1
     assert categories["LM head"] > 0 and categories["matmuls"] > 0 and categories["optimizer"] > 0
-    assert sum(categories.values()) <= summary["wall_ms"]
+    assert sum(categories.values()) <= summary["busy_ms"] * (1 + 1e-6)  # self times of one thread within its ops
     assert summary["busy_ms"] + summary["host_gaps_ms"] == pytest.approx(summary["wall_ms"], rel=1e-9)
     assert torch_profile.union_us([(0, 2), (1, 3), (5, 6)]) == 4
     torch_profile.write_text(summary, "tiny", tmp_path / "profile.txt")
