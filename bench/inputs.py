@@ -174,7 +174,8 @@ def build_inputs(args, work: Path) -> dict:
         raise RuntimeError(f"kto-scale kept {n} of {len(kept)} rows; the pre-filter should leave it nothing "
                            "to drop")
     total_steps = args.warmup + max(args.steps, args.profile_steps if args.profile or args.torch_profile else 0)
-    if n // args.batch_size < total_steps:  # full batches only: a filler row would count as an example
+    # full batches only: a filler row would count as an example (--find-max-batch checks its own sizes)
+    if n // args.batch_size < total_steps and not args.find_max_batch:
         raise SystemExit(f"{n} examples give {n // args.batch_size} full batches of {args.batch_size}, fewer than "
                          f"--warmup + --steps (or --profile-steps) = {total_steps}: raise --pairs.")
     spec = {
