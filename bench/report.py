@@ -187,7 +187,7 @@ def token_section(check: dict) -> list[str]:
     if "trl" in check.get("steps", {}):
         lines += ["", "| step | kto-scale loss | TRL loss | difference |", "|---:|---:|---:|---:|"]
         lines += [f"| {step} | {a:.6f} | {b:.6f} | {b - a:+.2e} |"
-                  for step, (a, b) in check["steps"]["trl"]["losses"].items()]
+                  for step, (a, b) in enumerate(check["steps"]["trl"]["losses"], 1)]
     return lines
 
 

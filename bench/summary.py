@@ -155,7 +155,7 @@ def step_check(name: str, spec: dict, reference: dict, run: dict, total: int) ->
                  f"total_{name}": sum(s[key] for s in theirs.values())}
            for key in BATCH_KEYS}
     out["loss_max_abs_diff"] = max(abs(ours[k]["loss"] - theirs[k]["loss"]) for k in ours)
-    out["losses"] = {k: [ours[k]["loss"], theirs[k]["loss"]] for k in ours}
+    out["losses"] = [[ours[k]["loss"], theirs[k]["loss"]] for k in range(1, total + 1)]  # steps 1..total
     out["first_loss_abs_diff"] = abs(ours[1]["loss"] - theirs[1]["loss"])
     out["first_loss_tolerance"] = first_step_loss_tolerance(spec, ours[1])
     return out

@@ -88,8 +88,8 @@ def test_gpu_columns_are_na_on_cpu(bench):
     assert "| peak GPU MiB | model TFLOP/s | MFU % |" in report
     for label in RUNS.values():
         row = next(line for line in report.splitlines() if line.startswith(f"| {label} | "))
-        cells = row.split(" | ")  # cells[6]: peak GPU MiB, cells[8]: MFU %
-        assert cells[6] == cells[8] == "n/a"
+        cells = row.split(" | ")  # cells[8]: peak GPU MiB, cells[10]: MFU %
+        assert cells[8] == cells[10] == "n/a"
 
 
 def bench_module(name: str, monkeypatch):
