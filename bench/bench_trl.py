@@ -12,6 +12,7 @@ what is compared and how it is measured.
 import argparse
 import datetime
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -20,8 +21,9 @@ import time
 from pathlib import Path
 
 from flops import Shape, peak_flops, run_flops
-from inputs import REPO, TORCH_DTYPES, build_inputs, write_spec
+from inputs import ALL_PROJECTIONS, LORA_TARGETS, REPO, TORCH_DTYPES, build_inputs, write_spec
 from machine import machine_info
+from max_batch import MAX_BATCH_RUNS, find_max_batch
 from pyspy import classify_kto, classify_trl, summarize_profile
 from report import write_report
 from runner import DEFAULT_RUNS, RUNS, log, planned, run_child
@@ -37,19 +39,32 @@ from summary import (
     summarize_run,
     token_check_passed,
 )
+from torch_profile import write_text
 
 SHARED = REPO.parent / "shared/data"
 SETUP_KEYS = ("n_pairs", "n_examples", "pairs_skipped_too_long", "n_params", "vocab", "batch_size", "max_length",
               "lr", "beta", "seed", "warmup", "steps", "precompute_batch_size", "lora_r", "lora_alpha", "kl_pairs",
-              "dtype", "attn_implementation", "padding_free", "hidden", "layers", "heads", "kv_heads", "intermediate")
+              "dtype", "attn_implementation", "padding_free", "hidden", "layers", "heads", "kv_heads", "intermediate",
+              "tokenizer_vocab", "lora_targets", "kto_option")
 PROFILED = ("kto", "kto_grouped", "trl", "trl_pre", "trl_compact", "trl_pre_compact")  # no input of another run
-# --gpu-preset: Llama-3.2-1B's shape (vocab: the tokenizer's), bf16, long sequences, kto-scale padding-free;
-# more steps (a GPU step is short); no *_compact runs (TRL takes that path itself on CUDA) and no py-spy
-# profiles (they sample the CPU). Options given on the command line still win over these.
-GPU_PRESET = {"hidden": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "intermediate": 8192, "max_length": 1024,
-              "dtype": "bf16", "padding_free": True, "pairs": 128, "warmup": 4, "steps": 20,
-              "only": "kto,kto_separate,kto_precompute_separate,kto_cache,trl,trl_pre,kto_kl_quarter,bare",
-              "profile": ""}
+# --preset: one GPU, bf16, long sequences, kto-scale padding-free; more steps than on CPU (a GPU step is short);
+# no *_compact runs (TRL takes that path itself on CUDA) and no py-spy profiles (they sample the CPU). Options
+# given on the command line still win over these.
+PRESETS = {
+    # Llama-3.2-1B's shape with the tokenizer's vocabulary (the before/after of bench/results-gpu*).
+    "1b": {"hidden": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "intermediate": 8192, "max_length": 1024,
+           "dtype": "bf16", "padding_free": True, "pairs": 128, "warmup": 4, "steps": 20,
+           "only": "kto,kto_separate,kto_precompute_separate,kto_cache,trl,trl_pre,kto_kl_quarter,bare",
+           "profile": ""},
+    # Llama-3-8B's shape: its vocabulary of 128,256 (the embedding and LM head padded past the llama2
+    # tokenizer's 32,000), LoRA on every projection. The runs in order of importance (bench/gpu_run.sh's
+    # budget cuts the tail); 16 rows per micro-batch fit TRL's padded batches on an H200 (an 80 GB H100 may
+    # need --batch-size 8: --find-max-batch says); 2 + 8 steps, the time budget in bench/gpu_run.sh.
+    "8b": {"hidden": 4096, "layers": 32, "heads": 32, "kv_heads": 8, "intermediate": 14336, "vocab": 128256,
+           "lora_targets": "all", "max_length": 1024, "dtype": "bf16", "padding_free": True, "batch_size": 16,
+           "pairs": 96, "warmup": 2, "steps": 8, "only": "kto,trl,kto_cache,trl_pre,kto_separate,kto_kl_quarter",
+           "profile": ""},
+}
 
 
 def best_attention() -> str:
@@ -80,14 +95,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--intermediate", type=int, default=1408)
     p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
+    p.add_argument("--vocab", type=int, default=None,
+                   help="the model's vocabulary (default: the tokenizer's); larger pads the embedding and LM head")
+    p.add_argument("--lora-targets", default=",".join(LORA_TARGETS),
+                   help=f"comma list of the projections LoRA adapts, or 'all' ({','.join(ALL_PROJECTIONS)})")
+    p.add_argument("--kto-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a kto-scale config option (YAML value) for every kto-scale run, e.g. "
+                        "--kto-option use_liger_kernel=true; repeat for more")
     p.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default=None,
                    help="weights and compute of every run (default: bf16 with CUDA, fp32 without)")
     p.add_argument("--attn-implementation", default=None,
                    help="transformers attention backend of every run: sdpa, flash_attention_2, eager "
                         "(default: transformers chooses)")
-    p.add_argument("--gpu-preset", action="store_true",
-                   help=f"one GPU: {', '.join(f'{k} {v!r}' for k, v in GPU_PRESET.items())}, attention "
-                        "flash_attention_2 if flash_attn is installed, else sdpa")
+    p.add_argument("--preset", choices=tuple(PRESETS),
+                   help="one GPU: " + "; ".join(f"{name}: {', '.join(f'{k} {v!r}' for k, v in preset.items())}"
+                                                for name, preset in PRESETS.items())
+                        + "; attention flash_attention_2 if flash_attn is installed, else sdpa")
+    p.add_argument("--gpu-preset", action="store_const", const="1b", dest="preset", help="--preset 1b")
     p.add_argument("--peak-flops", type=float, default=None,
                    help="the GPU's peak dense bf16 FLOPs/s for MFU (default: from a table of known GPUs)")
     p.add_argument("--seed", type=int, default=42)
@@ -100,6 +124,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"runs to repeat under py-spy after the timed runs (warm-up + --profile-steps), of "
                         f"{', '.join(PROFILED)}; '' for none")
     p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--torch-profile", default="",
+                   help=f"runs (comma list, of {', '.join(PROFILED)}) to repeat for --profile-steps steps after the "
+                        "warm-up under torch.profiler: profile-RUN.txt and .json in --out (bench/torch_profile.py)")
+    p.add_argument("--find-max-batch", default="",
+                   help="instead of the runs: the largest micro-batch that fits, for each of these runs (comma "
+                        "list, e.g. kto,trl): from --max-batch-start down, halving on out-of-memory "
+                        "(bench/max_batch.py); max-batch.json and .md in --out")
+    p.add_argument("--max-batch-start", type=int, default=64, help="the first micro-batch --find-max-batch tries")
+    p.add_argument("--max-batch-budget", type=float, default=300,
+                   help="seconds --find-max-batch may take; no try starts after them")
     p.add_argument("--shared-data", type=Path, default=SHARED,
                    help="the folder --data and --tokenizer default into (a copy of ../shared/data where "
                         "../shared is not there, e.g. on a GPU machine that gets the repo alone)")
@@ -116,10 +150,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-going", action="store_true",
                    help="a run that fails (or times out) is left out and named in the report's notes, and the "
                         "bench exits 1 after writing it; without it the first failure ends the bench")
-    if p.parse_known_args(argv)[0].gpu_preset:
-        p.set_defaults(**GPU_PRESET, attn_implementation=best_attention())
+    preset = p.parse_known_args(argv)[0].preset
+    if preset:
+        p.set_defaults(**PRESETS[preset], attn_implementation=best_attention())
     args = p.parse_args(argv)
     args.kv_heads = args.kv_heads or args.heads
+    args.lora_targets = ALL_PROJECTIONS if args.lora_targets == "all" else tuple(args.lora_targets.split(","))
+    args.kto_option = dict(kto_option(p, option) for option in args.kto_option)
     args.data = args.data or args.shared_data / "hh-rlhf-harmless-test.jsonl.gz"
     args.tokenizer = args.tokenizer or args.shared_data / "llama2-tokenizer"
     if args.hidden % args.heads or args.heads % args.kv_heads:
@@ -129,12 +166,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         import torch
 
         args.dtype = "bf16" if torch.cuda.is_available() else "fp32"
-    args.profile = [name for name in args.profile.split(",") if name]
-    unknown = [name for name in args.profile if name not in PROFILED]
-    if unknown:
-        p.error(f"--profile {','.join(unknown)}: only {', '.join(PROFILED)} can be profiled")
+    for option in ("profile", "torch_profile", "find_max_batch"):
+        names = [name for name in getattr(args, option).split(",") if name]
+        allowed = PROFILED if option != "find_max_batch" else MAX_BATCH_RUNS
+        unknown = [name for name in names if name not in allowed]
+        if unknown:
+            p.error(f"--{option.replace('_', '-')} {','.join(unknown)}: only {', '.join(allowed)} can be given")
+        setattr(args, option, names)
     args.threads = args.threads or os.cpu_count()
     return args
+
+
+def kto_option(parser: argparse.ArgumentParser, option: str) -> tuple[str, object]:
+    """KEY=VALUE of --kto-option, the value read as YAML (true, 8, flex_attention, [a, b]), as a config file would."""
+    import yaml
+
+    key, sep, value = option.partition("=")
+    if not sep or not key:
+        parser.error(f"--kto-option {option!r}: give KEY=VALUE, e.g. --kto-option use_liger_kernel=true")
+    return key.strip(), yaml.safe_load(value)
 
 
 def check_library() -> None:
@@ -164,6 +214,26 @@ def run_profiles(args: argparse.Namespace, spec: dict) -> dict:
     return profiles
 
 
+def run_torch_profiles(args: argparse.Namespace, spec: dict) -> dict:
+    """The --torch-profile runs again, warm-up + --profile-steps steps each, the latter under torch.profiler
+    (bench/torch_profile.py): profile-RUN.json and profile-RUN.txt in --out; their summaries."""
+    if not args.torch_profile:
+        return {}
+    work = Path(spec["work"]) / "torch_profile"
+    work.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summaries = {}
+    for name in args.torch_profile:
+        out = args.out / f"profile-{name}.json"
+        profile_spec = dict(spec, steps=args.profile_steps, work=str(work),
+                            torch_profile={"first": args.warmup + 1, "steps": args.profile_steps, "out": str(out)})
+        write_spec(profile_spec)
+        run_child(name, profile_spec, args.timeout)
+        summaries[name] = json.loads(out.read_text())
+        write_text(summaries[name], name, args.out / f"profile-{name}.txt")
+    return summaries
+
+
 def add_efficiency(args: argparse.Namespace, spec: dict, results: dict, runs: dict) -> None:
     """Per training run: its GPU's peak memory, model FLOPs/s over the timed steps (bench/flops.py) and MFU
     (None on CPU, on an unknown GPU without --peak-flops, and for runs with other batches than kto's)."""
@@ -172,7 +242,8 @@ def add_efficiency(args: argparse.Namespace, spec: dict, results: dict, runs: di
         result = results[name]
         timed = [step for step in result["steps"] if step["step"] > args.warmup]
         reference = RUNS[name].reference
-        if reference == "shared" and spec["attn_implementation"] not in (None, "sdpa", "eager"):
+        attention = spec["kto_option"].get("attn_implementation", spec["attn_implementation"])
+        if reference == "shared" and attention not in (None, "sdpa", "eager", "flex_attention"):
             reference = "separate"  # kto_scale.model.reference_layout falls back to two passes
         flops_per_s = (run_flops(spec, shape, timed, reference) / run["timed_s"]
                        if RUNS[name].same_batches else None)
@@ -226,10 +297,14 @@ def bench(args: argparse.Namespace, names: list[str], work: Path) -> None:
     log(f"work dir {work}")
     spec = build_inputs(args, work)
     log(f"inputs ready: {spec['n_examples']} rows, {spec['n_params'] / 1e6:.1f}M params")
+    if args.find_max_batch:
+        find_max_batch(args, spec, deadline=started + args.max_batch_budget)
+        return
     results = run_all(args, names, spec, notes, deadline=started + args.budget if args.budget else None)
     summary = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "command": " ".join(["python", *sys.argv]), "machine": machine_info(args.threads, next((r["gpu_name"] for r in results.values() if r["gpu_name"]), None)),
-               **summarize(args, spec, results), "profiles": run_profiles(args, spec), "notes": notes}
+               **summarize(args, spec, results), "profiles": run_profiles(args, spec),
+               "torch_profiles": run_torch_profiles(args, spec), "notes": notes}
     if args.work_dir is not None:  # raw py-spy stacks (~1 MB each) stay with the work dir
         summary["notes"].update({f"py-spy raw ({name})": str(work / "profile" / f"pyspy_{name}.txt")
                                  for name in args.profile})

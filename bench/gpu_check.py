@@ -15,7 +15,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "trl", "datasets", "accelerate", "huggingface_hub",
-            "tokenizers", "safetensors", "pyarrow", "fsspec", "regex", "pydantic", "typing_extensions", "triton")
+            "tokenizers", "safetensors", "pyarrow", "fsspec", "regex", "pydantic", "typing_extensions", "triton",
+            "liger_kernel")  # liger_kernel: use_liger_kernel, optional (reported, not required)
 # What the bench's children import: kto-scale's trainer and precompute, TRL's trainer, the ZeRO-2 optimizer.
 CHILD_IMPORTS = ("kto_scale.trainer", "kto_scale.precompute", "trl.trainer.kto_trainer", "trl.trainer.utils",
                  "deepspeed.runtime.zero.stage_1_and_2",

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from measure import BATCH_KEYS
 from runner import RUNS
 from summary import TARGETS
 
@@ -43,9 +44,11 @@ def header(summary: dict) -> list[str]:
         f"kto-scale: commit {kto['commit']}" + (f" with uncommitted changes to {', '.join(modified)}" if modified else ""),
         "",
         f"Model: Llama, hidden {st['hidden']}, {st['layers']} layers, {st['heads']} heads ({st['kv_heads']} KV), MLP "
-        f"{st['intermediate']}, vocab {st['vocab']} ({st['n_params'] / 1e6:.1f}M params, {st['dtype']}, random init, "
-        f"seed {st['seed']}), attention {st['attn_implementation'] or 'transformers default'}; LoRA r "
-        f"{st['lora_r']} alpha {st['lora_alpha']} on q,k,v,o, dropout 0; reference = adapters disabled in both. "
+        f"{st['intermediate']}, vocab {st['vocab']}{vocab_note(st)} ({st['n_params'] / 1e6:.1f}M params, {st['dtype']}, "
+        f"random init, seed {st['seed']}, built by each run on its own device), attention "
+        f"{st['attn_implementation'] or 'transformers default'}; LoRA r {st['lora_r']} alpha {st['lora_alpha']} on "
+        f"{','.join(p.removesuffix('_proj') for p in st['lora_targets'])}, dropout 0; reference = adapters disabled "
+        f"in both. {kto_options(st)}"
         f"Data: the first {st['n_pairs']} pairs of {st['data']} that fit = {st['n_examples']} unpaired rows "
         f"({st['pairs_skipped_too_long']} pairs skipped: prompt >= max_length). Micro-batch {st['batch_size']}, "
         f"max_length {st['max_length']} (no prompt cut in either), grad accumulation 1, lr {st['lr']}, "
@@ -55,14 +58,26 @@ def header(summary: dict) -> list[str]:
     ]
 
 
+def vocab_note(setup: dict) -> str:
+    if setup["vocab"] == setup["tokenizer_vocab"]:
+        return ""
+    return (f" (embedding and LM head padded past the tokenizer's {setup['tokenizer_vocab']} tokens: rows no "
+            "token reaches, but the LM head computes all of them)")
+
+
+def kto_options(setup: dict) -> str:
+    options = setup.get("kto_option")
+    return f"kto-scale options from --kto-option: {options}. " if options else ""
+
+
 def fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
 def run_table(summary: dict) -> list[str]:
-    lines = ["", "| run | examples/s | tokens/s | median step s | CPU s/step | peak RSS MiB | peak GPU MiB "
-             "| model TFLOP/s | MFU % | pad % (example / KL seqs) | other load (cores) | precompute s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["", "| run | examples/s | tokens/s | p50 step s | p95 step s | p95 / p50 | CPU s/step | peak RSS MiB "
+             "| peak GPU MiB | model TFLOP/s | MFU % | pad % (example / KL seqs) | other load (cores) | precompute s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     precompute = summary["precompute"]
     for name, run in summary["runs"].items():
         pre = ""
@@ -71,7 +86,8 @@ def run_table(summary: dict) -> list[str]:
         elif "precompute_s" in run:
             pre = f"{run['precompute_s']:.1f}"
         lines.append(f"| {RUNS[name].label} | {run['examples_per_s']:.3f} | {run['tokens_per_s']:.1f} "
-                     f"| {run['step_s_median']:.2f} | {run['cpu_s_per_step']:.2f} | {run['peak_rss_mib']:.0f} "
+                     f"| {run['step_s_median']:.3f} | {run['step_s_p95']:.3f} | {run['p95_over_median']:.2f} "
+                     f"| {run['cpu_s_per_step']:.2f} | {run['peak_rss_mib']:.0f} "
                      f"| {fmt(run['gpu_peak_mib'], '.0f')} "
                      f"| {fmt(run['model_flops_per_s'] and run['model_flops_per_s'] / 1e12, '.3f')} "
                      f"| {fmt(run['mfu'] and 100 * run['mfu'], '.1f')} "
@@ -79,7 +95,8 @@ def run_table(summary: dict) -> list[str]:
                      f"| {run['other_load_cores']:.2f} | {pre} |")
     return lines + [
         "",
-        "examples/s and tokens/s: wall time of the timed steps (data path included, logging excluded); tokens = non-pad "
+        "examples/s and tokens/s: over all timed steps (their examples or tokens / their summed time); p50 and p95: "
+        "percentiles of the timed steps' times (linear between sorted values). Times: wall time of the timed steps (data path included, logging excluded); tokens = non-pad "
         "tokens of the examples' own sequences (the KL sequences add about as many again). CPU s/step: the trainer "
         "process's CPU time per timed step (all threads), less sensitive to other load on the machine. Peak RSS: "
         "the whole child process (os.wait4 ru_maxrss; the kto-scale cache row excludes the precompute process, "
@@ -88,8 +105,9 @@ def run_table(summary: dict) -> list[str]:
         "tokens with C completion tokens, P = the decoder layers' matmul weights, L layers, hidden d, vocab V: "
         "forward 2PT + 2LT^2d + 2dVC, backward 2PT + 4LT^2d + 2dVC (input gradients only: frozen base, LoRA "
         "left out); per example, policy forward + backward, policy forward on the KL sequence, and, on the fly, "
-        "the reference forward on both (two passes) or once over prompt + both completions (shared prompt). MFU = model FLOPs/s / the GPU's peak dense bf16 FLOPs/s "
-        f"({fmt(peak_of(summary), '.3g')}); n/a on CPU.",
+        "the reference forward on both (two passes) or once over prompt + both completions (shared prompt); the "
+        "padding of a padded batch is not counted (it is no model work). MFU = model FLOPs/s / the GPU's peak "
+        f"dense bf16 FLOPs/s ({fmt(peak_of(summary), '.3g')}); n/a on CPU.",
     ]
 
 
@@ -150,17 +168,43 @@ def variant_lines(summary: dict) -> list[str]:
 
 def token_section(check: dict) -> list[str]:
     lines = ["", "## Same tokens?", "", f"All checks passed: {'yes' if check['passed'] else '**no**'}", ""]
+    weights = check["weights"]
+    runs = weights["runs"].values()
+    lines.append(f"- Weights: {'the same' if weights['same'] else '**different**'} in all {len(runs)} runs "
+                 f"(checksums {', '.join(sorted({w['checksum'] for w in runs}))}), built on "
+                 f"{', '.join(sorted({w['built_on'] for w in runs}))} in {min(w['init_s'] for w in runs):.1f} to "
+                 f"{max(w['init_s'] for w in runs):.1f} s.")
     for name, t in check["tokenization"].items():
         lines.append(f"- Tokenization, {name}: {t['identical_prompt_ids']}/{t['rows']} rows with identical prompt "
                      f"ids and {t['identical_completion_ids']}/{t['rows']} with identical completion ids (after the "
                      f"max_length cut); text tokens kto-scale {t['total_text_tokens_kto']}, "
                      f"TRL {t['total_text_tokens_trl']}.")
     for name, value in check.get("steps", {}).items():
-        parts = [f"{k} {v['equal_steps']}/{v['steps']}" for k, v in value.items() if isinstance(v, dict)]
+        parts = [f"{k} {value[k]['equal_steps']}/{value[k]['steps']}" for k in BATCH_KEYS]
         lines.append(f"- Steps with equal counts, kto vs {name}: " + ", ".join(parts)
                      + f"; |loss difference| at step 1 {value['first_loss_abs_diff']:.2e} (rounding allows "
                      f"{value['first_loss_tolerance']:.2e}), max over all steps {value['loss_max_abs_diff']:.2e}")
+    if "trl" in check.get("steps", {}):
+        lines += ["", "| step | kto-scale loss | TRL loss | difference |", "|---:|---:|---:|---:|"]
+        lines += [f"| {step} | {a:.6f} | {b:.6f} | {b - a:+.2e} |"
+                  for step, (a, b) in enumerate(check["steps"]["trl"]["losses"], 1)]
     return lines
+
+
+def torch_profile_section(profiles: dict) -> list[str]:
+    """Each --torch-profile run's categories (profile-RUN.txt has the top ops too)."""
+    if not profiles:
+        return []
+    lines = ["", "## Where the time goes (torch.profiler, profile-RUN.txt)", "",
+             "| run | steps | wall ms | " + " | ".join(next(iter(profiles.values()))["categories_ms"])
+             + " | host gaps | device |", "|---|---:|---:|" + "---:|" * (len(next(iter(profiles.values()))
+                                                                          ["categories_ms"]) + 1) + "---|"]
+    for name, p in profiles.items():
+        shares = " | ".join(f"{100 * ms / p['wall_ms']:.1f}%" for ms in p["categories_ms"].values())
+        lines.append(f"| {name} | {p['steps']} | {p['wall_ms']:.0f} | {shares} | "
+                     f"{100 * p['host_gaps_ms'] / p['wall_ms']:.1f}% | {p['device']} |")
+    return lines + ["", "Shares of the profiled window's wall time: kernel time by the op that launched it (self CPU "
+                        "time on CPU); host gaps = wall minus the device's busy time (bench/torch_profile.py)."]
 
 
 def profile_section(profiles: dict) -> list[str]:
@@ -181,5 +225,5 @@ def write_report(out: Path, summary: dict) -> None:
     lines += token_section(summary["token_check"])
     if summary["notes"]:
         lines += ["", "## Notes", ""] + [f"- {k}: {v}" for k, v in summary["notes"].items()]
-    lines += profile_section(summary["profiles"])
+    lines += profile_section(summary["profiles"]) + torch_profile_section(summary.get("torch_profiles", {}))
     (out / "results.md").write_text("\n".join(lines) + "\n")

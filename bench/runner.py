@@ -62,8 +62,11 @@ RUNS = {
                     ("--fsdp", "full_shard", "--deepspeed", "null")),
 }
 DEFAULT_RUNS = ("kto", "kto_cache", "trl", "trl_pre", "trl_compact", "trl_pre_compact", "bare")
-ORDER = ("kto", "kto_separate", "kto_precompute", "kto_precompute_separate", "kto_cache", "trl", "trl_compact",
-         "trl_pre", "trl_pre_compact", "kto_kl_quarter", "bare", "kto_grouped", "kto_zero3", "kto_fsdp")  # the order runs go in, whatever order --only names them
+# The order runs go in, whatever order --only names them: the most important first, so that a time limit
+# (--budget) cuts the least important: on the fly against TRL, then cache against TRL's precompute, then
+# kto-scale's own variants.
+ORDER = ("kto", "trl", "kto_precompute", "kto_cache", "trl_pre", "kto_separate", "kto_precompute_separate",
+         "kto_kl_quarter", "trl_compact", "trl_pre_compact", "bare", "kto_grouped", "kto_zero3", "kto_fsdp")
 
 
 def log(message: str) -> None:

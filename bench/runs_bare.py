@@ -9,28 +9,26 @@ first), precompute_batch_size per batch, the example and the KL sequences of eac
 
 import time
 
-from inputs import TORCH_DTYPES
 from measure import child_args, maxrss_mib, write_result
+from model_init import device, load_bench_model
 
 
 def run(spec: dict) -> dict:
     import datasets
     import torch
-    from transformers import AutoModelForCausalLM
 
     from kto_scale.collate import collate, length_order, to_device
     from kto_scale.logprobs import chunked_completion_logps
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=getattr(torch, TORCH_DTYPES[spec["dtype"]]),
-                                                 attn_implementation=spec["attn_implementation"]).to(device).eval()
+    weights: dict = {}
+    model = load_bench_model(spec, weights).eval()
     n = spec["n_examples"]
     dataset = datasets.Dataset.from_dict({
         "prompt_ids": spec["prompt_ids"], "completion_ids": spec["completion_ids"],
         "kl_completion_ids": spec["kl_completion_ids"], "label": [True] * n, "pair_id": [-1] * n,
     })
     order, size = [int(i) for i in length_order(dataset)], spec["precompute_batch_size"]
-    batches = [to_device(collate(dataset, order[i : i + size], 0), device) for i in range(0, n, size)]
+    batches = [to_device(collate(dataset, order[i : i + size], 0), device()) for i in range(0, n, size)]
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     masks = [batch[seq]["attention_mask"] for batch in batches for seq in ("policy", "kl")]
     tokens, padded = sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)  # counted outside the clock
@@ -41,11 +39,12 @@ def run(spec: dict) -> dict:
                 hidden = decoder(input_ids=sequences["input_ids"],
                                  attention_mask=sequences["attention_mask"]).last_hidden_state
                 chunked_completion_logps(hidden, head, sequences["input_ids"], sequences["completion_mask"], 1024)
-        if device.type == "cuda":  # the GPU's queue must drain before the clock stops
+        if torch.cuda.is_available():  # the GPU's queue must drain before the clock stops
             torch.cuda.synchronize()
         loop = time.perf_counter() - start
     return {"loop_s": loop, "tokens": tokens, "padded": padded, "batches": len(batches),
-            "batching": "collate.length_order (longest first)", "maxrss_self_mib": maxrss_mib()}
+            "batching": "collate.length_order (longest first)", "maxrss_self_mib": maxrss_mib(),
+            "weights": weights}
 
 
 if __name__ == "__main__":

@@ -15,13 +15,17 @@ import time
 from pathlib import Path
 
 from measure import batch_stats, child_args, maxrss_mib, padding_mask, rss_mib, write_result
+from model_init import build_on_device
+from torch_profile import StepProfiler
 
 
 def kto_argv(spec: dict, name: str, options: list[str]) -> list[str]:
-    """The trainer's command line: the shared config, this run's output dir and step count, its options."""
+    """The trainer's command line: the shared config, this run's output dir, step count and micro-batch
+    (--find-max-batch changes it), its options."""
     output_dir = Path(spec["work"]) / f"run_{name}"
     return ["--config", spec["kto_config"], "--output_dir", str(output_dir),
-            "--max_steps", str(spec["warmup"] + spec["steps"]), *options]
+            "--max_steps", str(spec["warmup"] + spec["steps"]),
+            "--per_device_train_batch_size", str(spec["batch_size"]), *options]
 
 
 def train(spec: dict, name: str, options: list[str]) -> dict:
@@ -31,6 +35,12 @@ def train(spec: dict, name: str, options: list[str]) -> dict:
 
     steps: list[dict] = []
     setup: dict = {}
+    weights: dict = {}
+    build_on_device(weights, profiled="torch_profile" in spec)
+    # The trainer saves a random base beside its adapter (to merge it later); the bench never does, and at
+    # 8B that would be 16 GB written per run.
+    trainer.save_base_model = lambda *args, **kwargs: None
+    profiler = StepProfiler(spec.get("torch_profile"))
     to_device, train_step = trainer.to_device, trainer.train_step
 
     # Wrapped because the loop moves each step's collated batch (from the DataLoader, still on the host)
@@ -39,6 +49,7 @@ def train(spec: dict, name: str, options: list[str]) -> dict:
     def recording_to_device(batch, device):
         if not setup:  # the first batch: model, engine and data are set up
             setup.update(after_setup_mib=rss_mib(), peak_after_setup_mib=maxrss_mib())
+        profiler.step_begins(len(steps) + 1)
         start_cpu = time.process_time()
         policy, kl = batch["policy"], batch["kl"]
         steps.append({"start_cpu": start_cpu, **batch_stats(padding_mask(policy), policy["completion_mask"],
@@ -50,6 +61,7 @@ def train(spec: dict, name: str, options: list[str]) -> dict:
     def timed_train_step(*args, **kwargs):
         out = train_step(*args, **kwargs)
         steps[-1].update(cpu_s=time.process_time() - steps[-1].pop("start_cpu"), rss_mib=rss_mib())
+        profiler.step_ends(len(steps))
         return out
 
     trainer.to_device, trainer.train_step = recording_to_device, timed_train_step
@@ -60,7 +72,7 @@ def train(spec: dict, name: str, options: list[str]) -> dict:
     lines = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
     logged = [m for m in lines if m["split"] == "train"]
     return {"steps": [step_record(i, m, s) for i, (m, s) in enumerate(zip(logged, steps, strict=True), 1)],
-            "total_s": total, "maxrss_self_mib": maxrss_mib(), "rss": setup}
+            "total_s": total, "maxrss_self_mib": maxrss_mib(), "rss": setup, "weights": weights}
 
 
 def step_record(number: int, logged: dict, step: dict) -> dict:
@@ -97,6 +109,8 @@ def precompute(spec: dict, name: str, options: list[str]) -> dict:
     from kto_scale.config import load_config
     from kto_scale.precompute import precompute as precompute_reference
 
+    weights: dict = {}
+    build_on_device(weights)
     loop_log = LoopLog()
     logging.getLogger("kto_scale.precompute").addHandler(loop_log)
     start = time.perf_counter()
@@ -106,7 +120,7 @@ def precompute(spec: dict, name: str, options: list[str]) -> dict:
         raise RuntimeError("kto_scale.precompute.precompute logged no 'tokens scored in' line for train: its log "
                            "changed; update LoopLog in bench/runs_kto.py")
     return {**loop_log.splits["train"], "total_s": total, "maxrss_self_mib": maxrss_mib(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "weights": weights}
 
 
 def main() -> None:

@@ -11,8 +11,9 @@ import json
 import time
 from pathlib import Path
 
-from inputs import LORA_TARGETS, TORCH_DTYPES
 from measure import batch_stats, child_args, maxrss_mib, rss_mib, write_result
+from model_init import load_bench_model
+from torch_profile import StepProfiler
 
 
 def force_compact_lm_head() -> None:
@@ -26,8 +27,8 @@ def force_compact_lm_head() -> None:
 
 
 def trl_config(spec: dict, output_dir: Path, precompute: bool):
-    """KTOConfig with kto-scale's settings (see bench/README.md, "Settings shared by both"). The Trainer
-    puts the model on the GPU when there is one; bf16 loads the weights in bf16, as kto-scale does."""
+    """KTOConfig with kto-scale's settings (see bench/README.md, "Settings shared by both"). The model comes
+    built (bench/model_init.py: on the GPU when there is one, in kto-scale's dtype and attention)."""
     import torch
     from trl import KTOConfig
 
@@ -41,7 +42,6 @@ def trl_config(spec: dict, output_dir: Path, precompute: bool):
         dataloader_pin_memory=False, disable_dropout=True, precompute_ref_log_probs=precompute,
         precompute_ref_batch_size=spec["precompute_batch_size"],
         train_sampling_strategy="sequential",  # the rows come in kto-scale's batch order: keep it
-        model_init_kwargs={"dtype": TORCH_DTYPES[spec["dtype"]], "attn_implementation": spec["attn_implementation"]},
     )
 
 
@@ -83,7 +83,7 @@ def bench_trainer_class(spec: dict, record: dict):
     return BenchKTOTrainer
 
 
-def step_timer(record: dict):
+def step_timer(record: dict, profiler: StepProfiler):
     """A callback timing each step from the end of the previous step's logging (or the start of training)
     to its on_step_end: the data path is in, logging is out, as in kto-scale's metrics. On a GPU the step's
     queued work (backward, optimizer) is waited for before the clock stops, as kto-scale's logging does."""
@@ -96,9 +96,13 @@ def step_timer(record: dict):
         def on_train_begin(self, args, state, control, **kwargs):
             record["begins"].append((time.perf_counter(), time.process_time()))
 
+        def on_step_begin(self, args, state, control, **kwargs):
+            profiler.step_begins(state.global_step + 1)
+
         def on_step_end(self, args, state, control, **kwargs):
             sync()
             record["ends"].append((time.perf_counter(), time.process_time(), rss_mib()))
+            profiler.step_ends(state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:  # a step's log, not the final train summary ("train_loss")
@@ -118,12 +122,14 @@ def run(spec: dict, name: str, precompute: bool, compact: bool) -> dict:
     dataset = datasets.Dataset.from_list([rows[i] for i in spec["order"]])  # in memory: no cache between runs
     record = {"batches": [], "losses": [], "begins": [], "ends": [], "precompute_s": None}
     peft_config = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
-                             target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+                             target_modules=list(spec["lora_targets"]), task_type="CAUSAL_LM")
     setup_start = time.perf_counter()
+    weights: dict = {}
     trainer = bench_trainer_class(spec, record)(
-        model=spec["model_dir"], args=trl_config(spec, Path(spec["work"]) / f"run_{name}", precompute),
+        model=load_bench_model(spec, weights),
+        args=trl_config(spec, Path(spec["work"]) / f"run_{name}", precompute),
         train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(spec["model_dir"]),
-        peft_config=peft_config, callbacks=[step_timer(record)])
+        peft_config=peft_config, callbacks=[step_timer(record, StepProfiler(spec.get("torch_profile")))])
     setup_s = time.perf_counter() - setup_start
     rss = {"after_setup_mib": rss_mib(), "peak_after_setup_mib": maxrss_mib()}
     tokenized = trainer.train_dataset
@@ -134,7 +140,7 @@ def run(spec: dict, name: str, precompute: bool, compact: bool) -> dict:
     trainer.train()
     total = time.perf_counter() - start
     return {"steps": step_records(record), "total_s": total, "setup_s": setup_s,
-            "precompute_s": record["precompute_s"], "maxrss_self_mib": maxrss_mib(), "rss": rss,
+            "precompute_s": record["precompute_s"], "maxrss_self_mib": maxrss_mib(), "rss": rss, "weights": weights,
             "trl_prompt_ids": [list(x) for x in tokenized["prompt_ids"]],
             "trl_completion_ids": [list(x) for x in tokenized["completion_ids"]]}
 

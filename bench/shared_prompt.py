@@ -18,9 +18,8 @@ from pathlib import Path
 
 import datasets
 import torch
-from inputs import TORCH_DTYPES
+from model_init import load_bench_model
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
 from kto_scale.collate import ReferenceLayout, collate, to_device
 from kto_scale.model import SequenceLogps, reference_mode
@@ -78,10 +77,9 @@ def main() -> None:
 
     spec = json.loads(args.spec.read_text())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=getattr(torch, TORCH_DTYPES[spec["dtype"]]),
-                                                 attn_implementation=spec["attn_implementation"]).to(device)
+    model = load_bench_model(spec, {})
     policy = get_peft_model(model, LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], task_type="CAUSAL_LM",
-                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+                                              target_modules=list(spec["lora_targets"])))
     module = SequenceLogps(policy).eval()
     n = spec["n_examples"]
     dataset = datasets.Dataset.from_dict({

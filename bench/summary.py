@@ -49,9 +49,11 @@ def summarize_run(name: str, result: dict, warmup: int, steps: int) -> dict:
     examples = sum(s["examples"] for s in timed)
     tokens, kl_tokens = sum(s["policy_tokens"] for s in timed), sum(s["kl_tokens"] for s in timed)
     step_times = [s["time_s"] for s in timed]
+    median, p95 = statistics.median(step_times), percentile(step_times, 95)
     out = {
         "timed_steps": len(timed), "timed_s": t, "examples_per_s": examples / t, "tokens_per_s": tokens / t,
-        "all_tokens_per_s": (tokens + kl_tokens) / t, "step_s_median": statistics.median(step_times),
+        "all_tokens_per_s": (tokens + kl_tokens) / t, "step_s_median": median, "step_s_p95": p95,
+        "p95_over_median": p95 / median,
         "step_s_min": min(step_times), "step_s_max": max(step_times),
         "cpu_s_per_step": cpu / len(timed), "examples_per_cpu_s": examples / cpu,
         "policy_pad_frac": 1 - tokens / sum(s["policy_padded"] for s in timed),
@@ -66,6 +68,16 @@ def summarize_run(name: str, result: dict, warmup: int, steps: int) -> dict:
     if result.get("precompute_s") is not None:
         out["precompute_s"] = result["precompute_s"]
     return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile, linear between the sorted values (numpy's default): over 8 steps, p95 lies
+    between the two slowest; over one step, it is that step."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def compute_ratios(runs: dict) -> dict:
@@ -143,16 +155,25 @@ def step_check(name: str, spec: dict, reference: dict, run: dict, total: int) ->
                  f"total_{name}": sum(s[key] for s in theirs.values())}
            for key in BATCH_KEYS}
     out["loss_max_abs_diff"] = max(abs(ours[k]["loss"] - theirs[k]["loss"]) for k in ours)
+    out["losses"] = [[ours[k]["loss"], theirs[k]["loss"]] for k in range(1, total + 1)]  # steps 1..total
     out["first_loss_abs_diff"] = abs(ours[1]["loss"] - theirs[1]["loss"])
     out["first_loss_tolerance"] = first_step_loss_tolerance(spec, ours[1])
     return out
+
+
+def weights_check(results: dict) -> dict:
+    """Did every run build the same weights? Each child's checksum of the base model it built
+    (bench/model_init.py), with the device it built them on and how long that took."""
+    weights = {name: result["weights"] for name, result in results.items() if result.get("weights")}
+    return {"same": len({w["checksum"] for w in weights.values()}) == 1, "runs": weights}
 
 
 def check_tokens(spec: dict, results: dict, train_runs: list[str]) -> dict:
     """Tokenization of every TRL run against kto-scale's, and the steps of every training run with kto's
     batches (`train_runs`: those runs) against kto's."""
     total = spec["warmup"] + spec["steps"]
-    out = {"tokenization": {name: tokenization_check(spec, results[name])
+    out = {"weights": weights_check(results),
+           "tokenization": {name: tokenization_check(spec, results[name])
                             for name in train_runs if name.startswith("trl")}}
     if "kto" in train_runs:
         out["steps"] = {name: step_check(name, spec, results["kto"], results[name], total)
@@ -161,15 +182,15 @@ def check_tokens(spec: dict, results: dict, train_runs: list[str]) -> dict:
 
 
 def token_check_passed(check: dict) -> bool:
-    """Every TRL row tokenized alike, every compared run processed kto's tokens at every step (padded
-    sizes may differ: --padding-free packs kto-scale's batches, never TRL's), and step 1's losses agree
-    within what rounding allows."""
+    """Every run built the same weights, every TRL row tokenized alike, every compared run processed kto's
+    tokens at every step (padded sizes may differ: --padding-free packs kto-scale's batches, never TRL's), and
+    step 1's losses agree within what rounding allows."""
     rows = all(t["identical_prompt_ids"] == t["rows"] == t["identical_completion_ids"]
                for t in check["tokenization"].values())
     steps = all(run[key]["equal_steps"] == run[key]["steps"] for run in check.get("steps", {}).values()
                 for key in BATCH_KEYS if "padded" not in key)
     losses = all(run["first_loss_abs_diff"] <= run["first_loss_tolerance"] for run in check.get("steps", {}).values())
-    return rows and steps and losses
+    return check["weights"]["same"] and rows and steps and losses
 
 
 def padding_report(spec: dict) -> dict:

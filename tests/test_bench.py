@@ -52,8 +52,11 @@ def test_both_trainers_ran_the_same_step(bench):
     # Later steps are not compared: with Adam's epsilon 1e-8, a gradient component that rounds to the
     # other sign moves a weight by 2 lr, so no rounding bound holds for the loss after an update.
     assert counts["first_loss_abs_diff"] <= counts["first_loss_tolerance"]
+    weights = check["weights"]  # every child built kto-scale's seeded random model itself, the same one
+    assert weights["same"] and sorted(weights["runs"]) == sorted([*RUNS, *PRECOMPUTES])
+    assert all(w["built_on"] == "cpu" for w in weights["runs"].values())
     report = (bench / "out/results.md").read_text()
-    assert "All checks passed: yes" in report
+    assert "All checks passed: yes" in report and "| p50 step s | p95 step s | p95 / p50 |" in report
     for label in RUNS.values():
         assert f"| {label} | " in report
 
@@ -88,8 +91,8 @@ def test_gpu_columns_are_na_on_cpu(bench):
     assert "| peak GPU MiB | model TFLOP/s | MFU % |" in report
     for label in RUNS.values():
         row = next(line for line in report.splitlines() if line.startswith(f"| {label} | "))
-        cells = row.split(" | ")  # cells[6]: peak GPU MiB, cells[8]: MFU %
-        assert cells[6] == cells[8] == "n/a"
+        cells = row.split(" | ")  # cells[8]: peak GPU MiB, cells[10]: MFU %
+        assert cells[8] == cells[10] == "n/a"
 
 
 def bench_module(name: str, monkeypatch):
@@ -125,13 +128,21 @@ def test_peak_flops_of_an_unknown_gpu(monkeypatch):
 
 
 def test_gpu_preset_and_overrides(monkeypatch):
+    """The preset sets the GPU shape (--gpu-preset is --preset 1b); an option given on the command line wins
+    over it, wherever it stands; --preset 8b is Llama-3-8B's shape with LoRA on every projection."""
     bench_trl = bench_module("bench_trl", monkeypatch)
-    """The preset sets the GPU shape; an option given on the command line wins over it."""
     args = bench_trl.parse_args(["--gpu-preset", "--layers", "2"])
-    assert args.layers == 2 and args.hidden == bench_trl.GPU_PRESET["hidden"]
+    assert args.layers == 2 and args.hidden == bench_trl.PRESETS["1b"]["hidden"] and args.vocab is None
     assert args.attn_implementation in ("flash_attention_2", "sdpa")
+    args = bench_trl.parse_args(["--hidden", "64", "--preset", "8b", "--kto-option", "logprob_chunk_size=512"])
+    assert (args.hidden, args.layers, args.kv_heads, args.intermediate, args.vocab) == (64, 32, 8, 14336, 128256)
+    assert args.lora_targets == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert args.kto_option == {"logprob_chunk_size": 512} and args.only.split(",")[:2] == ["kto", "trl"]
     args = bench_trl.parse_args([])
     assert args.kv_heads == args.heads and args.attn_implementation is None and not args.padding_free
+    assert args.lora_targets == ("q_proj", "k_proj", "v_proj", "o_proj") and args.kto_option == {}
+    with pytest.raises(SystemExit):
+        bench_trl.parse_args(["--kto-option", "use_liger_kernel"])  # no =VALUE
 
 
 def test_shared_data_moves_the_data_and_tokenizer_defaults(monkeypatch, tmp_path):
@@ -212,3 +223,78 @@ def test_losses_that_disagree_fail_the_verdict(bench, monkeypatch):
     assert check["steps"]["trl"]["first_loss_abs_diff"] <= tolerance < 1e-3  # fp32: a check that can fail
     results["trl"]["steps"][0]["loss"] += 2 * tolerance
     assert not summary.token_check_passed(summary.check_tokens(spec, results, same_batches))
+
+
+def test_percentile_by_hand(monkeypatch):
+    """Linear between sorted values: p95 of 1..9 lies 0.4 of the way from 8 to 9 (position 8 * 0.95 = 7.6)."""
+    summary = bench_module("summary", monkeypatch)
+    assert summary.percentile([9, 1, 2, 3, 4, 5, 6, 7, 8], 95) == pytest.approx(8.6, abs=1e-12)
+    assert summary.percentile([2.0], 95) == 2.0 and summary.percentile([1, 3], 50) == 2.0
+
+
+def test_max_batch_search_halves_then_bisects(monkeypatch):
+    """From 64: 64 and 32 do not fit, 16 does; then one try at 24, which fits: 24. A failure that is not
+    out-of-memory ends the search without an answer."""
+    max_batch = bench_module("max_batch", monkeypatch)
+    tried = []
+
+    def try_batch(name, spec, batch, timeout):
+        tried.append(batch)
+        return {"batch": batch, "status": "fits" if batch <= 24 else "out of memory"}
+
+    monkeypatch.setattr(max_batch, "try_batch", try_batch)
+    found = max_batch.search("kto", {"n_examples": 192}, 64, 60, deadline=float("inf"))
+    assert tried == [64, 32, 16, 24] and found["largest_that_fits"] == 24
+    monkeypatch.setattr(max_batch, "try_batch", lambda name, spec, batch, timeout: {"batch": batch, "status": "failed"})
+    assert max_batch.search("trl", {"n_examples": 192}, 64, 60, deadline=float("inf"))["largest_that_fits"] is None
+
+
+def test_weights_checksum_and_device_build(monkeypatch):
+    """kto-scale's seeded random model, built under the child's device: the same seed gives the same
+    checksum, another seed another one (the bench's verdict compares them across runs)."""
+    model_init = bench_module("model_init", monkeypatch)
+    from kto_scale.config import KTOConfig
+    from kto_scale.model import load_base_model
+
+    record = {}
+    model_init.build_on_device(record)
+    config = {"model_name_or_path": str(TINY_LLAMA_DIR), "dataset_name": "x", "init_random_weights": True}
+    first = load_base_model(KTOConfig(**config, seed=1))
+    assert record["built_on"] == "cpu" and record["checksum"] == model_init.weights_checksum(first)
+    load_base_model(KTOConfig(**config, seed=1))
+    same = record["checksum"]
+    load_base_model(KTOConfig(**config, seed=2))
+    assert same == model_init.weights_checksum(first) != record["checksum"]
+
+
+def test_torch_profile_categories(monkeypatch, tmp_path):
+    """A step of a tiny model under StepProfiler (the CPU path): the LM head range, the matmuls and the
+    optimizer each get time, every category is part of the window, and the busy time plus the host gaps
+    make up its wall time."""
+    import torch
+
+    torch_profile = bench_module("torch_profile", monkeypatch)
+    model_init = bench_module("model_init", monkeypatch)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA_DIR))
+    model_init.mark_lm_head(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    out = tmp_path / "profile.json"
+    profiler = torch_profile.StepProfiler({"first": 2, "steps": 1, "out": str(out)})
+    for step in range(1, 3):
+        profiler.step_begins(step)
+        model(input_ids=torch.randint(0, 100, (2, 16)), labels=torch.randint(0, 100, (2, 16))).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        profiler.step_ends(step)
+    summary = json.loads(out.read_text())
+    categories = summary["categories_ms"]
+    assert summary["device"] == "cpu" and summary["steps"] == 1
+    assert categories["LM head"] > 0 and categories["matmuls"] > 0 and categories["optimizer"] > 0
+    assert sum(categories.values()) <= summary["busy_ms"] * (1 + 1e-6)  # self times of one thread within its ops
+    assert summary["busy_ms"] + summary["host_gaps_ms"] == pytest.approx(summary["wall_ms"], rel=1e-9)
+    assert torch_profile.union_us([(0, 2), (1, 3), (5, 6)]) == 4
+    torch_profile.write_text(summary, "tiny", tmp_path / "profile.txt")
+    assert "host gaps (wall - busy)" in (tmp_path / "profile.txt").read_text()
