@@ -27,7 +27,7 @@ seconds much less.
 
 Usage: python bench/data_scale.py --examples 100000 --hh ../shared/data/hh-rlhf-harmless-test.jsonl.gz [--eval-examples 50000]
        [--code /path/to/other/checkout: its train stage only, for "before" numbers]
-Writes bench/results-data-scale/<examples>.json (and prints a table).
+Writes bench/results-data-scale/<examples>-<commit>.json (and prints a table of them all: results.md).
 """
 
 import argparse
@@ -66,7 +66,7 @@ def make_data(hh: Path, examples: int, path: Path) -> None:
 
 def watch(command: list[str], env: dict | None = None) -> dict:
     """Run `command`; its wall time, the peak summed RSS of its process tree, and its last stdout line (JSON)."""
-    start, load = time.perf_counter(), os.getloadavg()[0]
+    start, load, cpu = time.perf_counter(), os.getloadavg()[0], cpu_seconds()
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, done = 0, threading.Event()
 
@@ -89,8 +89,8 @@ def watch(command: list[str], env: dict | None = None) -> dict:
     if process.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    return {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_gb": round(peak / 2**30, 3),
-            "load_before_after": [round(load, 2), round(os.getloadavg()[0], 2)], **(json.loads(lines[-1]) if lines else {})}
+    return {"wall_s": round(time.perf_counter() - start, 2), "process_cpu_s": round(cpu_seconds() - cpu, 2),
+            "peak_rss_gb": round(peak / 2**30, 3), "load_before_after": [round(load, 2), round(os.getloadavg()[0], 2)], **(json.loads(lines[-1]) if lines else {})}
 
 
 def cpu_seconds() -> float:
@@ -298,7 +298,7 @@ def main() -> None:
     results.update(commit=commit, command=" ".join(sys.argv), cores=len(os.sched_getaffinity(0)),
                    machine=f"{platform.processor() or platform.machine()}, {psutil.virtual_memory().total / 2**30:.0f} GB")
     args.output.mkdir(parents=True, exist_ok=True)
-    name = f"{args.examples}{'-' + args.code.name if args.code else ''}.json"
+    name = f"{args.examples}{'-' + args.code.name if args.code else ''}-{commit}.json"  # one file per run
     (args.output / name).write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))
     print(report(args.output))
