@@ -12,22 +12,31 @@ pages the process touched count, as RSS counts them):
 - floor: `datasets.load_dataset("json") + map` tokenizing the chosen and rejected texts, nothing else,
   in the same number of processes (the floor for this work);
 - reuse: the same call again on the warm cache (what a second run with other training options pays);
-- scan: on the prepared train split, the reference cache's dataset hash and example keys,
-  sequence lengths, BatchPlan's epoch order (shuffled, and group_by_length) and the batch at the
-  epoch's last step (where a resumed run starts: nothing before it is read);
+- scan: on the prepared train split, the prepared data's fingerprint (prepared_cache.data_fingerprint),
+  the reference cache's dataset hash and example keys, sequence lengths, BatchPlan's epoch order
+  (shuffled, and group_by_length), the batch at the epoch's last step (where a resumed run starts:
+  nothing before it is read) and the choice of the generation prompts (generate.generation_prompts);
 - train: launch/train.py, one optimizer step of the tiny model, on a cold then a warm cache (time to
-  the first step, whole process).
+  the first step, whole process);
+- evaluate: launch/evaluate.py with the warm train stage's adapter on a split of --eval-examples
+  examples (the first ones of the same data, prepared first by the prepare stage), whole process.
 
-Usage: python bench/data_scale.py --examples 100000 --hh ../shared/data/hh-rlhf-harmless-test.jsonl.gz
+Every stage also reports its CPU seconds (its process and children, user + system) and the load
+average before and after it: on a shared machine the wall time depends on the other jobs, the CPU
+seconds much less.
+
+Usage: python bench/data_scale.py --examples 100000 --hh ../shared/data/hh-rlhf-harmless-test.jsonl.gz [--eval-examples 50000]
        [--code /path/to/other/checkout: its train stage only, for "before" numbers]
-Writes bench/results-data-scale/<examples>.json (and prints a table).
+Writes bench/results-data-scale/<examples>-<commit>.json (and prints a table of them all: results.md).
 """
 
 import argparse
 import gzip
+import itertools
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import threading
@@ -57,7 +66,7 @@ def make_data(hh: Path, examples: int, path: Path) -> None:
 
 def watch(command: list[str], env: dict | None = None) -> dict:
     """Run `command`; its wall time, the peak summed RSS of its process tree, and its last stdout line (JSON)."""
-    start = time.perf_counter()
+    start, load, cpu = time.perf_counter(), os.getloadavg()[0], cpu_seconds()
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, done = 0, threading.Event()
 
@@ -80,8 +89,14 @@ def watch(command: list[str], env: dict | None = None) -> dict:
     if process.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    return {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_gb": round(peak / 2**30, 3),
-            **(json.loads(lines[-1]) if lines else {})}
+    return {"wall_s": round(time.perf_counter() - start, 2), "process_cpu_s": round(cpu_seconds() - cpu, 2),
+            "peak_rss_gb": round(peak / 2**30, 3), "load_before_after": [round(load, 2), round(os.getloadavg()[0], 2)], **(json.loads(lines[-1]) if lines else {})}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return round(own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, 2)
 
 
 # --- stages (each run in its own process: python bench/data_scale.py --stage NAME CONFIG) ---------------
@@ -110,9 +125,10 @@ def stage_prepare(config) -> dict:
     for name in ("load_examples", "tokenize_dataset", "_truncate_all", "kl_partners", "_write_prepared"):
         _timed(prepare, name, times)
     tokenizer = load_tokenizer(config)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     train, evaluation = shared_prepared_data(config, tokenizer)
-    return {"seconds": round(time.perf_counter() - start, 2), "examples": len(train), "stages_s": {
+    return {"seconds": round(time.perf_counter() - start, 2), "cpu_s": round(cpu_seconds() - cpu, 2),
+            "examples": len(train), "stages_s": {
         "read": times.get("load_examples"), "tokenize": times.get("tokenize_dataset"),
         "truncate": times.get("_truncate_all"), "pair": times.get("kl_partners"), "write": times.get("_write_prepared")}}
 
@@ -124,7 +140,7 @@ def stage_floor(config) -> dict:
     from kto_scale.prepare import dataset_num_proc
 
     tokenizer = load_tokenizer(config)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     rows = datasets.load_dataset("json", data_files=config.dataset_name, split="train",
                                  cache_dir=str(Path(config.output_dir).parent / "hf-cache"))
     read = time.perf_counter() - start
@@ -133,16 +149,19 @@ def stage_floor(config) -> dict:
         return {side: tokenizer(batch[side], add_special_tokens=False).input_ids for side in ("chosen", "rejected")}
 
     rows.map(tokenize, batched=True, num_proc=dataset_num_proc(config), remove_columns=["chosen", "rejected"])
-    return {"seconds": round(time.perf_counter() - start, 2), "read_s": round(read, 2)}
+    return {"seconds": round(time.perf_counter() - start, 2), "cpu_s": round(cpu_seconds() - cpu, 2),
+            "read_s": round(read, 2)}
 
 
 def stage_scan(config) -> dict:
     from kto_scale.collate import BatchPlan, collate, sequence_lengths
+    from kto_scale.generate import generation_prompts
     from kto_scale.model import load_tokenizer
-    from kto_scale.prepared_cache import shared_prepared_data
+    from kto_scale.prepared_cache import data_fingerprint, shared_prepared_data
     from kto_scale.ref_cache import dataset_hash, example_keys
 
-    train, _ = shared_prepared_data(config, load_tokenizer(config))
+    tokenizer = load_tokenizer(config)
+    train, _ = shared_prepared_data(config, tokenizer)
     out = {}
 
     def time_it(name, work):
@@ -151,6 +170,7 @@ def stage_scan(config) -> dict:
         out[name] = round(time.perf_counter() - start, 3)
         return result
 
+    time_it("data_fingerprint", lambda: data_fingerprint(config, tokenizer))
     time_it("dataset_hash", lambda: dataset_hash(train))
     time_it("example_keys", lambda: example_keys(train))
     lengths = time_it("sequence_lengths", lambda: sequence_lengths(train))
@@ -160,6 +180,7 @@ def stage_scan(config) -> dict:
         last = plan.steps_per_epoch - 1  # a resumed run's first batch: a slice of the epoch order
         time_it(f"resume_batch_{name}", lambda plan=plan, last=last: [collate(train, b, 0) for b in
                                                                      plan.micro_batches(last, 0, 42, rank=0)])
+    time_it("generation_prompts", lambda: generation_prompts(train, 8, 42))
     return out
 
 
@@ -192,22 +213,28 @@ def write_config(data: Path, model: str, work: Path, name: str, new_options: boo
 
 def report(output: Path) -> str:
     """A markdown table of every result in `output` (written to output/results.md)."""
-    rows = ["| examples given | code | prepare cold s (read / tokenize / truncate / pair / write) | peak RSS GB "
-            "| load_dataset+map floor s (peak GB) | prepare / floor | warm reuse s (process wall) | hash / keys / "
-            "BatchPlan shuffled / grouped s | train 1 step cold / warm wall s (peak GB) |", "|" + "---|" * 9]
+    rows = ["| examples given | code | prepare cold s (read / tokenize / truncate / pair / write) | CPU s | peak RSS GB "
+            "| load_dataset+map floor s (CPU s, peak GB) | prepare / floor | load avg (prepare, floor) "
+            "| warm reuse s (process wall) | fingerprint / hash / keys / BatchPlan shuffled / grouped / resume batch s "
+            "| train 1 step cold / warm wall s (peak GB) | evaluate examples: wall s (peak GB) |", "|" + "---|" * 12]
     for path in sorted(output.glob("*.json"), key=lambda p: (json.loads(p.read_text())["examples_given"], p.name)):
         r, dash = json.loads(path.read_text()), "-"
-        cold, floor, warm, scan = (r.get(k, {}) for k in ("prepare_cold", "floor_load_dataset_map", "prepare_warm",
-                                                          "scan"))
+        cold, floor, warm, scan, evaluation = (r.get(k, {}) for k in ("prepare_cold", "floor_load_dataset_map",
+                                                                      "prepare_warm", "scan", "evaluate"))
         stages = " / ".join(str(v) for v in cold.get("stages_s", {}).values())
         train = [r.get(k, {}) for k in ("train_1_step_cold", "train_1_step_warm")]
+        loads = ", ".join("-".join(map(str, x.get("load_before_after", []))) or dash for x in (cold, floor))
+        scanned = ("data_fingerprint", "dataset_hash", "example_keys", "batch_plan_shuffled",
+                   "batch_plan_group_by_length", "resume_batch_group_by_length")
         rows.append(
             f"| {r['examples_given']:,} | {r['commit']} | {cold.get('seconds', dash)} ({stages or dash}) "
-            f"| {cold.get('peak_rss_gb', dash)} | {floor.get('seconds', dash)} ({floor.get('peak_rss_gb', dash)}) "
-            f"| {r.get('prepare_over_floor', dash)} | {warm.get('seconds', dash)} ({warm.get('wall_s', dash)}) "
-            f"| {' / '.join(str(scan.get(k, dash)) for k in ('dataset_hash', 'example_keys', 'batch_plan_shuffled', 'batch_plan_group_by_length'))} "
+            f"| {cold.get('cpu_s', dash)} | {cold.get('peak_rss_gb', dash)} "
+            f"| {floor.get('seconds', dash)} ({floor.get('cpu_s', dash)}, {floor.get('peak_rss_gb', dash)}) "
+            f"| {r.get('prepare_over_floor', dash)} | {loads} | {warm.get('seconds', dash)} ({warm.get('wall_s', dash)}) "
+            f"| {' / '.join(str(scan.get(k, dash)) for k in scanned)} "
             f"| {' / '.join(str(t.get('wall_s', dash)) for t in train)} "
-            f"({' / '.join(str(t.get('peak_rss_gb', dash)) for t in train)}) |")
+            f"({' / '.join(str(t.get('peak_rss_gb', dash)) for t in train)}) "
+            f"| {evaluation.get('examples', dash)}: {evaluation.get('wall_s', dash)} ({evaluation.get('peak_rss_gb', dash)}) |")
     table = "\n".join(rows) + "\n"
     (output / "results.md").write_text(table)
     return table
@@ -219,7 +246,8 @@ def main() -> None:
     parser.add_argument("--hh", type=Path, default=REPO.parent / "shared/data/hh-rlhf-harmless-test.jsonl.gz")
     parser.add_argument("--work", type=Path, default=Path("/tmp/kto-data-scale"))
     parser.add_argument("--model", default=str(REPO / "kto_scale/assets/tiny-llama"))
-    parser.add_argument("--stages", default="prepare,floor,reuse,scan,train")
+    parser.add_argument("--stages", default="prepare,floor,reuse,scan,train,evaluate")
+    parser.add_argument("--eval-examples", type=int, default=50_000, help="the evaluate stage's split")
     parser.add_argument("--code", type=Path, default=None, help="another checkout: run its train stage only")
     parser.add_argument("--output", type=Path, default=REPO / "bench/results-data-scale")
     args = parser.parse_args()
@@ -256,10 +284,21 @@ def main() -> None:
         if args.code is None:
             warm = write_config(data, args.model, work, "train-warm", True, beta=0.5, learning_rate=1e-3)
             results["train_1_step_warm"] = watch([*train, str(warm)], env)
+    if "evaluate" in stages and args.code is None:
+        eval_data = work / f"eval-{args.eval_examples}.jsonl"
+        with open(data) as rows, open(eval_data, "w") as out:
+            out.writelines(itertools.islice(rows, args.eval_examples // 2))
+        subprocess.run(["rm", "-rf", str(work / "eval-out")], check=True)
+        eval_config = write_config(eval_data, args.model, work, "evaluate", True)
+        results["evaluate_prepare"] = watch([*stage, "prepare", str(eval_config)], env)
+        results["evaluate"] = watch([sys.executable, str(REPO / "launch/evaluate.py"), "--config", str(eval_config),
+                                     "--adapter", str(work / "train-warm/adapter"), "--output", str(work / "eval-out"),
+                                     "--split", "train"], env)
+        results["evaluate"]["examples"] = results["evaluate_prepare"]["examples"]
     results.update(commit=commit, command=" ".join(sys.argv), cores=len(os.sched_getaffinity(0)),
                    machine=f"{platform.processor() or platform.machine()}, {psutil.virtual_memory().total / 2**30:.0f} GB")
     args.output.mkdir(parents=True, exist_ok=True)
-    name = f"{args.examples}{'-' + args.code.name if args.code else ''}.json"
+    name = f"{args.examples}{'-' + args.code.name if args.code else ''}-{commit}.json"  # one file per run
     (args.output / name).write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))
     print(report(args.output))

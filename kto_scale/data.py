@@ -12,6 +12,7 @@ Row formats, detected per row by its keys:
 Prompts and completions are either plain text or chat messages [{"role", "content"}].
 """
 
+import array
 import gzip
 import json
 import logging
@@ -58,6 +59,7 @@ class Example:
 COLUMNS = pa.schema([("prompt", pa.string()), ("completion", pa.string()), ("chat", pa.bool_()),
                      ("label", pa.bool_()), ("pair_id", pa.int64()), ("source", pa.string())])
 CHUNK_ROWS = 10_000  # rows held as Python objects at once while reading
+JSON_ARRAY_WARN_BYTES = 256 * 2**20  # a .json array larger than this gets a warning: it is parsed whole
 
 
 def load_examples(source: str, *, skip_bad_rows: bool = False, path: Path | None = None) -> tuple[datasets.Dataset, int]:
@@ -132,7 +134,7 @@ def split_train_eval(
     """Held-out split; both halves of a pair always land in the same split. Deterministic in (examples, seed).
 
     A unit is a pair (its two halves) or a lone unpaired example, numbered in order of first
-    appearance; the units' order is shuffled with random.Random(seed) and units are held out until
+    appearance; the units' order is shuffled with random.Random(seed).shuffle and units are held out until
     eval_fraction of the examples are. Rows keep their order within each split.
     """
     if not 0 <= eval_fraction < 1:
@@ -144,8 +146,11 @@ def split_train_eval(
     keys = np.where(pair_id >= 0, pair_id, -1 - np.arange(len(pair_id)))
     _, first, unit = np.unique(keys, return_index=True, return_inverse=True)
     unit = np.argsort(np.argsort(first, kind="stable"), kind="stable")[unit]  # numbered by first appearance
-    order = list(range(len(first)))
-    random.Random(seed).shuffle(order)  # one int per unit: the same draw as shuffling the units themselves
+    # Python's shuffle, as the list-based path drew it (so the split is unchanged), on an 8-byte-per-unit
+    # buffer that numpy then reads in place: no Python object per unit is kept.
+    shuffled = array.array("q", range(len(first)))
+    random.Random(seed).shuffle(shuffled)
+    order = np.frombuffer(shuffled, dtype=np.int64)
     sizes = np.bincount(unit)[order]
     target = max(1, round(eval_fraction * len(keys)))
     taken = int(np.searchsorted(np.cumsum(sizes), target)) + 1  # units until `target` examples are held out
@@ -225,11 +230,16 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, str, object]]:
 
 
 def _read_json(path: Path) -> Iterator[tuple[int, str, object]]:
-    """A .json file: one JSON array of rows, or JSON lines."""
+    """A .json file: one JSON array of rows (parsed whole), or JSON lines (read line by line)."""
+    with open(path, "rb") as file:
+        if not file.read(4096).lstrip().startswith(b"["):
+            yield from _read_jsonl(path)
+            return
+    if path.stat().st_size > JSON_ARRAY_WARN_BYTES:
+        logger.warning("%s is a JSON array of %d MB: it is parsed whole, all its rows in memory at once (several "
+                       "times its size). Convert it to JSON lines (.jsonl, one row a line) or parquet, which are read "
+                       "in chunks.", path, path.stat().st_size // 2**20)
     data = path.read_bytes()
-    if not data.lstrip().startswith(b"["):
-        yield from _read_jsonl(path)
-        return
     try:
         rows = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as error:
@@ -358,8 +368,7 @@ def _paired(row: dict, index: int, source: str) -> list[Example]:
 
 def _split_text(chosen: str, rejected: str) -> tuple[str, str, str]:
     """Anthropic HH text: the prompt runs through the last "\\n\\nAssistant:" the two texts share."""
-    shared = os.path.commonprefix([chosen, rejected])
-    marker = shared.rfind(HH_MARKER)
+    marker = chosen.rfind(HH_MARKER, 0, _common_prefix_length(chosen, rejected))
     if marker < 0:
         raise _BadRow(
             f"no 'prompt' field, and 'chosen'/'rejected' share no {HH_MARKER!r} marker "
@@ -367,6 +376,19 @@ def _split_text(chosen: str, rejected: str) -> tuple[str, str, str]:
         )
     cut = marker + len(HH_MARKER)
     return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    """The length of the longest common beginning of a and b: a binary search over slice comparisons
+    (os.path.commonprefix compares character by character in Python)."""
+    low, high = 0, min(len(a), len(b))  # a[:low] == b[:low]; a[:high + 1] != b[:high + 1] or past the end
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def _split_messages(chosen: list, rejected: list) -> tuple[list, list, list]:

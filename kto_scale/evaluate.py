@@ -68,7 +68,7 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
     summary = evaluation_metrics(scores, config.beta, weights)
     generations = []
     if config.generate_during_eval:  # all ranks take part; "step" is null: an adapter has no step of its own
-        generations = PromptGenerations(engine, dataset["prompt_ids"], tokenizer,
+        generations = PromptGenerations(engine, dataset, tokenizer,
                                         GenerationSettings.from_config(config)).rows(step=None)
     if is_main_process():
         # score_dataset returns every row in dataset order, so columns line up with the scores.

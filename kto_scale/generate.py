@@ -20,6 +20,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
@@ -29,6 +31,7 @@ from kto_scale.config import KTOConfig
 from kto_scale.engine import Engine
 from kto_scale.metrics import MetricsLogger, open_log
 from kto_scale.model import SequenceLogps, reference_mode
+from kto_scale.prepare import CHUNK_ROWS, prompt_keys
 
 GENERATIONS_FILE = "generations.jsonl"
 
@@ -51,11 +54,15 @@ class GenerationSettings:
                    config.generation_temperature, config.generation_top_p, config.seed)
 
 
-def generation_prompts(prompt_ids: list[list[int]], n: int, seed: int) -> list[list[int]]:
-    """`n` distinct prompts (all of them when there are fewer), chosen by `seed`, in dataset order."""
-    distinct = list(dict.fromkeys(tuple(p) for p in prompt_ids))
-    chosen = sorted(random.Random(seed).sample(range(len(distinct)), min(n, len(distinct))))
-    return [list(distinct[i]) for i in chosen]
+def generation_prompts(dataset: datasets.Dataset, n: int, seed: int) -> list[list[int]]:
+    """`n` distinct prompts of the dataset's `prompt_ids` (all of them when there are fewer), chosen by
+    `seed`, in dataset order. Prompts are told apart by `prepare.prompt_keys`, read CHUNK_ROWS rows at a
+    time; only the chosen rows are read as Python lists."""
+    keys = np.concatenate([prompt_keys(table.column("prompt_ids"))
+                           for table in dataset.with_format("arrow").iter(batch_size=CHUNK_ROWS)])
+    first = np.sort(np.unique(keys, return_index=True)[1])  # each distinct prompt's first row, in dataset order
+    chosen = sorted(random.Random(seed).sample(range(len(first)), min(n, len(first))))
+    return dataset.select(first[chosen].tolist())[:]["prompt_ids"]
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -98,13 +105,13 @@ def generate_texts(module: SequenceLogps, prompts: list[list[int]], tokenizer: P
 class PromptGenerations:
     """A fixed set of prompts and the reference's completions of them; the policy's on request."""
 
-    def __init__(self, engine: Engine, prompt_ids: list[list[int]], tokenizer: PreTrainedTokenizerBase,
+    def __init__(self, engine: Engine, dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
                  settings: GenerationSettings) -> None:
         """Pick the prompts from a split's `prompt_ids` and generate the reference (all ranks call).
         Under ZeRO-3 or FSDP with several ranks, `synced_gpus` keeps every rank in each forward pass."""
         self._args = (tokenizer, settings, engine.shards_weights and engine.world_size > 1, engine.device)
         self.module = engine.module
-        self.prompt_ids = generation_prompts(prompt_ids, settings.num_prompts, settings.prompt_seed)
+        self.prompt_ids = generation_prompts(dataset, settings.num_prompts, settings.prompt_seed)
         self.prompts = tokenizer.batch_decode(self.prompt_ids, skip_special_tokens=True)
         with reference_mode(self.module.model):
             self.reference = generate_texts(self.module, self.prompt_ids, *self._args)

@@ -185,7 +185,7 @@ def train(config: KTOConfig) -> Path:
 
     generations = generation_log = None
     if config.generate_during_eval:
-        generations = PromptGenerations(engine, eval_set["prompt_ids"], tokenizer,
+        generations = PromptGenerations(engine, eval_set, tokenizer,
                                         GenerationSettings.from_config(config))
         generation_log = GenerationLog(config.output_dir, metrics, start_step if checkpoint else None)
         if start_step == 0:  # the untrained policy: "before" text for every later step to compare with

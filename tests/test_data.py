@@ -3,6 +3,7 @@
 import gzip
 import json
 import logging
+import os
 import sys
 
 import datasets
@@ -87,6 +88,14 @@ def test_paired_hh_text_splits_at_last_shared_assistant_marker(tmp_path):
     )
     assert (chosen.completion, rejected.completion) == (" Sure, gladly.", " Sure! No.")
     assert (chosen.label, rejected.label, chosen.pair_id, rejected.pair_id) == (True, False, 0, 0)
+
+
+def test_common_prefix_length_is_os_path_commonprefix():
+    """The binary search over slices finds what os.path.commonprefix (the list-based path's) found."""
+    texts = ["", "a", "ab", "abc", "abd", "b", HH_CHOSEN, HH_REJECTED, HH_CHOSEN + "x", "\u00e9t\u00e9", "\u00e9t\u00e0"]
+    for a in texts:
+        for b in texts:
+            assert data._common_prefix_length(a, b) == len(os.path.commonprefix([a, b])), (a, b)
 
 
 def test_paired_hh_text_without_marker_asks_for_prompt(tmp_path):
@@ -232,6 +241,15 @@ def test_bad_row_of_json_array_names_row(tmp_path):
     path.write_text(json.dumps([UNPAIRED[0], {"prompt": "Q", "completion": "A", "label": 0}]))
     with pytest.raises(DataError, match=rf"{path}, row 2: 'label' is 0"):
         load_examples(str(path))
+
+
+def test_large_json_array_is_read_with_a_warning_to_use_json_lines(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(UNPAIRED))
+    monkeypatch.setattr(data, "JSON_ARRAY_WARN_BYTES", path.stat().st_size - 1)
+    with caplog.at_level(logging.WARNING):
+        assert len(load_examples(str(path))[0]) == len(UNPAIRED)
+    assert "is a JSON array of 0 MB: it is parsed whole" in caplog.text and "JSON lines (.jsonl" in caplog.text
 
 
 def test_skip_bad_rows_counts_them(tmp_path):

@@ -2,8 +2,10 @@
 eval mode, the KV cache, seeded sampling that leaves the training RNG alone, and the resumable log."""
 
 import json
+import random
 from types import SimpleNamespace
 
+import datasets
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -24,13 +26,25 @@ from kto_scale.model import SequenceLogps
 
 def test_prompts_are_distinct_seeded_and_capped():
     prompt_ids = [[1, 5], [1, 5], [1, 6], [1, 7, 8], [1, 7, 8], [1, 9]]  # pairs share their prompt
-    chosen = generation_prompts(prompt_ids, 3, seed=0)
+    split = _split(prompt_ids)
+    chosen = generation_prompts(split, 3, seed=0)
     assert len(chosen) == 3 and len({tuple(p) for p in chosen}) == 3
     assert all(p in prompt_ids for p in chosen)
-    assert chosen == generation_prompts(prompt_ids, 3, seed=0)
+    assert chosen == generation_prompts(split, 3, seed=0)
     assert sorted(chosen, key=prompt_ids.index) == chosen  # dataset order
-    assert {tuple(p) for s in range(10) for p in generation_prompts(prompt_ids, 3, s)} == {(1, 5), (1, 6), (1, 7, 8), (1, 9)}
-    assert generation_prompts(prompt_ids, 10, seed=0) == [[1, 5], [1, 6], [1, 7, 8], [1, 9]]
+    assert {tuple(p) for s in range(10) for p in generation_prompts(split, 3, s)} == {(1, 5), (1, 6), (1, 7, 8), (1, 9)}
+    assert generation_prompts(split, 10, seed=0) == [[1, 5], [1, 6], [1, 7, 8], [1, 9]]
+    # The draw of the list-based version (distinct prompts by tuple, random.Random(seed).sample): the same prompts.
+    distinct = list(dict.fromkeys(tuple(p) for p in prompt_ids))
+    for seed in range(10):
+        drawn = sorted(random.Random(seed).sample(range(len(distinct)), 3))
+        assert generation_prompts(split, 3, seed) == [list(distinct[i]) for i in drawn]
+
+
+def _split(prompt_ids: list[list[int]]) -> datasets.Dataset:
+    """A split with only the prompt column, int32 as prepared splits store it."""
+    return datasets.Dataset.from_dict({"prompt_ids": prompt_ids},
+                                      features=datasets.Features({"prompt_ids": datasets.List(datasets.Value("int32"))}))
 
 
 @pytest.fixture
@@ -65,7 +79,7 @@ def test_greedy_text_equals_plain_generate_of_each_prompt(tiny_model, tokenizer,
     policy (adapters on, dropout off) and the reference (adapters off) alike."""
     config = _config(tiny_model)
     engine = SimpleNamespace(module=SequenceLogps(policy), shards_weights=False, world_size=1, device=CPU)
-    generations = PromptGenerations(engine, PROMPTS, tokenizer, GenerationSettings.from_config(config))
+    generations = PromptGenerations(engine, _split(PROMPTS), tokenizer, GenerationSettings.from_config(config))
     rows = generations.rows(step=3)
     assert policy.training  # put back in training mode
     policy.eval()

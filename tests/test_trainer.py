@@ -84,7 +84,7 @@ def test_generations_of_held_out_prompts(one_process_run):
     assert len({line["reference"] for line in lines[::2]}) == 1  # the reference is generated once
     assert lines[-2]["policy"] != lines[-2]["reference"]  # training changed what the policy writes
 
-    chosen = generation_prompts(eval_set["prompt_ids"], 2, config.data_seed)
+    chosen = generation_prompts(eval_set, 2, config.data_seed)
     assert tokenizer.batch_decode(chosen, skip_special_tokens=True) == prompts
     policy = PeftModel.from_pretrained(load_base_model(config), one_process_run / "adapter").eval()
     assert [line["policy"] for line in lines[-2:]] == [_plain_generate(policy, p, tokenizer) for p in chosen]
