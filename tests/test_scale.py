@@ -20,6 +20,7 @@ from runs import (
     deepspeed_run,
     free_port,
     generations,
+    launch_together,
     metrics,
     run,
     wait_for,
@@ -266,26 +267,31 @@ run_command(lambda: trainer.train(load_config(sys.argv[1:])))  # as launch/train
 """
 
 
-def _train_with_nan_losses(tmp_path, tiny_model, nan_steps: set[int], *args: str) -> subprocess.CompletedProcess:
-    """A one-process run whose loss is NaN at the listed optimizer steps (patched in the child)."""
-    config = config_file(tmp_path, "nan", tiny_model, gradient_accumulation_steps=1, max_steps=6,
-                         eval_fraction=0.0, save_steps=100)
-    return subprocess.run([sys.executable, "-c", _NAN_RUN.format(nan_steps=nan_steps), "--config", str(config), *args],
-                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def nan_runs(tmp_path_factory, tiny_model) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Two one-process runs whose loss is NaN at optimizer steps 2 and 3 (patched in the child), the second
+    with max_bad_steps 2, started at once (6 steps each): {name: (its run dir, how it ended)}."""
+    dirs = {name: tmp_path_factory.mktemp(name) for name in ("skipped", "stopped")}
+    configs = {name: config_file(tmp, "nan", tiny_model, gradient_accumulation_steps=1, max_steps=6,
+                                 eval_fraction=0.0, save_steps=100) for name, tmp in dirs.items()}
+    command = [sys.executable, "-c", _NAN_RUN.format(nan_steps={2, 3})]
+    results = launch_together({"skipped": [*command, "--config", str(configs["skipped"])],
+                               "stopped": [*command, "--config", str(configs["stopped"]), "--max_bad_steps", "2"]})
+    return {name: (dirs[name] / "nan", results[name]) for name in dirs}
 
 
 @pytest.mark.e2e
-def test_non_finite_steps_are_skipped_and_counted(tmp_path, tiny_model):
-    result = _train_with_nan_losses(tmp_path, tiny_model, {2, 3})
+def test_non_finite_steps_are_skipped_and_counted(nan_runs):
+    run_dir, result = nan_runs["skipped"]
     assert result.returncode == 0, result.stderr[-3000:]
-    adapter = load_file(tmp_path / "nan" / "adapter" / "adapter_model.safetensors")
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert all(t.isfinite().all() for t in adapter.values())
-    assert metrics(tmp_path / "nan", "train")[-1]["skipped_steps"] == 2
+    assert metrics(run_dir, "train")[-1]["skipped_steps"] == 2
 
 
 @pytest.mark.e2e
-def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, tiny_model):
-    result = _train_with_nan_losses(tmp_path, tiny_model, {2, 3}, "--max_bad_steps", "2")
+def test_too_many_bad_steps_in_a_row_stop_the_run(nan_runs):
+    _, result = nan_runs["stopped"]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: 2 optimizer steps in a row had non-finite gradients (max_bad_steps=2)")
