@@ -32,12 +32,15 @@ def write_data(path: Path, n: int = 24) -> Path:
 
 def config_file(tmp_path: Path, name: str, model: Path, **overrides) -> Path:
     """A run config for the tiny model: 4 steps of 4 examples, logged every step, fp32, no dropout;
-    greedy generations of 2 eval prompts at steps 0, 2 and 4 (when there is eval data)."""
+    greedy generations of 2 eval prompts at steps 0, 2 and 4 (when there is eval data). adam_epsilon is
+    1e-3, not 1e-8: Adam's update then stays Lipschitz in the gradient (slope <= 1 / eps), so runs that
+    round differently end with adapters a derivable distance apart (tests/tolerances.py adapter_atol);
+    with 1e-8 a gradient component at float-noise level (lora_A's while lora_B is 0) gets a full step."""
     config = {
         "model_name_or_path": str(model),
         "dataset_name": str(write_data(tmp_path / "data.jsonl")), "eval_fraction": 0.25,
         "output_dir": str(tmp_path / name), "max_length": 64, "max_prompt_length": 32,
-        "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 5e-3,
+        "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 5e-3, "adam_epsilon": 1e-3,
         "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "max_steps": 4, "logging_steps": 1,
         "eval_steps": 2, "save_steps": 2, "disable_tqdm": True, "deepspeed": str(ROOT / "ds_configs/zero2.json"),
         "num_generation_prompts": 2, "max_new_tokens": 8,
@@ -114,9 +117,10 @@ def deepspeed_run(num_ranks: int, config: Path, *args: str) -> subprocess.Comple
                 "launch/train.py", "--config", str(config), *args])
 
 
-def metrics(run_dir: Path, split: str) -> list[dict]:
+def metrics(run_dir: Path, split: str | None = None) -> list[dict]:
+    """The lines of a run's metrics.jsonl (of one split, if given)."""
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [line for line in lines if line["split"] == split]
+    return [line for line in lines if split in (None, line["split"])]
 
 
 def generations(run_dir: Path) -> list[dict]:

@@ -3,7 +3,7 @@
 The reference is `one_process_run` (conftest): plain python, DeepSpeed ZeRO-2, 1 rank x 2 accumulation
 x 2 per micro-batch, fp32 on CPU. FSDP2 runs of the same global batch on 1 and 2 ranks, and on two
 simulated nodes through the SLURM script, must give its per-step loss, z_ref, rewards and gradient
-norm, its evaluations, generations and final adapter (1e-5)."""
+norm, its evaluations, generations and final adapter, within what rounding allows (tests/tolerances.py)."""
 
 import json
 import shutil
@@ -23,7 +23,8 @@ from runs import (
     run,
 )
 from safetensors.torch import load_file
-from test_scale import _assert_same_adapter, _assert_same_steps, assert_resumed_equals_whole, run_slurm_script
+from test_scale import _assert_same_steps, assert_resumed_equals_whole, run_slurm_script
+from tolerances import BF16_EPS, adapter_atol, run_tolerances
 
 from kto_scale.assets import TINY_LLAMA_DIR
 from kto_scale.checkpoint import check_resume
@@ -48,10 +49,7 @@ def fsdp_two_ranks(tmp_path_factory, tiny_model) -> Path:
 
 def _assert_same_run(reference: Path, other: Path) -> None:
     _assert_same_steps(reference, other)
-    _assert_same_adapter(reference, other, atol=1e-5)
-    for a, b in zip(metrics(reference, "eval"), metrics(other, "eval"), strict=True):
-        for key in ("loss", "kl", "reward_accuracy", "margins"):
-            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+    _assert_same_steps(reference, other, keys=("loss", "kl", "reward_accuracy", "margins"), splits=("eval",))
     assert generations(other) == generations(reference)
 
 
@@ -89,7 +87,6 @@ def test_resume_on_one_rank_and_export_from_an_fsdp_checkpoint(tmp_path, tiny_mo
     data = load_config(["--config", str(resumed / "kto_config.yaml")]).dataset_name
     torchrun(1, config, "--resume_from_checkpoint", "latest", "--dataset_name", data)
     _assert_same_steps(one_process_run, resumed)
-    _assert_same_adapter(one_process_run, resumed, atol=1e-5)
 
     checkpoint = fsdp_two_ranks / "checkpoint-4"
     run([sys.executable, "launch/merge_lora.py", "--base", str(tiny_model), "--adapter", str(checkpoint),
@@ -125,15 +122,15 @@ def test_precompute_and_evaluate_on_fsdp(tmp_path, tiny_model, fsdp_two_ranks):
     torchrun(2, config, script="launch/precompute_ref.py")
     torchrun(2, config)
     _assert_same_steps(fsdp_two_ranks, tmp_path / "cached")
-    _assert_same_adapter(fsdp_two_ranks, tmp_path / "cached", atol=1e-5)
 
     run([*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "launch/evaluate.py", "--config",
          str(fsdp_two_ranks / "kto_config.yaml"), "--adapter", str(fsdp_two_ranks / "adapter"),
          "--output", str(tmp_path / "eval")])
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    final = metrics(fsdp_two_ranks, "eval")[-1]
+    final, atol = metrics(fsdp_two_ranks)[-1], run_tolerances(fsdp_two_ranks, 0.0)[-1]  # the same weights
+    assert final["split"] == "eval"
     for key in ("loss", "kl", "reward_accuracy", "margins"):
-        assert summary[key] == pytest.approx(final[key], abs=1e-5), key
+        assert summary[key] == pytest.approx(final[key], abs=atol[key]), key
 
 
 @pytest.mark.e2e
@@ -155,18 +152,27 @@ def test_engine_options_are_checked_before_anything_runs(tmp_path, one_process_r
 @pytest.mark.e2e
 def test_bf16_with_gradient_checkpointing_tracks_deepspeed(tmp_path, tiny_model):
     """bf16 compute, fp32 gradient reduction and fp32 LoRA master weights (MixedPrecisionPolicy), with
-    activation checkpointing, on FSDP2, against DeepSpeed's bf16: bf16 rounding apart (observed: z_ref
-    0.2%, the adapter 5e-4), the same run, and the adapter saved in float32. One rank: two gloo ranks in
-    bf16 on CPU have (rarely: twice in about 20 runs) aborted at interpreter exit after the run was
-    complete ("terminate called without an active exception"; launch scripts now skip that teardown:
-    kto_scale.distributed.exit_without_teardown)."""
+    activation checkpointing, on FSDP2, against DeepSpeed's bf16, and the adapter saved in float32.
+
+    What rounding allows: step 1 runs the same bf16 kernels on the same bf16 weights in both engines,
+    so its log-probs, rewards, z_ref and loss are equal exactly. The gradients are not: DeepSpeed rounds
+    each element to bf16 once per accumulated micro-batch, FSDP2 accumulates and reduces in fp32, so they
+    differ by rho = accumulation * 2^-8, relative (the grad norm too), and the adapters by adapter_atol
+    with that rho (tests/tolerances.py). Later steps are not compared number by number: from weights
+    that far apart, no bound on a bf16 log-prob says more than its own size.
+
+    One rank: two gloo ranks in bf16 on CPU have (rarely: twice in about 20 runs) aborted at interpreter
+    exit after the run was complete ("terminate called without an active exception"; launch scripts
+    now skip that teardown: kto_scale.distributed.exit_without_teardown)."""
     options = dict(bf16=True, gradient_checkpointing=True, eval_fraction=0.0)
     run([sys.executable, "launch/train.py", "--config", str(config_file(tmp_path, "ds", tiny_model, **options))])
     torchrun(1, config_file(tmp_path, "fsdp", tiny_model, **options, **FSDP))
-    ds, fsdp = metrics(tmp_path / "ds", "train"), metrics(tmp_path / "fsdp", "train")
-    for a, b in zip(ds, fsdp, strict=True):
-        for key in ("loss", "kl", "rewards/desirable", "grad_norm"):  # bf16 keeps about 3 significant digits
-            assert b[key] == pytest.approx(a[key], rel=1e-2, abs=1e-3), (a["step"], key)
-    _assert_same_adapter(tmp_path / "ds", tmp_path / "fsdp", atol=3e-3)
-    adapter = load_file(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")
-    assert {t.dtype for t in adapter.values()} == {torch.float32}
+    ds, fsdp = metrics(tmp_path / "ds", "train")[0], metrics(tmp_path / "fsdp", "train")[0]
+    for key in ("loss", "kl", "rewards/desirable", "rewards/undesirable", "logps/desirable", "logps/undesirable"):
+        assert fsdp[key] == ds[key], key
+    rho = 2 * BF16_EPS  # runs.config_file: 2 accumulated micro-batches
+    assert fsdp["grad_norm"] == pytest.approx(ds["grad_norm"], rel=rho)
+    first, second = (load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("ds", "fsdp"))
+    apart = max(float((first[key] - second[key]).abs().max()) for key in first)
+    assert first.keys() == second.keys() and apart <= adapter_atol(tmp_path / "ds", gradient_rtol=rho), apart
+    assert {t.dtype for t in second.values()} == {torch.float32}

@@ -59,8 +59,9 @@ def test_sigkill_then_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path,
        stop after the same step, with a checkpoint of it and one line saying so (exit 75 under
        DeepSpeed's launcher; torchrun turns any failed worker into exit 1, so kto.sbatch requeues on its
        own trap too), and no traceback from the run;
-    3. resumed again, it logs every step once, those after the first resume as the uninterrupted run's
-       (1e-6: the same engine, kernels and shapes), the same generations and the same adapter.
+    3. resumed again, it logs every step once, those after the first resume exactly as the uninterrupted
+       run's (the same ranks, kernels and shapes from the checkpoints' exact state), the same
+       generations and the same adapter.
     On DeepSpeed, the export command then gathers a ZeRO-3 checkpoint's LoRA shards into the adapter it saved."""
     options = dict(gradient_accumulation_steps=1, max_steps=16, save_steps=3, eval_steps=8, lora_dropout=0.1,
                    **(FSDP if engine == "fsdp" else {"deepspeed": str(ROOT / "ds_configs/zero3.json")}))

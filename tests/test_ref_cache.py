@@ -21,11 +21,11 @@ from runs import (
     config_file,
     die_after_first,
     free_port,
-    metrics,
     run,
     write_data,
 )
 from safetensors.numpy import load_file, save_file
+from test_scale import _assert_same_steps
 from tolerances import logp_rtol
 
 from kto_scale.collate import collate
@@ -120,7 +120,7 @@ def on_the_fly(setup) -> Path:
 def test_training_from_cache_matches_on_the_fly(setup, on_the_fly, ranks):
     """Per-step train metrics and the eval metrics are those of the one-rank run that computes the
     reference in every step. Two ZeRO-3 ranks x 1 accumulation are the same global batch in another
-    layout, which changes the numbers by rounding only (1e-5: tests/test_scale.py's assert_same_run)."""
+    layout, which changes the numbers by rounding only (tests/tolerances.py's run tolerances)."""
     config = setup["one" if ranks == 1 else "two"]
     launch = TRAIN if ranks == 1 else [*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
                                        "launch/train.py"]
@@ -128,13 +128,8 @@ def test_training_from_cache_matches_on_the_fly(setup, on_the_fly, ranks):
     cached = run([*launch, "--config", str(config), "--output_dir", str(cached_dir),
                   "--ref_cache", str(setup["cache1"])])
     assert "Reference log-probs of 151 train examples read from" in cached.stderr  # the cache was used
-    for split in SPLITS:
-        fly, cached = metrics(on_the_fly, split), metrics(cached_dir, split)
-        assert [m["step"] for m in fly] == [m["step"] for m in cached] and fly
-        for a, b in zip(fly, cached, strict=True):
-            assert a.keys() == b.keys()
-            for key in a.keys() - {"split", "time", "examples_per_s", "tokens_per_s"}:  # loss, kl, rewards, ...
-                assert b[key] == pytest.approx(a[key], abs=1e-5), (split, a["step"], key)
+    # Every number of both splits, within what rounding allows (tests/tolerances.py).
+    _assert_same_steps(on_the_fly, cached_dir, keys=None, splits=SPLITS)
 
 
 @pytest.mark.e2e
