@@ -112,6 +112,16 @@ def run(command: list[str], timeout: int = 480) -> subprocess.CompletedProcess:
     return result
 
 
+def run_together(commands: dict[str, list[str]], timeout: int = 480) -> dict[str, subprocess.CompletedProcess]:
+    """launch_together() commands that must all succeed; fail the test with the output of one that does not.
+    For independent one-process runs: each uses one core (OMP_NUM_THREADS=1), so on two cores a pair
+    takes about the time of one."""
+    results = launch_together(commands, timeout)
+    for name, result in results.items():
+        assert result.returncode == 0, f"{name}:\n{result.stdout[-4000:]}{result.stderr[-6000:]}"
+    return results
+
+
 def deepspeed_run(num_ranks: int, config: Path, *args: str) -> subprocess.CompletedProcess:
     return run([*DEEPSPEED, "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
                 "launch/train.py", "--config", str(config), *args])

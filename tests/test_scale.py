@@ -23,6 +23,7 @@ from runs import (
     launch_together,
     metrics,
     run,
+    run_together,
     wait_for,
     write_data,
 )
@@ -160,13 +161,11 @@ def test_kl_baseline_is_the_same_for_any_split_of_the_effective_batch(tmp_path, 
     common = dict(max_steps=4, eval_fraction=0.0, save_steps=100, learning_rate=1e-2,
                   dataset_name=str(write_data(tmp_path / "odd.jsonl", 28)))
     layouts = {"1x4x2": (1, 4, 2), "2x2x2": (2, 2, 2), "1x1x8": (1, 1, 8)}
-    for name, (ranks, accumulation, micro) in layouts.items():
-        config = config_file(tmp_path, name, tiny_model, gradient_accumulation_steps=accumulation,
-                             per_device_train_batch_size=micro, **common)
-        if ranks == 1:
-            run([*TRAIN, "--config", str(config)])
-        else:
-            deepspeed_run(ranks, config)
+    configs = {name: config_file(tmp_path, name, tiny_model, gradient_accumulation_steps=accumulation,
+                                 per_device_train_batch_size=micro, **common)
+               for name, (_, accumulation, micro) in layouts.items()}
+    run_together({name: [*TRAIN, "--config", str(configs[name])] for name in ("1x4x2", "1x1x8")})  # one rank each
+    deepspeed_run(2, configs["2x2x2"])
     for name in ("2x2x2", "1x1x8"):
         _assert_same_steps(tmp_path / "1x4x2", tmp_path / name)
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 from peft import PeftModel
-from runs import TRAIN, config_file, generations, kl_ratios_of_step, metrics, run
+from runs import TRAIN, config_file, generations, kl_ratios_of_step, metrics, run, run_together
 from safetensors.torch import load_file
 from tolerances import merged_logits_atol
 
@@ -114,8 +114,10 @@ def test_sampled_generation_leaves_the_training_alone(tmp_path, tiny_model):
     step 1 logs exactly the losses of a run without generation: generating neither draws from the
     training's random stream nor leaves the model in eval mode (dropout off)."""
     args = dict(lora_dropout=0.3, max_steps=2, eval_steps=1, save_steps=100)
-    run([*TRAIN, "--config", str(config_file(tmp_path, "sampled", tiny_model, generation_do_sample=True, **args))])
-    run([*TRAIN, "--config", str(config_file(tmp_path, "off", tiny_model, generate_during_eval=False, **args))])
+    run_together({"sampled": [*TRAIN, "--config", str(config_file(tmp_path, "sampled", tiny_model,
+                                                                  generation_do_sample=True, **args))],
+                  "off": [*TRAIN, "--config", str(config_file(tmp_path, "off", tiny_model, generate_during_eval=False,
+                                                              **args))]})
     for split in ("train", "eval"):
         assert ([m["loss"] for m in metrics(tmp_path / "sampled", split)]
                 == [m["loss"] for m in metrics(tmp_path / "off", split)]), split
