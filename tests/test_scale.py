@@ -170,19 +170,6 @@ def test_kl_baseline_is_the_same_for_any_split_of_the_effective_batch(tmp_path, 
         _assert_same_steps(tmp_path / "1x4x2", tmp_path / name)
 
 
-def assert_resumed_equals_whole(whole: Path, resumed: Path, resumed_from: int, steps: int) -> None:
-    """Every step logged once, those after the resume exactly as the uninterrupted run's, and the same
-    adapter: the same ranks run the same kernels on the same shapes from the checkpoint's exact fp32
-    state (weights, Adam's moments, RNG), so nothing rounds differently."""
-    before, after = metrics(whole, "train"), metrics(resumed, "train")
-    assert [m["step"] for m in after] == list(range(1, steps + 1))
-    for a, b in zip(before[resumed_from:], after[resumed_from:], strict=True):
-        for key in ("loss", "kl", "grad_norm"):
-            assert b[key] == a[key], (a["step"], key)
-    first, second = _adapter(whole), _adapter(resumed)
-    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
-
-
 @pytest.mark.e2e
 def test_a_dead_rank_stops_the_others_within_the_timeout(tmp_path, tiny_model):
     """Two ranks started without a launcher (as srun or torchrun would); SIGKILL one once the run is
