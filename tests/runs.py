@@ -75,13 +75,14 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def launch(command: list[str], timeout: int = 480, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run a command from the repo root and return how it ended (a timeout fails the test).
+def _start(command: list[str], env: dict[str, str] | None) -> subprocess.Popen:
+    # Its own process group, so a timeout kills the launcher and every rank it started (subprocess.run
+    # alone would kill only the launcher and leave the ranks running).
+    return subprocess.Popen(command, cwd=ROOT, env=clean_env(**(env or {})), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
-    The command gets its own process group, so a timeout kills the launcher and every rank it started
-    (subprocess.run alone would kill only the launcher and leave the ranks running)."""
-    process = subprocess.Popen(command, cwd=ROOT, env=clean_env(**(env or {})), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+
+def _finish(process: subprocess.Popen, command: list[str], timeout: int) -> subprocess.CompletedProcess:
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -91,11 +92,34 @@ def launch(command: list[str], timeout: int = 480, env: dict[str, str] | None = 
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+def launch(command: list[str], timeout: int = 480, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command from the repo root and return how it ended (a timeout fails the test)."""
+    return _finish(_start(command, env), command, timeout)
+
+
+def launch_together(commands: dict[str, list[str]], timeout: int = 300,
+                    env: dict[str, str] | None = None) -> dict[str, subprocess.CompletedProcess]:
+    """launch() every command at once and return how each ended. For commands that stop within seconds
+    (refusals, one-line errors): their cost is the interpreter's start-up, which runs on every core at once."""
+    started = {name: _start(command, env) for name, command in commands.items()}
+    return {name: _finish(process, commands[name], timeout) for name, process in started.items()}
+
+
 def run(command: list[str], timeout: int = 480) -> subprocess.CompletedProcess:
     """launch() a command; fail the test with its output if it fails."""
     result = launch(command, timeout)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
     return result
+
+
+def run_together(commands: dict[str, list[str]], timeout: int = 480) -> dict[str, subprocess.CompletedProcess]:
+    """launch_together() commands that must all succeed; fail the test with the output of one that does not.
+    For independent one-process runs: each uses one core (OMP_NUM_THREADS=1), so on two cores a pair
+    takes about the time of one."""
+    results = launch_together(commands, timeout)
+    for name, result in results.items():
+        assert result.returncode == 0, f"{name}:\n{result.stdout[-4000:]}{result.stderr[-6000:]}"
+    return results
 
 
 def deepspeed_run(num_ranks: int, config: Path, *args: str) -> subprocess.CompletedProcess:

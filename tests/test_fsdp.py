@@ -3,7 +3,8 @@
 The reference is `one_process_run` (conftest): plain python, DeepSpeed ZeRO-2, 1 rank x 2 accumulation
 x 2 per micro-batch, fp32 on CPU. FSDP2 runs of the same global batch on 1 and 2 ranks, and on two
 simulated nodes through the SLURM script, must give its per-step loss, z_ref, rewards and gradient
-norm, its evaluations, generations and final adapter, within what rounding allows (tests/tolerances.py)."""
+norm, its evaluations, generations and final adapter, within what rounding allows (tests/tolerances.py).
+(Resuming FSDP2 runs after SIGKILL and SIGTERM: tests/test_preemption.py.)"""
 
 import json
 import shutil
@@ -15,15 +16,16 @@ import pytest
 import torch
 from runs import (
     ROOT,
+    TRAIN,
     config_file,
-    die_after_first,
     free_port,
     generations,
     metrics,
     run,
+    run_together,
 )
 from safetensors.torch import load_file
-from test_scale import _assert_same_steps, assert_resumed_equals_whole, run_slurm_script
+from test_scale import _assert_same_steps, run_slurm_script
 from tolerances import BF16_EPS, adapter_atol, run_tolerances
 
 from kto_scale.assets import TINY_LLAMA_DIR
@@ -54,29 +56,16 @@ def _assert_same_run(reference: Path, other: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_one_and_two_fsdp_ranks_equal_deepspeed(tmp_path, tiny_model, one_process_run, fsdp_two_ranks):
-    result = torchrun(1, config_file(tmp_path, "one", tiny_model, **FSDP))
-    assert "(1 ranks x 2 accumulation x 2 per micro-batch) on FSDP2 (full_shard)" in result.stderr
-    for run_dir in (tmp_path / "one", fsdp_two_ranks):
-        _assert_same_run(one_process_run, run_dir)
+def test_two_fsdp_ranks_equal_deepspeed(one_process_run, fsdp_two_ranks):
+    _assert_same_run(one_process_run, fsdp_two_ranks)
     assert (fsdp_two_ranks / "checkpoint-2" / "fsdp").is_dir() and not (fsdp_two_ranks / "checkpoint-2" / "deepspeed").exists()
 
 
 @pytest.mark.e2e
-def test_slurm_script_runs_fsdp_on_two_simulated_nodes(tmp_path, one_process_run):
-    """launch/slurm/kto.sbatch on an FSDP2 config: torchrun --nnodes 2 --node_rank 0|1, one rank each,
-    with CPU offload, and the base built by init_random_weights on every rank (partition-independent:
-    the tiny_model fixture's weights, so the run is the reference run)."""
-    config = config_file(tmp_path, "nodes", TINY_LLAMA_DIR, init_random_weights=True, gradient_accumulation_steps=1,
-                         fsdp="full_shard offload", deepspeed=None)
-    run_slurm_script(tmp_path, config)
-    _assert_same_run(one_process_run, tmp_path / "nodes")
-
-
-@pytest.mark.e2e
 def test_resume_on_one_rank_and_export_from_an_fsdp_checkpoint(tmp_path, tiny_model, one_process_run, fsdp_two_ranks):
-    """2 -> 1 ranks: DCP reshards the checkpoint of step 2; steps 3-4 and the adapter are the uninterrupted
-    run's. The export command reads an FSDP2 checkpoint's adapter as it is."""
+    """2 -> 1 ranks: DCP reshards the checkpoint of step 2; one FSDP2 rank then runs steps 3-4, the final
+    evaluation and the generations as the reference run did (so this is also the one-rank FSDP2 run), and
+    ends with its adapter. The export command reads an FSDP2 checkpoint's adapter as it is."""
     resumed = tmp_path / "resumed"
     shutil.copytree(fsdp_two_ranks, resumed)  # as if the run had died right after step 2's checkpoint
     shutil.rmtree(resumed / "checkpoint-4")
@@ -85,8 +74,9 @@ def test_resume_on_one_rank_and_export_from_an_fsdp_checkpoint(tmp_path, tiny_mo
     config = config_file(tmp_path, "resumed", tiny_model, **FSDP)
     # The same data as the copied run (a resume refuses another dataset_name: issue 20's explicit changes).
     data = load_config(["--config", str(resumed / "kto_config.yaml")]).dataset_name
-    torchrun(1, config, "--resume_from_checkpoint", "latest", "--dataset_name", data)
-    _assert_same_steps(one_process_run, resumed)
+    result = torchrun(1, config, "--resume_from_checkpoint", "latest", "--dataset_name", data)
+    assert "(1 ranks x 2 accumulation x 2 per micro-batch) on FSDP2 (full_shard)" in result.stderr
+    _assert_same_run(one_process_run, resumed)
 
     checkpoint = fsdp_two_ranks / "checkpoint-4"
     run([sys.executable, "launch/merge_lora.py", "--base", str(tiny_model), "--adapter", str(checkpoint),
@@ -97,31 +87,21 @@ def test_resume_on_one_rank_and_export_from_an_fsdp_checkpoint(tmp_path, tiny_mo
 
 
 @pytest.mark.e2e
-def test_fsdp_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model):
-    """SIGKILL both ranks right after a checkpoint, resume: the uninterrupted run's steps and adapter
-    (LoRA dropout on: each rank's RNG state is restored)."""
-    options = dict(gradient_accumulation_steps=1, max_steps=8, save_steps=3, eval_steps=4, lora_dropout=0.1, **FSDP)
-    torchrun(2, config_file(tmp_path, "whole", tiny_model, **options))
-    killed = config_file(tmp_path, "killed", tiny_model, **options)
-    out = tmp_path / "killed"
-    # Every rank SIGKILLs itself right after the first checkpoint (step 3), as if the node went down.
-    die_after_first("kto_scale.trainer:save_checkpoint", [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
-                                                          "launch/train.py", "--config", str(killed)])
-    assert (out / "latest").read_text() == "checkpoint-3" and not (out / "adapter").exists()
-
-    torchrun(2, killed, "--resume_from_checkpoint", "latest")
-    assert_resumed_equals_whole(tmp_path / "whole", out, 3, steps=8)
-
-
-@pytest.mark.e2e
-def test_precompute_and_evaluate_on_fsdp(tmp_path, tiny_model, fsdp_two_ranks):
-    """The reference cache precomputed on 2 FSDP2 ranks, read by a padding-free run, gives the padded
-    on-the-fly run; evaluate on 2 FSDP2 ranks scores the saved adapter as the run's final evaluation did."""
-    config = config_file(tmp_path, "cached", tiny_model, gradient_accumulation_steps=1, ref_cache=str(tmp_path / "cache"),
-                         padding_free=True, **FSDP)
+def test_precompute_then_slurm_on_two_simulated_nodes_and_evaluate_on_fsdp(tmp_path, one_process_run, fsdp_two_ranks):
+    """One run that combines what must each leave the numbers alone: the reference cache precomputed on 2
+    FSDP2 ranks, read by a padding-free run of launch/slurm/kto.sbatch on two simulated nodes (torchrun
+    --nnodes 2 --node_rank 0|1, one rank each) with CPU offload, whose base is built by init_random_weights
+    on every rank (partition-independent: the tiny_model fixture's weights). They are orthogonal: the
+    launcher places ranks, offload moves where the sharded state lives, the cache replaces the reference's
+    forwards, padding-free changes the policy's shapes, and the init happens before any of them. The run
+    is the reference run (padded, on the fly, one process). Then evaluate on 2 FSDP2 ranks scores the
+    saved adapter as the run's final evaluation did."""
+    config = config_file(tmp_path, "nodes", TINY_LLAMA_DIR, init_random_weights=True, gradient_accumulation_steps=1,
+                         ref_cache=str(tmp_path / "cache"), padding_free=True, fsdp="full_shard offload", deepspeed=None)
     torchrun(2, config, script="launch/precompute_ref.py")
-    torchrun(2, config)
-    _assert_same_steps(fsdp_two_ranks, tmp_path / "cached")
+    result = run_slurm_script(tmp_path, config)
+    assert "Reference log-probs of 18 train examples read from" in result.stdout + result.stderr  # the cache was used
+    _assert_same_run(one_process_run, tmp_path / "nodes")
 
     run([*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "launch/evaluate.py", "--config",
          str(fsdp_two_ranks / "kto_config.yaml"), "--adapter", str(fsdp_two_ranks / "adapter"),
@@ -165,8 +145,11 @@ def test_bf16_with_gradient_checkpointing_tracks_deepspeed(tmp_path, tiny_model)
     exit after the run was complete ("terminate called without an active exception"; launch scripts
     now skip that teardown: kto_scale.distributed.exit_without_teardown)."""
     options = dict(bf16=True, gradient_checkpointing=True, eval_fraction=0.0)
-    run([sys.executable, "launch/train.py", "--config", str(config_file(tmp_path, "ds", tiny_model, **options))])
-    torchrun(1, config_file(tmp_path, "fsdp", tiny_model, **options, **FSDP))
+    configs = {"ds": config_file(tmp_path, "ds", tiny_model, **options),
+               "fsdp": config_file(tmp_path, "fsdp", tiny_model, **options, **FSDP)}
+    run_together({"ds": [*TRAIN, "--config", str(configs["ds"])],  # one process each: they start together
+                  "fsdp": [*TORCHRUN, "--nproc_per_node", "1", "--master_port", str(free_port()), "launch/train.py",
+                           "--config", str(configs["fsdp"])]})
     ds, fsdp = metrics(tmp_path / "ds", "train")[0], metrics(tmp_path / "fsdp", "train")[0]
     for key in ("loss", "kl", "rewards/desirable", "rewards/undesirable", "logps/desirable", "logps/undesirable"):
         assert fsdp[key] == ds[key], key

@@ -1,13 +1,15 @@
 """kl_pairs_per_step: z_ref from a fixed number of KL pairs per optimizer step, drawn from the effective
 batch. The draw (the same on any number of ranks and every step its own), the collated subset, and a
-run whose logged z_ref is recomputed here from the drawn pairs alone, on 1 rank and on 2."""
+run whose logged z_ref is recomputed here from the drawn pairs alone, on 1 rank and on 2. And
+kl_baseline micro_batch: a run whose logged z_ref is the mean of its micro-batches'."""
 
 import subprocess
+from pathlib import Path
 
 import datasets
 import pytest
 import torch
-from runs import ROOT, TRAIN, clean_env, config_file, deepspeed_run, kl_ratios_of_step, metrics, run
+from runs import ROOT, TRAIN, config_file, deepspeed_run, kl_ratios_of_step, launch_together, metrics
 from test_scale import _assert_same_steps
 from tolerances import run_tolerances
 
@@ -56,35 +58,63 @@ def test_options_that_cannot_work_are_refused():
         load_config([*base, "--kl_pairs_per_step", "2", "--kl_baseline", "micro_batch"])
 
 
+KL_RUN = dict(max_steps=3, save_steps=2, eval_fraction=0.0, learning_rate=5e-2)  # checkpoint-2, then step 3
+
+
+@pytest.fixture(scope="module")
+def one_rank_runs(tmp_path_factory, tiny_model) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """One-process runs of 1 rank x 2 accumulation x 2, started together (one core each): "pairs" with
+    kl_pairs_per_step 1 and "micro" with kl_baseline micro_batch (3 steps, checkpointed after step 2),
+    and "many" with kl_pairs_per_step 5, which must be refused. {name: (run dir, how it ended)}."""
+    tmp = tmp_path_factory.mktemp("kl")
+    configs = {"pairs": config_file(tmp, "pairs", tiny_model, kl_pairs_per_step=1, **KL_RUN),
+               "micro": config_file(tmp, "micro", tiny_model, kl_baseline="micro_batch", **KL_RUN),
+               "many": config_file(tmp, "many", tiny_model, kl_pairs_per_step=5)}
+    results = launch_together({name: [*TRAIN, "--config", str(config)] for name, config in configs.items()})
+    return {name: (tmp / name, results[name]) for name in configs}
+
+
 @pytest.mark.e2e
-def test_run_z_ref_is_the_mean_over_the_drawn_pairs(tmp_path, tiny_model):
+def test_run_z_ref_is_the_mean_over_the_drawn_pairs(one_rank_runs, tmp_path, tiny_model):
     """1 rank x 2 accumulation x 2 with kl_pairs_per_step 1: step 3's logged kl is max(0, the one drawn
     pair's log-ratio), recomputed here from the policy checkpointed after step 2, and not the mean over all
     four. Two ZeRO-3 ranks x 1 x 2 (the same global batch) log the same numbers at every step."""
-    config = config_file(tmp_path, "one", tiny_model, kl_pairs_per_step=1, max_steps=3, save_steps=2,
-                         eval_fraction=0.0, learning_rate=5e-2)
-    run([*TRAIN, "--config", str(config)])
-    ratios, drawn = kl_ratios_of_step(tmp_path / "one", "checkpoint-2", step=3)
+    one, result = one_rank_runs["pairs"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    ratios, drawn = kl_ratios_of_step(one, "checkpoint-2", step=3)
     ratios, drawn = [r for micro in ratios for r in micro], [d for micro in drawn for d in micro]
     assert sum(drawn) == 1
     one_pair = kl_baseline(torch.tensor(ratios)[torch.tensor(drawn)].sum(), 1).item()
     every_pair = kl_baseline(torch.tensor(ratios).sum(), 4).item()
     assert abs(one_pair - every_pair) > 1e-3, (one_pair, every_pair)  # else the test could not tell them apart
-    logged = metrics(tmp_path / "one", "train")
+    logged = metrics(one, "train")
     # The same weights (checkpoint-2) in other shapes: the forward's rounding (tests/tolerances.py).
-    assert logged[2]["kl"] == pytest.approx(one_pair, abs=run_tolerances(tmp_path / "one", 0.0)[0]["kl"])
+    assert logged[2]["kl"] == pytest.approx(one_pair, abs=run_tolerances(one, 0.0)[0]["kl"])
 
-    two = config_file(tmp_path, "two", tiny_model, kl_pairs_per_step=1, max_steps=3, save_steps=2,
-                      eval_fraction=0.0, learning_rate=5e-2, gradient_accumulation_steps=1,
+    two = config_file(tmp_path, "two", tiny_model, kl_pairs_per_step=1, **KL_RUN, gradient_accumulation_steps=1,
                       deepspeed=str(ROOT / "ds_configs/zero3.json"))
     deepspeed_run(2, two)
-    _assert_same_steps(tmp_path / "one", tmp_path / "two")
+    _assert_same_steps(one, tmp_path / "two")
 
 
 @pytest.mark.e2e
-def test_more_pairs_than_the_global_batch_is_refused(tmp_path, tiny_model):
-    config = config_file(tmp_path, "many", tiny_model, kl_pairs_per_step=5)
-    result = subprocess.run([*TRAIN, "--config", str(config)], cwd=ROOT, env=clean_env(), capture_output=True,
-                            text=True, timeout=300)
+def test_more_pairs_than_the_global_batch_is_refused(one_rank_runs):
+    _, result = one_rank_runs["many"]
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "kl_pairs_per_step (5) is more than the global batch (4 = 1 ranks x 2 accumulation x 2)" in result.stderr
+
+
+@pytest.mark.e2e
+def test_micro_batch_kl_baseline_logs_the_mean_of_the_micro_batch_z_refs(one_rank_runs):
+    """kl_baseline: micro_batch, 1 rank x 2 accumulation x 2: step 3's logged kl is the mean of the z_refs
+    of its two micro-batches, recomputed here from the step's batches and the policy checkpointed
+    after step 2 (the old code logged the last micro-batch's z_ref alone)."""
+    run_dir, result = one_rank_runs["micro"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    ratios, _ = kl_ratios_of_step(run_dir, "checkpoint-2", step=3)
+    z_refs = [kl_baseline(torch.tensor(micro).sum(), len(micro)).item() for micro in ratios]
+    assert abs(z_refs[0] - z_refs[1]) > 1e-3, z_refs  # else the test could not tell the mean from the last
+    logged = metrics(run_dir, "train")[2]
+    # The same weights (checkpoint-2), the reference here from two passes: the forward's rounding.
+    atol = run_tolerances(run_dir, 0.0)[0]["kl"]
+    assert logged["step"] == 3 and logged["kl"] == pytest.approx(sum(z_refs) / 2, abs=atol)

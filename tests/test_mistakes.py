@@ -3,11 +3,12 @@ including the ones that reach peft, transformers and the attention backends."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from runs import ROOT, TRAIN, clean_env, config_file
+from runs import TRAIN, config_file, launch_together
 from transformers import LlamaConfig, LlamaForCausalLM
 
 EVALUATE = [sys.executable, "launch/evaluate.py"]
@@ -40,15 +41,23 @@ CASES = {  # name: (command, extra arguments (from tmp_path), the line expected)
 }
 
 
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, tiny_model) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Every case from the command line, each in a directory of its own, all started at once (each stops
+    within seconds of starting): {case: (its directory, how it ended)}."""
+    dirs = {case: tmp_path_factory.mktemp("mistake") for case in CASES}
+    commands = {case: [*command, "--config", str(config_file(dirs[case], "run", tiny_model)), *extra(dirs[case])]
+                for case, (command, extra, _) in CASES.items()}
+    results = launch_together(commands)
+    return {case: (dirs[case], results[case]) for case in CASES}
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("case", CASES)
-def test_a_mistake_is_one_line(tmp_path, tiny_model, case):
-    command, extra, expected = CASES[case]
-    config = config_file(tmp_path, "run", tiny_model)
-    result = subprocess.run([*command, "--config", str(config), *extra(tmp_path)], cwd=ROOT, env=clean_env(),
-                            capture_output=True, text=True, timeout=300)
+def test_a_mistake_is_one_line(outcomes, case):
+    tmp_path, result = outcomes[case]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(expected.format(t=tmp_path)), last
+    assert last.startswith(CASES[case][2].format(t=tmp_path)), last
     if case == "length settings drop everything":  # the settings did it: the data (or eval data) is not blamed
         assert "data" not in last, last

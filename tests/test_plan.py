@@ -1,13 +1,12 @@
 """The capacity planner (kto_scale.plan, launch/plan.py): its arithmetic on a shape small enough to
 compute by hand, and its one-line answers to bad input."""
 
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from runs import launch_together
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from kto_scale.assets import TINY_LLAMA_DIR
@@ -125,36 +124,44 @@ def test_parse_size():
         parse_size("lots", "--gpu_memory")
 
 
-def _plan(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(f'{{"prompt": "p", "completion": "c", "label": {str(i % 2 == 0).lower()}}}\n'
-                            for i in range(6)))
-    command = [sys.executable, "launch/plan.py", "--model_name_or_path", str(TINY_LLAMA_DIR),
-               "--dataset_name", str(data), "--max_length", "64", "--max_prompt_length", "32", *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
-
-
-@pytest.mark.e2e
-def test_cli_prints_the_plan(tmp_path):
-    done = _plan(tmp_path, "--nodes", "1", "--gpus_per_node", "2", "--gpu_memory", "80GB")
-    assert done.returncode == 0, done.stderr
-    assert "fits: yes" in done.stdout and "host RAM at load" in done.stdout and "LM head chunk" in done.stdout
-    tight = _plan(tmp_path, "--gpus_per_node", "2", "--gpu_memory", "1GB")  # below the 2 GiB CUDA allowance
-    assert tight.returncode == 1 and "fits: NO" in tight.stdout and "to fit, change:" in tight.stdout
-
-
-@pytest.mark.parametrize(("args", "named"), [
+BAD_INPUT = [
     (["--model_name_or_path", "/nonexistent/model"], "model_name_or_path"),
     (["--gpus_per_node", "8"], "6 examples"),  # 6 examples, 8 GPUs
     (["--load_in_4bit", "true", "--fp16", "true", "--fsdp", "full_shard", "--deepspeed", "null"], "fsdp"),
     (["--deepspeed", "ds_configs/zero3_offload.json", "--gpus_per_node", "2", "--host_memory", "0.0001GB"],
      "--host_memory"),
     (["--gpu_memory", "a lot"], "--gpu_memory"),
-])
+]
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory) -> dict:
+    """launch/plan.py on 6 examples: a plan that fits, one that does not, and each BAD_INPUT, all started at
+    once (each answers within seconds): {name: how it ended}."""
+    data = tmp_path_factory.mktemp("plan") / "data.jsonl"
+    data.write_text("".join(f'{{"prompt": "p", "completion": "c", "label": {str(i % 2 == 0).lower()}}}\n'
+                            for i in range(6)))
+    command = [sys.executable, "launch/plan.py", "--model_name_or_path", str(TINY_LLAMA_DIR),
+               "--dataset_name", str(data), "--max_length", "64", "--max_prompt_length", "32"]
+    cases = {"fits": ["--nodes", "1", "--gpus_per_node", "2", "--gpu_memory", "80GB"],
+             "tight": ["--gpus_per_node", "2", "--gpu_memory", "1GB"],  # below the 2 GiB CUDA allowance
+             **{f"bad{i}": args for i, (args, _) in enumerate(BAD_INPUT)}}
+    return launch_together({name: [*command, *args] for name, args in cases.items()}, env={"HF_HUB_OFFLINE": "1"})
+
+
 @pytest.mark.e2e
-def test_cli_bad_input_is_one_line(tmp_path, args, named):
-    done = _plan(tmp_path, *args)
+def test_cli_prints_the_plan(plans):
+    done = plans["fits"]
+    assert done.returncode == 0, done.stderr
+    assert "fits: yes" in done.stdout and "host RAM at load" in done.stdout and "LM head chunk" in done.stdout
+    tight = plans["tight"]
+    assert tight.returncode == 1 and "fits: NO" in tight.stdout and "to fit, change:" in tight.stdout
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[named for _, named in BAD_INPUT])
+@pytest.mark.e2e
+def test_cli_bad_input_is_one_line(plans, case):
+    done, named = plans[f"bad{case}"], BAD_INPUT[case][1]
     assert done.returncode == 1 and "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], done.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from runs import DEEPSPEED, ROOT, TRAIN, clean_env, config_file, free_port, write_data
+from runs import DEEPSPEED, ROOT, TRAIN, clean_env, config_file, free_port, launch_together, write_data
 
 from kto_scale.config import DEMO_CONFIG, ConfigError, KTOConfig, load_config
 from kto_scale.outdir import (
@@ -163,13 +163,11 @@ def test_help_on_every_entry_point():
     """`--help` prints usage and every option with its type, default and meaning, for every script."""
     scripts = sorted((ROOT / "launch").glob("*.py"))
     assert {s.name for s in scripts} >= {"train.py", "precompute_ref.py", "evaluate.py", "merge_lora.py", "plot.py"}
-    running = {s.name: subprocess.Popen([sys.executable, str(s), "--help"], cwd=ROOT, env=clean_env(), text=True,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for s in scripts}  # at once
+    done = launch_together({s.name: [sys.executable, str(s), "--help"] for s in scripts}, timeout=180)
     helps = {}
-    for name, process in running.items():
-        stdout, stderr = process.communicate(timeout=180)
-        assert process.returncode == 0 and "usage:" in stdout, (name, stderr[-2000:])
-        helps[name] = stdout
+    for name, result in done.items():
+        assert result.returncode == 0 and "usage:" in result.stdout, (name, result.stderr[-2000:])
+        helps[name] = result.stdout
     for name in ("train.py", "precompute_ref.py", "evaluate.py"):  # the config-driven ones list every option
         assert "--beta FLOAT (default: 0.1)" in helps[name] and "KTO temperature" in helps[name]
         assert "--lora_target_modules LIST (default: None)" in helps[name]

@@ -1,5 +1,6 @@
-"""Scale-out: ZeRO configs, simulated multi-node, the effective-batch KL baseline, exact resume after
-SIGKILL, and failures that stop a run instead of hanging. Every run is a real subprocess on CPU."""
+"""Scale-out: ZeRO configs, simulated multi-node, the effective-batch KL baseline, resume on another rank
+count, and failures that stop a run instead of hanging (exact resume after SIGKILL and SIGTERM:
+tests/test_preemption.py). Every run is a real subprocess on CPU."""
 
 import json
 import os
@@ -12,23 +13,24 @@ import pytest
 import torch
 import yaml
 from runs import (
-    DEEPSPEED,
     ROOT,
     TRAIN,
     clean_env,
     config_file,
     deepspeed_run,
-    die_after_first,
     free_port,
     generations,
+    launch_together,
     metrics,
     run,
+    run_together,
     wait_for,
     write_data,
 )
 from safetensors.torch import load_file
-from tolerances import adapter_atol, run_tolerances
+from tolerances import LORA_LOGP_SENSITIVITY, adapter_atol, run_tolerances
 
+from kto_scale.assets import TINY_LLAMA_DIR
 from kto_scale.config import ConfigError, load_config
 from kto_scale.engine import resolve_deepspeed_config
 
@@ -48,15 +50,17 @@ def _assert_same_adapter(a: Path, b: Path) -> float:
 
 
 def _assert_same_steps(a: Path, b: Path, keys=("loss", "kl", "rewards/desirable", "grad_norm"),
-                       splits=("train",)) -> None:
-    """Every logged step's `keys` (all numbers of the lines, if None) within run_tolerances of `a`
-    (tests/tolerances.py: each forward's rounding, and what the weights' measured distance moves)."""
-    atols = run_tolerances(a, _assert_same_adapter(a, b))
+                       splits=("train",), sensitivity: float = LORA_LOGP_SENSITIVITY) -> None:
+    """Every logged step's `keys` (those of them a line has; all its numbers, if None) within
+    run_tolerances of `a` (tests/tolerances.py: each forward's rounding, and what the weights' measured
+    distance moves, through the model's log-prob `sensitivity`)."""
+    atols = run_tolerances(a, _assert_same_adapter(a, b), sensitivity)
     ours = [(line, atol) for line, atol in zip(metrics(a), atols, strict=True) if line["split"] in splits]
     theirs = [line for line in metrics(b) if line["split"] in splits]
     assert [(m["split"], m["step"]) for m, _ in ours] == [(m["split"], m["step"]) for m in theirs] and ours
     for (x, atol), y in zip(ours, theirs, strict=True):
-        for key in keys or x.keys() - {"split", "time", "examples_per_s", "tokens_per_s"}:
+        assert x.keys() == y.keys(), (x["split"], x["step"])
+        for key in x.keys() & set(keys) if keys else x.keys() - {"split", "time", "examples_per_s", "tokens_per_s"}:
             assert y[key] == pytest.approx(x[key], abs=atol[key]), (x["split"], x["step"], key, atol[key])
 
 
@@ -103,25 +107,41 @@ def test_two_simulated_nodes_zero3_offload_padding_free_match_one_process(tmp_pa
     """One run that combines what must each leave the numbers alone: launch/slurm/kto.sbatch on two
     simulated nodes (two `deepspeed --hostfile H --no_ssh --node_rank 0|1` launchers, one rank each, as
     on a cluster), ZeRO-3 with parameters and optimizer offloaded to the CPU (LoRA weights gathered from
-    every rank to save), padding-free rows and the shared-prompt reference pass, and micro-batches by a
-    token budget: the examples are 25 or 26 tokens, so at 51 a rank's two examples are one micro-batch
-    or two, the other rank adding a filler micro-batch. It logs and saves what the suite's one-process
-    run (1 rank x 2 accumulation, ZeRO-2, padded) does."""
-    config = config_file(tmp_path, "nodes", tiny_model, gradient_accumulation_steps=1, padding_free=True,
-                         max_tokens_per_batch=51, deepspeed=str(ROOT / "ds_configs/zero3_offload.json"))
+    every rank to save), padding-free rows, the shared-prompt reference pass, micro-batches by a token
+    budget, and the base built by init_random_weights under ZeRO-3, which builds models partitioned. They
+    are orthogonal: the launcher places ranks, the engine shards state, padding-free, the shared pass and
+    the budget change only how the forwards are cut and shaped (the examples are 25 or 26 tokens, so at
+    51 a rank's two examples are one micro-batch or two, the other rank adding a filler micro-batch), and
+    the init happens before any of them. It logs and saves what the suite's one-process run (1 rank x 2
+    accumulation, ZeRO-2, padded, the tiny_model fixture's weights) does, and its saved base_model/ is
+    bit for bit the weights one process initializes (tiny_model)."""
+    config = config_file(tmp_path, "nodes", TINY_LLAMA_DIR, init_random_weights=True, gradient_accumulation_steps=1,
+                         padding_free=True, max_tokens_per_batch=51, deepspeed=str(ROOT / "ds_configs/zero3_offload.json"))
     result = run_slurm_script(tmp_path, config)
     assert (tmp_path / "hostfile").read_text() == "127.0.0.1 slots=1\nnode-b slots=1\n"
     assert SHARED_PASS in result.stdout + result.stderr
     assert_same_run(one_process_run, tmp_path / "nodes")
+    saved, initialized = load_file(tmp_path / "nodes" / "base_model" / "model.safetensors"), load_file(
+        tiny_model / "model.safetensors")
+    assert saved.keys() == initialized.keys()
+    assert [k for k in saved if not torch.equal(saved[k], initialized[k])] == []
+
+
+@pytest.fixture(scope="module")
+def two_zero2_ranks(tmp_path_factory, tiny_model) -> Path:
+    """The one-process run's global batch on two ZeRO-2 ranks of one micro-batch each, with the
+    reference's two separate passes (x + y, then x + y'); checkpoints at steps 2 and 4."""
+    tmp_path = tmp_path_factory.mktemp("two_zero2")
+    config = config_file(tmp_path, "two", tiny_model, gradient_accumulation_steps=1, shared_prompt_reference=False)
+    assert SHARED_PASS not in deepspeed_run(2, config).stderr
+    return tmp_path / "two"
 
 
 @pytest.mark.e2e
-def test_two_zero2_ranks_with_separate_reference_passes_match_one_process(tmp_path, tiny_model, one_process_run):
-    """Two ZeRO-2 ranks of one micro-batch each, with the reference's two separate passes (x + y, then
-    x + y'): the one-process run's numbers, which came from one shared pass over x + y + y'."""
-    config = config_file(tmp_path, "two", tiny_model, gradient_accumulation_steps=1, shared_prompt_reference=False)
-    assert SHARED_PASS not in deepspeed_run(2, config).stderr
-    assert_same_run(one_process_run, tmp_path / "two")
+def test_two_zero2_ranks_with_separate_reference_passes_match_one_process(one_process_run, two_zero2_ranks):
+    """Two ZeRO-2 ranks with separate reference passes: the one-process run's numbers, which came from
+    one shared pass over x + y + y'."""
+    assert_same_run(one_process_run, two_zero2_ranks)
 
 
 @pytest.mark.e2e
@@ -145,58 +165,13 @@ def test_kl_baseline_is_the_same_for_any_split_of_the_effective_batch(tmp_path, 
     common = dict(max_steps=4, eval_fraction=0.0, save_steps=100, learning_rate=1e-2,
                   dataset_name=str(write_data(tmp_path / "odd.jsonl", 28)))
     layouts = {"1x4x2": (1, 4, 2), "2x2x2": (2, 2, 2), "1x1x8": (1, 1, 8)}
-    for name, (ranks, accumulation, micro) in layouts.items():
-        config = config_file(tmp_path, name, tiny_model, gradient_accumulation_steps=accumulation,
-                             per_device_train_batch_size=micro, **common)
-        if ranks == 1:
-            run([*TRAIN, "--config", str(config)])
-        else:
-            deepspeed_run(ranks, config)
+    configs = {name: config_file(tmp_path, name, tiny_model, gradient_accumulation_steps=accumulation,
+                                 per_device_train_batch_size=micro, **common)
+               for name, (_, accumulation, micro) in layouts.items()}
+    run_together({name: [*TRAIN, "--config", str(configs[name])] for name in ("1x4x2", "1x1x8")})  # one rank each
+    deepspeed_run(2, configs["2x2x2"])
     for name in ("2x2x2", "1x1x8"):
         _assert_same_steps(tmp_path / "1x4x2", tmp_path / name)
-
-
-def assert_resumed_equals_whole(whole: Path, resumed: Path, resumed_from: int, steps: int) -> None:
-    """Every step logged once, those after the resume exactly as the uninterrupted run's, and the same
-    adapter: the same ranks run the same kernels on the same shapes from the checkpoint's exact fp32
-    state (weights, Adam's moments, RNG), so nothing rounds differently."""
-    before, after = metrics(whole, "train"), metrics(resumed, "train")
-    assert [m["step"] for m in after] == list(range(1, steps + 1))
-    for a, b in zip(before[resumed_from:], after[resumed_from:], strict=True):
-        for key in ("loss", "kl", "grad_norm"):
-            assert b[key] == a[key], (a["step"], key)
-    first, second = _adapter(whole), _adapter(resumed)
-    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
-
-
-@pytest.mark.e2e
-def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model):
-    """Kill a two-rank run with SIGKILL right after a checkpoint, resume it, and get the uninterrupted
-    run's losses after the resume and its final adapter (LoRA dropout on: the RNG state is restored)."""
-    options = dict(gradient_accumulation_steps=1, max_steps=16, save_steps=3, eval_steps=8, lora_dropout=0.1,
-                   deepspeed=str(ROOT / "ds_configs/zero3.json"))
-    deepspeed_run(2, config_file(tmp_path, "whole", tiny_model, **options))
-
-    killed = config_file(tmp_path, "killed", tiny_model, **options)
-    out = tmp_path / "killed"
-    # Every rank SIGKILLs itself right after the first checkpoint (step 3), as if the node went down.
-    die_after_first("kto_scale.trainer:save_checkpoint", [*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
-                                                          "launch/train.py", "--config", str(killed)])
-    assert (out / "latest").read_text() == "checkpoint-3" and not (out / "adapter").exists()
-
-    deepspeed_run(2, killed, "--resume_from_checkpoint", "latest")
-    assert_resumed_equals_whole(tmp_path / "whole", out, 3, steps=16)
-    # generations.jsonl: the lines up to the checkpoint kept (no second step 0), the rest as uninterrupted.
-    assert generations(out) == generations(tmp_path / "whole")
-    assert [line["step"] for line in generations(out)] == [0, 0, 8, 8, 16, 16]
-
-    # A ZeRO-3 checkpoint's LoRA shards, gathered by the export command, are the adapter it saved.
-    checkpoint = tmp_path / "whole" / "checkpoint-15"
-    run([sys.executable, "launch/merge_lora.py", "--base", str(tiny_model), "--adapter", str(checkpoint),
-         "--output", str(tmp_path / "exported"), "--adapter_only"])
-    exported = load_file(tmp_path / "exported" / "adapter_model.safetensors")
-    saved = load_file(checkpoint / "adapter_model.safetensors")
-    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
 
 
 @pytest.mark.e2e
@@ -275,62 +250,80 @@ run_command(lambda: trainer.train(load_config(sys.argv[1:])))  # as launch/train
 """
 
 
-def _train_with_nan_losses(tmp_path, tiny_model, nan_steps: set[int], *args: str) -> subprocess.CompletedProcess:
-    """A one-process run whose loss is NaN at the listed optimizer steps (patched in the child)."""
-    config = config_file(tmp_path, "nan", tiny_model, gradient_accumulation_steps=1, max_steps=6,
-                         eval_fraction=0.0, save_steps=100)
-    return subprocess.run([sys.executable, "-c", _NAN_RUN.format(nan_steps=nan_steps), "--config", str(config), *args],
-                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def nan_runs(tmp_path_factory, tiny_model) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Two one-process runs whose loss is NaN at optimizer steps 2 and 3 (patched in the child), the second
+    with max_bad_steps 2, started at once (6 steps each): {name: (its run dir, how it ended)}."""
+    dirs = {name: tmp_path_factory.mktemp(name) for name in ("skipped", "stopped")}
+    configs = {name: config_file(tmp, "nan", tiny_model, gradient_accumulation_steps=1, max_steps=6,
+                                 eval_fraction=0.0, save_steps=100) for name, tmp in dirs.items()}
+    command = [sys.executable, "-c", _NAN_RUN.format(nan_steps={2, 3})]
+    results = launch_together({"skipped": [*command, "--config", str(configs["skipped"])],
+                               "stopped": [*command, "--config", str(configs["stopped"]), "--max_bad_steps", "2"]})
+    return {name: (dirs[name] / "nan", results[name]) for name in dirs}
 
 
 @pytest.mark.e2e
-def test_non_finite_steps_are_skipped_and_counted(tmp_path, tiny_model):
-    result = _train_with_nan_losses(tmp_path, tiny_model, {2, 3})
+def test_non_finite_steps_are_skipped_and_counted(nan_runs):
+    run_dir, result = nan_runs["skipped"]
     assert result.returncode == 0, result.stderr[-3000:]
-    adapter = load_file(tmp_path / "nan" / "adapter" / "adapter_model.safetensors")
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert all(t.isfinite().all() for t in adapter.values())
-    assert metrics(tmp_path / "nan", "train")[-1]["skipped_steps"] == 2
+    assert metrics(run_dir, "train")[-1]["skipped_steps"] == 2
 
 
 @pytest.mark.e2e
-def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, tiny_model):
-    result = _train_with_nan_losses(tmp_path, tiny_model, {2, 3}, "--max_bad_steps", "2")
+def test_too_many_bad_steps_in_a_row_stop_the_run(nan_runs):
+    _, result = nan_runs["stopped"]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: 2 optimizer steps in a row had non-finite gradients (max_bad_steps=2)")
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize(("ds_config", "ranks", "resumed_ranks"), [("zero2", 2, 1), ("zero3", 1, 2)])
-def test_resume_on_another_rank_count_continues_the_run(tmp_path, tiny_model, ds_config, ranks, resumed_ranks):
-    """A node lost (2 -> 1 ranks) or added (1 -> 2): the checkpoint is converted to DeepSpeed's universal
-    layout and the run goes on as if uninterrupted, the same global batch of 4 split another way. No
-    dropout: random streams are per rank and cannot carry over to another rank count."""
-    def launch(name: str, n: int, *args: str) -> None:
-        config = config_file(tmp_path, name, tiny_model, deepspeed=str(ROOT / f"ds_configs/{ds_config}.json"),
-                             gradient_accumulation_steps=2 // n, max_steps=4, eval_fraction=0.0)
-        if n == 1:
-            run([*TRAIN, "--config", str(config), *args])
-        else:
-            deepspeed_run(n, config, *args)
-
-    launch("whole", ranks)
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "whole", resumed)  # as if the run had died right after step 2's checkpoint
+def _cut_after_step_two(whole: Path, resumed: Path) -> Path:
+    """A copy of run `whole` as if it had died right after step 2's checkpoint."""
+    shutil.copytree(whole, resumed)
     shutil.rmtree(resumed / "checkpoint-4")
     shutil.rmtree(resumed / "adapter")
     (resumed / "latest").write_text("checkpoint-2")
-    launch("resumed", resumed_ranks, "--resume_from_checkpoint", "latest")
+    return resumed
+
+
+@pytest.mark.e2e
+def test_resume_on_fewer_ranks_continues_the_run(tmp_path, tiny_model, two_zero2_ranks):
+    """A node lost (2 -> 1 ranks, ZeRO-2): the checkpoint is converted to DeepSpeed's universal layout and
+    the run goes on as if uninterrupted, the same global batch of 4 split another way (within
+    tests/tolerances.py's run tolerances, and the adapter within adapter_atol). No dropout: random streams are per rank and cannot carry over to another
+    rank count."""
+    resumed = _cut_after_step_two(two_zero2_ranks, tmp_path / "resumed")
+    config = config_file(tmp_path, "resumed", tiny_model, gradient_accumulation_steps=2, shared_prompt_reference=False)
+    # The same data file as the run (a resume refuses another dataset_name: issue 20's explicit changes).
+    data = load_config(["--config", str(resumed / "kto_config.yaml")]).dataset_name
+    run([*TRAIN, "--config", str(config), "--resume_from_checkpoint", "latest", "--dataset_name", data])
+    assert (resumed / "checkpoint-2" / "universal").is_dir()
+    _assert_same_steps(two_zero2_ranks, resumed)
+
+
+@pytest.mark.e2e
+def test_resume_on_more_ranks_continues_the_run(tmp_path, tiny_model):
+    """A node added (1 -> 2 ranks, ZeRO-3): as above, through the universal checkpoint."""
+    def config(name: str, ranks: int) -> Path:
+        return config_file(tmp_path, name, tiny_model, deepspeed=str(ROOT / "ds_configs/zero3.json"),
+                           gradient_accumulation_steps=2 // ranks, max_steps=4, eval_fraction=0.0)
+
+    run([*TRAIN, "--config", str(config("whole", 1))])
+    resumed = _cut_after_step_two(tmp_path / "whole", tmp_path / "resumed")
+    deepspeed_run(2, config("resumed", 2), "--resume_from_checkpoint", "latest")
     assert (resumed / "checkpoint-2" / "universal").is_dir()
     _assert_same_steps(tmp_path / "whole", resumed)
 
 
 @pytest.mark.e2e
-def test_resume_with_another_global_batch_is_refused(tmp_path, tiny_model):
-    """The batches of a step are a function of the global batch size: changing it cannot resume exactly."""
-    config = config_file(tmp_path, "r", tiny_model, gradient_accumulation_steps=1, max_steps=2, eval_fraction=0.0)
-    run([*TRAIN, "--config", str(config)])
-    result = subprocess.run([*TRAIN, "--config", str(config), "--resume_from_checkpoint", "latest",
-                             "--per_device_train_batch_size", "1"],
+def test_resume_with_another_global_batch_is_refused(tmp_path, one_process_run):
+    """The batches of a step are a function of the global batch size: changing it cannot resume exactly.
+    (A copy of the one-process run, resumed with per-device batches of 1 instead of 2.)"""
+    copy = shutil.copytree(one_process_run, tmp_path / "run")
+    result = subprocess.run([*TRAIN, "--config", str(copy / "kto_config.yaml"), "--output_dir", str(copy),
+                             "--resume_from_checkpoint", "latest", "--per_device_train_batch_size", "1"],
                             cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "global batch of 2" in result.stderr, result.stderr[-2000:]
+    assert result.returncode != 0 and "global batch of 4" in result.stderr, result.stderr[-2000:]

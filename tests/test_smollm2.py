@@ -1,7 +1,7 @@
 """A real pretrained Llama end to end: SmolLM2-135M-Instruct (30 layers, GQA, tied embeddings, a ChatML
 template with a default system prompt) on chat data. Per-example log-probs equal a plain transformers +
-peft computation; one rank equals two ZeRO-3 ranks; training from the reference cache equals the
-reference on the fly; the merged adapter equals the peft model. Kept small: a few forward passes and
+peft computation; two ZeRO-3 ranks training from the reference cache equal one rank with the reference
+on the fly; the merged adapter equals the peft model. Kept small: a few forward passes and
 2-step runs."""
 
 import json
@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from runs import DEEPSPEED, ROOT, TRAIN, config_file, free_port, metrics, run
-from tolerances import logp_atol, merged_logits_atol
+from runs import DEEPSPEED, ROOT, TRAIN, config_file, free_port, metrics, run, run_together
+from test_scale import _assert_same_steps
+from tolerances import SMOLLM2_LOGP_SENSITIVITY, logp_atol, merged_logits_atol
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kto_scale.collate import collate
 from kto_scale.config import KTOConfig
 from kto_scale.data import Example
 from kto_scale.export import merge_lora
+from kto_scale.logprobs import completion_logps
 from kto_scale.model import SequenceLogps, load_model, reference_mode
 from kto_scale.prepare import prepare_dataset
 from kto_scale.smollm2 import convert_smollm2
@@ -125,35 +127,36 @@ def _plain_logps(model, tok, example: Example) -> tuple[torch.Tensor, torch.Tens
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, smollm2) -> dict[str, Path]:
-    """2-step runs on SmolLM2 with chat pairs: one rank (ZeRO-2), two ZeRO-3 ranks with the same global
-    batch, and one rank from a precomputed reference cache."""
+    """2-step runs on SmolLM2 with chat pairs: "one", one rank (ZeRO-2) with the reference on the fly;
+    "two", two ZeRO-3 ranks with the same global batch, reading the reference from a cache precomputed
+    on one rank. The second run combines two things that must each leave the numbers alone, and they
+    are orthogonal: ZeRO-3 shards the (tied) weights and their updates, the cache replaces the
+    reference's forwards. The one-rank run and the precompute are independent: they start together."""
     tmp = tmp_path_factory.mktemp("smollm2")
     common = dict(dataset_name=str(write_chats(tmp / "chats.jsonl")), max_steps=2, max_length=96,
                   save_steps=1000, eval_steps=None, per_device_eval_batch_size=8, learning_rate=2e-3)
     one = config_file(tmp, "one", smollm2, **common)
     two = config_file(tmp, "two", smollm2, gradient_accumulation_steps=1,
                       deepspeed=str(ROOT / "ds_configs/zero3.json"), **common)
-    run([*TRAIN, "--config", str(one)])
-    run([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-         "--config", str(two)])
-    run([sys.executable, "launch/precompute_ref.py", "--config", str(one), "--ref_cache", str(tmp / "cache")])
-    run([*TRAIN, "--config", str(one), "--output_dir", str(tmp / "cached"), "--ref_cache", str(tmp / "cache")])
-    return {"one": tmp / "one", "two": tmp / "two", "cached": tmp / "cached"}
+    run_together({"one": [*TRAIN, "--config", str(one)],
+                  "precompute": [sys.executable, "launch/precompute_ref.py", "--config", str(one),
+                                 "--ref_cache", str(tmp / "cache")]})
+    cached = run([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+                  "--config", str(two), "--ref_cache", str(tmp / "cache")])
+    assert "Reference log-probs of 12 train examples read from" in cached.stderr  # the cache was used
+    return {"one": tmp / "one", "two": tmp / "two"}
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("other", ["two", "cached"])
-def test_two_zero3_ranks_and_the_cache_log_the_one_rank_numbers(runs, other):
-    """Step by step (and at the final eval) the same loss, z_ref, rewards and accuracies. Relative 1e-4:
-    on real weights the sums of ~60 token log-probs are large, and ZeRO-3's sharded float32 reductions
-    round differently (seen: 3e-5 relative on z_ref after one update, 1e-6 on a zero reward)."""
-    for split in ("train", "eval"):
-        one, two = metrics(runs["one"], split), metrics(runs[other], split)
-        assert [m["step"] for m in one] == [m["step"] for m in two] and one
-        for a, b in zip(one, two, strict=True):
-            for key in a.keys() & {"loss", "kl", "rewards/desirable", "rewards/undesirable", "reward_accuracy",
-                                   "pair_accuracy", "logps/desirable"}:
-                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (split, a["step"], key)
+def test_two_zero3_ranks_from_the_cache_log_the_one_rank_numbers(runs):
+    """Step by step (and at the final eval) the same loss, z_ref, rewards and accuracies, and the same
+    adapter, within what rounding allows (tests/tolerances.py): step 1 (the same weights) within the
+    30-layer forward's rounding; after the update, within what the adapters' measured distance can move
+    a log-prob through SMOLLM2_LOGP_SENSITIVITY, a bound loose enough on real weights that the first
+    step and the adapters are the tight checks here."""
+    _assert_same_steps(runs["one"], runs["two"], keys=("loss", "kl", "rewards/desirable", "rewards/undesirable",
+                                                       "reward_accuracy", "pair_accuracy", "logps/desirable"),
+                       splits=("train", "eval"), sensitivity=SMOLLM2_LOGP_SENSITIVITY)
     assert metrics(runs["one"], "train")[-1]["kl"] != metrics(runs["one"], "train")[0]["kl"]
 
 
@@ -185,3 +188,24 @@ def _logits_and_generation(model, tok) -> tuple[torch.Tensor, str]:
         logits = model(**inputs).logits
         out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     return logits, tok.decode(out[0, inputs["input_ids"].shape[1] :])
+
+
+@pytest.mark.e2e
+def test_smollm2_logp_sensitivity_bounds_the_model(smollm2):
+    """sum_i |d log p(y|x) / d theta_i| over SmolLM2's LoRA weights (rank 4, every projection), for
+    96-token sequences (the runs' max_length) at init and with adapters up to 0.02: at most
+    SMOLLM2_LOGP_SENSITIVITY (tests/tolerances.py)."""
+    policy = load_model(KTOConfig(model_name_or_path=str(smollm2), lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    lora = [p for name, p in policy.named_parameters() if "lora_" in name]
+    largest = 0.0
+    for seed, scale in ((0, 0.0), (1, 0.01), (2, 0.02)):
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in policy.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * scale)
+        ids = torch.randint(3, policy.config.vocab_size, (1, 96), generator=generator)
+        logp = completion_logps(policy(input_ids=ids).logits, ids, torch.ones_like(ids, dtype=torch.bool)).sum()
+        grads = torch.autograd.grad(logp, lora, allow_unused=True)
+        largest = max(largest, sum(float(g.abs().sum()) for g in grads if g is not None))
+    assert 0 < largest <= SMOLLM2_LOGP_SENSITIVITY, largest
