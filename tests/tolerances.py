@@ -115,6 +115,29 @@ move a weight by at most ~4e-3): measured 5e4-9e4; tests/test_smollm2.py checks 
 after an update only the first step's numbers are compared tightly there."""
 
 
+def lora_logp_sensitivity(policy, length: int, scales: tuple[float, ...]) -> float:
+    """The largest sum_i |d log p(y|x) / d theta_i| over `policy`'s LoRA weights, for random sequences
+    of `length` tokens (every one scored), with lora_B drawn at each of `scales` (0: peft's init, where
+    only lora_B's gradient is not 0). What LORA_LOGP_SENSITIVITY and SMOLLM2_LOGP_SENSITIVITY bound."""
+    import torch
+
+    from kto_scale.logprobs import completion_logps
+
+    lora = [param for name, param in policy.named_parameters() if "lora_" in name]
+    largest = 0.0
+    for seed, scale in enumerate(scales):
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in policy.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * scale)
+        ids = torch.randint(3, policy.config.vocab_size, (1, length), generator=generator)
+        logp = completion_logps(policy(input_ids=ids).logits, ids, torch.ones_like(ids, dtype=torch.bool)).sum()
+        grads = torch.autograd.grad(logp, lora, allow_unused=True)
+        largest = max(largest, sum(float(g.abs().sum()) for g in grads if g is not None))
+    return largest
+
+
 def _largest(lines: list[dict], key: str) -> float:
     return max((abs(line[key]) for line in lines if key in line), default=0.0)
 
