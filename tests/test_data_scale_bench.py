@@ -17,7 +17,8 @@ def test_data_scale_bench_runs_its_data_stages(tmp_path):
     hh.write_text(json.dumps(HH) + "\n")
     run([sys.executable, str(ROOT / "bench/data_scale.py"), "--examples", "40", "--hh", str(hh), "--work",
          str(tmp_path / "work"), "--output", str(tmp_path / "out"), "--stages", "prepare,floor,reuse,scan"])
-    results = json.loads((tmp_path / "out/40.json").read_text())
+    (written,) = (tmp_path / "out").glob("40-*.json")  # one file per run: <examples>-<commit>.json
+    results = json.loads(written.read_text())
     # 20 pairs, one HH row cycled: distinct prompts thanks to the tags, so all 40 examples pair up.
     assert results["prepare_cold"]["examples"] == results["prepare_warm"]["examples"] == 40
     assert set(results["prepare_cold"]["stages_s"]) == {"read", "tokenize", "truncate", "pair", "write"}
