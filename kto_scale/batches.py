@@ -49,7 +49,10 @@ def train_loader(batches: StepBatches, steps: range, config: KTOConfig, device: 
     workers = config.dataloader_num_workers
     if workers is None:
         workers = 2 if device.type == "cuda" else 0
+    # Its own generator: every iterator draws a seed for its workers, which from torch's global RNG would
+    # shift LoRA dropout's stream in a resumed run (whose RNG state the checkpoint restores first).
     return DataLoader(batches, batch_size=None, sampler=steps, num_workers=workers,
+                      generator=torch.Generator().manual_seed(config.seed),
                       pin_memory=config.dataloader_pin_memory and device.type == "cuda",
                       prefetch_factor=config.dataloader_prefetch_factor if workers else None,
                       worker_init_fn=_ignore_sigterm if workers else None)
