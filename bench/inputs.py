@@ -153,7 +153,8 @@ def write_kto_config(args, model_dir: Path, data_file: Path, path: Path) -> Path
 
 def build_inputs(args, work: Path) -> dict:
     """Model, tokenizer, data file and the kto-scale view of the data; writes and returns the spec."""
-    from kto_scale.config import ConfigError, load_config
+    from kto_scale.config import ConfigError
+    from kto_scale.config_io import load_config
     from kto_scale.prepare import prepare_data
 
     tokenizer = load_tokenizer(args.tokenizer)

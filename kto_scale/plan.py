@@ -67,7 +67,8 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from kto_scale.config import ConfigError, KTOConfig, check_zero3_quantization, find_deepspeed_config
+from kto_scale.config import ConfigError, KTOConfig
+from kto_scale.config_checks import check_zero3_quantization, find_deepspeed_config
 from kto_scale.data import load_examples
 
 GiB = 2**30

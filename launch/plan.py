@@ -10,7 +10,8 @@ launch/train.py. Exit status 0 when the run fits, 1 when it does not, with what 
 import argparse
 import sys
 
-from kto_scale.config import ConfigError, load_config
+from kto_scale.config import ConfigError
+from kto_scale.config_io import load_config
 from kto_scale.data import DataError
 from kto_scale.plan import (
     Cluster,
