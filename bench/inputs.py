@@ -84,9 +84,9 @@ def pick_examples(args, tokenizer, work: Path) -> tuple[list[dict], int, int]:
     rows; the number of pairs left out as too long, and of bad rows skipped."""
     import numpy as np
 
-    from kto_scale.collate import ragged
     from kto_scale.data import load_examples, turn
-    from kto_scale.prepare import tokenize_dataset
+    from kto_scale.ragged import ragged
+    from kto_scale.tokenizing import tokenize_dataset
 
     if not args.data.exists():
         raise SystemExit(f"--data {args.data} does not exist; give an HH file (text or chat messages), "
