@@ -186,7 +186,7 @@ def stage_scan(config) -> dict:
 
 def stage_main(argv: list[str]) -> None:
     """A stage's process: run it on the config file and print its numbers as the last stdout line."""
-    from kto_scale.config import load_config
+    from kto_scale.config_io import load_config
 
     stage, config_path = argv
     config = load_config(["--config", config_path])

@@ -84,9 +84,9 @@ def pick_examples(args, tokenizer, work: Path) -> tuple[list[dict], int, int]:
     rows; the number of pairs left out as too long, and of bad rows skipped."""
     import numpy as np
 
-    from kto_scale.collate import ragged
     from kto_scale.data import load_examples, turn
-    from kto_scale.prepare import tokenize_dataset
+    from kto_scale.ragged import ragged
+    from kto_scale.tokenizing import tokenize_dataset
 
     if not args.data.exists():
         raise SystemExit(f"--data {args.data} does not exist; give an HH file (text or chat messages), "
@@ -153,7 +153,8 @@ def write_kto_config(args, model_dir: Path, data_file: Path, path: Path) -> Path
 
 def build_inputs(args, work: Path) -> dict:
     """Model, tokenizer, data file and the kto-scale view of the data; writes and returns the spec."""
-    from kto_scale.config import ConfigError, load_config
+    from kto_scale.config import ConfigError
+    from kto_scale.config_io import load_config
     from kto_scale.prepare import prepare_data
 
     tokenizer = load_tokenizer(args.tokenizer)

@@ -72,7 +72,7 @@ def make_model(path: Path) -> None:
 def measure(argv: list[str]) -> None:
     import torch
 
-    from kto_scale.config import load_config
+    from kto_scale.config_io import load_config
     from kto_scale.distributed import all_gather, init_distributed
     from kto_scale.model import SequenceLogps, add_lora, load_base_model
     from kto_scale.startup import engine_setup

@@ -70,7 +70,7 @@ def build_on_device(record: dict, profiled: bool = False) -> None:
 def load_bench_model(spec: dict, record: dict):
     """The base model of the kto-scale runs, for a child that does not run kto-scale (TRL, the bare loop):
     kto-scale's loader on the bench's kto-scale config (the same seed, dtype and attention)."""
-    from kto_scale.config import load_config
+    from kto_scale.config_io import load_config
     from kto_scale.model import load_base_model
 
     build_on_device(record, profiled="torch_profile" in spec)

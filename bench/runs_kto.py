@@ -31,7 +31,7 @@ def kto_argv(spec: dict, name: str, options: list[str]) -> list[str]:
 def train(spec: dict, name: str, options: list[str]) -> dict:
     """kto_scale.trainer.train, with two of its functions wrapped to see each step from inside."""
     import kto_scale.trainer as trainer
-    from kto_scale.config import load_config
+    from kto_scale.config_io import load_config
 
     steps: list[dict] = []
     setup: dict = {}
@@ -106,7 +106,7 @@ def precompute(spec: dict, name: str, options: list[str]) -> dict:
     """kto_scale.precompute.precompute, as launch/precompute_ref.py runs it."""
     import torch
 
-    from kto_scale.config import load_config
+    from kto_scale.config_io import load_config
     from kto_scale.precompute import precompute as precompute_reference
 
     weights: dict = {}

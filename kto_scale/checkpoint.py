@@ -25,14 +25,8 @@ import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kto_scale.atomic import atomic_directory, replace_directory, write_atomic
-from kto_scale.config import (
-    CONFIG_FILE,
-    OPTIMIZATION_FIELDS,
-    RESUME_OPTIONS,
-    ConfigError,
-    KTOConfig,
-    save_config,
-)
+from kto_scale.config import OPTIMIZATION_FIELDS, RESUME_OPTIONS, ConfigError, KTOConfig
+from kto_scale.config_io import CONFIG_FILE, save_config
 from kto_scale.distributed import any_rank, barrier, is_main_process, on_main_process
 from kto_scale.engine import DEEPSPEED_TAG, Engine
 from kto_scale.fsdp import FSDP_TAG

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import datasets
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torch import Tensor
+
+from kto_scale.ragged import ragged
 
 TOKEN_COLUMNS = ("prompt_ids", "completion_ids", "kl_completion_ids")
 PAD_SLOT = -1  # an index that marks a weight-0 filler row
@@ -298,14 +299,6 @@ def collate(dataset, indices: list[int], pad_id: int, packed: bool = False,
         batch["reference"] = _shared_prompt_sequences(rows["prompt_ids"], rows["completion_ids"],
                                                       rows["kl_completion_ids"], kl_rows, pad_id, packed)
     return batch
-
-
-def ragged(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """A list<int> column as ([n + 1] int64 offsets from 0, [total] flat values), zero-copy where Arrow allows."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    offsets = column.offsets.to_numpy().astype(np.int64)
-    return offsets - offsets[0], column.flatten().to_numpy()
 
 
 def token_chunks(dataset: datasets.Dataset) -> Iterator[tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]]:

@@ -34,7 +34,8 @@ from transformers import TrainingArguments
 from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
 from kto_scale.atomic import atomic_directory, write_atomic
-from kto_scale.config import ConfigError, KTOConfig, check_zero3_quantization, find_deepspeed_config
+from kto_scale.config import ConfigError, KTOConfig
+from kto_scale.config_checks import check_zero3_quantization, find_deepspeed_config
 from kto_scale.distributed import is_main_process, on_main_process
 from kto_scale.model import SequenceLogps
 from kto_scale.optimizer import OptimizerSettings, optimizer_and_schedule

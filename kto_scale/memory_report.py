@@ -13,16 +13,9 @@ import torch
 
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.distributed import all_gather
-from kto_scale.plan import (
-    GPU_OVERHEAD,
-    Cluster,
-    Estimate,
-    GiB,
-    estimate,
-    largest_micro_batch,
-    read_shape,
-    what_to_change,
-)
+from kto_scale.model_shape import read_shape
+from kto_scale.plan import GPU_OVERHEAD, Cluster, Estimate, GiB, estimate, largest_micro_batch
+from kto_scale.plan_report import what_to_change
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Capacity planning: the memory a KTO run needs per GPU and per node, from config.json alone.
 
-Pure arithmetic on the model's shape (read from its config.json, never its weights), the run's config
-and the cluster. Every term is a formula below; `launch/plan.py` prints them and the trainer logs the
-total at start. Notation: N ranks (nodes x gpus_per_node), n ranks per node, L decoder layers, H hidden
+Pure arithmetic on the model's shape (kto_scale.model_shape: read from its config.json, never its
+weights), the run's config and the cluster. Every term is a formula below; `launch/plan.py` prints them
+(kto_scale.plan_report) and the trainer logs the total at start. Notation: N ranks (nodes x gpus_per_node), n ranks per node, L decoder layers, H hidden
 size, A = heads x head_dim, K = kv_heads x head_dim, I intermediate size, V vocabulary, r LoRA rank,
 w bytes per weight and activation element (2 in bf16/fp16, 4 in fp32), B micro-batch, T max_length,
 t = B x T tokens (padded batches are at most that long).
@@ -63,127 +63,14 @@ shards and optimizer state add their share for training.
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from transformers import AutoConfig
-
-from kto_scale.config import ConfigError, KTOConfig, check_zero3_quantization, find_deepspeed_config
-from kto_scale.data import load_examples
+from kto_scale.config import KTOConfig
+from kto_scale.config_checks import find_deepspeed_config
+from kto_scale.model_shape import PROJECTIONS, ModelShape
 
 GiB = 2**30
 GPU_OVERHEAD = 2 * GiB
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_MICRO_BATCH = 4096  # the search for the largest micro-batch stops here
-
-
-def parse_size(text: str, setting: str) -> int:
-    """'80GB', '80GiB', '1TB', '512' (GiB) -> bytes; GB and GiB both mean 2^30 (as GPUs are sold)."""
-    units = {"TIB": 2**40, "TB": 2**40, "GIB": GiB, "GB": GiB, "MIB": 2**20, "MB": 2**20, "G": GiB, "T": 2**40}
-    value = text.strip().upper()
-    for unit, size in units.items():
-        if value.endswith(unit):
-            value, scale = value[: -len(unit)], size
-            break
-    else:
-        scale = GiB
-    try:
-        number = float(value)
-    except ValueError:
-        raise ConfigError(f"{setting} {text!r}: give a size such as 80GB or 1TB.") from None
-    if number <= 0:
-        raise ConfigError(f"{setting} {text!r} must be positive.")
-    return int(number * scale)
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """A Llama-family decoder's sizes, from config.json."""
-
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-    attention_bias: bool = False
-    mlp_bias: bool = False
-
-    @classmethod
-    def from_model_config(cls, model_config, name: str) -> "ModelShape":
-        c = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-        try:
-            heads = c.num_attention_heads
-            return cls(layers=c.num_hidden_layers, hidden=c.hidden_size, intermediate=c.intermediate_size,
-                       heads=heads, kv_heads=getattr(c, "num_key_value_heads", None) or heads,
-                       head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads, vocab=c.vocab_size,
-                       tied=bool(getattr(c, "tie_word_embeddings", False)),
-                       attention_bias=bool(getattr(c, "attention_bias", False)),
-                       mlp_bias=bool(getattr(c, "mlp_bias", False)))
-        except AttributeError as e:
-            raise ConfigError(f"model_name_or_path {name!r}: its config.json lacks {e.name} (the planner reads "
-                              "Llama-family configs: hidden_size, intermediate_size, num_hidden_layers, ...).") from None
-
-    @property
-    def attention_width(self) -> int:  # A
-        return self.heads * self.head_dim
-
-    @property
-    def kv_width(self) -> int:  # K
-        return self.kv_heads * self.head_dim
-
-    def projections(self) -> dict[str, tuple[int, int]]:
-        """(in, out) features of each linear projection of a layer."""
-        h, a, k, i = self.hidden, self.attention_width, self.kv_width, self.intermediate
-        return {"q_proj": (h, a), "k_proj": (h, k), "v_proj": (h, k), "o_proj": (a, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-    @property
-    def linear_params(self) -> int:
-        """Linear weights of the decoder layers (what bitsandbytes quantizes)."""
-        return self.layers * sum(i * o for i, o in self.projections().values())
-
-    @property
-    def layer_params(self) -> int:
-        biases = (self.attention_width + 2 * self.kv_width) * self.attention_bias \
-            + (2 * self.intermediate + self.hidden) * self.mlp_bias
-        return sum(i * o for i, o in self.projections().values()) + 2 * self.hidden + biases
-
-    @property
-    def edge_params(self) -> int:
-        """Embedding, LM head (unless tied) and final norm: FSDP2's root module."""
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
-
-    @property
-    def params(self) -> int:
-        return self.layers * self.layer_params + self.edge_params
-
-    def lora_params(self, r: int, targets: list[str] | None) -> int:
-        """Trainable LoRA parameters: r (in + out) per adapted projection of every layer."""
-        chosen = self.projections() if not targets else {
-            name: shape for name, shape in self.projections().items() if name in targets}
-        unknown = sorted(set(targets or ()) - set(PROJECTIONS))
-        if unknown:
-            raise ConfigError(f"lora_target_modules {unknown}: the planner knows the Llama projections {PROJECTIONS}.")
-        return self.layers * sum(r * (i + o) for i, o in chosen.values())
-
-
-def read_shape(config: KTOConfig) -> ModelShape:
-    """The model's shape from its config.json: a local dir, or a hub id's config.json (from the hub cache,
-    else fetched: that one small file only)."""
-    def read(local_only: bool):
-        return AutoConfig.from_pretrained(config.model_name_or_path, revision=config.model_revision,
-                                          trust_remote_code=config.trust_remote_code, local_files_only=local_only)
-    try:
-        try:  # the hub cache first: no network round trips (or retries, offline) for a config already here
-            model_config = read(local_only=True)
-        except OSError:
-            model_config = read(local_only=False)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model_name_or_path {config.model_name_or_path!r}: cannot read its config.json "
-                          f"({str(e).splitlines()[0]}). Check the path or the hub id.") from None
-    return ModelShape.from_model_config(model_config, config.model_name_or_path)
 
 
 @dataclass(frozen=True)
@@ -378,78 +265,3 @@ def largest_micro_batch(config: KTOConfig, shape: ModelShape, cluster: Cluster, 
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     return low
-
-
-def what_to_change(config: KTOConfig, result: Estimate, largest: int) -> list[str]:
-    """The settings that would lower the per-GPU estimate, the cheapest first."""
-    layout, advice = result.layout, []
-    if result.gpu_load and largest == 0:  # not even micro-batch 1: the quantized base does not load
-        advice.append(f"load_in_4bit/load_in_8bit: false with ds_configs/zero3_offload.json or fsdp: full_shard offload "
-                      f"(transformers loads a quantized base whole onto every GPU, {result.gpu_load / GiB:.1f} GiB, "
-                      "before ZeRO-3 partitions it; a 16-bit base is partitioned as it is read)")
-    if 0 < largest < result.micro_batch:
-        advice.append(f"per_device_train_batch_size {largest} (raise gradient_accumulation_steps to keep the "
-                      "global batch)")
-    if not config.gradient_checkpointing:
-        advice.append("gradient_checkpointing: true")
-    quantized = config.load_in_4bit or config.load_in_8bit
-    if layout.stage < 3 and quantized:  # ZeRO-3 shards a 4-bit base, not an 8-bit one (kto_scale.engine)
-        advice.append("deepspeed: ds_configs/zero3.json with load_in_4bit: true (shard the 4-bit base over the GPUs)")
-    elif layout.stage < 3:
-        advice.append("deepspeed: ds_configs/zero3.json or fsdp: full_shard (shard the base over the GPUs)")
-    elif not layout.offload_params:
-        advice.append("ds_configs/zero3_offload.json or fsdp: full_shard offload (keep shards on the host)")
-    if not quantized:
-        advice.append("load_in_4bit: true (QLoRA, sharded on DeepSpeed ZeRO-3)")
-    if not config.ref_cache and "no-grad" in " ".join(result.gpu):
-        advice.append("ref_cache (launch/precompute_ref.py): no reference passes during training")
-    return advice or ["more GPUs or GPUs with more memory"]
-
-
-def check_layout(config: KTOConfig, result: Estimate, cluster: Cluster, examples: int | None) -> None:
-    """Layouts that cannot run at all: a ConfigError naming the setting."""
-    if result.layout.engine == "zero" and result.layout.stage >= 3:
-        check_zero3_quantization(config)
-    if examples is not None and examples < cluster.world_size:
-        raise ConfigError(f"{cluster.world_size} GPUs but the training data has {examples} examples: some ranks would "
-                          "never get one. Use fewer GPUs (--nodes/--gpus_per_node) or more data.")
-    if cluster.host_memory is not None and result.host_train > cluster.host_memory:
-        raise ConfigError(f"offload needs {result.host_train / GiB:.1f} GiB of host RAM per node and --host_memory is "
-                          f"{cluster.host_memory / GiB:.0f} GiB: turn offload off (ds_configs/zero3.json, fsdp: "
-                          "full_shard), or use more nodes.")
-
-
-def report(config: KTOConfig, shape: ModelShape, cluster: Cluster, result: Estimate, largest: int) -> str:
-    """The planner's printout: per GPU, per node, the verdict and what to change."""
-    gib = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
-    lines = [f"{config.model_name_or_path}: {shape.params / 1e9:.2f}B parameters ({shape.layers} layers, hidden "
-             f"{shape.hidden}, vocab {shape.vocab}); LoRA r={config.lora_r}: "
-             f"{shape.lora_params(config.lora_r, config.lora_target_modules) / 1e6:.1f}M trainable",
-             f"{cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs of {cluster.gpu_memory / GiB:.0f} GiB, "
-             f"{result.layout.describe()}, micro-batch {result.micro_batch} x max_length {config.max_length}, "
-             f"gradient_checkpointing {config.gradient_checkpointing}, "
-             f"reference {'from ref_cache' if config.ref_cache else 'on the fly'}", "", "per GPU:"]
-    lines += [f"  {name:<30}{gib(size)}" for name, size in result.gpu.items()]
-    lines += [f"  {'total':<30}{gib(result.gpu_total)}   of {cluster.gpu_memory / GiB:.0f} GiB",
-              *(f"  ({note})" for note in result.notes), "", "per node:",
-              f"  {'GPU memory':<30}{gib(result.gpu_total * cluster.gpus_per_node)}",
-              f"  {'host RAM at load':<30}{gib(result.host_load)}",
-              f"  {'host RAM for offload':<30}{gib(result.host_train)}", ""]
-    fits = result.gpu_peak <= cluster.gpu_memory
-    host_fits = cluster.host_memory is None or result.host_load <= cluster.host_memory
-    lines.append(f"fits: {'yes' if fits else 'NO'} (largest micro-batch that fits: {largest})")
-    if not host_fits:
-        lines.append(f"host RAM: NO, loading needs {result.host_load / GiB:.0f} GiB per node and --host_memory is "
-                     f"{cluster.host_memory / GiB:.0f} GiB: ZeRO-3 loads partitioned (deepspeed: ds_configs/zero3.json)")
-    if not fits:
-        lines += ["to fit, change:", *(f"  - {advice}" for advice in what_to_change(config, result, largest))]
-    return "\n".join(lines)
-
-
-def training_examples(config: KTOConfig) -> int | None:
-    """How many training examples a local dataset holds (after eval_fraction); None for a hub dataset,
-    which the planner does not download."""
-    if not config.dataset_name or not Path(config.dataset_name).exists():
-        return None
-    examples, _ = load_examples(config.dataset_name, skip_bad_rows=config.skip_bad_rows)
-    return len(examples) - int(len(examples) * config.eval_fraction)

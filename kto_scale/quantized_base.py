@@ -25,7 +25,8 @@ from bitsandbytes.nn import Linear4bit
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.quantizers import AutoHfQuantizer
 
-from kto_scale.config import CONFIG_FILE, KTOConfig
+from kto_scale.config import KTOConfig
+from kto_scale.config_io import CONFIG_FILE
 from kto_scale.model import bnb_config, train_dtype
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,8 @@ from kto_scale.checkpoint import (
     save_checkpoint,
 )
 from kto_scale.collate import BatchPlan, desirable_count, sequence_lengths, to_device
-from kto_scale.config import ConfigError, KTOConfig, save_config
+from kto_scale.config import ConfigError, KTOConfig
+from kto_scale.config_io import save_config
 from kto_scale.distributed import all_reduce_sum, any_rank, on_main_process, shutdown
 from kto_scale.engine import Engine
 from kto_scale.generate import GenerationLog, GenerationSettings, PromptGenerations

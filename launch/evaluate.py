@@ -11,7 +11,7 @@ import argparse
 import logging
 import warnings
 
-from kto_scale.config import load_config
+from kto_scale.config_io import load_config
 from kto_scale.distributed import exit_without_teardown
 from kto_scale.evaluate import evaluate
 from kto_scale.usage import options_help, run_command

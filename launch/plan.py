@@ -10,18 +10,12 @@ launch/train.py. Exit status 0 when the run fits, 1 when it does not, with what 
 import argparse
 import sys
 
-from kto_scale.config import ConfigError, load_config
+from kto_scale.config import ConfigError
+from kto_scale.config_io import load_config
 from kto_scale.data import DataError
-from kto_scale.plan import (
-    Cluster,
-    check_layout,
-    estimate,
-    largest_micro_batch,
-    parse_size,
-    read_shape,
-    report,
-    training_examples,
-)
+from kto_scale.model_shape import read_shape
+from kto_scale.plan import Cluster, estimate, largest_micro_batch
+from kto_scale.plan_report import check_layout, parse_size, report, training_examples
 from kto_scale.usage import options_help
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Stopped or killed, the same command resumes: the finished shards are kept.
 import logging
 import sys
 
-from kto_scale.config import load_config
+from kto_scale.config_io import load_config
 from kto_scale.distributed import exit_without_teardown
 from kto_scale.precompute import precompute
 from kto_scale.usage import exit_if_help, run_command

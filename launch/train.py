@@ -10,7 +10,7 @@ import logging
 import sys
 import warnings
 
-from kto_scale.config import DEMO_CONFIG, load_config
+from kto_scale.config_io import DEMO_CONFIG, load_config
 from kto_scale.distributed import exit_without_teardown
 from kto_scale.trainer import train
 from kto_scale.usage import exit_if_help, run_command

@@ -164,7 +164,7 @@ def kl_ratios_of_step(run_dir: Path, checkpoint: str, step: int) -> tuple[list[l
     from peft import PeftModel
 
     from kto_scale.collate import BatchPlan, collate
-    from kto_scale.config import CONFIG_FILE, load_config
+    from kto_scale.config_io import CONFIG_FILE, load_config
     from kto_scale.model import SequenceLogps, load_base_model, load_tokenizer, reference_mode
     from kto_scale.prepare import prepare_data
 

@@ -5,14 +5,8 @@ import dataclasses
 import pytest
 import yaml
 
-from kto_scale.config import (
-    CONFIG_FILE,
-    ConfigError,
-    KTOConfig,
-    load_config,
-    parse_overrides,
-    save_config,
-)
+from kto_scale.config import ConfigError, KTOConfig
+from kto_scale.config_io import CONFIG_FILE, load_config, parse_overrides, save_config
 from kto_scale.usage import options_help
 
 BASE = ["--model_name_or_path", "m", "--dataset_name", "d.jsonl"]

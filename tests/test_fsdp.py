@@ -30,7 +30,8 @@ from tolerances import BF16_EPS, adapter_atol, run_tolerances
 
 from kto_scale.assets import TINY_LLAMA_DIR
 from kto_scale.checkpoint import check_resume
-from kto_scale.config import ConfigError, load_config
+from kto_scale.config import ConfigError
+from kto_scale.config_io import load_config
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 FSDP = dict(fsdp="full_shard", deepspeed=None)

@@ -14,7 +14,8 @@ from test_scale import _assert_same_steps
 from tolerances import run_tolerances
 
 from kto_scale.collate import PAD_SLOT, BatchPlan, ReferenceLayout, collate
-from kto_scale.config import ConfigError, load_config
+from kto_scale.config import ConfigError
+from kto_scale.config_io import load_config
 from kto_scale.loss import kl_baseline
 
 

@@ -12,7 +12,8 @@ import pytest
 from runs import ROOT, TRAIN, clean_env, config_file
 
 from kto_scale.checkpoint import CHANGES_FILE, check_resume
-from kto_scale.config import ConfigError, KTOConfig, save_config
+from kto_scale.config import ConfigError, KTOConfig
+from kto_scale.config_io import save_config
 from kto_scale.evaluate import check_output as check_eval_output
 from kto_scale.export import ExportError
 from kto_scale.export import check_output as check_export_output

@@ -11,17 +11,16 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from kto_scale.assets import TINY_LLAMA_DIR
 from kto_scale.config import REPO_ROOT, ConfigError, KTOConfig
+from kto_scale.model_shape import read_shape
 from kto_scale.plan import (
     GPU_OVERHEAD,
     Cluster,
     activation_bytes,
-    check_layout,
     estimate,
     largest_micro_batch,
     layer_activation_bytes,
-    parse_size,
-    read_shape,
 )
+from kto_scale.plan_report import check_layout, parse_size
 
 # The packaged tiny Llama: H 64, I 176, 2 layers, 4 heads x 16 (A 64), 2 kv heads (K 32), V 938, untied.
 LAYER = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 176 + 2 * 64  # q, k, v, o, MLP, 2 norms = 46208

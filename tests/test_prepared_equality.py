@@ -86,10 +86,10 @@ def test_chunk_sizes_do_not_change_the_examples(tokenizer, tmp_path, monkeypatch
     """Reading, truncation and the KL gather work chunk by chunk: chunks of 5 and 7 rows (so a chunk
     boundary splits pairs, and KL partners lie in other chunks) give the pinned HH examples, through
     files on disk as a run writes them, with two tokenizing processes."""
-    from kto_scale import data, prepare
+    from kto_scale import data, prepare, tokenizing
     monkeypatch.setattr(data, "CHUNK_ROWS", 5)
     monkeypatch.setattr(prepare, "CHUNK_ROWS", 7)
-    monkeypatch.setattr(prepare, "ROWS_PER_PROCESS", 100)
+    monkeypatch.setattr(tokenizing, "ROWS_PER_PROCESS", 100)
     config = _config("hh", tmp_path)
     config.dataset_num_proc = 2
     splits = prepare_data(config, tokenizer, tmp_path)

@@ -13,7 +13,9 @@ from runs import ROOT
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from kto_scale.assets import TINY_LLAMA_DIR
-from kto_scale.config import ConfigError, KTOConfig, load_config
+from kto_scale.config import ConfigError, KTOConfig
+from kto_scale.config_checks import validate_config
+from kto_scale.config_io import load_config
 from kto_scale.engine import resolve_deepspeed_config
 from kto_scale.model import load_base_model, load_model, reference_mode
 
@@ -131,7 +133,7 @@ def test_zero3_refuses_what_it_cannot_partition(options, message):
 
 def test_quant_storage_is_validated():
     with pytest.raises(ConfigError, match="bnb_4bit_quant_storage must be one of"):
-        KTOConfig(model_name_or_path="m", dataset_name="d", bnb_4bit_quant_storage="int4").validate()
+        validate_config(KTOConfig(model_name_or_path="m", dataset_name="d", bnb_4bit_quant_storage="int4"))
 
 
 def test_sft_reference_on_a_4bit_base(tmp_path, quantizable_model):
@@ -178,7 +180,7 @@ def test_the_merge_rebuilds_the_4bit_weights_the_run_loaded(quantizable_model, b
 def test_merging_a_4bit_adapter_is_peft_on_the_dequantized_base(quantizable_model, tmp_path):
     """A QLoRA adapter merges into the dequantized 4-bit weights it was trained against, written in 16
     (here 32) bits (assert_merge_is_peft_on_the_dequantized_base)."""
-    from kto_scale.config import save_config
+    from kto_scale.config_io import save_config
 
     config = KTOConfig(model_name_or_path=str(quantizable_model), dataset_name="d", load_in_4bit=True, lora_r=4,
                        lora_dropout=0.0)

@@ -30,7 +30,7 @@ from test_scale import _assert_same_steps
 from tolerances import logp_rtol
 
 from kto_scale.collate import collate
-from kto_scale.config import load_config
+from kto_scale.config_io import load_config
 from kto_scale.model import SequenceLogps, load_model, load_tokenizer, reference_mode
 from kto_scale.prepare import prepare_data
 from kto_scale.ref_cache import MANIFEST, RefCacheError, open_ref_cache

@@ -11,7 +11,8 @@ import pytest
 import yaml
 from runs import DEEPSPEED, ROOT, TRAIN, clean_env, config_file, free_port, launch_together, write_data
 
-from kto_scale.config import DEMO_CONFIG, ConfigError, KTOConfig, load_config
+from kto_scale.config import ConfigError, KTOConfig
+from kto_scale.config_io import DEMO_CONFIG, load_config
 from kto_scale.outdir import (
     LOCK_FILE,
     OWNED,

@@ -31,7 +31,8 @@ from safetensors.torch import load_file
 from tolerances import LORA_LOGP_SENSITIVITY, adapter_atol, run_tolerances
 
 from kto_scale.assets import TINY_LLAMA_DIR
-from kto_scale.config import ConfigError, load_config
+from kto_scale.config import ConfigError
+from kto_scale.config_io import load_config
 from kto_scale.engine import resolve_deepspeed_config
 
 
@@ -235,7 +236,7 @@ def test_output_dir_with_another_run_is_refused(tmp_path, tiny_model, one_proces
 _NAN_RUN = """
 import sys
 from kto_scale import trainer
-from kto_scale.config import load_config
+from kto_scale.config_io import load_config
 from kto_scale.usage import run_command
 
 nan_steps, calls, kto_losses = {nan_steps}, [], trainer.kto_losses

@@ -31,7 +31,8 @@ from tolerances import logp_rtol, merged_logits_atol, run_tolerances
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from kto_scale.collate import collate
-from kto_scale.config import ConfigError, load_config
+from kto_scale.config import ConfigError
+from kto_scale.config_io import load_config
 from kto_scale.export import merge_lora
 from kto_scale.model import SequenceLogps, load_model, load_tokenizer, reference_mode
 from kto_scale.prepare import prepare_data

@@ -22,7 +22,7 @@ import torch
 from runs import config_file, free_port
 
 import kto_scale.trainer as trainer
-from kto_scale.config import load_config
+from kto_scale.config_io import load_config
 
 SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu")
 ALLOWED = {

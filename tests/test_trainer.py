@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tolerances import merged_logits_atol, run_tolerances
 
 from kto_scale.collate import collate
-from kto_scale.config import CONFIG_FILE, load_config
+from kto_scale.config_io import CONFIG_FILE, load_config
 from kto_scale.generate import generation_prompts
 from kto_scale.model import SequenceLogps, load_base_model, load_tokenizer, reference_mode
 from kto_scale.prepare import prepare_data
