@@ -2,9 +2,9 @@
 and the spec (spec.json) the children read.
 
 - Model: a Llama of the given shape: its config.json alone, no weights. Every child builds the seeded
-  random weights itself on its own device (kto-scale's `init_random_weights`, bench/model_init.py), so an
-  8B model costs no host init and no 16 GB of disk writes and reads per run; each child records a
-  checksum of the weights it built, and the report checks they are all the same.
+  random weights itself on its own device (kto-scale's `init_random_weights` and `init_device`,
+  bench/model_init.py), so an 8B model costs no host init and no 16 GB of disk writes and reads per
+  run; each child records a checksum of the weights it built, and the report checks they are all the same.
 - Tokenizer: --tokenizer (it must add BOS on its own, as Llama's does), saved next to the model.
 - Data: the first --pairs pairs of --data (text or chat messages) whose prompt leaves room for a
   completion token, split by kto_scale.data into one desirable and one undesirable {prompt, completion,
@@ -30,7 +30,7 @@ SHARED_SETTINGS = ("batch_size", "max_length", "lr", "beta", "seed", "warmup", "
 SAME_IN_BOTH = ("model_name_or_path", "dataset_name", "skip_bad_rows", "output_dir", "max_length", "max_prompt_length",
                 "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type",
                 "warmup_steps", "max_grad_norm", "beta", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-                "max_steps", "logging_steps", "seed", "data_seed", "init_random_weights")
+                "max_steps", "logging_steps", "seed", "data_seed", "init_random_weights", "init_device")
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtype -> the name transformers and torch use
 
 
@@ -110,6 +110,8 @@ def pick_examples(args, tokenizer, work: Path) -> tuple[list[dict], int, int]:
 
 def write_kto_config(args, model_dir: Path, data_file: Path, path: Path) -> Path:
     """kto-scale's run config for the shared settings; each run adds its own options on the command line."""
+    from model_init import device
+
     config = {
         "model_name_or_path": str(model_dir),
         "dataset_name": str(data_file),
@@ -130,6 +132,7 @@ def write_kto_config(args, model_dir: Path, data_file: Path, path: Path) -> Path
         "lora_dropout": 0.0,
         "lora_target_modules": list(args.lora_targets),
         "init_random_weights": True,  # seeded, built by each child on its device (bench/model_init.py)
+        "init_device": device().type,  # the GPU when there is one
         "max_steps": args.warmup + args.steps,
         "logging_steps": 1,
         "save_steps": 10**9,

@@ -1,14 +1,16 @@
 """The bench's model in every child: kto-scale's seeded random weights, built on the child's own device.
 
-The parent writes the model's config.json only. The kto-scale children build the weights through their
-config's `init_random_weights` (kto_scale.model._random_model: torch.manual_seed(seed), then
-from_config); the TRL and bare-loop children call the same loader on the same config. Each does it under
-`torch.device(<the GPU>)`, so an 8B model is initialized by the GPU in seconds, not by the host in
-minutes, and nothing is written to disk or read back. Same function, seed, shapes and device: the same
-weights in every run, which each child's checksum (in its result, compared in the report) confirms.
+The parent writes the model's config.json only, and a kto-scale config with `init_random_weights` and
+`init_device` (the GPU when there is one: `device()`). The kto-scale children build the weights through
+that config (kto_scale.model.load_base_model: torch.manual_seed(seed), then from_config on init_device);
+the TRL and bare-loop children call the same loader on the same config. So an 8B model is initialized by
+the GPU in seconds, not by the host in minutes, and nothing is written to disk or read back. Same
+function, seed, shapes and device: the same weights in every run, which each child's checksum (in its
+result, compared in the report) confirms.
 """
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -47,31 +49,27 @@ def mark_lm_head(model: torch.nn.Module) -> None:
     head.register_forward_hook(leave)
 
 
-def build_on_device(record: dict, profiled: bool = False) -> None:
-    """From here on, kto_scale.model builds its random models on this child's device; `record` gets the
-    init time, the device the weights are on, and their checksum. `profiled`: mark the LM head's calls."""
-    import kto_scale.model as kto_model
+def recorded(load: Callable[..., torch.nn.Module], record: dict, profiled: bool = False) -> Callable[..., torch.nn.Module]:
+    """kto-scale's `load_base_model`, which also puts in `record` how long it took, the device the weights
+    are on and their checksum. `profiled`: mark the LM head's calls."""
 
-    random_model = kto_model._random_model  # private: the one place init_random_weights builds the model
-
-    def on_device(config, dtype):
+    def load_and_record(*args, **kwargs) -> torch.nn.Module:
         start = time.perf_counter()
-        with device():
-            model = random_model(config, dtype)
+        model = load(*args, **kwargs)
         record.update(init_s=time.perf_counter() - start, built_on=str(next(model.parameters()).device),
                       checksum=weights_checksum(model))
         if profiled:
             mark_lm_head(model)
         return model
 
-    kto_model._random_model = on_device
+    return load_and_record
 
 
 def load_bench_model(spec: dict, record: dict):
     """The base model of the kto-scale runs, for a child that does not run kto-scale (TRL, the bare loop):
-    kto-scale's loader on the bench's kto-scale config (the same seed, dtype and attention)."""
+    kto-scale's loader on the bench's kto-scale config (the same seed, dtype, attention and device)."""
     from kto_scale.config_io import load_config
     from kto_scale.model import load_base_model
 
-    build_on_device(record, profiled="torch_profile" in spec)
-    return load_base_model(load_config(["--config", spec["kto_config"]]))
+    load = recorded(load_base_model, record, profiled="torch_profile" in spec)
+    return load(load_config(["--config", spec["kto_config"]]))

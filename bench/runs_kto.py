@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from measure import batch_stats, child_args, maxrss_mib, padding_mask, rss_mib, write_result
-from model_init import build_on_device
+from model_init import recorded
 from torch_profile import StepProfiler
 
 
@@ -36,7 +36,8 @@ def train(spec: dict, name: str, options: list[str]) -> dict:
     steps: list[dict] = []
     setup: dict = {}
     weights: dict = {}
-    build_on_device(weights, profiled="torch_profile" in spec)
+    # Wrapped to time the base model's build and checksum its weights (built where init_device says).
+    trainer.load_base_model = recorded(trainer.load_base_model, weights, profiled="torch_profile" in spec)
     # The trainer saves a random base beside its adapter (to merge it later); the bench never does, and at
     # 8B that would be 16 GB written per run.
     trainer.save_base_model = lambda *args, **kwargs: None
@@ -106,11 +107,13 @@ def precompute(spec: dict, name: str, options: list[str]) -> dict:
     """kto_scale.precompute.precompute, as launch/precompute_ref.py runs it."""
     import torch
 
+    import kto_scale.model as kto_model
     from kto_scale.config_io import load_config
     from kto_scale.precompute import precompute as precompute_reference
 
     weights: dict = {}
-    build_on_device(weights)
+    # Wrapped as in train(); precompute's load_model calls kto_scale.model's own load_base_model.
+    kto_model.load_base_model = recorded(kto_model.load_base_model, weights)
     loop_log = LoopLog()
     logging.getLogger("kto_scale.precompute").addHandler(loop_log)
     start = time.perf_counter()

@@ -13,6 +13,7 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORTERS = ("none", "wandb", "tensorboard")
 KL_BASELINES = ("effective_batch", "micro_batch")
 QUANT_STORAGES = ("uint8", "bfloat16", "float16", "float32")
+INIT_DEVICES = ("cpu", "cuda")
 
 
 def validate_config(config: KTOConfig) -> None:
@@ -50,6 +51,12 @@ def validate_config(config: KTOConfig) -> None:
         raise ConfigError("load_in_4bit and load_in_8bit are both set: choose one.")
     if (config.load_in_4bit or config.load_in_8bit) and config.init_random_weights:
         raise ConfigError("init_random_weights cannot be quantized: save the model first and load it.")
+    if config.init_device not in (None, *INIT_DEVICES):
+        raise ConfigError(f"init_device must be one of {INIT_DEVICES} or null, got {config.init_device!r}.")
+    if config.init_device is not None and not config.init_random_weights:
+        raise ConfigError(f"init_device {config.init_device} places the weights init_random_weights builds: set "
+                          "init_random_weights: true, or leave init_device unset (loaded weights go where the "
+                          "engine puts them).")
     if config.bnb_4bit_quant_storage not in (None, *QUANT_STORAGES):
         raise ConfigError(f"bnb_4bit_quant_storage must be one of {QUANT_STORAGES} or null, got "
                           f"{config.bnb_4bit_quant_storage!r}.")

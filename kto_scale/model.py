@@ -112,17 +112,23 @@ def _empty_model(config: KTOConfig, dtype: torch.dtype) -> PreTrainedModel:
 
 
 def _random_model(config: KTOConfig, dtype: torch.dtype) -> PreTrainedModel:
-    """The model with random weights seeded by config.seed, the same on every engine, stage and rank count.
+    """The model with random weights seeded by config.seed, the same on every engine, stage and rank count,
+    built on config.init_device (the CPU by default; "cuda": this rank's GPU).
 
     Under ZeRO-3, transformers builds models inside deepspeed.zero.Init and initializes them module by
     module on rank 0, which draws other random numbers than a plain build. So the model is built whole
     on every rank, as without DeepSpeed (`set_zero3_state` is transformers' switch that skips
     zero.Init), and DeepSpeed partitions it when the engine is created, broadcasting rank 0's weights.
-    Each rank holds the whole model until then: fine for the tiny models random weights are meant for.
+    Each rank holds the whole model until then: fine for the tiny models random weights are meant for,
+    and on the GPU for a large model's benchmark (bench/).
     """
+    if config.init_device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("init_device cuda: this machine has no CUDA GPU; leave init_device unset to build the "
+                          "random weights on the CPU.")
+    device = torch.device("cuda", torch.cuda.current_device()) if config.init_device == "cuda" else torch.device("cpu")
     model_config = _model_config(config)
     torch.manual_seed(config.seed)
-    with set_zero3_state():
+    with set_zero3_state(), device:
         return AutoModelForCausalLM.from_config(
             model_config, dtype=dtype, trust_remote_code=config.trust_remote_code,
             attn_implementation=config.attn_implementation,

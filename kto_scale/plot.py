@@ -2,18 +2,24 @@
 
 One colour per run; train values are solid lines, eval values dashed lines with markers. A panel
 whose metric no run logged says "no data".
+
+matplotlib is imported in the functions that draw, not with this module: the trainer imports plot_runs,
+and only a process that writes a plot pays matplotlib's import (about 1.4 s).
 """
+
+from __future__ import annotations
 
 import io
 from pathlib import Path
-
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
+from typing import TYPE_CHECKING
 
 from kto_scale.atomic import write_atomic
 from kto_scale.metrics import METRICS_FILE, SPLITS, read_metrics
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
 # (metric key in metrics.jsonl, panel title), in grid order.
 PANELS = (
@@ -62,6 +68,8 @@ def run_labels(run_dirs: list[str | Path]) -> list[str]:
 
 def draw_panel(ax: Axes, key: str, title: str, runs: list[list[dict]], colors: list[str]) -> None:
     """Draw every run's train and eval curves of `key` on `ax`, or "no data" if there are none."""
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_title(title, fontsize=10)
     drawn = False
     for records, color in zip(runs, colors, strict=True):
@@ -84,6 +92,8 @@ def draw_panel(ax: Axes, key: str, title: str, runs: list[list[dict]], colors: l
 
 def legend_handles(labels: list[str], colors: list[str]) -> list[Line2D]:
     """One colour swatch per run, then black samples of the train and eval line styles."""
+    from matplotlib.lines import Line2D
+
     runs = [Line2D([], [], color=color, label=label) for label, color in zip(labels, colors, strict=True)]
     splits = [Line2D([], [], color="black", label=split, **SPLIT_STYLES[split]) for split in SPLITS]
     return runs + splits
@@ -91,6 +101,8 @@ def legend_handles(labels: list[str], colors: list[str]) -> list[Line2D]:
 
 def render(run_dirs: list[str | Path]) -> Figure:
     """A figure with one panel per entry of PANELS, every run overlaid."""
+    from matplotlib.figure import Figure  # here, not at the top (so in draw_panel, legend_handles): see above
+
     runs = [load_run(run_dir) for run_dir in run_dirs]
     labels = run_labels(run_dirs)
     # The default colour cycle ("C0", "C1", ...) repeats after ten runs; fine for a comparison plot.

@@ -1,19 +1,28 @@
 """What every launch script shares: `--help` (every KTOConfig option with its type, default and
-meaning, read from the fields' docstrings in config.py, the one place an option is documented) and
-`run_command`, which turns the errors a user can act on into one line.
+meaning, read from the fields' docstrings in config.py, the one place an option is documented),
+`run_command`, which turns the errors a user can act on into one line, and `config_from_command_line`,
+a config-driven script's start.
+
+Torch-free, like kto_scale.config: a script answers --help and a mistyped option from these two before
+it imports torch, transformers and deepspeed (seconds of CPU), which it does only once the config
+is known to be good.
 """
 
 import ast
 import dataclasses
 import inspect
+import logging
 import os
 import sys
 import types
 import typing
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from kto_scale.config import KTOConfig
+from kto_scale.config_io import load_config
 from kto_scale.preemption import REQUEUE_EXIT, Preempted
 
 T = TypeVar("T")
@@ -78,3 +87,14 @@ def run_command(work: Callable[[], T]) -> T:
         if os.environ.get("KTO_SCALE_TRACEBACK") == "1":
             raise
         sys.exit(f"error: {os_error_line(error) if isinstance(error, OSError) else error}")
+
+
+def config_from_command_line(argv: list[str], usage: str, default_config: str | Path | None = None) -> KTOConfig:
+    """A config-driven script's start, before its heavy imports: --help (`usage` and every option), the
+    log format, and the config from `argv` (--config FILE first, then --name value), validated. A
+    mistake in it ends the script with one line `error: ...`."""
+    exit_if_help(argv, usage)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # DeepSpeed calls torch.distributed functions that torch has deprecated: one warning per call.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    return run_command(lambda: load_config(argv, default_config))

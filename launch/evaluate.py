@@ -8,17 +8,12 @@ Any training option can be overridden as in launch/train.py (e.g. --eval_dataset
 """
 
 import argparse
-import logging
-import warnings
 
-from kto_scale.config_io import load_config
-from kto_scale.distributed import exit_without_teardown
-from kto_scale.evaluate import evaluate
-from kto_scale.usage import options_help, run_command
+from kto_scale.usage import config_from_command_line, options_help, run_command
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+def main() -> None:
+    """Check the command line and the config, then score; a mistake ends with a one-line error."""
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, epilog=options_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True, help="peft adapter directory (e.g. outputs/run/adapter)")
@@ -26,6 +21,15 @@ if __name__ == "__main__":
                         "(and generations.jsonl with --generate_during_eval true)")
     parser.add_argument("--split", choices=("eval", "train"), default="eval", help="which split of the data")
     args, config_args = parser.parse_known_args()  # the rest are training options, --config first
-    summary = run_command(lambda: evaluate(load_config(config_args), args.adapter, args.output, args.split))
+    config = config_from_command_line(config_args, __doc__)
+    # After the config: --help and a mistyped option answer in a second, before torch and peft load.
+    from kto_scale.distributed import exit_without_teardown
+    from kto_scale.evaluate import evaluate
+
+    summary = run_command(lambda: evaluate(config, args.adapter, args.output, args.split))
     print("  ".join(f"{k}={v:.4f}" for k, v in summary.items()))
     exit_without_teardown()  # the job is done and written: no interpreter teardown (see its docstring)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 
 from kto_scale.atomic import write_atomic
-from kto_scale.data import HH_MARKER, _split_text
 
 TURN = re.compile(r"\n\n(Human|Assistant):")
 ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -31,6 +30,8 @@ def to_messages(text: str) -> list[dict[str, str]]:
 
 def chat_pairs(source: Path) -> tuple[list[dict], int]:
     """The source's pairs as chat rows, and how many were left out for an empty reply."""
+    from kto_scale.data import HH_MARKER, _split_text  # here: --help answers before datasets and pyarrow load
+
     rows, empty = [], 0
     with gzip.open(source, "rt") as f:
         for line in f:

@@ -10,15 +10,12 @@ launch/train.py. Exit status 0 when the run fits, 1 when it does not, with what 
 import argparse
 import sys
 
-from kto_scale.config import ConfigError
 from kto_scale.config_io import load_config
-from kto_scale.data import DataError
-from kto_scale.model_shape import read_shape
-from kto_scale.plan import Cluster, estimate, largest_micro_batch
-from kto_scale.plan_report import check_layout, parse_size, report, training_examples
-from kto_scale.usage import options_help
+from kto_scale.usage import options_help, run_command
 
-if __name__ == "__main__":
+
+def main() -> None:
+    """Check the command line and the config, then print the estimate; a mistake ends with one line."""
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, epilog=options_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=1, help="nodes in the cluster")
@@ -28,17 +25,25 @@ if __name__ == "__main__":
     parser.add_argument("--examples", type=int, default=None, help="training examples (default: counted in a "
                         "local dataset_name; a hub dataset is not checked)")
     args, config_args = parser.parse_known_args()  # the rest are training options, --config first
-    try:
-        if args.nodes < 1 or args.gpus_per_node < 1:
-            raise ConfigError(f"--nodes {args.nodes} --gpus_per_node {args.gpus_per_node}: both must be >= 1.")
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        sys.exit(f"error: --nodes {args.nodes} --gpus_per_node {args.gpus_per_node}: both must be >= 1.")
+    config = run_command(lambda: load_config(config_args))
+    # After the config: --help and a mistyped option answer in a second, before transformers loads.
+    from kto_scale.model_shape import read_shape
+    from kto_scale.plan import Cluster, estimate, largest_micro_batch
+    from kto_scale.plan_report import check_layout, parse_size, report, training_examples
+
+    def plan() -> bool:
         cluster = Cluster(args.nodes, args.gpus_per_node, parse_size(args.gpu_memory, "--gpu_memory"),
                           None if args.host_memory is None else parse_size(args.host_memory, "--host_memory"))
-        config = load_config(config_args)
         shape = read_shape(config)
         result = estimate(config, shape, cluster)
         check_layout(config, result, cluster, args.examples if args.examples is not None else training_examples(config))
-        largest = largest_micro_batch(config, shape, cluster)
-    except (ConfigError, DataError) as e:
-        sys.exit(f"error: {e}")
-    print(report(config, shape, cluster, result, largest))
-    sys.exit(0 if result.gpu_peak <= cluster.gpu_memory else 1)
+        print(report(config, shape, cluster, result, largest_micro_batch(config, shape, cluster)))
+        return result.gpu_peak <= cluster.gpu_memory
+
+    sys.exit(0 if run_command(plan) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,16 +8,21 @@
 Stopped or killed, the same command resumes: the finished shards are kept.
 """
 
-import logging
 import sys
 
-from kto_scale.config_io import load_config
-from kto_scale.distributed import exit_without_teardown
-from kto_scale.precompute import precompute
-from kto_scale.usage import exit_if_help, run_command
+from kto_scale.usage import config_from_command_line, run_command
+
+
+def main() -> None:
+    """Check the config, then score the reference; a mistake ends with a one-line error."""
+    config = config_from_command_line(sys.argv[1:], __doc__)
+    # After the config: --help and a mistyped option answer in a second, before torch and deepspeed load.
+    from kto_scale.distributed import exit_without_teardown
+    from kto_scale.precompute import precompute
+
+    run_command(lambda: precompute(config))
+    exit_without_teardown()  # the job is done and written: no interpreter teardown (see its docstring)
+
 
 if __name__ == "__main__":
-    exit_if_help(sys.argv[1:], __doc__)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_command(lambda: precompute(load_config(sys.argv[1:])))
-    exit_without_teardown()  # the job is done and written: no interpreter teardown (see its docstring)
+    main()

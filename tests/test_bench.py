@@ -250,20 +250,22 @@ def test_max_batch_search_halves_then_bisects(monkeypatch):
 
 
 def test_weights_checksum_and_device_build(monkeypatch):
-    """kto-scale's seeded random model, built under the child's device: the same seed gives the same
-    checksum, another seed another one (the bench's verdict compares them across runs)."""
+    """kto-scale's seeded random model, built on the device the bench's config names (init_device: the GPU
+    when there is one) and recorded by the bench's wrapper: the same seed gives the same checksum, another
+    seed another one (the bench's verdict compares them across runs)."""
     model_init = bench_module("model_init", monkeypatch)
     from kto_scale.config import KTOConfig
     from kto_scale.model import load_base_model
 
     record = {}
-    model_init.build_on_device(record)
-    config = {"model_name_or_path": str(TINY_LLAMA_DIR), "dataset_name": "x", "init_random_weights": True}
-    first = load_base_model(KTOConfig(**config, seed=1))
-    assert record["built_on"] == "cpu" and record["checksum"] == model_init.weights_checksum(first)
-    load_base_model(KTOConfig(**config, seed=1))
+    load = model_init.recorded(load_base_model, record)
+    config = {"model_name_or_path": str(TINY_LLAMA_DIR), "dataset_name": "x", "init_random_weights": True,
+              "init_device": model_init.device().type}
+    first = load(KTOConfig(**config, seed=1))
+    assert record["built_on"] == str(model_init.device()) and record["checksum"] == model_init.weights_checksum(first)
+    load(KTOConfig(**config, seed=1))
     same = record["checksum"]
-    load_base_model(KTOConfig(**config, seed=2))
+    load(KTOConfig(**config, seed=2))
     assert same == model_init.weights_checksum(first) != record["checksum"]
 
 

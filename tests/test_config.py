@@ -45,6 +45,10 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
     (["--generate_during_eval", "true"], "generate_during_eval.*eval_fraction"),
     (["--max_new_tokens", "0"], "max_new_tokens"),
     (["--generation_top_p", "1.5"], "generation_top_p"),
+    (["--init_random_weights", "true", "--init_device", "gpu"],
+     r"^init_device must be one of \('cpu', 'cuda'\) or null, got 'gpu'\.$"),
+    (["--init_device", "cuda"], "^init_device cuda places the weights init_random_weights builds: set "
+                                "init_random_weights: true"),
 ])
 def test_bad_settings_are_named(args, message):
     with pytest.raises(ConfigError, match=message):

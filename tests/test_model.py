@@ -2,11 +2,12 @@
 chunked log-probs equal the plain computation from the model's own logits. (init_random_weights building
 the same base under ZeRO-3 on two ranks: tests/test_scale.py's two-simulated-nodes run.)"""
 
+import pytest
 import torch
 from tolerances import gradient_norm_atol, logp_rtol
 
 from kto_scale.assets import TINY_LLAMA_DIR
-from kto_scale.config import KTOConfig
+from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.logprobs import completion_logps
 from kto_scale.model import SequenceLogps, load_base_model, load_model, reference_mode
 
@@ -49,6 +50,26 @@ def test_reference_equals_base_exactly():
         base_logits = plain(input_ids=ids, attention_mask=attention).logits
     assert torch.equal(reference_logits, base_logits)
     assert not torch.allclose(policy_logits, base_logits)  # the adapters do change the policy
+
+
+def test_init_device_cpu_builds_the_default_weights():
+    """init_device null and cpu both build exactly the weights of a plain seeded from_config on the host
+    (the same kernels on the same shapes: equal to the bit); "cuda" builds on the GPU, or is refused in one
+    line where there is none."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(7)
+    plain = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA_DIR), dtype=torch.float32)
+    for device in (None, "cpu"):
+        built = load_base_model(_config(seed=7, init_device=device)).state_dict()
+        assert built.keys() == plain.state_dict().keys()
+        assert all(torch.equal(built[name], weight) for name, weight in plain.state_dict().items()), device
+    assert not torch.equal(load_base_model(_config(seed=8)).lm_head.weight, plain.lm_head.weight)
+    if torch.cuda.is_available():
+        assert {p.device.type for p in load_base_model(_config(init_device="cuda")).parameters()} == {"cuda"}
+    else:
+        with pytest.raises(ConfigError, match="^init_device cuda: this machine has no CUDA GPU"):
+            load_base_model(_config(init_device="cuda"))
 
 
 def test_only_lora_parameters_train():

@@ -13,6 +13,7 @@ from runs import DEEPSPEED, ROOT, TRAIN, clean_env, config_file, free_port, laun
 
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.config_io import DEMO_CONFIG, load_config
+from kto_scale.export import DTYPES
 from kto_scale.outdir import (
     LOCK_FILE,
     OWNED,
@@ -161,18 +162,35 @@ def test_a_model_path_typo_is_a_message(tmp_path, tiny_model):
 
 @pytest.mark.e2e
 def test_help_on_every_entry_point():
-    """`--help` prints usage and every option with its type, default and meaning, for every script."""
+    """`--help` prints usage and every option with its type, default and meaning, for every script; it and
+    a mistyped option answer before any heavy library loads (`-X importtime` lists every module the
+    process imported: torch is in it whenever anything imported it), the typo as one line `error:`."""
     scripts = sorted((ROOT / "launch").glob("*.py"))
     assert {s.name for s in scripts} >= {"train.py", "precompute_ref.py", "evaluate.py", "merge_lora.py", "plot.py"}
-    done = launch_together({s.name: [sys.executable, str(s), "--help"] for s in scripts}, timeout=180)
+    typo = ["--lerning_rate", "1"]
+    mistakes = {"train.py": typo, "precompute_ref.py": ["--config", "configs/demo.yaml", *typo],
+                "evaluate.py": ["--adapter", "a", "--output", "o", *typo], "plan.py": typo}
+    done = launch_together({**{s.name: [sys.executable, "-X", "importtime", str(s), "--help"] for s in scripts},
+                            **{f"{name} typo": [sys.executable, "-X", "importtime", str(ROOT / "launch" / name), *args]
+                               for name, args in mistakes.items()}}, timeout=180)
+    heavy = {"torch", "transformers", "deepspeed", "peft", "datasets", "pyarrow", "matplotlib"}
     helps = {}
     for name, result in done.items():
+        imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in result.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert "kto_scale" in imported and not imported & heavy, (name, sorted(imported & heavy))
+        if name.endswith(" typo"):
+            said = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+            assert result.returncode == 1 and said == ["error: command line: unknown option 'lerning_rate'. Did you "
+                                                       "mean 'learning_rate'? (--help lists every option.)"], (name, said)
+            continue
         assert result.returncode == 0 and "usage:" in result.stdout, (name, result.stderr[-2000:])
         helps[name] = result.stdout
     for name in ("train.py", "precompute_ref.py", "evaluate.py"):  # the config-driven ones list every option
         assert "--beta FLOAT (default: 0.1)" in helps[name] and "KTO temperature" in helps[name]
         assert "--lora_target_modules LIST (default: None)" in helps[name]
     assert "--adapter" in helps["evaluate.py"] and "--overwrite" in helps["merge_lora.py"]
+    assert f"--dtype {{{','.join(sorted(DTYPES))}}}" in helps["merge_lora.py"]  # its own list, torch-free
     sbatch = subprocess.run(["bash", "launch/slurm/kto.sbatch", "--help"], cwd=ROOT, env=clean_env(), text=True,
                             capture_output=True, timeout=60)
     assert sbatch.returncode == 0 and "sbatch --nodes 4 launch/slurm/kto.sbatch" in sbatch.stdout, sbatch.stderr
