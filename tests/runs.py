@@ -14,8 +14,13 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# The `deepspeed` launcher, run by this interpreter (the venv's bin/ need not be on PATH).
+# The launchers, run by this interpreter (the venv's bin/ need not be on PATH). torchrun starts the ranks
+# of either engine (DeepSpeed reads the same environment variables) about 7 s sooner than the `deepspeed`
+# launcher, whose runner and launch.py each import torch and deepspeed before a rank starts; so the tests
+# use torchrun, and the `deepspeed` launcher where it is the subject: README's `deepspeed --num_gpus`
+# (test_scale's two_zero2_ranks), its exit code on SIGTERM (test_preemption) and kto.sbatch's nodes.
 DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 TRAIN = [sys.executable, "launch/train.py"]
 
 def write_data(path: Path, n: int = 24) -> Path:
@@ -122,7 +127,18 @@ def run_together(commands: dict[str, list[str]], timeout: int = 480) -> dict[str
     return results
 
 
+def ranks(num_ranks: int) -> list[str]:
+    """torchrun for num_ranks ranks on this machine, on a port of their own."""
+    return [*TORCHRUN, "--nproc_per_node", str(num_ranks), "--master_port", str(free_port())]
+
+
+def torchrun(num_ranks: int, config: Path, *args: str, script: str = "launch/train.py") -> subprocess.CompletedProcess:
+    """run() `script` on num_ranks ranks (the config's engine: DeepSpeed or FSDP2)."""
+    return run([*ranks(num_ranks), script, "--config", str(config), *args])
+
+
 def deepspeed_run(num_ranks: int, config: Path, *args: str) -> subprocess.CompletedProcess:
+    """run() launch/train.py as README's `deepspeed --num_gpus N launch/train.py` does."""
     return run([*DEEPSPEED, "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
                 "launch/train.py", "--config", str(config), *args])
 
@@ -146,12 +162,19 @@ def wait_for(condition: Callable[[], bool], timeout: float) -> None:
         time.sleep(0.1)
 
 
-def die_after_first(call: str, command: list[str]) -> subprocess.CompletedProcess:
-    """Run `command` with its launch/ script wrapped by tests/die_after_first.py: every process SIGKILLs
-    itself once `call` ("module:function") first returns. Return how it ended; it must have failed."""
+def signal_after(call: str, calls: int, signal_name: str, ranks: str, command: list[str]) -> subprocess.CompletedProcess:
+    """launch() `command` with its launch/ script wrapped by tests/signal_after.py: the processes of
+    `ranks` ("all", or one rank) send themselves `signal_name` once `call` ("module:function") returns
+    for the `calls`-th time. Return how it ended."""
     script = next(arg for arg in command if arg.startswith("launch/"))
-    wrapped = [("tests/die_after_first.py" if arg == script else arg) for arg in command]
-    result = launch(wrapped, env={"DIE_AFTER_FIRST": f"{call} {script}"})
+    wrapped = [("tests/signal_after.py" if arg == script else arg) for arg in command]
+    return launch(wrapped, env={"SIGNAL_AFTER": f"{call} {calls} {signal_name} {ranks} {script}"})
+
+
+def die_after_first(call: str, command: list[str]) -> subprocess.CompletedProcess:
+    """Run `command` with every process SIGKILLed right after `call` first returns, as if the node went
+    down there (signal_after); it must have failed."""
+    result = signal_after(call, 1, "SIGKILL", "all", command)
     assert result.returncode != 0, "the run was not killed:\n" + result.stderr[-3000:]
     return result
 

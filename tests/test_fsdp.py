@@ -8,7 +8,6 @@ norm, its evaluations, generations and final adapter, within what rounding allow
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,11 +17,12 @@ from runs import (
     ROOT,
     TRAIN,
     config_file,
-    free_port,
     generations,
     metrics,
+    ranks,
     run,
     run_together,
+    torchrun,
 )
 from safetensors.torch import load_file
 from test_scale import _assert_same_steps, run_slurm_script
@@ -33,13 +33,7 @@ from kto_scale.checkpoint import check_resume
 from kto_scale.config import ConfigError
 from kto_scale.config_io import load_config
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 FSDP = dict(fsdp="full_shard", deepspeed=None)
-
-
-def torchrun(num_ranks: int, config: Path, *args: str, script: str = "launch/train.py") -> subprocess.CompletedProcess:
-    return run([*TORCHRUN, "--nproc_per_node", str(num_ranks), "--master_port", str(free_port()), script,
-                "--config", str(config), *args])
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +98,8 @@ def test_precompute_then_slurm_on_two_simulated_nodes_and_evaluate_on_fsdp(tmp_p
     assert "Reference log-probs of 18 train examples read from" in result.stdout + result.stderr  # the cache was used
     _assert_same_run(one_process_run, tmp_path / "nodes")
 
-    run([*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "launch/evaluate.py", "--config",
-         str(fsdp_two_ranks / "kto_config.yaml"), "--adapter", str(fsdp_two_ranks / "adapter"),
-         "--output", str(tmp_path / "eval")])
+    run([*ranks(2), "launch/evaluate.py", "--config", str(fsdp_two_ranks / "kto_config.yaml"),
+         "--adapter", str(fsdp_two_ranks / "adapter"), "--output", str(tmp_path / "eval")])
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     final, atol = metrics(fsdp_two_ranks)[-1], run_tolerances(fsdp_two_ranks, 0.0)[-1]  # the same weights
     assert final["split"] == "eval"
@@ -149,8 +142,7 @@ def test_bf16_with_gradient_checkpointing_tracks_deepspeed(tmp_path, tiny_model)
     configs = {"ds": config_file(tmp_path, "ds", tiny_model, **options),
                "fsdp": config_file(tmp_path, "fsdp", tiny_model, **options, **FSDP)}
     run_together({"ds": [*TRAIN, "--config", str(configs["ds"])],  # one process each: they start together
-                  "fsdp": [*TORCHRUN, "--nproc_per_node", "1", "--master_port", str(free_port()), "launch/train.py",
-                           "--config", str(configs["fsdp"])]})
+                  "fsdp": [*ranks(1), "launch/train.py", "--config", str(configs["fsdp"])]})
     ds, fsdp = metrics(tmp_path / "ds", "train")[0], metrics(tmp_path / "fsdp", "train")[0]
     for key in ("loss", "kl", "rewards/desirable", "rewards/undesirable", "logps/desirable", "logps/undesirable"):
         assert fsdp[key] == ds[key], key

@@ -9,7 +9,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from runs import ROOT, TRAIN, config_file, deepspeed_run, kl_ratios_of_step, launch_together, metrics
+from runs import ROOT, TRAIN, config_file, kl_ratios_of_step, launch_together, metrics, torchrun
 from test_scale import _assert_same_steps
 from tolerances import run_tolerances
 
@@ -94,7 +94,7 @@ def test_run_z_ref_is_the_mean_over_the_drawn_pairs(one_rank_runs, tmp_path, tin
 
     two = config_file(tmp_path, "two", tiny_model, kl_pairs_per_step=1, **KL_RUN, gradient_accumulation_steps=1,
                       deepspeed=str(ROOT / "ds_configs/zero3.json"))
-    deepspeed_run(2, two)
+    torchrun(2, two)
     _assert_same_steps(one, tmp_path / "two")
 
 

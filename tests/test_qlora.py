@@ -68,7 +68,7 @@ def test_zero3_qlora_is_zero2_qlora_and_precomputes_evaluates_resumes_and_merges
     run's final evaluation within the forward's rounding (the same weights: run_tolerances with the
     weights 0 apart, as test_evaluate) and its greedy completions, and the run's last DeepSpeed ZeRO-3
     checkpoint merges into the dequantized base."""
-    from runs import DEEPSPEED, TRAIN, config_file, die_after_first, free_port, generations, metrics, run
+    from runs import TRAIN, config_file, die_after_first, generations, metrics, ranks, run
     from test_evaluate import _evaluate
     from test_scale import assert_same_run
     from tolerances import run_tolerances
@@ -81,7 +81,7 @@ def test_zero3_qlora_is_zero2_qlora_and_precomputes_evaluates_resumes_and_merges
     assert [m["step"] for m in train] == [1, 2, 3, 4] and all(math.isfinite(m["loss"]) for m in train)
 
     def two_ranks() -> list[str]:  # the launcher, on a fresh port for each command
-        return [*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port())]
+        return ranks(2)
 
     zero3, cache = ["--config", str(runs[3])], str(tmp_path / "cache")
     die_after_first("kto_scale.trainer:save_checkpoint", [*two_ranks(), "launch/train.py", *zero3])

@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 import torch
 from runs import (
-    DEEPSPEED,
     ROOT,
     TRAIN,
     clean_env,
     config_file,
     die_after_first,
-    free_port,
+    ranks,
     run,
     run_together,
     write_data,
@@ -71,8 +70,7 @@ def setup(tmp_path_factory, tiny_model) -> dict:
     die_after_first("kto_scale.precompute:write_shard", command)  # killed once its first shard is on disk
     killed = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (tmp / "cache1").glob("*.safetensors")}
     resumed_log = run(command).stderr
-    run([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/precompute_ref.py",
-         "--config", str(two), "--ref_cache", str(tmp / "cache2")])
+    run([*ranks(2), "launch/precompute_ref.py", "--config", str(two), "--ref_cache", str(tmp / "cache2")])
     return {"tmp": tmp, "one": one, "two": two, "cache1": tmp / "cache1", "cache2": tmp / "cache2",
             "killed": killed, "resumed_log": resumed_log}
 
@@ -131,8 +129,7 @@ def test_training_from_cache_matches_on_the_fly(setup, one_rank, ranks):
         cached_dir, cached = one_rank["cached-1"]
     else:
         cached_dir = setup["tmp"] / "cached-2"
-        cached = run([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-                      "--config", str(setup["two"]), "--output_dir", str(cached_dir), "--ref_cache", str(setup["cache1"])])
+        cached = run([*ranks(2), "launch/train.py", "--config", str(setup["two"]), "--output_dir", str(cached_dir), "--ref_cache", str(setup["cache1"])])
     assert "Reference log-probs of 151 train examples read from" in cached.stderr  # the cache was used
     # Every number of both splits, within what rounding allows (tests/tolerances.py).
     _assert_same_steps(one_rank["fly"][0], cached_dir, keys=None, splits=SPLITS)
@@ -215,9 +212,8 @@ def test_non_finite_value_is_an_error_naming_the_example(setup):
 @pytest.mark.e2e
 def test_two_rank_precompute_into_another_runs_cache_fails_on_every_rank(setup):
     """Rank 0 refuses the cache; the other rank reports the same instead of running on without it."""
-    result = subprocess.run([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/precompute_ref.py",
-                             "--config", str(setup["two"]), "--ref_cache", str(setup["cache2"]), "--max_length", "60"],
-                            cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*ranks(2), "launch/precompute_ref.py", "--config", str(setup["two"]),
+                             "--ref_cache", str(setup["cache2"]), "--max_length", "60"], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert output.count(f"error: {setup['cache2']} holds the finished cache of another run") == 2, output[-3000:]

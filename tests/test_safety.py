@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from runs import DEEPSPEED, ROOT, TRAIN, clean_env, config_file, free_port, launch_together, write_data
+from runs import ROOT, TRAIN, clean_env, config_file, launch_together, ranks, write_data
 
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.config_io import DEMO_CONFIG, load_config
@@ -142,8 +142,7 @@ def test_bad_data_fails_every_rank_at_once(tmp_path, tiny_model):
     data = write_data(tmp_path / "bad.jsonl")
     data.write_text(data.read_text() + '{"prompt": "p", "completion": "c", "label": "yes"}\n')
     config = config_file(tmp_path, "run", tiny_model, dataset_name=str(data), dist_timeout_s=600)
-    result = _run([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-                   "--config", str(config)], timeout=240)
+    result = _run([*ranks(2), "launch/train.py", "--config", str(config)], timeout=240)
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert output.count("bad.jsonl, line 25: 'label' is \"yes\", not a boolean") == 2, output[-3000:]

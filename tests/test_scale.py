@@ -24,6 +24,7 @@ from runs import (
     metrics,
     run,
     run_together,
+    torchrun,
     wait_for,
     write_data,
 )
@@ -170,7 +171,7 @@ def test_kl_baseline_is_the_same_for_any_split_of_the_effective_batch(tmp_path, 
                                  per_device_train_batch_size=micro, **common)
                for name, (_, accumulation, micro) in layouts.items()}
     run_together({name: [*TRAIN, "--config", str(configs[name])] for name in ("1x4x2", "1x1x8")})  # one rank each
-    deepspeed_run(2, configs["2x2x2"])
+    torchrun(2, configs["2x2x2"])
     for name in ("2x2x2", "1x1x8"):
         _assert_same_steps(tmp_path / "1x4x2", tmp_path / name)
 
@@ -314,7 +315,7 @@ def test_resume_on_more_ranks_continues_the_run(tmp_path, tiny_model):
 
     run([*TRAIN, "--config", str(config("whole", 1))])
     resumed = _cut_after_step_two(tmp_path / "whole", tmp_path / "resumed")
-    deepspeed_run(2, config("resumed", 2), "--resume_from_checkpoint", "latest")
+    torchrun(2, config("resumed", 2), "--resume_from_checkpoint", "latest")
     assert (resumed / "checkpoint-2" / "universal").is_dir()
     _assert_same_steps(tmp_path / "whole", resumed)
 

@@ -13,17 +13,16 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from runs import (
-    DEEPSPEED,
     ROOT,
     TRAIN,
     clean_env,
     config_file,
-    deepspeed_run,
-    free_port,
     generations,
     metrics,
+    ranks,
     run,
     run_together,
+    torchrun,
 )
 from safetensors.torch import load_file
 from test_scale import _assert_same_steps
@@ -166,7 +165,7 @@ def runs(tmp_path_factory, tiny_model, sft) -> dict:
                         padding_free=True)
     done = run_together({"one": [*TRAIN, "--config", str(one)],
                          "precompute": [*PRECOMPUTE, "--config", str(one), "--ref_cache", str(tmp / "cache")]})
-    cached = deepspeed_run(2, zero3)
+    cached = torchrun(2, zero3)
     assert "Reference log-probs of 18 train examples read from" in cached.stderr  # the cache was used
     return {"tmp": tmp, "one": tmp / "one", "zero3": tmp / "zero3", "config": one, "cache": tmp / "cache",
             "logs": {"one": done["one"].stderr}}
@@ -232,8 +231,7 @@ def test_evaluate_on_two_zero3_ranks_scores_against_the_sft_reference(runs, tiny
     other batches and passes than the plain computation); the summary is the run's final evaluation (the
     same weights in other batch shapes: run_tolerances with the weights 0 apart; counts and accuracies
     exactly), and the generations are the run's at its last step."""
-    run([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/evaluate.py",
-         "--config", str(runs["zero3"] / "kto_config.yaml"), "--adapter", str(runs["zero3"] / "adapter"),
+    run([*ranks(2), "launch/evaluate.py", "--config", str(runs["zero3"] / "kto_config.yaml"), "--adapter", str(runs["zero3"] / "adapter"),
          "--output", str(tmp_path / "eval")])
     lines = [json.loads(line) for line in (tmp_path / "eval" / "examples.jsonl").read_text().splitlines()]
     assert [line["row"] for line in lines] == sorted(line["row"] for line in lines)
