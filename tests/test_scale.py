@@ -161,10 +161,12 @@ def test_slurm_script_refuses_a_short_hostfile(tmp_path):
 
 @pytest.mark.e2e
 def test_kl_baseline_is_the_same_for_any_split_of_the_effective_batch(tmp_path, tiny_model):
-    """An effective batch of 8 as 1 rank x 4 accumulation x 2, 2 ranks x 2 x 2 and 1 x 1 x 8: the same
-    z_ref, loss and gradient norm at every step, and the same adapter at the end (fp32). 28 examples:
-    the epoch's last step is short (4 examples and 4 weight-0 fillers, all on rank 0 under 2x2x2)."""
-    common = dict(max_steps=4, eval_fraction=0.0, save_steps=100, learning_rate=1e-2,
+    """An effective batch of 8 as 1 rank x 4 accumulation x 2, 2 ranks x 2 x 2 and 1 x 1 x 8, with z_ref
+    from 3 mismatched pairs drawn per step (kl_pairs_per_step; every pair is the default, which every
+    other two-rank run here checks): the same draws, z_ref, loss and gradient norm at every step, and the
+    same adapter at the end (fp32). 28 examples: the epoch's last step is short (4 examples and 4
+    weight-0 fillers, all on rank 0 under 2x2x2)."""
+    common = dict(max_steps=4, eval_fraction=0.0, save_steps=100, learning_rate=1e-2, kl_pairs_per_step=3,
                   dataset_name=str(write_data(tmp_path / "odd.jsonl", 28)))
     layouts = {"1x4x2": (1, 4, 2), "2x2x2": (2, 2, 2), "1x1x8": (1, 1, 8)}
     configs = {name: config_file(tmp_path, name, tiny_model, gradient_accumulation_steps=accumulation,
