@@ -1,7 +1,10 @@
 """Helpers for the end-to-end tests: tiny data, run configs, launching runs like a user would."""
 
+import contextlib
+import io
 import json
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -11,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +112,27 @@ def launch_together(commands: dict[str, list[str]], timeout: int = 300,
     (refusals, one-line errors): their cost is the interpreter's start-up, which runs on every core at once."""
     started = {name: _start(command, env) for name, command in commands.items()}
     return {name: _finish(process, commands[name], timeout) for name, process in started.items()}
+
+
+def run_here(script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a launch/ script in this process, from the repo root, as `python script args` would, and return
+    how it ended (sys.exit's message goes to stderr, exit code 1, as the interpreter does it). For scripts
+    that answer without starting ranks (the planner): this process has already imported what they need,
+    a subprocess would spend ~10 s of CPU importing it again. Log records go to pytest, not to stderr."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)
+        patch.setattr(sys, "argv", [script, *args])
+        for key, value in (env or {}).items():
+            patch.setenv(key, value)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                runpy.run_path(script, run_name="__main__")
+        except SystemExit as exit:
+            if isinstance(exit.code, str):
+                err.write(exit.code + "\n")
+            code = 1 if isinstance(exit.code, str) else exit.code or 0
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def run(command: list[str], timeout: int = 480) -> subprocess.CompletedProcess:

@@ -1,12 +1,11 @@
 """The capacity planner (kto_scale.plan, launch/plan.py): its arithmetic on a shape small enough to
 compute by hand, and its one-line answers to bad input."""
 
-import sys
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from runs import launch_together
+from runs import run_here
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from kto_scale.assets import TINY_LLAMA_DIR
@@ -135,20 +134,20 @@ BAD_INPUT = [
 
 @pytest.fixture(scope="module")
 def plans(tmp_path_factory) -> dict:
-    """launch/plan.py on 6 examples: a plan that fits, one that does not, and each BAD_INPUT, all started at
-    once (each answers within seconds): {name: how it ended}."""
+    """launch/plan.py on 6 examples, from its command line (in this process: it starts no ranks): a plan
+    that fits, one that does not, and each BAD_INPUT: {name: how it ended}."""
     data = tmp_path_factory.mktemp("plan") / "data.jsonl"
     data.write_text("".join(f'{{"prompt": "p", "completion": "c", "label": {str(i % 2 == 0).lower()}}}\n'
                             for i in range(6)))
-    command = [sys.executable, "launch/plan.py", "--model_name_or_path", str(TINY_LLAMA_DIR),
-               "--dataset_name", str(data), "--max_length", "64", "--max_prompt_length", "32"]
+    command = ["--model_name_or_path", str(TINY_LLAMA_DIR), "--dataset_name", str(data), "--max_length", "64",
+               "--max_prompt_length", "32"]
     cases = {"fits": ["--nodes", "1", "--gpus_per_node", "2", "--gpu_memory", "80GB"],
              "tight": ["--gpus_per_node", "2", "--gpu_memory", "1GB"],  # below the 2 GiB CUDA allowance
              **{f"bad{i}": args for i, (args, _) in enumerate(BAD_INPUT)}}
-    return launch_together({name: [*command, *args] for name, args in cases.items()}, env={"HF_HUB_OFFLINE": "1"})
+    return {name: run_here("launch/plan.py", *command, *args, env={"HF_HUB_OFFLINE": "1"})
+            for name, args in cases.items()}
 
 
-@pytest.mark.e2e
 def test_cli_prints_the_plan(plans):
     done = plans["fits"]
     assert done.returncode == 0, done.stderr
@@ -158,7 +157,6 @@ def test_cli_prints_the_plan(plans):
 
 
 @pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[named for _, named in BAD_INPUT])
-@pytest.mark.e2e
 def test_cli_bad_input_is_one_line(plans, case):
     done, named = plans[f"bad{case}"], BAD_INPUT[case][1]
     assert done.returncode == 1 and "Traceback" not in done.stderr
