@@ -4,12 +4,9 @@ cache, an evaluation and a merge), and every set-aside run is accounted for."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from runs import ROOT, TRAIN, clean_env, config_file
 
 from kto_scale.checkpoint import CHANGES_FILE, check_resume
 from kto_scale.config import ConfigError, KTOConfig
@@ -96,38 +93,6 @@ def test_rotation_and_resume_see_only_this_runs_checkpoints(tmp_path):
         (out / f"checkpoint-{step}").mkdir()
     (out / "checkpoint-500").mkdir()  # copied in by the user while the run goes on
     assert [p.name for p in checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
-
-
-@pytest.mark.e2e
-def test_a_foreign_checkpoint_in_the_output_dir_loses_nothing(tmp_path, tiny_model):
-    """Reproduction 4 from the command line: the run and its requeue leave checkpoint-500 as it was
-    and never end with a `latest` naming a deleted checkpoint."""
-    out = tmp_path / "q"
-    (out / "checkpoint-500").mkdir(parents=True)
-    (out / "checkpoint-500" / "adapter_model.safetensors").write_bytes(b"user's weights")
-    config = config_file(tmp_path, "q", tiny_model, save_steps=2, save_total_limit=1, eval_fraction=0.0)
-    for max_steps in ("6", "8"):
-        result = subprocess.run([*TRAIN, "--config", str(config), "--max_steps", max_steps,
-                                 "--resume_from_checkpoint", "latest"], cwd=ROOT, env=clean_env(),
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-        assert "holds checkpoint-500, which no kto-scale run recorded" in result.stderr
-        assert (out / "checkpoint-500" / "adapter_model.safetensors").read_bytes() == b"user's weights"
-        assert not (out / "latest").exists()
-
-
-@pytest.mark.e2e
-def test_a_users_files_in_a_reference_cache_dir_are_refused(tmp_path, tiny_model):
-    """precompute_ref.py deleted a user's `train-00003.safetensors` as a stale shard of another layout."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "train-00003.safetensors").write_bytes(b"mine")
-    config = config_file(tmp_path, "c", tiny_model, ref_cache=str(cache))
-    result = subprocess.run([sys.executable, "launch/precompute_ref.py", "--config", str(config)], cwd=ROOT,
-                            env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert "holds train-00003.safetensors, which no kto-scale run recorded" in result.stderr
-    assert (cache / "train-00003.safetensors").read_bytes() == b"mine"
 
 
 def test_an_evaluation_replaces_only_its_own_earlier_output(tmp_path):
