@@ -93,13 +93,14 @@ def test_precompute_then_slurm_on_two_simulated_nodes_and_evaluate_on_fsdp(tmp_p
     saved adapter as the run's final evaluation did."""
     config = config_file(tmp_path, "nodes", TINY_LLAMA_DIR, init_random_weights=True, gradient_accumulation_steps=1,
                          ref_cache=str(tmp_path / "cache"), padding_free=True, fsdp="full_shard offload", deepspeed=None)
-    torchrun(2, config, script="launch/precompute_ref.py")
+    # The evaluation needs nothing from the precompute: they start together.
+    run_together({"precompute": [*ranks(2), "launch/precompute_ref.py", "--config", str(config)],
+                  "evaluate": [*ranks(2), "launch/evaluate.py", "--config", str(fsdp_two_ranks / "kto_config.yaml"),
+                               "--adapter", str(fsdp_two_ranks / "adapter"), "--output", str(tmp_path / "eval")]})
     result = run_slurm_script(tmp_path, config)
     assert "Reference log-probs of 18 train examples read from" in result.stdout + result.stderr  # the cache was used
     _assert_same_run(one_process_run, tmp_path / "nodes")
 
-    run([*ranks(2), "launch/evaluate.py", "--config", str(fsdp_two_ranks / "kto_config.yaml"),
-         "--adapter", str(fsdp_two_ranks / "adapter"), "--output", str(tmp_path / "eval")])
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     final, atol = metrics(fsdp_two_ranks)[-1], run_tolerances(fsdp_two_ranks, 0.0)[-1]  # the same weights
     assert final["split"] == "eval"

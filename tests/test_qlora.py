@@ -56,8 +56,8 @@ def test_reference_is_the_quantized_base(quantizable_model, bits):
 def test_zero3_qlora_is_zero2_qlora_and_precomputes_evaluates_resumes_and_merges(tmp_path, quantizable_model):
     """One 4-bit base, one ZeRO-2 rank against two ZeRO-3 ranks (each holds half of the packed 4-bit
     weights, stored as float32 elements: bnb_4bit_quant_storage's default there). The ZeRO-3 run is killed
-    after its step-2 checkpoint, its reference log-probs are precomputed on two ZeRO-3 ranks, and it
-    resumes with them as its ref_cache; it then must log, generate and save what the ZeRO-2 run (reference
+    after its step-2 checkpoint, and resumes with reference log-probs precomputed on two ZeRO-3 ranks as its
+    ref_cache; it then must log, generate and save what the ZeRO-2 run (reference
     on the fly throughout) does within test_scale.assert_same_run's tolerances (tests/tolerances.py),
     whose derivation holds as is: both engines dequantize the same 4-bit bytes with the same kernel (the
     partition is a byte copy; test_the_merge_rebuilds_... shows the dequantization is a fixed function of
@@ -68,7 +68,7 @@ def test_zero3_qlora_is_zero2_qlora_and_precomputes_evaluates_resumes_and_merges
     run's final evaluation within the forward's rounding (the same weights: run_tolerances with the
     weights 0 apart, as test_evaluate) and its greedy completions, and the run's last DeepSpeed ZeRO-3
     checkpoint merges into the dequantized base."""
-    from runs import TRAIN, config_file, die_after_first, generations, metrics, ranks, run
+    from runs import TRAIN, config_file, die_after_first, generations, metrics, ranks, run, run_together
     from test_evaluate import _evaluate
     from test_scale import assert_same_run
     from tolerances import run_tolerances
@@ -76,22 +76,20 @@ def test_zero3_qlora_is_zero2_qlora_and_precomputes_evaluates_resumes_and_merges
     runs = {stage: config_file(tmp_path, f"zero{stage}", quantizable_model, gradient_accumulation_steps=4 - stage,
                                load_in_4bit=True, deepspeed=str(ROOT / f"ds_configs/zero{stage}.json"))
             for stage in (2, 3)}  # the same global batch: 1 rank x 2 micro-batches, 2 ranks x 1
-    run([*TRAIN, "--config", str(runs[2])])
+    zero3, cache = ["--config", str(runs[3])], str(tmp_path / "cache")
+    # The ZeRO-2 run and the ZeRO-3 precompute need nothing from each other: they start together.
+    run_together({"zero2": [*TRAIN, "--config", str(runs[2])],
+                  "precompute": [*ranks(2), "launch/precompute_ref.py", *zero3, "--ref_cache", cache]})
     train = metrics(tmp_path / "zero2", "train")
     assert [m["step"] for m in train] == [1, 2, 3, 4] and all(math.isfinite(m["loss"]) for m in train)
 
-    def two_ranks() -> list[str]:  # the launcher, on a fresh port for each command
-        return ranks(2)
-
-    zero3, cache = ["--config", str(runs[3])], str(tmp_path / "cache")
-    die_after_first("kto_scale.trainer:save_checkpoint", [*two_ranks(), "launch/train.py", *zero3])
+    die_after_first("kto_scale.trainer:save_checkpoint", [*ranks(2), "launch/train.py", *zero3])
     assert (tmp_path / "zero3" / "latest").read_text() == "checkpoint-2"
-    run([*two_ranks(), "launch/precompute_ref.py", *zero3, "--ref_cache", cache])
-    resumed = run([*two_ranks(), "launch/train.py", *zero3, "--resume_from_checkpoint", "latest", "--ref_cache", cache])
+    resumed = run([*ranks(2), "launch/train.py", *zero3, "--resume_from_checkpoint", "latest", "--ref_cache", cache])
     assert "Reference log-probs of 18 train examples read from" in resumed.stderr
     assert_same_run(tmp_path / "zero2", tmp_path / "zero3")
 
-    _, summary = _evaluate(two_ranks(), tmp_path / "zero3", tmp_path / "eval")
+    _, summary = _evaluate(ranks(2), tmp_path / "zero3", tmp_path / "eval")
     final, atol = metrics(tmp_path / "zero3")[-1], run_tolerances(tmp_path / "zero3", 0.0)[-1]
     assert final["split"] == "eval"
     for key in ("loss", "kl", "rewards/desirable", "rewards/undesirable", "reward_accuracy"):
