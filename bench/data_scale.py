@@ -31,6 +31,7 @@ Writes bench/results-data-scale/<examples>-<commit>.json (and prints a table of 
 """
 
 import argparse
+import contextlib
 import gzip
 import itertools
 import json
@@ -41,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -102,18 +104,29 @@ def cpu_seconds() -> float:
 # --- stages (each run in its own process: python bench/data_scale.py --stage NAME CONFIG) ---------------
 
 
-def _timed(module, name: str, times: dict) -> None:
-    """Wrap module.name so that its calls add their wall time to times[name]."""
-    function = getattr(module, name)
+@contextlib.contextmanager
+def _timed(module, names: tuple[str, ...], times: dict) -> Iterator[None]:
+    """module's functions `names`, wrapped while inside so that their calls add their wall time to
+    times[name]; put back after (a stage may run in a test's process: tests/test_data_scale_bench.py)."""
+    functions = {name: getattr(module, name) for name in names}
 
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            times[name] = round(times.get(name, 0.0) + time.perf_counter() - start, 2)
+    def timed(name: str, function):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                times[name] = round(times.get(name, 0.0) + time.perf_counter() - start, 2)
 
-    setattr(module, name, timed)
+        return call
+
+    try:
+        for name, function in functions.items():
+            setattr(module, name, timed(name, function))
+        yield
+    finally:
+        for name, function in functions.items():
+            setattr(module, name, function)
 
 
 def stage_prepare(config) -> dict:
@@ -122,11 +135,11 @@ def stage_prepare(config) -> dict:
     from kto_scale.prepared_cache import shared_prepared_data
 
     times: dict[str, float] = {}
-    for name in ("load_examples", "tokenize_dataset", "_truncate_all", "kl_partners", "_write_prepared"):
-        _timed(prepare, name, times)
     tokenizer = load_tokenizer(config)
     start, cpu = time.perf_counter(), cpu_seconds()
-    train, evaluation = shared_prepared_data(config, tokenizer)
+    with _timed(prepare, ("load_examples", "tokenize_dataset", "_truncate_all", "kl_partners", "_write_prepared"),
+                times):
+        train, evaluation = shared_prepared_data(config, tokenizer)
     return {"seconds": round(time.perf_counter() - start, 2), "cpu_s": round(cpu_seconds() - cpu, 2),
             "examples": len(train), "stages_s": {
         "read": times.get("load_examples"), "tokenize": times.get("tokenize_dataset"),
@@ -250,6 +263,9 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=50_000, help="the evaluate stage's split")
     parser.add_argument("--code", type=Path, default=None, help="another checkout: run its train stage only")
     parser.add_argument("--output", type=Path, default=REPO / "bench/results-data-scale")
+    parser.add_argument("--dataset-num-proc", type=int, default=None,
+                        help="dataset_num_proc of every stage: the tokenizing processes (default: the cores this "
+                             "process may use)")
     args = parser.parse_args()
     if not args.hh.is_file():
         raise SystemExit(f"--hh {args.hh} does not exist; give an Anthropic HH .jsonl(.gz) file.")
@@ -264,14 +280,16 @@ def main() -> None:
     stage = [sys.executable, str(Path(__file__).resolve()), "--stage"]
     results: dict = {"examples_given": args.examples, "data_mb": round(data.stat().st_size / 2**20, 1)}
     stages = args.stages.split(",") if args.code is None else ["train"]
-    config = write_config(data, args.model, work, "bench", args.code is None)
+    num_proc = {"dataset_num_proc": args.dataset_num_proc} if args.dataset_num_proc else {}
+    config = write_config(data, args.model, work, "bench", args.code is None, **num_proc)
     if "prepare" in stages:
         subprocess.run(["rm", "-rf", str(work / "prepared")], check=True)
         results["prepare_cold"] = watch([*stage, "prepare", str(config)], env)
     if "floor" in stages:
         results["floor_load_dataset_map"] = watch([*stage, "floor", str(config)], env)
-        results["prepare_over_floor"] = round(results["prepare_cold"]["seconds"]
-                                              / results["floor_load_dataset_map"]["seconds"], 2)
+        if "prepare_cold" in results:
+            results["prepare_over_floor"] = round(results["prepare_cold"]["seconds"]
+                                                  / results["floor_load_dataset_map"]["seconds"], 2)
     if "reuse" in stages:
         results["prepare_warm"] = watch([*stage, "prepare", str(config)], env)
     if "scan" in stages:
@@ -279,17 +297,17 @@ def main() -> None:
     if "train" in stages:
         subprocess.run(["rm", "-rf", str(work / "prepared")], check=True)
         train = [sys.executable, str((args.code or REPO) / "launch/train.py"), "--config"]
-        cold = write_config(data, args.model, work, "train-cold", args.code is None)
+        cold = write_config(data, args.model, work, "train-cold", args.code is None, **num_proc)
         results["train_1_step_cold"] = watch([*train, str(cold)], env)
         if args.code is None:
-            warm = write_config(data, args.model, work, "train-warm", True, beta=0.5, learning_rate=1e-3)
+            warm = write_config(data, args.model, work, "train-warm", True, beta=0.5, learning_rate=1e-3, **num_proc)
             results["train_1_step_warm"] = watch([*train, str(warm)], env)
     if "evaluate" in stages and args.code is None:
         eval_data = work / f"eval-{args.eval_examples}.jsonl"
         with open(data) as rows, open(eval_data, "w") as out:
             out.writelines(itertools.islice(rows, args.eval_examples // 2))
         subprocess.run(["rm", "-rf", str(work / "eval-out")], check=True)
-        eval_config = write_config(eval_data, args.model, work, "evaluate", True)
+        eval_config = write_config(eval_data, args.model, work, "evaluate", True, **num_proc)
         results["evaluate_prepare"] = watch([*stage, "prepare", str(eval_config)], env)
         results["evaluate"] = watch([sys.executable, str(REPO / "launch/evaluate.py"), "--config", str(eval_config),
                                      "--adapter", str(work / "train-warm/adapter"), "--output", str(work / "eval-out"),

@@ -1,6 +1,11 @@
 """bench/bench_trl.py at a tiny size: one warm-up and one timed step of kto-scale and of TRL's KTOTrainer
-on the shipped HH slice and the tiny tokenizer (no ../shared, no network), and of kto-scale's variants
-(two reference passes, a quarter of the KL pairs, both precomputes)."""
+on the shipped HH slice and the tiny tokenizer (no ../shared, no network), and kto-scale's precompute.
+
+kto-scale's variants (two reference passes, a quarter of the KL pairs, the precompute in two passes) are
+the same child scripts with one more kto-scale option, whose effect the library's tests prove
+(test_shared_prompt.py, test_ref_cache.py, test_kl_sampling.py): the bench's handling of them (which runs
+are checked against kto's batches, their FLOPs, their ratios and report rows) is tested on synthetic child
+results in test_kto_variants_in_the_report, without three more child processes (~20 s of imports each)."""
 
 import importlib
 import json
@@ -12,10 +17,8 @@ from runs import ROOT, run
 
 from kto_scale.assets import TINY_LLAMA_DIR
 
-RUNS = {"kto": "kto-scale, reference on the fly", "trl": "TRL, reference on the fly",
-        "kto_separate": "kto-scale, on the fly, reference in two passes (shared_prompt_reference false)",
-        "kto_kl_quarter": "kto-scale, on the fly, kl_pairs_per_step = batch / 4"}
-PRECOMPUTES = ("kto_precompute", "kto_precompute_separate")
+RUNS = {"kto": "kto-scale, reference on the fly", "trl": "TRL, reference on the fly"}
+PRECOMPUTES = ("kto_precompute",)
 ROWS, STEPS = 8, 2  # 4 pairs, batches of 4: the warm-up step and the timed step
 
 
@@ -62,16 +65,11 @@ def test_both_trainers_ran_the_same_step(bench):
 
 
 @pytest.mark.e2e
-def test_kto_scale_against_itself(bench):
-    """Both precomputes scored the same rows; the before/after ratios are in the report."""
+def test_precompute_in_the_report(bench):
+    """The precompute child scored every row (its loop's log line read by bench/runs_kto.py) and has its row."""
     results = json.loads((bench / "out/results.json").read_text())
-    precompute = results["precompute"]
-    assert precompute["kto_precompute_tokens"] == precompute["kto_precompute_separate_tokens"] > 0
-    assert all(v > 0 for v in results["ratios"]["kto_variants"].values())
-    report = (bench / "out/results.md").read_text()
-    for label in ("shared-prompt reference pass / two passes, on the fly", "shared-prompt reference pass / two "
-                  "passes, precompute", "a quarter of the KL pairs / all, on the fly"):
-        assert f"| {label}" in report
+    assert results["precompute"]["kto_precompute_tokens"] > 0 and results["precompute"]["kto_precompute_loop_s"] > 0
+    assert "| kto-scale, launch/precompute_ref.py (loop; process " in (bench / "out/results.md").read_text()
 
 
 @pytest.mark.e2e
@@ -81,8 +79,7 @@ def test_gpu_columns_are_na_on_cpu(bench):
     for name in RUNS:
         run = results["runs"][name]
         assert run["gpu_peak_mib"] is None and run["mfu"] is None and run["peak_flops"] is None
-        # kto_kl_quarter skips some KL passes: its FLOPs are not those of kto's batches (not counted)
-        assert run["tokens_per_s"] > 0 and (run["model_flops_per_s"] is None) == (name == "kto_kl_quarter")
+        assert run["tokens_per_s"] > 0 and run["model_flops_per_s"] > 0
     # same batches, both with the reference on the fly: kto-scale's shared-prompt reference pass does less
     kto, trl = (results["runs"][name]["model_flops_per_s"] * results["runs"][name]["timed_s"] for name in ("kto", "trl"))
     assert 0.5 * trl < kto < trl
@@ -198,7 +195,7 @@ def test_a_missing_step_or_run_is_an_error(bench, monkeypatch):
     summary = bench_module("summary", monkeypatch)
     work = bench / "work"
     spec = json.loads((work / "spec.json").read_text())
-    same_batches = [name for name in RUNS if name != "kto_kl_quarter"]  # it skips KL pairs: other KL tokens
+    same_batches = list(RUNS)
     results = {name: json.loads((work / f"result_{name}.json").read_text()) for name in same_batches}
     assert summary.token_check_passed(summary.check_tokens(spec, results, same_batches))
     results["trl"]["steps"].pop(0)
@@ -215,7 +212,7 @@ def test_losses_that_disagree_fail_the_verdict(bench, monkeypatch):
     summary = bench_module("summary", monkeypatch)
     work = bench / "work"
     spec = json.loads((work / "spec.json").read_text())
-    same_batches = [name for name in RUNS if name != "kto_kl_quarter"]
+    same_batches = list(RUNS)
     results = {name: json.loads((work / f"result_{name}.json").read_text()) for name in same_batches}
     check = summary.check_tokens(spec, results, same_batches)
     assert summary.token_check_passed(check)
@@ -223,6 +220,57 @@ def test_losses_that_disagree_fail_the_verdict(bench, monkeypatch):
     assert check["steps"]["trl"]["first_loss_abs_diff"] <= tolerance < 1e-3  # fp32: a check that can fail
     results["trl"]["steps"][0]["loss"] += 2 * tolerance
     assert not summary.token_check_passed(summary.check_tokens(spec, results, same_batches))
+
+
+def synthetic_child(step_s: float, loss: float = 0.5) -> dict:
+    """A training child's result as bench/runner.py returns it: two steps of 4 examples of the
+    test's 8 rows (prompt 3 tokens + completion 2, the same for the KL sequence), `step_s` each."""
+    steps = [{"step": k, "time_s": step_s, "examples": 4, "cpu_s": step_s, "rss_mib": 500.0, "loss": loss,
+              "policy_tokens": 20, "policy_padded": 20, "completion_tokens": 8, "kl_tokens": 20, "kl_padded": 20,
+              "kl_completion_tokens": 8} for k in (1, 2)]
+    return {"steps": steps, "rss": {"after_setup_mib": 400.0, "peak_after_setup_mib": 450.0}, "gpu_name": None,
+            "gpu_peak_mib": None, "peak_rss_mib": 600.0, "wall_s": 20.0, "other_load_cores": 0.0,
+            "weights": {"checksum": "1.5", "built_on": "cpu", "init_s": 0.1}}
+
+
+def test_kto_variants_in_the_report(monkeypatch):
+    """kto-scale against itself, on synthetic child results (the e2e bench runs kto, trl and kto_precompute
+    only): kto at 1 s a step, with two reference passes 1.5 s, with a quarter of the KL pairs 0.8 s; the
+    precompute 1000 tokens in 2 s, in two passes in 3 s. The ratios are 1.5, 1.5 and 1.25; the two-pass run
+    is checked against kto's batches (and counts the two passes' FLOPs), the KL-quarter run is not (its KL
+    batches differ: no FLOPs, no step check, and its other loss does not fail the verdict); each has its row in results.md."""
+    bench_trl = bench_module("bench_trl", monkeypatch)
+    report = bench_module("report", monkeypatch)
+    args = bench_trl.parse_args(["--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64",
+                                 "--warmup", "1", "--steps", "1", "--batch-size", "4"])
+    spec = {**dict.fromkeys(bench_trl.SETUP_KEYS), "n_examples": 8, "vocab": 100, "dtype": "fp32", "beta": 0.1,
+            "layers": 1, "warmup": 1, "steps": 1, "batch_size": 4, "max_length": 16, "seed": 0, "kto_option": {},
+            "order": list(range(8)), "prompt_ids": [[5, 6, 7]] * 8, "completion_ids": [[8, 9]] * 8,
+            "kl_completion_ids": [[9, 8]] * 8}
+    results = {"kto": synthetic_child(1.0), "kto_separate": synthetic_child(1.5),
+               "kto_kl_quarter": synthetic_child(0.8, loss=0.4)}
+    for name, loop_s in (("kto_precompute", 2.0), ("kto_precompute_separate", 3.0)):
+        results[name] = {"tokens": 1000, "loop_s": loop_s, "total_s": 10.0, "peak_rss_mib": 500.0,
+                         "weights": results["kto"]["weights"]}
+    summary = bench_trl.summarize(args, spec, results)
+    assert summary["ratios"]["kto_variants"] == pytest.approx({"shared_vs_separate/on_the_fly": 1.5,
+                                                               "shared_vs_separate/precompute": 1.5,
+                                                               "kl_quarter_vs_all/on_the_fly": 1.25})
+    assert summary["ratios"]["median_paired_step"] == pytest.approx({"kto_vs_kto_separate": 1.5})
+    runs = summary["runs"]
+    assert runs["kto_kl_quarter"]["model_flops_per_s"] is None
+    kto, separate = (runs[name]["model_flops_per_s"] * runs[name]["timed_s"] for name in ("kto", "kto_separate"))
+    assert kto < separate  # the same batches: two reference passes do more work than one shared one
+    assert list(summary["token_check"]["steps"]) == ["kto_separate"] and summary["token_check"]["passed"]
+    lines = report.run_table(summary) + report.precompute_table(summary) + report.variant_lines(summary)
+    for label in ("kto-scale, on the fly, reference in two passes (shared_prompt_reference false) | 2.667 ",
+                  "kto-scale, on the fly, kl_pairs_per_step = batch / 4 | 5.000 ",
+                  "kto-scale, launch/precompute_ref.py, two passes (shared_prompt_reference false) (loop; process 10 s, "
+                  "peak RSS 500 MiB) | 333 ",
+                  "shared-prompt reference pass / two passes, on the fly, examples/s | 1.50x",
+                  "shared-prompt reference pass / two passes, precompute, tokens/s | 1.50x",
+                  "a quarter of the KL pairs / all, on the fly, examples/s | 1.25x"):
+        assert sum(line.startswith(f"| {label}") for line in lines) == 1, label
 
 
 def test_percentile_by_hand(monkeypatch):
