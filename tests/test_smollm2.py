@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from runs import DEEPSPEED, ROOT, TRAIN, config_file, free_port, metrics, run, run_together
+from runs import ROOT, TRAIN, config_file, metrics, run_together
+from test_fsdp import torchrun
 from test_scale import _assert_same_steps
 from tolerances import SMOLLM2_LOGP_SENSITIVITY, logp_atol, lora_logp_sensitivity, merged_logits_atol
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,6 +51,29 @@ def test_conversion_never_overwrites_a_users_directory(tmp_path):
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         convert_smollm2(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.e2e
+def test_converted_weights_equal_the_gguf_dequantized(smollm2):
+    """Every weight convert_smollm2 saved is bit for bit gguf's own dequantization of the file's tensor
+    of that name (gguf's tensor-name map). attn_q / attn_k are stored with llama.cpp's rotary row order,
+    which transformers undoes: for those the same values in another order."""
+    from gguf import MODEL_ARCH, GGUFReader, dequantize, get_tensor_name_map
+    from safetensors.torch import load_file
+
+    from kto_scale.smollm2 import GGUF_NAME, gguf_dir
+
+    saved = load_file(smollm2 / "model.safetensors")
+    names = get_tensor_name_map(MODEL_ARCH.LLAMA, json.loads((smollm2 / "config.json").read_text())["num_hidden_layers"])
+    stored = {t.name: t for t in GGUFReader(gguf_dir() / GGUF_NAME).tensors}
+    assert len(saved) == len(stored)  # lm_head is tied: saved once, as the embedding
+    for name, weight in saved.items():
+        module, suffix = name.rsplit(".", 1)
+        tensor = stored[f"{names.get_name(module)}.{suffix}"]
+        want = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy()).reshape(weight.shape)
+        if ".attn_q." in tensor.name or ".attn_k." in tensor.name:
+            weight, want = weight.flatten().sort().values, want.flatten().sort().values
+        assert torch.equal(weight, want), name
 
 
 @pytest.fixture(scope="module")
@@ -132,16 +156,17 @@ def runs(tmp_path_factory, smollm2) -> dict[str, Path]:
     are orthogonal: ZeRO-3 shards the (tied) weights and their updates, the cache replaces the
     reference's forwards. The one-rank run and the precompute are independent: they start together."""
     tmp = tmp_path_factory.mktemp("smollm2")
-    common = dict(dataset_name=str(write_chats(tmp / "chats.jsonl")), max_steps=2, max_length=96,
-                  save_steps=1000, eval_steps=None, per_device_eval_batch_size=8, learning_rate=2e-3)
+    common = dict(dataset_name=str(write_chats(tmp / "chats.jsonl")), max_steps=2, max_length=64,
+                  save_steps=1000, eval_steps=None, per_device_eval_batch_size=8, learning_rate=2e-3,
+                  generate_during_eval=False)  # generations are compared by the tiny-model runs
     one = config_file(tmp, "one", smollm2, **common)
     two = config_file(tmp, "two", smollm2, gradient_accumulation_steps=1,
                       deepspeed=str(ROOT / "ds_configs/zero3.json"), **common)
     run_together({"one": [*TRAIN, "--config", str(one)],
                   "precompute": [sys.executable, "launch/precompute_ref.py", "--config", str(one),
                                  "--ref_cache", str(tmp / "cache")]})
-    cached = run([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-                  "--config", str(two), "--ref_cache", str(tmp / "cache")])
+    # torchrun: DeepSpeed runs under it as under its own launcher (tested elsewhere), which starts slower.
+    cached = torchrun(2, two, "--ref_cache", str(tmp / "cache"))
     assert "Reference log-probs of 12 train examples read from" in cached.stderr  # the cache was used
     return {"one": tmp / "one", "two": tmp / "two"}
 
@@ -192,8 +217,8 @@ def _logits_and_generation(model, tok) -> tuple[torch.Tensor, str]:
 @pytest.mark.e2e
 def test_smollm2_logp_sensitivity_bounds_the_model(smollm2):
     """sum_i |d log p(y|x) / d theta_i| over SmolLM2's LoRA weights (rank 4, every projection), for
-    96-token sequences (the runs' max_length) at init and with adapters up to 0.02: at most
-    SMOLLM2_LOGP_SENSITIVITY (tests/tolerances.py)."""
+    64-token sequences (the runs' max_length; their rows have at most 54 tokens) at init and with
+    adapters up to 0.02: at most SMOLLM2_LOGP_SENSITIVITY (tests/tolerances.py)."""
     policy = load_model(KTOConfig(model_name_or_path=str(smollm2), lora_r=4, lora_alpha=8, lora_dropout=0.0))
-    largest = lora_logp_sensitivity(policy, 96, scales=(0.0, 0.01, 0.02))
+    largest = lora_logp_sensitivity(policy, 64, scales=(0.0, 0.01, 0.02))
     assert 0 < largest <= SMOLLM2_LOGP_SENSITIVITY, largest
