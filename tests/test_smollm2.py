@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from runs import ROOT, TRAIN, config_file, metrics, run_together
-from test_fsdp import torchrun
+from runs import ROOT, TRAIN, config_file, metrics, run_together, torchrun
 from test_scale import _assert_same_steps
 from tolerances import SMOLLM2_LOGP_SENSITIVITY, logp_atol, lora_logp_sensitivity, merged_logits_atol
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -165,7 +164,6 @@ def runs(tmp_path_factory, smollm2) -> dict[str, Path]:
     run_together({"one": [*TRAIN, "--config", str(one)],
                   "precompute": [sys.executable, "launch/precompute_ref.py", "--config", str(one),
                                  "--ref_cache", str(tmp / "cache")]})
-    # torchrun: DeepSpeed runs under it as under its own launcher (tested elsewhere), which starts slower.
     cached = torchrun(2, two, "--ref_cache", str(tmp / "cache"))
     assert "Reference log-probs of 12 train examples read from" in cached.stderr  # the cache was used
     return {"one": tmp / "one", "two": tmp / "two"}
