@@ -120,16 +120,17 @@ def one_rank(setup) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_training_from_cache_matches_on_the_fly(setup, one_rank, ranks):
+@pytest.mark.parametrize("num_ranks", [1, 2])
+def test_training_from_cache_matches_on_the_fly(setup, one_rank, num_ranks):
     """Per-step train metrics and the eval metrics are those of the one-rank run that computes the
     reference in every step. Two ZeRO-3 ranks x 1 accumulation are the same global batch in another
     layout, which changes the numbers by rounding only (tests/tolerances.py's run tolerances)."""
-    if ranks == 1:
+    if num_ranks == 1:
         cached_dir, cached = one_rank["cached-1"]
     else:
         cached_dir = setup["tmp"] / "cached-2"
-        cached = run([*ranks(2), "launch/train.py", "--config", str(setup["two"]), "--output_dir", str(cached_dir), "--ref_cache", str(setup["cache1"])])
+        cached = run([*ranks(2), "launch/train.py", "--config", str(setup["two"]), "--output_dir", str(cached_dir),
+                      "--ref_cache", str(setup["cache1"])])
     assert "Reference log-probs of 151 train examples read from" in cached.stderr  # the cache was used
     # Every number of both splits, within what rounding allows (tests/tolerances.py).
     _assert_same_steps(one_rank["fly"][0], cached_dir, keys=None, splits=SPLITS)
