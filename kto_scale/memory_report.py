@@ -38,10 +38,13 @@ def log_estimate(config: KTOConfig, world_size: int) -> Estimate | None:
         return None
     logger.info("Memory estimate per GPU (launch/plan.py): %.3f GiB (%s).", result.gpu_total / GiB,
                 ", ".join(f"{name} {size / GiB:.2f}" for name, size in result.gpu.items()))
-    if gpu_memory is not None and result.gpu_total > gpu_memory:
+    # The peak, not the training total: a quantized base is loaded whole onto every GPU before ZeRO-3
+    # partitions it, which can be the larger of the two.
+    if gpu_memory is not None and result.gpu_peak > gpu_memory:
         largest = largest_micro_batch(config, shape, cluster)
-        logger.warning("This GPU has %.1f GiB and the estimate is %.1f GiB: the run may run out of memory. To fit, "
-                       "change: %s.", gpu_memory / GiB, result.gpu_total / GiB,
+        when = "while the quantized base loads" if result.gpu_load > result.gpu_total else "in training"
+        logger.warning("This GPU has %.1f GiB and the estimate %s is %.1f GiB: the run may run out of memory. To "
+                       "fit, change: %s.", gpu_memory / GiB, when, result.gpu_peak / GiB,
                        "; ".join(what_to_change(config, result, largest)))
     return result
 

@@ -2,6 +2,8 @@
 compute by hand, and its one-line answers to bad input."""
 
 
+import types
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -10,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from kto_scale.assets import TINY_LLAMA_DIR
 from kto_scale.config import REPO_ROOT, ConfigError, KTOConfig
+from kto_scale.memory_report import log_estimate
 from kto_scale.model_shape import read_shape
 from kto_scale.plan import (
     GPU_OVERHEAD,
@@ -204,6 +207,30 @@ def test_zero3_shards_the_packed_4bit_weights_but_loads_them_whole():
     assert result.gpu["base weights"] == (whole - constants) // 4 + constants + gathered
     assert result.gpu_load == whole + GPU_OVERHEAD and result.host_load == 0
     assert result.gpu_peak == max(result.gpu_total, result.gpu_load)
+
+
+def test_a_run_warns_on_the_load_peak_of_a_quantized_base(monkeypatch, caplog, tmp_path):
+    """On a GPU between the training total and the load peak (a 1.1B Llama shape's 4-bit base loaded
+    whole before ZeRO-3 partitions it over 4 GPUs), the run's start warns, naming the load; on one above
+    both, it does not. Only the model's config.json is read."""
+    shape = AutoConfig.from_pretrained(TINY_LLAMA_DIR)
+    shape.update(dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=32000))
+    shape.save_pretrained(tmp_path)
+    config = tiny_config(model_name_or_path=str(tmp_path), load_in_4bit=True, bf16=True,
+                         deepspeed=str(REPO_ROOT / "ds_configs/zero3.json"))
+    result = estimate(config, read_shape(config), Cluster(1, 4, 2**30))
+    assert result.gpu_load > result.gpu_total
+    for gpu_memory, warned in (((result.gpu_total + result.gpu_load) // 2, True), (result.gpu_load + 1, False)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device, memory=gpu_memory: types.SimpleNamespace(total_memory=memory))
+        caplog.clear()
+        log_estimate(config, world_size=4)
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert bool(warnings) == warned, warnings
+        assert not warned or "the estimate while the quantized base loads is" in warnings[0]
 
 
 def test_8bit_on_zero3_is_refused_naming_the_alternative():
