@@ -16,13 +16,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from forked import Forked, Ranks, forkable
 
 ROOT = Path(__file__).resolve().parents[1]
 # The launchers, run by this interpreter (the venv's bin/ need not be on PATH). torchrun starts the ranks
 # of either engine (DeepSpeed reads the same environment variables) about 7 s sooner than the `deepspeed`
 # launcher, whose runner and launch.py each import torch and deepspeed before a rank starts; so the tests
-# use torchrun, and the `deepspeed` launcher where it is the subject: README's `deepspeed --num_gpus`
-# (test_scale's two_zero2_ranks), its exit code on SIGTERM (test_preemption) and kto.sbatch's nodes.
+# use torchrun's ranks (`ranks`, forked from tests/zygote.py as torchrun would start them; TORCHRUN where
+# torchrun itself is the subject: test_preemption), and the `deepspeed` launcher where it is the subject:
+# README's `deepspeed --num_gpus` (test_scale's two_zero2_ranks), its exit code on SIGTERM
+# (test_preemption) and kto.sbatch's nodes.
 DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 TRAIN = [sys.executable, "launch/train.py"]
@@ -75,35 +78,64 @@ TORCH_EXTENSIONS_DIR = Path(tempfile.mkdtemp(prefix="kto-scale-torch-extensions-
 (TORCH_EXTENSIONS_DIR / "deepspeed_shm_comm" / "lock").touch()
 
 
+# The environment pytest started with: what in-process code sets later (torch's inductor, a test's
+# monkeypatch) is not the runs' business. Runs get what a test passes them.
+_SESSION_ENV = dict(os.environ)
+
+
 def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without a parent's torch.distributed variables."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+    """pytest's starting environment without a parent's torch.distributed variables, offline (no test
+    needs the network)."""
+    env = {**_SESSION_ENV, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TORCH_EXTENSIONS_DIR": str(TORCH_EXTENSIONS_DIR)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return {**env, **extra}
 
 
-def _start(command: list[str], env: dict[str, str] | None) -> subprocess.Popen:
+def _start(command: list[str], env: dict[str, str] | None, fork: bool = True) -> subprocess.Popen | Forked | Ranks:
+    """Start `command` from the repo root. `python script.py args`, `python -c code args` and
+    `torchrun ... script.py args` (the `ranks` prefix) are forked from tests/zygote.py, which has
+    imported what runs import: the same script, environment and exit, ~13 s of CPU sooner per process.
+    Any other command, a run whose environment differs from the zygote's in a variable read at import,
+    and every run with fork=False or KTO_SCALE_TEST_FORK=0, is a plain subprocess (the ranks:
+    torchrun's own)."""
+    env = clean_env(**(env or {}))
+    if command[0] == "torchrun":  # ranks(n): torchrun --nproc_per_node N --master_port P script args
+        if fork and forkable(env, zygotes=int(command[2])):
+            return Ranks(int(command[2]), command[4], command[5:], env)
+        command = [*TORCHRUN, *command[1:]]
+    elif command[0] == sys.executable and (command[1].endswith(".py") or command[1] == "-c"):
+        if fork and forkable(env):
+            return Forked(command[1:], env)
     # Its own process group, so a timeout kills the launcher and every rank it started (subprocess.run
     # alone would kill only the launcher and leave the ranks running).
-    return subprocess.Popen(command, cwd=ROOT, env=clean_env(**(env or {})), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
-def _finish(process: subprocess.Popen, command: list[str], timeout: int) -> subprocess.CompletedProcess:
+def _finish(process: subprocess.Popen | Forked | Ranks, command: list[str], timeout: int) -> subprocess.CompletedProcess:
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        _kill(process)
         stdout, stderr = process.communicate()
         raise AssertionError(f"timed out after {timeout} s: {command}\n{stdout[-4000:]}{stderr[-6000:]}") from None
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
-def launch(command: list[str], timeout: int = 480, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _kill(process: subprocess.Popen | Forked | Ranks) -> None:
+    """SIGKILL a started command and every process it started."""
+    if isinstance(process, subprocess.Popen):
+        os.killpg(process.pid, signal.SIGKILL)
+    else:
+        process.kill()
+
+
+def launch(command: list[str], timeout: int = 480, env: dict[str, str] | None = None,
+           fork: bool = True) -> subprocess.CompletedProcess:
     """Run a command from the repo root and return how it ended (a timeout fails the test)."""
-    return _finish(_start(command, env), command, timeout)
+    return _finish(_start(command, env, fork), command, timeout)
 
 
 def launch_together(commands: dict[str, list[str]], timeout: int = 300,
@@ -153,8 +185,9 @@ def run_together(commands: dict[str, list[str]], timeout: int = 480) -> dict[str
 
 
 def ranks(num_ranks: int) -> list[str]:
-    """torchrun for num_ranks ranks on this machine, on a port of their own."""
-    return [*TORCHRUN, "--nproc_per_node", str(num_ranks), "--master_port", str(free_port())]
+    """torchrun for num_ranks ranks on this machine, on a port of their own: forked by _start as torchrun
+    starts them (forked.Ranks), or torchrun itself if they cannot be forked."""
+    return ["torchrun", "--nproc_per_node", str(num_ranks), "--master_port", str(free_port())]
 
 
 def torchrun(num_ranks: int, config: Path, *args: str, script: str = "launch/train.py") -> subprocess.CompletedProcess:

@@ -10,6 +10,7 @@ import torch
 from runs import (
     DEEPSPEED,
     ROOT,
+    TORCHRUN,
     config_file,
     die_after_first,
     free_port,
@@ -72,7 +73,10 @@ def test_sigkill_then_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path,
     die_after_first("kto_scale.trainer:save_checkpoint", command("killed"))
     assert (out / "latest").read_text() == "checkpoint-3" and not (out / "adapter").exists()
 
-    launcher = [*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port())] if engine == "deepspeed" else None
+    # The signal reaches a run started by a real launcher: what it does with a worker's exit is the subject.
+    port = str(free_port())
+    launcher = ([*DEEPSPEED, "--num_gpus", "2", "--master_port", port] if engine == "deepspeed"
+                else [*TORCHRUN, "--nproc_per_node", "2", "--master_port", port])
     stopped = signal_after("kto_scale.trainer:train_step", 2, "SIGTERM", "1",
                            command("killed", "--resume_from_checkpoint", "latest", launcher=launcher))
     assert stopped.returncode == (REQUEUE_EXIT if engine == "deepspeed" else 1), stopped.stderr[-3000:]

@@ -16,9 +16,9 @@ import torch
 from runs import (
     ROOT,
     TRAIN,
-    clean_env,
     config_file,
     die_after_first,
+    launch,
     ranks,
     run,
     run_together,
@@ -213,8 +213,8 @@ def test_non_finite_value_is_an_error_naming_the_example(setup):
 @pytest.mark.e2e
 def test_two_rank_precompute_into_another_runs_cache_fails_on_every_rank(setup):
     """Rank 0 refuses the cache; the other rank reports the same instead of running on without it."""
-    result = subprocess.run([*ranks(2), "launch/precompute_ref.py", "--config", str(setup["two"]),
-                             "--ref_cache", str(setup["cache2"]), "--max_length", "60"], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    result = launch([*ranks(2), "launch/precompute_ref.py", "--config", str(setup["two"]),
+                     "--ref_cache", str(setup["cache2"]), "--max_length", "60"], timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert output.count(f"error: {setup['cache2']} holds the finished cache of another run") == 2, output[-3000:]

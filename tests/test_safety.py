@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from runs import ROOT, TRAIN, clean_env, config_file, launch_together, ranks, write_data
+from runs import ROOT, TRAIN, clean_env, config_file, launch, launch_together, ranks, write_data
 
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.config_io import DEMO_CONFIG, load_config
@@ -24,10 +24,6 @@ from kto_scale.outdir import (
 )
 
 
-def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
-
-
 def _files(directory: Path) -> dict[str, bytes]:
     """A run's files and their bytes, less the lock and the tokenized data every run rewrites."""
     files = {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
@@ -40,11 +36,11 @@ def test_failed_overwrite_keeps_the_previous_run_and_a_good_one_moves_it_aside(t
     previous = shutil.copytree(one_process_run, tmp_path / "run")
     before = _files(previous)
     config = config_file(tmp_path, "run", tiny_model, overwrite_output_dir=True, max_steps=1, eval_fraction=0.0)
-    failed = _run([*TRAIN, "--config", str(config), "--dataset_name", str(tmp_path / "typo.jsonl")])
+    failed = launch([*TRAIN, "--config", str(config), "--dataset_name", str(tmp_path / "typo.jsonl")])
     assert failed.returncode != 0 and "typo.jsonl: no such file" in failed.stderr
     assert _files(previous) == before
 
-    done = _run([*TRAIN, "--config", str(config)])
+    done = launch([*TRAIN, "--config", str(config)])
     assert done.returncode == 0, done.stderr[-3000:]
     (aside,) = previous.glob(".previous-run-*")
     assert f"moved to {aside}" in done.stderr
@@ -121,7 +117,7 @@ def test_a_second_writer_of_an_output_dir_is_refused(tmp_path, held_lock):
 @pytest.mark.e2e
 def test_a_second_precompute_into_a_cache_is_refused(tmp_path, tiny_model, held_lock):
     config = config_file(tmp_path, "c", tiny_model, ref_cache=str(tmp_path / "run"))
-    result = _run([sys.executable, "launch/precompute_ref.py", "--config", str(config)], timeout=120)
+    result = launch([sys.executable, "launch/precompute_ref.py", "--config", str(config)], timeout=120)
     assert result.returncode != 0
     assert f"error: ref_cache {tmp_path / 'run'} is in use by host {socket.gethostname()} pid {held_lock}" in result.stderr
 
@@ -142,7 +138,7 @@ def test_bad_data_fails_every_rank_at_once(tmp_path, tiny_model):
     data = write_data(tmp_path / "bad.jsonl")
     data.write_text(data.read_text() + '{"prompt": "p", "completion": "c", "label": "yes"}\n')
     config = config_file(tmp_path, "run", tiny_model, dataset_name=str(data), dist_timeout_s=600)
-    result = _run([*ranks(2), "launch/train.py", "--config", str(config)], timeout=240)
+    result = launch([*ranks(2), "launch/train.py", "--config", str(config)], timeout=240)
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert output.count("bad.jsonl, line 25: 'label' is \"yes\", not a boolean") == 2, output[-3000:]

@@ -5,7 +5,6 @@ fingerprints the adapter; adapters that cannot be continued are refused before t
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,9 +14,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from runs import (
     ROOT,
     TRAIN,
-    clean_env,
     config_file,
     generations,
+    launch,
     metrics,
     ranks,
     run,
@@ -144,8 +143,7 @@ def test_adapters_that_cannot_be_continued_are_refused(tmp_path, tiny_model, sft
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model / name, weightless)
     config = config_file(tmp_path, "early", weightless, sft_adapter=str(cases["uses DoRA"]))
-    result = subprocess.run([*TRAIN, "--config", str(config)], cwd=ROOT, env=clean_env(), capture_output=True,
-                            text=True, timeout=300)
+    result = launch([*TRAIN, "--config", str(config)], timeout=300)
     assert result.returncode == 1 and "error: sft_adapter" in result.stderr and "uses DoRA" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
