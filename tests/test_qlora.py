@@ -56,7 +56,8 @@ def test_reference_is_the_quantized_base(quantizable_model, bits):
 def test_zero3_qlora_is_zero2_qlora_and_precomputes_evaluates_resumes_and_merges(tmp_path, quantizable_model):
     """One 4-bit base, one ZeRO-2 rank against two ZeRO-3 ranks (each holds half of the packed 4-bit
     weights, stored as float32 elements: bnb_4bit_quant_storage's default there). The ZeRO-3 run is killed
-    after its step-2 checkpoint, and resumes with reference log-probs precomputed on two ZeRO-3 ranks as its
+    after its step-2 checkpoint and resumes on one rank (a node lost: its checkpoint goes through
+    DeepSpeed's universal layout), with reference log-probs precomputed on two ZeRO-3 ranks as its
     ref_cache; it then must log, generate and save what the ZeRO-2 run (reference
     on the fly throughout) does within test_scale.assert_same_run's tolerances (tests/tolerances.py),
     whose derivation holds as is: both engines dequantize the same 4-bit bytes with the same kernel (the
@@ -85,7 +86,11 @@ def test_zero3_qlora_is_zero2_qlora_and_precomputes_evaluates_resumes_and_merges
 
     die_after_first("kto_scale.trainer:save_checkpoint", [*ranks(2), "launch/train.py", *zero3])
     assert (tmp_path / "zero3" / "latest").read_text() == "checkpoint-2"
-    resumed = run([*ranks(2), "launch/train.py", *zero3, "--resume_from_checkpoint", "latest", "--ref_cache", cache])
+    # Resumed on one rank (a node lost): the 2-rank ZeRO-3 checkpoint goes through DeepSpeed's universal
+    # layout, the same global batch split as 1 rank x 2 micro-batches (the ZeRO-2 run's own split).
+    resumed = run([*TRAIN, *zero3, "--resume_from_checkpoint", "latest", "--ref_cache", cache,
+                   "--gradient_accumulation_steps", "2"])
+    assert (tmp_path / "zero3" / "checkpoint-2" / "universal").is_dir()
     assert "Reference log-probs of 18 train examples read from" in resumed.stderr
     assert_same_run(tmp_path / "zero2", tmp_path / "zero3")
 
