@@ -53,9 +53,11 @@ def test_reference_is_the_quantized_base(quantizable_model, bits):
 
 
 @pytest.mark.e2e
-def test_zero3_qlora_is_zero2_qlora_and_precomputes_evaluates_resumes_and_merges(tmp_path, quantizable_model):
+def test_zero3_qlora_with_an_sft_adapter_is_zero2_qlora_and_precomputes_evaluates_resumes_and_merges(tmp_path, quantizable_model):
     """One 4-bit base, one ZeRO-2 rank against two ZeRO-3 ranks (each holds half of the packed 4-bit
-    weights, stored as float32 elements: bnb_4bit_quant_storage's default there). The ZeRO-3 run is killed
+    weights, stored as float32 elements: bnb_4bit_quant_storage's default there), both continuing an SFT
+    adapter (the reference = the 4-bit base + it, as test_sft_reference_on_a_4bit_base pins in one
+    process): ZeRO-3 must load it into the partitioned model to the same numbers. The ZeRO-3 run is killed
     after its step-2 checkpoint and resumes on one rank (a node lost: its checkpoint goes through
     DeepSpeed's universal layout), with reference log-probs precomputed on two ZeRO-3 ranks as its
     ref_cache; it then must log, generate and save what the ZeRO-2 run (reference
@@ -72,10 +74,12 @@ def test_zero3_qlora_is_zero2_qlora_and_precomputes_evaluates_resumes_and_merges
     from runs import TRAIN, config_file, die_after_first, generations, metrics, ranks, run, run_together
     from test_evaluate import _evaluate
     from test_scale import assert_same_run
+    from test_sft_adapter import make_sft_adapter
     from tolerances import run_tolerances
 
+    sft = make_sft_adapter(quantizable_model, tmp_path / "sft")
     runs = {stage: config_file(tmp_path, f"zero{stage}", quantizable_model, gradient_accumulation_steps=4 - stage,
-                               load_in_4bit=True, deepspeed=str(ROOT / f"ds_configs/zero{stage}.json"))
+                               load_in_4bit=True, sft_adapter=str(sft), deepspeed=str(ROOT / f"ds_configs/zero{stage}.json"))
             for stage in (2, 3)}  # the same global batch: 1 rank x 2 micro-batches, 2 ranks x 1
     zero3, cache = ["--config", str(runs[3])], str(tmp_path / "cache")
     # The ZeRO-2 run and the ZeRO-3 precompute need nothing from each other: they start together.
