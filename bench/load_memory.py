@@ -1,6 +1,7 @@
 """Host memory of loading a model and building its engine, per rank and per node, on CPU.
 
     python bench/load_memory.py --make-model /tmp/llama-1b          # once: a ~1.1B Llama in bf16 (2.2 GB)
+    python bench/load_memory.py --make-model /tmp/llama-8b --shape 8b   # Llama-3-8B's shape (16 GB)
     torchrun --nproc_per_node 2 bench/load_memory.py --model /tmp/llama-1b --fsdp full_shard
     deepspeed --num_gpus 2 bench/load_memory.py --model /tmp/llama-1b --deepspeed ds_configs/zero3.json
 
@@ -22,9 +23,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Llama-3.2-1B's layers with a 32k vocabulary and an untied LM head: 1.1B parameters.
-SHAPE = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-         "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 32000, "tie_word_embeddings": False}
+SHAPES = {
+    # Llama-3.2-1B's layers with a 32k vocabulary and an untied LM head: 1.1B parameters (2.06 GiB).
+    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 32000, "tie_word_embeddings": False},
+    # Llama-3-8B's shape: 8.03B parameters (14.96 GiB).
+    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "tie_word_embeddings": False},
+}
 
 
 def status_kib(field: str) -> int:
@@ -49,8 +55,8 @@ class PeakSampler(threading.Thread):
             time.sleep(0.002)
 
 
-def make_model(path: Path) -> None:
-    """A random ~1.1B Llama saved in bf16 with the tiny tokenizer (built one layer at a time would not
+def make_model(path: Path, shape: str) -> None:
+    """A random Llama of `shape` saved in bf16 with the tiny tokenizer (built one layer at a time would not
     matter: this is a setup step, not measured)."""
     import shutil
 
@@ -60,7 +66,7 @@ def make_model(path: Path) -> None:
     from kto_scale.assets import TINY_LLAMA_DIR
 
     config = AutoConfig.from_pretrained(TINY_LLAMA_DIR)
-    for key, value in SHAPE.items():
+    for key, value in SHAPES[shape].items():
         setattr(config, key, value)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -107,10 +113,11 @@ def measure(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--make-model", type=Path, help="write the ~1.1B bf16 model here and exit")
+    parser.add_argument("--make-model", type=Path, help="write a random bf16 model of --shape here and exit")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="--make-model's shape")
     parser.add_argument("--model", help="the model directory to load")
     args, rest = parser.parse_known_args()
     if args.make_model:
-        make_model(args.make_model)
+        make_model(args.make_model, args.shape)
     else:
         measure(["--model_name_or_path", args.model, "--dataset_name", "unused.jsonl", "--bf16", "true", *rest])
