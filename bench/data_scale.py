@@ -67,19 +67,29 @@ def make_data(hh: Path, examples: int, path: Path) -> None:
 
 
 def watch(command: list[str], env: dict | None = None) -> dict:
-    """Run `command`; its wall time, the peak summed RSS of its process tree, and its last stdout line (JSON)."""
+    """Run `command`; its wall time, the peak summed RSS and anonymous RSS of its process tree, and its last
+    stdout line (JSON). RSS counts the pages of memory-mapped files (the Arrow data) a process has touched,
+    once per process that maps them: page cache the kernel can drop. RssAnon is each process's own memory
+    (heap, Python objects, buffers): what running out of memory is made of."""
     start, load, cpu = time.perf_counter(), os.getloadavg()[0], cpu_seconds()
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak, done = 0, threading.Event()
+    peak, peak_anon, done = 0, 0, threading.Event()
+
+    def rss_anon(pid: int) -> int:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+        return 0
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, peak_anon
         root = psutil.Process(process.pid)
         while not done.is_set():
             try:
-                tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-            except psutil.Error:
+                tree = [p for p in [root, *root.children(recursive=True)] if p.is_running()]
+                peak = max(peak, sum(p.memory_info().rss for p in tree))
+                peak_anon = max(peak_anon, sum(rss_anon(p.pid) for p in tree))
+            except (psutil.Error, OSError):
                 pass
             time.sleep(0.05)
 
@@ -92,7 +102,8 @@ def watch(command: list[str], env: dict | None = None) -> dict:
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     return {"wall_s": round(time.perf_counter() - start, 2), "process_cpu_s": round(cpu_seconds() - cpu, 2),
-            "peak_rss_gb": round(peak / 2**30, 3), "load_before_after": [round(load, 2), round(os.getloadavg()[0], 2)], **(json.loads(lines[-1]) if lines else {})}
+            "peak_rss_gb": round(peak / 2**30, 3), "peak_rss_anon_gb": round(peak_anon / 2**30, 3),
+            "load_before_after": [round(load, 2), round(os.getloadavg()[0], 2)], **(json.loads(lines[-1]) if lines else {})}
 
 
 def cpu_seconds() -> float:
