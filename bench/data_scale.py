@@ -237,10 +237,11 @@ def write_config(data: Path, model: str, work: Path, name: str, new_options: boo
 
 def report(output: Path) -> str:
     """A markdown table of every result in `output` (written to output/results.md)."""
-    rows = ["| examples given | code | prepare cold s (read / tokenize / truncate / pair / write) | CPU s | peak RSS GB "
+    rows = ["| examples given | code | prepare cold s (read / tokenize / truncate / pair / write) | CPU s | peak RSS GB (anon) "
             "| load_dataset+map floor s (CPU s, peak GB) | prepare / floor | load avg (prepare, floor) "
             "| warm reuse s (process wall) | fingerprint / hash / keys / BatchPlan shuffled / grouped / resume batch s "
-            "| train 1 step cold / warm wall s (peak GB) | evaluate examples: wall s (peak GB) |", "|" + "---|" * 12]
+            "| scan peak RSS GB (anon) | train 1 step cold / warm wall s (peak GB) | evaluate examples: wall s (peak GB) |",
+            "|" + "---|" * 13]
     for path in sorted(output.glob("*.json"), key=lambda p: (json.loads(p.read_text())["examples_given"], p.name)):
         r, dash = json.loads(path.read_text()), "-"
         cold, floor, warm, scan, evaluation = (r.get(k, {}) for k in ("prepare_cold", "floor_load_dataset_map",
@@ -252,10 +253,11 @@ def report(output: Path) -> str:
                    "batch_plan_group_by_length", "resume_batch_group_by_length")
         rows.append(
             f"| {r['examples_given']:,} | {r['commit']} | {cold.get('seconds', dash)} ({stages or dash}) "
-            f"| {cold.get('cpu_s', dash)} | {cold.get('peak_rss_gb', dash)} "
+            f"| {cold.get('cpu_s', dash)} | {cold.get('peak_rss_gb', dash)} ({cold.get('peak_rss_anon_gb', dash)}) "
             f"| {floor.get('seconds', dash)} ({floor.get('cpu_s', dash)}, {floor.get('peak_rss_gb', dash)}) "
             f"| {r.get('prepare_over_floor', dash)} | {loads} | {warm.get('seconds', dash)} ({warm.get('wall_s', dash)}) "
             f"| {' / '.join(str(scan.get(k, dash)) for k in scanned)} "
+            f"| {scan.get('peak_rss_gb', dash)} ({scan.get('peak_rss_anon_gb', dash)}) "
             f"| {' / '.join(str(t.get('wall_s', dash)) for t in train)} "
             f"({' / '.join(str(t.get('peak_rss_gb', dash)) for t in train)}) "
             f"| {evaluation.get('examples', dash)}: {evaluation.get('wall_s', dash)} ({evaluation.get('peak_rss_gb', dash)}) |")
