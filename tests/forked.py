@@ -28,7 +28,7 @@ RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"
             "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE")
 RUNTIME_PREFIXES = ("KTO_SCALE_", "WANDB_", "SIGNAL_AFTER", "PYTEST_CURRENT_TEST")
 
-_zygotes: dict = {"env": None, "sockets": [], "servers": []}
+_zygotes: dict = {"env": None, "sockets": [], "servers": [], "failed": False}
 
 
 def forkable(env: dict[str, str], zygotes: int = 1) -> bool:
@@ -45,7 +45,14 @@ def forkable(env: dict[str, str], zygotes: int = 1) -> bool:
         changed = sorted(k for k in base.keys() | _zygotes["env"].keys() if base.get(k) != _zygotes["env"].get(k))
         warnings.warn(f"started as a plain process, not forked: the environment differs in {changed}", stacklevel=3)
         return False
-    _start_zygotes(zygotes - len(_zygotes["sockets"]))
+    if _zygotes["failed"]:
+        return False
+    try:
+        _start_zygotes(zygotes - len(_zygotes["sockets"]))
+    except (AssertionError, OSError) as error:  # e.g. a socket path too long for AF_UNIX: slower, still right
+        _zygotes["failed"] = True
+        warnings.warn(f"every run starts as a plain process: tests/zygote.py could not start: {error}", stacklevel=3)
+        return False
     return True
 
 

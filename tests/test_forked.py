@@ -33,10 +33,13 @@ def test_a_forked_run_is_a_plain_run(tmp_path, one_process_run):
 
 
 @pytest.mark.e2e
-def test_forked_ranks_differ_in_their_hash_seed():
+def test_forked_ranks_differ_in_their_hash_seed(tmp_path):
     """Ranks come from zygotes of their own, so they iterate sets in different orders, as the processes
-    of a real launcher do (equal seeds: a chance of 2^-64)."""
-    result = launch([*ranks(2), "-c", "import os; print(os.environ['RANK'], hash('kto-scale'))"])
+    of a real launcher do (equal seeds: a chance of 2^-64). A script, not `-c`: where the zygotes cannot
+    start, this is a real torchrun, which takes only a script."""
+    script = tmp_path / "hash_seed.py"
+    script.write_text("import os\nprint(os.environ['RANK'], hash('kto-scale'))\n")
+    result = launch([*ranks(2), str(script)])
     assert result.returncode == 0, result.stderr[-3000:]
     lines = dict(line.split() for line in result.stdout.splitlines())
     assert lines.keys() == {"0", "1"} and lines["0"] != lines["1"]
