@@ -106,7 +106,10 @@ class DeepSpeedSetup:
         self.config, self.world_size = config, world_size
         self.ds_config = resolve_deepspeed_config(config, world_size)
         self.shards_weights = self.ds_config.is_zero3()
-        self.loads_on_rank0_only = False  # every rank loads (ZeRO-3: its partition, as transformers reads it)
+
+    def loads_weights(self, rank: int) -> bool:
+        """Every rank loads the model (ZeRO-3: its partition, as transformers reads it)."""
+        return True
 
     def _finalize(self, args: TrainingArguments, model, total_steps: int) -> None:
         try:  # fills the "auto" sizes that depend on the model's hidden size and the schedule length

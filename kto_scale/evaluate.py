@@ -47,7 +47,7 @@ def evaluate(config: KTOConfig, adapter: str | Path, output: str | Path, split: 
     dataset = {"train": start.train_set, "eval": start.eval_set}[split]
     if dataset is None:
         raise ConfigError("The config has no eval data: set eval_dataset_name or eval_fraction, or pass --split train.")
-    base = load_base_model(config, empty=start.engine.loads_on_rank0_only and start.rank != 0)
+    base = load_base_model(config, empty=not start.engine.loads_weights(start.rank))
     reference = reference_layout(config, base, cached=False)
     try:
         model = PeftModel.from_pretrained(base, str(adapter))

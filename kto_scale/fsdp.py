@@ -47,9 +47,10 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 
 from kto_scale.config import ConfigError, KTOConfig
-from kto_scale.distributed import is_main_process
-from kto_scale.model import SequenceLogps
+from kto_scale.distributed import any_rank, is_main_process
+from kto_scale.model import SequenceLogps, is_placeholder
 from kto_scale.optimizer import OptimizerSettings, optimizer_and_schedule
+from kto_scale.sliced_load import checkpoint_name, read_shards, sliced_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -75,37 +76,51 @@ def _device() -> torch.device:
 
 
 class FSDPSetup:
-    """FSDP2 needs nothing before the model loads: rank 0 loads it, the other ranks build it empty (on the
-    meta device), and `shard` hands every rank its shards from rank 0."""
+    """Decides, before the model loads, how the ranks get their shards (kto_scale.sliced_load): each reads
+    its own slices of the checkpoint (every rank builds the model empty), or rank 0 loads it whole and
+    broadcasts (the other ranks build it empty). One rank loads the model as usual."""
 
     shards_weights = True
-    loads_on_rank0_only = True
 
     def __init__(self, config: KTOConfig, world_size: int) -> None:
         self.config, self.world_size = config, world_size
+        self.slices: Path | None = None  # the checkpoint directory every rank reads its slices from
+        if world_size > 1:
+            directory, why = sliced_checkpoint(config)
+            if any_rank(directory is None):  # one way for all ranks
+                logger.info("FSDP2 load: rank 0 loads the model and broadcasts it (%s).",
+                            why or "another rank cannot read the checkpoint's files")
+            else:
+                self.slices = directory
+                logger.info("FSDP2 load: each rank reads its own slices of %s.", directory)
+
+    def loads_weights(self, rank: int) -> bool:
+        """Whether this rank loads the model's weights (the others build it empty)."""
+        return rank == 0 and self.slices is None
 
     def prepare_resume(self, path: Path, saved_world_size: int) -> None:
         """Nothing to convert: DCP reshards a checkpoint of any rank count when it loads it."""
 
     def training_engine(self, module: SequenceLogps, total_steps: int) -> "FSDPEngine":
-        return FSDPEngine(module, FSDPSettings.from_config(self.config), self.world_size,
+        return FSDPEngine(module, FSDPSettings.from_config(self.config), self.world_size, self.slices,
                           OptimizerSettings.from_config(self.config, total_steps))
 
     def inference_engine(self, model) -> "FSDPEngine":
         engine = FSDPEngine(SequenceLogps(model, self.config.logprob_chunk_size), FSDPSettings.from_config(self.config),
-                            self.world_size, None)
+                            self.world_size, self.slices, None)
         engine.eval()
         return engine
 
 
-def shard(module: SequenceLogps, settings: FSDPSettings, world_size: int) -> torch.device:
+def shard(module: SequenceLogps, settings: FSDPSettings, world_size: int, slices: Path | None) -> torch.device:
     """fully_shard every decoder layer, then the root (embeddings, final norm, LM head), whose `generate`
-    gets the hooks forward gets; returns the device.
+    gets the hooks forward gets, and give every rank its shards of the base weights; returns the device.
 
-    Only rank 0 holds the weights (the other ranks' parameters are on the meta device: FSDPSetup): it
+    slices: every rank built the model empty and reads its own slices of the checkpoint there
+    (kto_scale.sliced_load). None: rank 0 holds the weights (the other ranks built the model empty); it
     keeps its loaded state dict while it shards, then broadcasts it one tensor at a time and every rank
-    keeps its shard of each (torch.distributed.checkpoint's broadcast_from_rank0). A node's peak is one
-    whole model (rank 0's) plus the shards, not one model per rank."""
+    keeps its shard of each (torch.distributed.checkpoint's broadcast_from_rank0). A node's peak is then
+    one whole model (rank 0's) plus the shards, not one model per rank."""
     device = _device()
     mesh = init_device_mesh(device.type, (world_size,))
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if settings.bf16 \
@@ -118,11 +133,21 @@ def shard(module: SequenceLogps, settings: FSDPSettings, world_size: int) -> tor
     if not layers:
         raise ConfigError(f"fsdp: {type(base).__name__} names no decoder layer class (_no_split_modules) to "
                           "shard; use DeepSpeed (deepspeed: ds_configs/zero3.json) for this model.")
-    loaded = module.state_dict() if world_size > 1 and torch.distributed.get_rank() == 0 else {}
+    # An empty model's placeholders become meta parameters, which fully_shard shards without allocating.
+    names = {id(p): name for name, p in module.named_parameters()}
+    empty = {names[id(p)]: checkpoint_name(name) for name, p in base.named_parameters() if is_placeholder(p)}
+    for param in module.parameters():
+        if is_placeholder(param):
+            torch.utils.swap_tensors(param, torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                                                               requires_grad=param.requires_grad))
+    broadcast = slices is None and world_size > 1
+    loaded = module.state_dict() if broadcast and torch.distributed.get_rank() == 0 else {}
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mixed, offload_policy=offload)
     fully_shard(module, mesh=mesh, mp_policy=mixed, offload_policy=offload)
-    if world_size > 1:
+    if slices is not None:  # FSDP2 keeps offloaded shards on the CPU
+        read_shards(module, empty, slices, torch.device("cpu") if settings.cpu_offload else device)
+    elif broadcast:
         set_model_state_dict(module, loaded, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     register_fsdp_forward_method(module, "generate")  # the root's weights gathered for generation too
     return device
@@ -134,11 +159,11 @@ class FSDPEngine:
     state_tag = FSDP_TAG
     shards_weights = True
 
-    def __init__(self, module: SequenceLogps, settings: FSDPSettings, world_size: int,
+    def __init__(self, module: SequenceLogps, settings: FSDPSettings, world_size: int, slices: Path | None,
                  optimizer: OptimizerSettings | None) -> None:
         self.module, self.max_grad_norm = module, settings.max_grad_norm
         self.world_size, self.global_rank = world_size, torch.distributed.get_rank()
-        self.device = shard(module, settings, world_size)
+        self.device = shard(module, settings, world_size, slices)
         self.trainable = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = self.scheduler = None
         if optimizer is not None:  # after fully_shard: the optimizer holds this rank's shards

@@ -103,12 +103,28 @@ def _model_config(config: KTOConfig) -> PretrainedConfig:
 
 
 def _empty_model(config: KTOConfig, dtype: torch.dtype) -> PreTrainedModel:
-    """The model's structure with every parameter on the meta device (no memory, nothing read), its
-    buffers (RoPE's frequencies, which no checkpoint holds) computed as usual on the CPU."""
+    """The model's structure without its weights: every parameter a placeholder (see is_placeholder: no
+    memory, nothing read), its buffers (RoPE's frequencies, which no checkpoint holds) computed as usual.
+
+    Placeholders on the CPU rather than meta parameters, because peft builds adapters on the CPU (drawing
+    the same random numbers as for a loaded model, or reading a saved adapter) and then moves each to its
+    base weight's device: onto the meta device, which would drop their values. kto_scale.fsdp.shard turns
+    the placeholders into meta parameters before sharding."""
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(_model_config(config), dtype=dtype,
-                                                trust_remote_code=config.trust_remote_code,
-                                                attn_implementation=config.attn_implementation)
+        model = AutoModelForCausalLM.from_config(_model_config(config), dtype=dtype,
+                                                 trust_remote_code=config.trust_remote_code,
+                                                 attn_implementation=config.attn_implementation)
+    model.tie_weights()  # init_empty_weights re-creates each parameter as it is registered, untying them
+    for param in list(model.parameters()):  # each shared (tied) parameter once, swapped in place: ties hold
+        placeholder = torch.empty((), dtype=param.dtype).expand(param.shape)
+        torch.utils.swap_tensors(param, nn.Parameter(placeholder, requires_grad=param.requires_grad))
+    return model
+
+
+def is_placeholder(param: Tensor) -> bool:
+    """Whether `param` is an empty model's placeholder: one element expanded to the weight's shape (every
+    stride 0), which no real weight of a model is."""
+    return param.dim() > 0 and not any(param.stride())
 
 
 def _random_model(config: KTOConfig, dtype: torch.dtype) -> PreTrainedModel:
@@ -138,9 +154,9 @@ def _random_model(config: KTOConfig, dtype: torch.dtype) -> PreTrainedModel:
 def load_base_model(config: KTOConfig, empty: bool = False) -> PreTrainedModel:
     """The base causal LM, frozen weights as loaded (or seeded random weights with init_random_weights).
 
-    empty: its parameters on the meta device instead, nothing read: FSDP2's ranks other than 0, which
-    get their shards from rank 0 when the model is sharded (kto_scale.fsdp.shard), so that a node
-    holds one whole copy of the model, not one per rank."""
+    empty: its parameters are placeholders instead (no memory, nothing read): FSDP2's ranks, which get
+    their shards when the model is sharded (kto_scale.fsdp.shard), by reading their own slices of the
+    checkpoint or from rank 0, so that no rank, or only rank 0, holds the whole model."""
     check_attention_device(config)
     dtype = train_dtype(config)
     if empty:

@@ -153,7 +153,7 @@ def precompute(config: KTOConfig) -> Path:
     cache_dir = Path(config.ref_cache)
     start = setup(config, lambda: on_main_process(lambda: _claim_cache_dir(config, cache_dir)))
     splits = {"train": start.train_set, "eval": start.eval_set}
-    model = load_model(config, empty=start.engine.loads_on_rank0_only and start.rank != 0)
+    model = load_model(config, empty=not start.engine.loads_weights(start.rank))
     reference = reference_layout(config, model, cached=False)  # it writes the cache
     engine = start.engine.inference_engine(model)
     fingerprint = run_fingerprint(config, start.tokenizer, splits)

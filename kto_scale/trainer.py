@@ -167,7 +167,7 @@ def train(config: KTOConfig) -> Path:
     checkpoint = find_checkpoint(config)
     if checkpoint:
         start.engine.prepare_resume(checkpoint, check_resume(checkpoint, config, world_size))
-    base = load_base_model(config, empty=start.engine.loads_on_rank0_only and rank != 0)
+    base = load_base_model(config, empty=not start.engine.loads_weights(rank))
     reference = reference_layout(config, base, cached=bool(caches))
     on_main_process(lambda: set_aside_previous_run(config))  # every check passed: only now does the old run make way
     if config.init_random_weights:  # the adapter is only meaningful next to these exact weights
