@@ -55,9 +55,12 @@ GPU_OVERHEAD (2 GiB, a stated allowance, not derived), and DeepSpeed's gradient 
 (HF's "auto": H^2 elements in w bytes).
 Host RAM at load, per node (the node of rank 0, the fullest): DeepSpeed ZeRO-0/1/2 build the whole
 model on the CPU on every rank before moving it (n x model; so does ZeRO-3 with init_random_weights);
-ZeRO-3 loads partitioned (model/N per rank); FSDP2 loads the whole model on rank 0 only, which
-broadcasts it to the other ranks' GPUs (model); a quantized base is placed on the GPU as it is read. A checkpoint in the training dtype is memory-mapped, so "the whole model" is
-then shared, reclaimable page cache rather than copies (docs/scaling.md measures both). Offloaded
+ZeRO-3 loads partitioned (model/N per rank); FSDP2's ranks read their own slices of a safetensors
+checkpoint straight into their GPU shards (nothing held on the host; with offload, the shards are the
+host's: model/N per rank), and with init_random_weights rank 0 builds the whole model and broadcasts it
+(model); a quantized base is placed on the GPU as it is read. A checkpoint in the training dtype is
+memory-mapped, so "the whole model" is then shared, reclaimable page cache rather than copies
+(docs/scaling.md measures both). Offloaded
 shards and optimizer state add their share for training.
 """
 
@@ -233,8 +236,10 @@ def estimate(config: KTOConfig, shape: ModelShape, cluster: Cluster, micro_batch
         gpu["LM head chunk"] = parts["LM head chunk"]
     gpu["framework overhead"] = overhead
 
-    if layout.engine == "fsdp":  # rank 0 loads and broadcasts, shards go to the GPUs (kto_scale.fsdp.shard)
+    if layout.engine == "fsdp" and config.init_random_weights:  # rank 0 builds it and broadcasts
         host_load = model
+    elif layout.engine == "fsdp":  # each rank reads its slices into its shards (kto_scale.sliced_load)
+        host_load = per_node * (model // n_ranks) if layout.offload_params else 0
     elif config.load_in_4bit or config.load_in_8bit:  # quantized onto the GPU as it is read
         host_load = 0
     elif layout.stage >= 3 and not config.init_random_weights:  # zero.Init: partitioned as it is read

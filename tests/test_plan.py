@@ -84,7 +84,12 @@ def test_fsdp_and_zero3_shard_the_base():
     assert fsdp.gpu["base weights"] == 2 * LAYER * 4 // 2 + 2 * LAYER * 4 + EDGES * 4
     assert (fsdp.gpu["LoRA weights"], fsdp.gpu["LoRA gradients"], fsdp.gpu["Adam state"]) == (
         4 * LORA // 2, 4 * LORA, 8 * LORA // 2)
-    assert fsdp.host_load == (2 * LAYER + EDGES) * 4  # rank 0 alone loads, and broadcasts
+    assert fsdp.host_load == 0  # each rank reads its slices into its GPU shards
+    offload = estimate(tiny_config(fsdp="full_shard offload", deepspeed=None), read_shape(config), Cluster(1, 2, 2**30))
+    assert offload.host_load == 2 * ((2 * LAYER + EDGES) * 4 // 2)  # the shards are the host's
+    random = estimate(tiny_config(fsdp="full_shard", deepspeed=None, init_random_weights=True), read_shape(config),
+                      Cluster(1, 2, 2**30))
+    assert random.host_load == (2 * LAYER + EDGES) * 4  # rank 0 alone builds them, and broadcasts
     config = tiny_config(deepspeed=str(REPO_ROOT / "ds_configs/zero3.json"))
     zero3 = estimate(config, read_shape(config), Cluster(2, 1, 2**30))
     assert zero3.gpu["base weights"] == (2 * LAYER + EDGES) * 4 // 2 + 2 * LAYER * 4
