@@ -6,8 +6,9 @@
     deepspeed --num_gpus 2 bench/load_memory.py --model /tmp/llama-1b --deepspeed ds_configs/zero3.json
 
 Each rank runs what launch/train.py runs before its first step (kto_scale.trainer.train): the engine's
-setup, load_base_model (on FSDP2: empty on ranks other than 0), add_lora and the training engine
-(sharding, and on FSDP2 the broadcast from rank 0), while a thread samples its /proc/self/status every
+setup, load_base_model (on FSDP2 empty on every rank, or on ranks other than 0 when the checkpoint cannot
+be read in slices), add_lora and the training engine (sharding, and on FSDP2 each rank's read of its
+slices or rank 0's broadcast), while a thread samples its /proc/self/status every
 2 ms. Rank 0 prints one JSON line: each rank's peak VmRSS (everything resident, including pages of the
 memory-mapped safetensors file, which are shared page cache) and peak RssAnon (the rank's own memory),
 their sums over the node (an upper bound: ranks peak at different moments) and the model's size.
@@ -107,7 +108,8 @@ def measure(argv: list[str]) -> None:
         print(json.dumps({
             "engine": f"fsdp {config.fsdp}" if config.fsdp else Path(config.deepspeed).name, "ranks": world_size,
             "model_gib": model_gib, "peak_vmrss_gib": [gib(r[0]) for r in every],
-            "peak_rss_anon_gib": [gib(r[1]) for r in every], "before_load_vmrss_gib": [gib(r[2]) for r in every],
+            "peak_rss_anon_gib": [gib(r[1]) for r in every], "added_rss_anon_gib": [gib(r[1] - r[3]) for r in every],
+            "before_load_vmrss_gib": [gib(r[2]) for r in every],
             "node_peak_vmrss_gib": gib(sum(r[0] for r in every)),
             "node_peak_rss_anon_gib": gib(sum(r[1] for r in every)),
             "node_added_rss_anon_gib": gib(sum(r[1] - r[3] for r in every)),
