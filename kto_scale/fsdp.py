@@ -2,9 +2,9 @@
 
     torchrun --nproc_per_node 8 launch/train.py --config my.yaml --fsdp full_shard
 
-Every decoder layer (the model's `_no_split_modules` classes) and then the root module are
-`fully_shard`ed: each rank keeps 1/N of every weight and all-gathers a layer's weights only while it
-runs. With `bf16`, compute is in bfloat16 and gradients are reduced in float32 (MixedPrecisionPolicy);
+Every decoder layer (the model's `_no_split_modules` classes), the embedding and the LM head (when
+untied), and then the root module are `fully_shard`ed: each rank keeps 1/N of every weight and
+all-gathers a unit's weights only while it runs. With `bf16`, compute is in bfloat16 and gradients are reduced in float32 (MixedPrecisionPolicy);
 the LoRA weights, which peft keeps in float32, are the optimizer's master weights. `fsdp: full_shard
 offload` keeps the shards, gradients and optimizer state on the CPU (CPUOffloadPolicy), the
 counterpart of ds_configs/zero3_offload.json. Activation checkpointing is transformers' own
@@ -113,8 +113,8 @@ class FSDPSetup:
 
 
 def shard(module: SequenceLogps, settings: FSDPSettings, world_size: int, slices: Path | None) -> torch.device:
-    """fully_shard every decoder layer, then the root (embeddings, final norm, LM head), whose `generate`
-    gets the hooks forward gets, and give every rank its shards of the base weights; returns the device.
+    """fully_shard every decoder layer, the embedding and the LM head, then the root (the final norm),
+    whose `generate` gets the hooks forward gets, and give every rank its shards of the base weights; returns the device.
 
     slices: every rank built the model empty and reads its own slices of the checkpoint there
     (kto_scale.sliced_load). None: rank 0 holds the weights (the other ranks built the model empty); it
@@ -142,8 +142,13 @@ def shard(module: SequenceLogps, settings: FSDPSettings, world_size: int, slices
                                                                requires_grad=param.requires_grad))
     broadcast = slices is None and world_size > 1
     loaded = module.state_dict() if broadcast and torch.distributed.get_rank() == 0 else {}
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+    # The root's weights stay gathered from its forward to the end of its backward. An untied embedding
+    # and LM head (V x H each: 1 GiB in Llama-3-8B) get their own units instead, each gathered only while
+    # it runs (the head once per chunk of logprob_chunk_size scored positions); tied, they are one weight.
+    embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
+    edges = [embedding, head] if head is not None and head.weight is not embedding.weight else []
+    for unit in layers + edges:
+        fully_shard(unit, mesh=mesh, mp_policy=mixed, offload_policy=offload)
     fully_shard(module, mesh=mesh, mp_policy=mixed, offload_policy=offload)
     if slices is not None:  # FSDP2 keeps offloaded shards on the CPU
         read_shards(module, empty, slices, torch.device("cpu") if settings.cpu_offload else device)

@@ -67,7 +67,7 @@ class ModelShape:
 
     @property
     def edge_params(self) -> int:
-        """Embedding, LM head (unless tied) and final norm: FSDP2's root module."""
+        """Embedding, LM head (unless tied) and final norm: the weights outside the decoder layers."""
         return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
 
     @property

@@ -18,9 +18,9 @@ scale per output row. Everything else stays in w bytes.
   base's quantization constants are no parameters, so ZeRO-3 leaves them whole on every GPU; and
   transformers loads a quantized base whole onto every GPU (no zero.Init) before DeepSpeed partitions
   it: that load peak (the 4-bit base + overhead) must fit too.
-  FSDP2: 1/N of every decoder layer, plus 2 gathered layers, plus the edges whole (FSDP2 does not
-  reshard the root module after forward, so embedding and LM head stay gathered through the step);
-  with offload, the shards live on the host.
+  FSDP2: 1/N of every weight, plus 2 gathered layers, plus one VH gathered: the embedding and the LM
+  head are units of their own, each gathered only while it runs (tied, they are one weight, which the
+  root keeps gathered through the step); with offload, the shards live on the host.
 LoRA. P trainable parameters, r (in + out) per adapted projection. DeepSpeed casts them to the compute
 dtype: weights wP and gradients wP on every GPU, plus 16P bytes of optimizer state (fp32 master 4, Adam
 moments 8, fp32 gradient 4) in mixed precision, or 8P (Adam only) in fp32; ZeRO-1/2 split the optimizer
@@ -205,11 +205,11 @@ def estimate(config: KTOConfig, shape: ModelShape, cluster: Cluster, micro_batch
 
     gpu: dict[str, int] = {}
     if layout.engine == "fsdp":
-        layer_shards = (model - edges) // n_ranks
-        gpu["base weights"] = (0 if layout.offload_params else layer_shards) + live + edges
+        shards = model // n_ranks
+        gpu["base weights"] = (0 if layout.offload_params else shards) + live + shape.vocab * shape.hidden * w
         lora_grads = 4 * p if config.gradient_accumulation_steps > 1 else 4 * p // n_ranks
         lora = {"LoRA weights": 4 * p // n_ranks, "LoRA gradients": lora_grads, "Adam state": 8 * p // n_ranks}
-        host_offload = (layer_shards + 16 * p // n_ranks) * per_node if layout.offload_params else 0
+        host_offload = (shards + 16 * p // n_ranks) * per_node if layout.offload_params else 0
         lora = {k: 0 for k in lora} if layout.offload_params else lora
     else:
         sharded = layout.stage >= 3

@@ -77,11 +77,12 @@ def test_zero2_estimate_by_hand():
 
 
 def test_fsdp_and_zero3_shard_the_base():
-    """FSDP2 on 2 ranks keeps 1/2 of the layers, 2 gathered layers and the root (edges) whole; its
+    """FSDP2 on 2 ranks keeps 1/2 of every weight, 2 gathered layers and one V x H (the embedding or the
+    LM head, each gathered only while it runs); its
     fp32 LoRA gradients stay unsharded while 2 micro-batches accumulate. ZeRO-3: 1/2 of everything."""
     config = tiny_config(fsdp="full_shard", deepspeed=None, gradient_accumulation_steps=2)
     fsdp = estimate(config, read_shape(config), Cluster(1, 2, 2**30))
-    assert fsdp.gpu["base weights"] == 2 * LAYER * 4 // 2 + 2 * LAYER * 4 + EDGES * 4
+    assert fsdp.gpu["base weights"] == (2 * LAYER + EDGES) * 4 // 2 + 2 * LAYER * 4 + 938 * 64 * 4
     assert (fsdp.gpu["LoRA weights"], fsdp.gpu["LoRA gradients"], fsdp.gpu["Adam state"]) == (
         4 * LORA // 2, 4 * LORA, 8 * LORA // 2)
     assert fsdp.host_load == 0  # each rank reads its slices into its GPU shards
