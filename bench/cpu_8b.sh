@@ -5,7 +5,7 @@
 # rank's peak RSS beside the planner's estimate, which this script collects.
 #
 #   bench/cpu_8b.sh [WORK]      # WORK defaults to /tmp/kto-cpu-8b (needs ~17 GB of disk for the model)
-#   ENGINES=fsdp bench/cpu_8b.sh   # one engine (fsdp, zero3_offload)
+#   ENGINES=fsdp bench/cpu_8b.sh   # chosen engines: fsdp, zero3_offload, zero3 (a ds_configs/ name)
 #
 # Sequences are short (max_length 32) so that a step takes minutes, not hours, on two cores: what is
 # measured is the memory of holding, sharding and updating an 8B model, which the length barely changes.
@@ -23,7 +23,10 @@ rows = [{"prompt": f"Question {i}: what is {i} + {i + 1}?", "completion": f" {2 
 open(sys.argv[1], "w").write("".join(json.dumps(r) + "\n" for r in rows))
 EOF
 for engine in ${ENGINES:-fsdp zero3_offload}; do
-  if [ $engine = fsdp ]; then options=(--fsdp full_shard --deepspeed null); else options=(--deepspeed ds_configs/zero3_offload.json); fi
+  case $engine in
+    fsdp) options=(--fsdp full_shard --deepspeed null) ;;
+    *) options=(--deepspeed "ds_configs/$engine.json") ;;  # zero3_offload, zero3
+  esac
   common=(--model_name_or_path "$WORK/model" --dataset_name "$WORK/data.jsonl" --eval_fraction 0 --bf16 true
           --max_length 32 --max_prompt_length 24 --per_device_train_batch_size 1 --per_device_eval_batch_size 2
           --gradient_accumulation_steps 1 --max_steps 2 --logging_steps 1 --save_steps 1000 --disable_tqdm true
