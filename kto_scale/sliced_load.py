@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import cached_file
 
-from kto_scale.config import KTOConfig
+from kto_scale.config import ConfigError, KTOConfig
 
 # The stored dtypes a copy into the training dtype reads correctly (quantized ones need their scales).
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -58,12 +58,16 @@ def _stored_tensors(directory: Path) -> tuple[dict[str, tuple[tuple[int, ...], s
     from their headers; and why they cannot be read as one checkpoint (a name in two files), else None."""
     stored: dict[str, tuple[tuple[int, ...], str]] = {}
     for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                if name in stored:
-                    return stored, f"{name} is in two of its .safetensors files"
-                header = f.get_slice(name)
-                stored[name] = (tuple(header.get_shape()), header.get_dtype())
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    if name in stored:
+                        return stored, f"{name} is in two of its .safetensors files"
+                    header = f.get_slice(name)
+                    stored[name] = (tuple(header.get_shape()), header.get_dtype())
+        except SafetensorError as error:
+            raise ConfigError(f"{path} is not a readable safetensors file ({error}): a partial download or copy? "
+                              "Download or save the model again.") from None
     return stored, None
 
 

@@ -18,7 +18,7 @@ from test_sft_adapter import make_sft_adapter
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from kto_scale.assets import TINY_LLAMA_DIR
-from kto_scale.config import KTOConfig
+from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.sliced_load import sliced_checkpoint
 
 SCRIPT = "tests/fsdp_state.py"
@@ -111,6 +111,9 @@ def test_which_checkpoints_are_read_in_slices(tmp_path, tiny_model):
     save_file(tensors, renamed / "model.safetensors")
     directory, why = sliced_checkpoint(KTOConfig(model_name_or_path=str(renamed)))
     assert directory is None and "model.norm.weight (absent)" in why
+    (renamed / "model.safetensors").write_bytes(b"cut short")  # a partial download: one line, no traceback
+    with pytest.raises(ConfigError, match="model.safetensors is not a readable safetensors file"):
+        sliced_checkpoint(KTOConfig(model_name_or_path=str(renamed)))
     (renamed / "model.safetensors").unlink()
     _, why = sliced_checkpoint(KTOConfig(model_name_or_path=str(renamed)))
     assert why == "the checkpoint has no model.safetensors(.index.json)"
