@@ -181,13 +181,15 @@ def load_base_model(config: KTOConfig, empty: bool = False) -> PreTrainedModel:
                 f"{config.model_name_or_path} post-processes its logits ({name}={getattr(model.config, name)}); "
                 "kto-scale scores completions with lm_head(hidden) and does not support it."
             )
-    if is_deepspeed_zero3_enabled():
-        for module in model.modules():
-            # bitsandbytes repacks a 4-bit weight in place for its AVX-512 CPU kernel at the first
-            # inference pass; under ZeRO-3 that weight is a gathered copy, freed after the pass, and
-            # re-gathered in the original packing: the quant state would then describe the wrong one.
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+    for module in model.modules():
+        # bitsandbytes (0.50) repacks a 4-bit weight in place for its AVX-512-BF16 CPU kernel at the first
+        # eval-mode pass without gradients. Under ZeRO-3 that weight is a gathered copy, freed after the
+        # pass, and re-gathered in the original packing: the quant state would then describe the wrong
+        # one. And in later training passes the LoRA layers over a repacked weight get no gradient
+        # (q_proj/v_proj lora_A/B .grad None, which DeepSpeed's ZeRO-2 hook trips on). One kernel for
+        # every pass, on every CPU.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     model.config.use_cache = False  # no generation during training; the KV cache only costs memory
     apply_kernels(model, config)
     return model

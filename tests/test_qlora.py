@@ -52,6 +52,29 @@ def test_reference_is_the_quantized_base(quantizable_model, bits):
     assert not torch.allclose(adapted, base)
 
 
+def test_4bit_layers_keep_one_kernel_so_lora_trains_after_an_eval_pass(quantizable_model, monkeypatch):
+    """bitsandbytes repacks a 4-bit weight in place for its AVX-512-BF16 CPU kernel at the first eval-mode
+    pass without gradients (the step-0 generations, a reference pass); on such a CPU the LoRA layers over
+    a repacked weight then got no gradient in training (q/v lora .grad None: DeepSpeed's ZeRO-2 hook
+    failed on it). load_base_model turns the repack off. The CPU's support is faked (bitsandbytes asks
+    when it builds each layer), so the test is the same on every machine: without the switch the repack
+    itself runs here."""
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    config = KTOConfig(model_name_or_path=str(quantizable_model), lora_r=4, lora_dropout=0.0, load_in_4bit=True)
+    policy = load_model(config)
+    layers = [m for m in policy.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    ids = torch.randint(3, 500, (2, 10))
+    policy.eval()
+    with torch.no_grad():
+        policy(input_ids=ids)
+    policy.train()
+    policy(input_ids=ids).logits.sum().backward()
+    assert not [name for name, p in policy.named_parameters() if p.requires_grad and p.grad is None]
+
+
 @pytest.mark.e2e
 def test_zero3_qlora_with_an_sft_adapter_is_zero2_qlora_and_precomputes_evaluates_resumes_and_merges(tmp_path, quantizable_model):
     """One 4-bit base, one ZeRO-2 rank against two ZeRO-3 ranks (each holds half of the packed 4-bit
