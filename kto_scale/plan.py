@@ -96,6 +96,7 @@ class Layout:
     stage: int  # ZeRO stage (3 for FSDP2: everything sharded)
     offload_params: bool
     offload_optimizer: bool
+    max_live_params: int = 0  # ZeRO-3's stage3_max_live_parameters (DeepSpeed's default 1e9)
 
     @classmethod
     def of(cls, config: KTOConfig) -> "Layout":
@@ -104,7 +105,8 @@ class Layout:
             return cls("fsdp", 3, offload, offload)
         zero = json.loads(find_deepspeed_config(config.deepspeed).read_text()).get("zero_optimization", {})
         device = lambda section: (zero.get(section) or {}).get("device", "none") in ("cpu", "nvme")  # noqa: E731
-        return cls("zero", int(zero.get("stage", 0)), device("offload_param"), device("offload_optimizer"))
+        return cls("zero", int(zero.get("stage", 0)), device("offload_param"), device("offload_optimizer"),
+                   int(float(zero.get("stage3_max_live_parameters", 1e9))))
 
     def describe(self) -> str:
         if self.engine == "fsdp":
@@ -250,6 +252,11 @@ def estimate(config: KTOConfig, shape: ModelShape, cluster: Cluster, micro_batch
     other_total = max(other["activations (gradient pass)"] + other["LM head chunk"], other["no-grad passes (peak)"])
     notes = [f"with gradient_checkpointing {'off' if checkpointing else 'on'}, activations would be "
              f"{other_total / GiB:.2f} GiB"]
+    if layout.engine == "zero" and layout.stage >= 3 and min(layout.max_live_params, shape.params) * w > live:
+        notes.append(f"DeepSpeed may keep up to stage3_max_live_parameters ({layout.max_live_params:,}: "
+                     f"{min(layout.max_live_params, shape.params) * w / GiB:.2f} GiB) gathered within a step, beyond "
+                     "the 2 layers counted here (measured: docs/scaling.md); on a tight GPU lower it and "
+                     "stage3_max_reuse_distance")
     # A quantized base is loaded whole onto every GPU (transformers skips zero.Init for it); ZeRO-3
     # partitions it only when the engine is built, before any activation exists.
     gpu_load = model + overhead if layout.engine == "zero" and (config.load_in_4bit or config.load_in_8bit) else 0
