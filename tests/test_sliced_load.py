@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import config_file, ranks, run
+from runs import config_file, launch, ranks, run
 from safetensors.torch import load_file, save_file
 from test_sft_adapter import make_sft_adapter
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -96,6 +96,39 @@ def test_a_checkpoint_it_cannot_slice_is_broadcast_from_rank0(tmp_path, tiny_mod
     assert "rank 0 loads the model and broadcasts it (model.norm.weight is in two of its .safetensors files)" \
         in fallback["log"]
     _assert_equal(fallback["state"], one["state"])
+
+
+def _hub_cache(cache: Path, repo: str, model: Path) -> Path:
+    """`model`'s files laid out as huggingface_hub caches a download of `repo` (blobs, snapshot links, the
+    ref), so that the hub id resolves offline, as on a cluster node that has downloaded it."""
+    revision = "0" * 40
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "blobs").mkdir(parents=True)
+    (root / "snapshots" / revision).mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(revision)
+    for n, file in enumerate(sorted(model.iterdir())):
+        shutil.copy(file, root / "blobs" / f"blob{n}")
+        (root / "snapshots" / revision / file.name).symlink_to(Path("../../blobs") / f"blob{n}")
+    return root / "snapshots" / revision
+
+
+@pytest.mark.e2e
+def test_a_hub_id_is_read_in_slices_from_the_hub_cache(tmp_path, tiny_model):
+    """The usual case on a cluster: model_name_or_path is a hub id, resolved in each node's hub cache
+    (symlinks into blobs), offline. Every rank reads its slices there; the weights are one process's."""
+    snapshot = _hub_cache(tmp_path / "hub", "kto-test/tiny", tiny_model)
+    config = config_file(tmp_path, "run", Path("kto-test/tiny"), **FSDP)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub")}
+    states = {}
+    for name, launcher in (("one", [sys.executable]), ("sliced", ranks(2))):
+        out = tmp_path / f"{name}.pt"
+        result = launch([*launcher, SCRIPT, str(out), "sliced", "--config", str(config)], env=env)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        states[name] = torch.load(out, weights_only=True)
+    assert states["sliced"]["sliced"]
+    assert f"each rank reads its own slices of {snapshot}" in result.stdout + result.stderr
+    _assert_equal(states["sliced"]["state"], states["one"]["state"])
 
 
 def test_which_checkpoints_are_read_in_slices(tmp_path, tiny_model):
