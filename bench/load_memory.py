@@ -90,12 +90,7 @@ def measure(argv: list[str]) -> None:
     rank, world_size, _ = init_distributed(config.dist_timeout_s)
     setup = engine_setup(config, world_size)
     start = {field: status_kib(field) for field in sampler.peak}  # Python, torch, transformers, DeepSpeed
-    # As kto_scale.trainer.train loads (older checkouts: FSDP2's rank 0 alone loads, or every rank does).
-    if hasattr(setup, "loads_weights"):
-        empty = not setup.loads_weights(rank)
-    else:
-        empty = getattr(setup, "loads_on_rank0_only", False) and rank != 0
-    base = load_base_model(config, empty=True) if empty else load_base_model(config)
+    base = load_base_model(config, empty=not setup.loads_weights(rank))  # as kto_scale.trainer.train loads
     params = sum(p.numel() * p.element_size() for p in base.parameters())
     setup.training_engine(SequenceLogps(add_lora(base, config), config.logprob_chunk_size), total_steps=1)
     sampler.running = False

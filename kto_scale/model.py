@@ -96,7 +96,8 @@ def _quantization(config: KTOConfig) -> dict:
     return {"quantization_config": bnb_config(config)}
 
 
-def _model_config(config: KTOConfig) -> PretrainedConfig:
+def base_config(config: KTOConfig) -> PretrainedConfig:
+    """The base model's config.json (a local directory or a hub id), no weights read."""
     return AutoConfig.from_pretrained(
         config.model_name_or_path, revision=config.model_revision, trust_remote_code=config.trust_remote_code
     )
@@ -111,7 +112,7 @@ def _empty_model(config: KTOConfig, dtype: torch.dtype) -> PreTrainedModel:
     base weight's device: onto the meta device, which would drop their values. kto_scale.fsdp.shard turns
     the placeholders into meta parameters before sharding."""
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(_model_config(config), dtype=dtype,
+        model = AutoModelForCausalLM.from_config(base_config(config), dtype=dtype,
                                                  trust_remote_code=config.trust_remote_code,
                                                  attn_implementation=config.attn_implementation)
     model.tie_weights()  # init_empty_weights re-creates each parameter as it is registered, untying them
@@ -142,7 +143,7 @@ def _random_model(config: KTOConfig, dtype: torch.dtype) -> PreTrainedModel:
         raise ConfigError("init_device cuda: this machine has no CUDA GPU; leave init_device unset to build the "
                           "random weights on the CPU.")
     device = torch.device("cuda", torch.cuda.current_device()) if config.init_device == "cuda" else torch.device("cpu")
-    model_config = _model_config(config)
+    model_config = base_config(config)
     torch.manual_seed(config.seed)
     with set_zero3_state(), device:
         return AutoModelForCausalLM.from_config(

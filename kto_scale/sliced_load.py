@@ -10,7 +10,7 @@ kto_scale.fsdp.shard gives a sharded model its weights one of two ways:
   fallback, for random weights (rank 0's seeded init) and for checkpoints the sliced read cannot take as
   they are (.bin files, quantized weights, names or shapes transformers converts while loading); the log
   says which.
-Both give the same weights, bit for bit (tests/test_fsdp.py).
+Both give the weights one process loads, bit for bit (tests/test_sliced_load.py).
 """
 
 import json
@@ -21,10 +21,11 @@ import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 from transformers.utils import cached_file
 
 from kto_scale.config import ConfigError, KTOConfig
+from kto_scale.model import base_config
 
 # The stored dtypes a copy into the training dtype reads correctly (quantized ones need their scales).
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -75,8 +76,7 @@ def sliced_checkpoint(config: KTOConfig) -> tuple[Path | None, str]:
     """The checkpoint directory every rank can read its slices from, or None and why not."""
     if config.init_random_weights:
         return None, "init_random_weights: rank 0 builds the seeded weights"
-    model_config = AutoConfig.from_pretrained(config.model_name_or_path, revision=config.model_revision,
-                                              trust_remote_code=config.trust_remote_code)
+    model_config = base_config(config)
     if getattr(model_config, "quantization_config", None):
         return None, "the checkpoint is quantized (quantization_config)"
     directory = checkpoint_dir(config)

@@ -27,5 +27,5 @@ base = load_base_model(config, empty=not setup.loads_weights(rank))
 engine = setup.training_engine(SequenceLogps(add_lora(base, config), config.logprob_chunk_size), total_steps=1)
 state = get_model_state_dict(engine.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 if rank == 0:
-    torch.save({"state": state, "sliced": getattr(setup, "slices", None) is not None}, out)
+    torch.save({"state": state, "sliced": setup.slices is not None}, out)
 shutdown()

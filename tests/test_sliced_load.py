@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import config_file, launch, ranks, run
+from runs import config_file, launch, ranks
 from safetensors.torch import load_file, save_file
 from test_sft_adapter import make_sft_adapter
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -25,10 +25,12 @@ SCRIPT = "tests/fsdp_state.py"
 FSDP = dict(fsdp="full_shard", deepspeed=None)
 
 
-def _state(tmp_path: Path, name: str, config: Path, num_ranks: int, mode: str = "sliced") -> dict:
+def _state(tmp_path: Path, name: str, config: Path, num_ranks: int, mode: str = "sliced",
+           env: dict[str, str] | None = None) -> dict:
     out = tmp_path / f"{name}.pt"
     launcher = ranks(num_ranks) if num_ranks > 1 else [sys.executable]
-    result = run([*launcher, SCRIPT, str(out), mode, "--config", str(config)])
+    result = launch([*launcher, SCRIPT, str(out), mode, "--config", str(config)], env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     saved = torch.load(out, weights_only=True)
     saved["log"] = result.stdout + result.stderr
     return saved
@@ -120,15 +122,11 @@ def test_a_hub_id_is_read_in_slices_from_the_hub_cache(tmp_path, tiny_model):
     snapshot = _hub_cache(tmp_path / "hub", "kto-test/tiny", tiny_model)
     config = config_file(tmp_path, "run", Path("kto-test/tiny"), **FSDP)
     env = {"HF_HUB_CACHE": str(tmp_path / "hub")}
-    states = {}
-    for name, launcher in (("one", [sys.executable]), ("sliced", ranks(2))):
-        out = tmp_path / f"{name}.pt"
-        result = launch([*launcher, SCRIPT, str(out), "sliced", "--config", str(config)], env=env)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-        states[name] = torch.load(out, weights_only=True)
-    assert states["sliced"]["sliced"]
-    assert f"each rank reads its own slices of {snapshot}" in result.stdout + result.stderr
-    _assert_equal(states["sliced"]["state"], states["one"]["state"])
+    one = _state(tmp_path, "one", config, 1, env=env)
+    sliced = _state(tmp_path, "sliced", config, 2, env=env)
+    assert sliced["sliced"]
+    assert f"each rank reads its own slices of {snapshot}" in sliced["log"]
+    _assert_equal(sliced["state"], one["state"])
 
 
 def test_which_checkpoints_are_read_in_slices(tmp_path, tiny_model):
