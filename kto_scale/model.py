@@ -337,8 +337,10 @@ class SequenceLogps(nn.Module):
                 starts = torch.cumsum(sequence_lengths, 0) - sequence_lengths
                 position_ids = (torch.arange(total, device=input_ids.device) - starts[sequence_ids]).unsqueeze(0)
             sequence_ids = sequence_ids.unsqueeze(0)
+        # base.dtype, not the embedding's .weight: under ZeRO-3, reading a weight inside forward gathers it
+        # for the rest of the forward and backward (DeepSpeed's "external parameter"): a V x H copy per rank.
         attention_mask = layout_mask(base.config._attn_implementation, input_ids, attention_mask, segments,
-                                     sequence_ids, base.get_input_embeddings().weight.dtype)
+                                     sequence_ids, base.dtype)
         hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     use_cache=False).last_hidden_state
         if score_positions is not None:  # listed by collate on the host: no `nonzero` sync here

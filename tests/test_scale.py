@@ -308,3 +308,22 @@ def test_resume_on_more_ranks_continues_the_run(tmp_path, tiny_model):
     _assert_same_steps(tmp_path / "whole", resumed)
 
 
+
+
+@pytest.mark.e2e
+def test_zero3_gathers_no_weight_outside_the_running_layer(tmp_path, tiny_model):
+    """ZeRO-3 gathers a weight whole when a module reads it by attribute inside forward and holds it for
+    the rest of the pass (DeepSpeed's "external parameter"): SequenceLogps once read the embedding's
+    .weight.dtype, which kept a V x H copy (1 GiB at Llama-3-8B) on every rank through forward and
+    backward. With DeepSpeed's caches off (no reuse, no prefetch), nothing but the running layer's own
+    weights and the always-resident small ones (ds_persist) may be gathered when a decoder layer starts."""
+    ds = json.loads((ROOT / "ds_configs/zero3.json").read_text())
+    ds["zero_optimization"].update(stage3_max_live_parameters=0, stage3_max_reuse_distance=0,
+                                   stage3_prefetch_bucket_size=0)
+    (tmp_path / "zero3.json").write_text(json.dumps(ds))
+    config = config_file(tmp_path, "run", tiny_model, deepspeed=str(tmp_path / "zero3.json"), eval_fraction=0.0)
+    out = tmp_path / "gathered.json"
+    run([sys.executable, "tests/zero3_gathers.py", str(out), "--config", str(config)])
+    gathered = json.loads(out.read_text())
+    assert sorted(gathered) == ["no-grad layer 0", "no-grad layer 1", "training layer 0", "training layer 1"]
+    assert gathered == {when: [] for when in gathered}
