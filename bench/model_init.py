@@ -2,7 +2,7 @@
 
 The parent writes the model's config.json only, and a kto-scale config with `init_random_weights` and
 `init_device` (the GPU when there is one: `device()`). The kto-scale children build the weights through
-that config (kto_scale.model.load_base_model: torch.manual_seed(seed), then from_config on init_device);
+that config (kto_scale.model.load_base_model: kto_scale.random_init's seeded draw on init_device);
 the TRL and bare-loop children call the same loader on the same config. So an 8B model is initialized by
 the GPU in seconds, not by the host in minutes, and nothing is written to disk or read back. Same
 function, seed, shapes and device: the same weights in every run, which each child's checksum (in its

@@ -48,9 +48,10 @@ from torch.distributed.tensor import DTensor
 
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.distributed import any_rank, is_main_process
-from kto_scale.model import SequenceLogps, is_placeholder
+from kto_scale.model import SequenceLogps, is_placeholder, random_weights
 from kto_scale.optimizer import OptimizerSettings, optimizer_and_schedule
-from kto_scale.sliced_load import checkpoint_name, read_shards, sliced_checkpoint
+from kto_scale.random_init import RandomWeights, init_shards
+from kto_scale.sliced_load import allocate_shards, checkpoint_name, read_shards, sliced_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -77,47 +78,53 @@ def _device() -> torch.device:
 
 class FSDPSetup:
     """Decides, before the model loads, how the ranks get their shards (kto_scale.sliced_load): each reads
-    its own slices of the checkpoint (every rank builds the model empty), or rank 0 loads it whole and
-    broadcasts (the other ranks build it empty). One rank loads the model as usual."""
+    its own slices of the checkpoint or draws its own random weights (every rank builds the model empty),
+    or rank 0 loads it whole and broadcasts (the other ranks build it empty). One rank loads it as usual."""
 
     shards_weights = True
 
     def __init__(self, config: KTOConfig, world_size: int) -> None:
         self.config, self.world_size = config, world_size
-        self.slices: Path | None = None  # the checkpoint directory every rank reads its slices from
-        if world_size > 1:
+        # Where every rank gets its own shards: the checkpoint directory it reads its slices from, or the
+        # random weights it draws; None: rank 0 loads the model and broadcasts it.
+        self.source: Path | RandomWeights | None = None
+        if world_size > 1 and config.init_random_weights:
+            self.source = random_weights(config)
+            logger.info("FSDP2 init: each rank draws the seeded random weights and keeps its own shards.")
+        elif world_size > 1:
             directory, why = sliced_checkpoint(config)
             if any_rank(directory is None):  # one way for all ranks
                 logger.info("FSDP2 load: rank 0 loads the model and broadcasts it (%s).",
                             why or "another rank cannot read the checkpoint's files")
             else:
-                self.slices = directory
+                self.source = directory
                 logger.info("FSDP2 load: each rank reads its own slices of %s.", directory)
 
     def loads_weights(self, rank: int) -> bool:
         """Whether this rank loads the model's weights (the others build it empty)."""
-        return rank == 0 and self.slices is None
+        return rank == 0 and self.source is None
 
     def prepare_resume(self, path: Path, saved_world_size: int) -> None:
         """Nothing to convert: DCP reshards a checkpoint of any rank count when it loads it."""
 
     def training_engine(self, module: SequenceLogps, total_steps: int) -> "FSDPEngine":
-        return FSDPEngine(module, FSDPSettings.from_config(self.config), self.world_size, self.slices,
+        return FSDPEngine(module, FSDPSettings.from_config(self.config), self.world_size, self.source,
                           OptimizerSettings.from_config(self.config, total_steps))
 
     def inference_engine(self, model) -> "FSDPEngine":
         engine = FSDPEngine(SequenceLogps(model, self.config.logprob_chunk_size), FSDPSettings.from_config(self.config),
-                            self.world_size, self.slices, None)
+                            self.world_size, self.source, None)
         engine.eval()
         return engine
 
 
-def shard(module: SequenceLogps, settings: FSDPSettings, world_size: int, slices: Path | None) -> torch.device:
+def shard(module: SequenceLogps, settings: FSDPSettings, world_size: int,
+          source: Path | RandomWeights | None) -> torch.device:
     """fully_shard every decoder layer, the embedding and the LM head, then the root (the final norm),
     whose `generate` gets the hooks forward gets, and give every rank its shards of the base weights; returns the device.
 
-    slices: every rank built the model empty and reads its own slices of the checkpoint there
-    (kto_scale.sliced_load). None: rank 0 holds the weights (the other ranks built the model empty); it
+    source: every rank built the model empty and reads its own slices of the checkpoint in this directory
+    (kto_scale.sliced_load), or draws these random weights (kto_scale.random_init). None: rank 0 holds the weights (the other ranks built the model empty); it
     keeps its loaded state dict while it shards, then broadcasts it one tensor at a time and every rank
     keeps its shard of each (torch.distributed.checkpoint's broadcast_from_rank0). A node's peak is then
     one whole model (rank 0's) plus the shards, not one model per rank."""
@@ -135,12 +142,12 @@ def shard(module: SequenceLogps, settings: FSDPSettings, world_size: int, slices
                           "shard; use DeepSpeed (deepspeed: ds_configs/zero3.json) for this model.")
     # An empty model's placeholders become meta parameters, which fully_shard shards without allocating.
     names = {id(p): name for name, p in module.named_parameters()}
-    empty = {names[id(p)]: checkpoint_name(name) for name, p in base.named_parameters() if is_placeholder(p)}
+    empty = {checkpoint_name(name): names[id(p)] for name, p in base.named_parameters() if is_placeholder(p)}
     for param in module.parameters():
         if is_placeholder(param):
             torch.utils.swap_tensors(param, torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
                                                                requires_grad=param.requires_grad))
-    broadcast = slices is None and world_size > 1
+    broadcast = source is None and world_size > 1
     loaded = module.state_dict() if broadcast and torch.distributed.get_rank() == 0 else {}
     # The root's weights stay gathered from its forward to the end of its backward. An untied embedding
     # and LM head (V x H each: 1 GiB in Llama-3-8B) get their own units instead, each gathered only while
@@ -150,8 +157,13 @@ def shard(module: SequenceLogps, settings: FSDPSettings, world_size: int, slices
     for unit in layers + edges:
         fully_shard(unit, mesh=mesh, mp_policy=mixed, offload_policy=offload)
     fully_shard(module, mesh=mesh, mp_policy=mixed, offload_policy=offload)
-    if slices is not None:  # FSDP2 keeps offloaded shards on the CPU
-        read_shards(module, empty, slices, torch.device("cpu") if settings.cpu_offload else device)
+    if source is not None:  # FSDP2 keeps offloaded shards on the CPU
+        params = allocate_shards(module, torch.device("cpu") if settings.cpu_offload else device)
+        shards = {name: params[module_name] for name, module_name in empty.items()}
+        if isinstance(source, RandomWeights):
+            init_shards(shards, source)
+        else:
+            read_shards(shards, source)
     elif broadcast:
         set_model_state_dict(module, loaded, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     register_fsdp_forward_method(module, "generate")  # the root's weights gathered for generation too
@@ -164,11 +176,11 @@ class FSDPEngine:
     state_tag = FSDP_TAG
     shards_weights = True
 
-    def __init__(self, module: SequenceLogps, settings: FSDPSettings, world_size: int, slices: Path | None,
+    def __init__(self, module: SequenceLogps, settings: FSDPSettings, world_size: int, source: Path | RandomWeights | None,
                  optimizer: OptimizerSettings | None) -> None:
         self.module, self.max_grad_norm = module, settings.max_grad_norm
         self.world_size, self.global_rank = world_size, torch.distributed.get_rank()
-        self.device = shard(module, settings, world_size, slices)
+        self.device = shard(module, settings, world_size, source)
         self.trainable = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = self.scheduler = None
         if optimizer is not None:  # after fully_shard: the optimizer holds this rank's shards

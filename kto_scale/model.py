@@ -26,13 +26,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.modeling_utils import set_zero3_state
 
 from kto_scale.attention import CUSTOM_MASK_ATTENTION, layout_mask
 from kto_scale.collate import ReferenceLayout
 from kto_scale.config import ConfigError, KTOConfig
 from kto_scale.kernels import apply_kernels, check_attention_device
 from kto_scale.logprobs import chunked_completion_logps, scored_token_logps
+from kto_scale.random_init import RandomWeights, random_model
 from kto_scale.sft_adapter import add_sft_adapters, has_reference_adapter, reference_adapter_active
 
 logger = logging.getLogger(__name__)
@@ -128,28 +128,19 @@ def is_placeholder(param: Tensor) -> bool:
     return param.dim() > 0 and not any(param.stride())
 
 
-def _random_model(config: KTOConfig, dtype: torch.dtype) -> PreTrainedModel:
-    """The model with random weights seeded by config.seed, the same on every engine, stage and rank count,
-    built on config.init_device (the CPU by default; "cuda": this rank's GPU).
+def random_weights(config: KTOConfig) -> RandomWeights:
+    """init_random_weights's draw (kto_scale.random_init): seeded by config.seed, the same on every engine,
+    stage and rank count, on config.init_device (the CPU by default; "cuda": this rank's GPU).
 
-    Under ZeRO-3, transformers builds models inside deepspeed.zero.Init and initializes them module by
-    module on rank 0, which draws other random numbers than a plain build. So the model is built whole
-    on every rank, as without DeepSpeed (`set_zero3_state` is transformers' switch that skips
-    zero.Init), and DeepSpeed partitions it when the engine is created, broadcasting rank 0's weights.
-    Each rank holds the whole model until then: fine for the tiny models random weights are meant for,
-    and on the GPU for a large model's benchmark (bench/).
-    """
+    Under ZeRO-3 each rank builds the model whole (kto_scale.random_init.random_model) and DeepSpeed
+    partitions it when the engine is created: fine for the tiny models random weights are meant for, and
+    on the GPU for a large model's benchmark. FSDP2's ranks build it empty and draw only their shards."""
     if config.init_device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("init_device cuda: this machine has no CUDA GPU; leave init_device unset to build the "
                           "random weights on the CPU.")
     device = torch.device("cuda", torch.cuda.current_device()) if config.init_device == "cuda" else torch.device("cpu")
-    model_config = base_config(config)
-    torch.manual_seed(config.seed)
-    with set_zero3_state(), device:
-        return AutoModelForCausalLM.from_config(
-            model_config, dtype=dtype, trust_remote_code=config.trust_remote_code,
-            attn_implementation=config.attn_implementation,
-        )
+    return RandomWeights(base_config(config), train_dtype(config), config.seed, device,
+                         config.trust_remote_code, config.attn_implementation)
 
 
 def load_base_model(config: KTOConfig, empty: bool = False) -> PreTrainedModel:
@@ -163,7 +154,7 @@ def load_base_model(config: KTOConfig, empty: bool = False) -> PreTrainedModel:
     if empty:
         model = _empty_model(config, dtype)
     elif config.init_random_weights:
-        model = _random_model(config, dtype)
+        model = random_model(random_weights(config))
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(

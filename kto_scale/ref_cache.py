@@ -92,7 +92,8 @@ def _weights_fingerprint(config: KTOConfig, model_dir: Path) -> str:
     multi-GB files, and unlike mtimes it survives copying the model to another disk.
     """
     if config.init_random_weights:  # seeded: the same weights on every engine, stage and rank count
-        return f"random init, seed {config.seed}"
+        # Named after the draw: a cache of the earlier one (a plain from_config's) no longer matches.
+        return f"random init (kto_scale.random_init), seed {config.seed}"
     files = sorted(p for p in model_dir.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
     if not files:
         raise RefCacheError(f"{model_dir} has no weight files ({', '.join(WEIGHT_SUFFIXES)}) to fingerprint.")

@@ -1,16 +1,17 @@
 """FSDP2's sliced load: every rank reads only its own shard of every base weight from the checkpoint.
 
-kto_scale.fsdp.shard gives a sharded model its weights one of two ways:
+kto_scale.fsdp.shard gives a sharded model its weights one of three ways:
 - sliced (this module): every rank builds the model empty (placeholders: kto_scale.model.load_base_model),
   shards it, and reads from the safetensors files only the rows of each weight it keeps, through
   torch.distributed.checkpoint's HuggingFaceStorageReader (safetensors' `get_slice`: just those bytes,
   cast to the training dtype as they are copied, as from_pretrained casts them). No rank ever holds more
   than its shards: a node needs about model/ranks of host memory per rank, and its ranks read in parallel.
+- random (init_random_weights): every rank builds the model empty, shards it, and draws the seeded weights
+  module by module, keeping its rows of each (kto_scale.random_init.init_shards).
 - broadcast: rank 0 loads the whole model with from_pretrained and broadcasts it one tensor at a time. The
-  fallback, for random weights (rank 0's seeded init) and for checkpoints the sliced read cannot take as
-  they are (.bin files, quantized weights, names or shapes transformers converts while loading); the log
-  says which.
-Both give the weights one process loads, bit for bit (tests/test_sliced_load.py).
+  fallback, for checkpoints the sliced read cannot take as they are (.bin files, quantized weights, names
+  or shapes transformers converts while loading); the log says which.
+Each gives the weights one process loads or draws, bit for bit (tests/test_sliced_load.py).
 """
 
 import json
@@ -74,8 +75,6 @@ def _stored_tensors(directory: Path) -> tuple[dict[str, tuple[tuple[int, ...], s
 
 def sliced_checkpoint(config: KTOConfig) -> tuple[Path | None, str]:
     """The checkpoint directory every rank can read its slices from, or None and why not."""
-    if config.init_random_weights:
-        return None, "init_random_weights: rank 0 builds the seeded weights"
     model_config = base_config(config)
     if getattr(model_config, "quantization_config", None):
         return None, "the checkpoint is quantized (quantization_config)"
@@ -96,9 +95,9 @@ def sliced_checkpoint(config: KTOConfig) -> tuple[Path | None, str]:
     return directory, ""
 
 
-def read_shards(module: nn.Module, names: dict[str, str], directory: Path, device: torch.device) -> None:
-    """Allocate the fully_shard-ed `module`'s meta parameters on `device` and read this rank's slices of
-    them from `directory`'s safetensors files; `names` maps each one's name in `module` to its name there.
+def allocate_shards(module: nn.Module, device: torch.device) -> dict[str, nn.Parameter]:
+    """Allocate the fully_shard-ed `module`'s meta parameters (this rank's shards, uninitialized) on `device`
+    and return every parameter by name.
 
     The other parameters (the adapters) and the buffers keep their values: `to_empty`, FSDP2's way to
     allocate sharded meta parameters, replaces every tensor of the module, so they are put back."""
@@ -111,4 +110,10 @@ def read_shards(module: nn.Module, names: dict[str, str], directory: Path, devic
             params[name].to_local().copy_(value)
     for owner, name, b in buffers:
         owner._buffers[name] = b
-    dcp.load({names[name]: params[name] for name in names}, storage_reader=HuggingFaceStorageReader(str(directory)))
+    return params
+
+
+def read_shards(shards: dict[str, nn.Parameter], directory: Path) -> None:
+    """Read this rank's slices of `shards` (sharded parameters by their names in the checkpoint) from
+    `directory`'s safetensors files."""
+    dcp.load(shards, storage_reader=HuggingFaceStorageReader(str(directory)))

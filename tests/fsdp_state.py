@@ -22,10 +22,10 @@ config = load_config(argv)
 rank, world_size, _ = init_distributed(config.dist_timeout_s)
 setup = engine_setup(config, world_size)
 if mode == "broadcast":
-    setup.slices = None
+    setup.source = None
 base = load_base_model(config, empty=not setup.loads_weights(rank))
 engine = setup.training_engine(SequenceLogps(add_lora(base, config), config.logprob_chunk_size), total_steps=1)
 state = get_model_state_dict(engine.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 if rank == 0:
-    torch.save({"state": state, "sliced": setup.slices is not None}, out)
+    torch.save({"state": state, "sliced": setup.source is not None}, out)
 shutdown()

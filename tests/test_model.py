@@ -13,8 +13,8 @@ from kto_scale.model import SequenceLogps, load_base_model, load_model, referenc
 
 
 def _config(**overrides) -> KTOConfig:
-    return KTOConfig(model_name_or_path=str(TINY_LLAMA_DIR), init_random_weights=True, lora_r=4,
-                     lora_dropout=0.0, **overrides)
+    settings = dict(model_name_or_path=str(TINY_LLAMA_DIR), init_random_weights=True, lora_r=4, lora_dropout=0.0)
+    return KTOConfig(**{**settings, **overrides})
 
 
 def _policy_with_nonzero_adapters(config: KTOConfig):
@@ -52,18 +52,28 @@ def test_reference_equals_base_exactly():
     assert not torch.allclose(policy_logits, base_logits)  # the adapters do change the policy
 
 
-def test_init_device_cpu_builds_the_default_weights():
-    """init_device null and cpu both build exactly the weights of a plain seeded from_config on the host
-    (the same kernels on the same shapes: equal to the bit); "cuda" builds on the GPU, or is refused in one
-    line where there is none."""
+def test_init_device_cpu_draws_transformers_init_weights(tmp_path):
+    """init_device null and cpu both give exactly the weights of transformers' own initialize_weights, seeded,
+    on a model built without drawing (kto_scale.random_init walks the modules in its order itself, so that
+    FSDP2 can draw them one at a time: the same kernels on the same shapes, equal to the bit); "cuda" builds
+    on the GPU, or is refused in one line where there is none."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
-    torch.manual_seed(7)
-    plain = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA_DIR), dtype=torch.float32)
-    for device in (None, "cpu"):
-        built = load_base_model(_config(seed=7, init_device=device)).state_dict()
-        assert built.keys() == plain.state_dict().keys()
-        assert all(torch.equal(built[name], weight) for name, weight in plain.state_dict().items()), device
+    for tied in (False, True):
+        model_config = AutoConfig.from_pretrained(TINY_LLAMA_DIR, tie_word_embeddings=tied)
+        model_config.save_pretrained(tmp_path / str(tied))
+        with no_init_weights():
+            plain = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+        plain.tie_weights()
+        torch.manual_seed(7)
+        plain.initialize_weights()
+        for device in (None, "cpu"):
+            built = load_base_model(_config(seed=7, init_device=device, model_name_or_path=str(tmp_path / str(tied))))
+            state = built.state_dict()
+            assert state.keys() == plain.state_dict().keys()
+            assert all(torch.equal(state[name], weight) for name, weight in plain.state_dict().items()), device
+            assert (built.lm_head.weight is built.model.embed_tokens.weight) == tied
     assert not torch.equal(load_base_model(_config(seed=8)).lm_head.weight, plain.lm_head.weight)
     if torch.cuda.is_available():
         assert {p.device.type for p in load_base_model(_config(init_device="cuda")).parameters()} == {"cuda"}

@@ -1,5 +1,6 @@
-"""FSDP2's sliced load (kto_scale.sliced_load): each rank reads only its own slices of the checkpoint, and
-the model the ranks hold is the one a single process loads, bit for bit.
+"""FSDP2's sliced load (kto_scale.sliced_load): each rank reads only its own slices of the checkpoint (or
+draws only its own random weights), and the model the ranks hold is the one a single process loads (or
+draws), bit for bit.
 
 Exact equality is right here: every path puts the same stored bytes through the same cast (Tensor.copy_
 into the training dtype, which is what from_pretrained's `.to(dtype)` does), and sharding only moves
@@ -100,6 +101,29 @@ def test_a_checkpoint_it_cannot_slice_is_broadcast_from_rank0(tmp_path, tiny_mod
     _assert_equal(fallback["state"], one["state"])
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("tied", [False, True])
+def test_random_weights_drawn_per_shard_equal_one_process(tmp_path, tied):
+    """init_random_weights on 2 ranks: each builds the model empty and draws the seeded weights module by
+    module into a whole scratch copy, keeping its rows (kto_scale.random_init.init_shards); the one process
+    draws the whole model. The same kernels on the same whole tensors in the same order: equal to the bit.
+    Untied in bf16; tied (one weight, drawn twice as transformers' init draws it) with offload."""
+    model = tmp_path / "model"
+    AutoConfig.from_pretrained(TINY_LLAMA_DIR, tie_word_embeddings=tied).save_pretrained(model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (TINY_LLAMA_DIR / name).is_file():
+            shutil.copy(TINY_LLAMA_DIR / name, model / name)
+    options = dict(fsdp="full_shard offload", deepspeed=None) if tied else dict(bf16=True, **FSDP)
+    config = config_file(tmp_path, "run", model, init_random_weights=True, **options)
+    one = _state(tmp_path, "one", config, 1)
+    drawn = _state(tmp_path, "drawn", config, 2)
+    assert drawn["sliced"] and "each rank draws the seeded random weights and keeps its own shards" in drawn["log"]
+    head, embedding = (next(w for name, w in one["state"].items() if name.endswith(suffix))
+                       for suffix in ("lm_head.weight", "embed_tokens.weight"))
+    assert torch.equal(head, embedding) == tied
+    _assert_equal(drawn["state"], one["state"])
+
+
 def _hub_cache(cache: Path, repo: str, model: Path) -> Path:
     """`model`'s files laid out as huggingface_hub caches a download of `repo` (blobs, snapshot links, the
     ref), so that the hub id resolves offline, as on a cluster node that has downloaded it."""
@@ -133,8 +157,6 @@ def test_which_checkpoints_are_read_in_slices(tmp_path, tiny_model):
     """The decision, from the files' headers and the model's shapes (nothing loaded)."""
     directory, why = sliced_checkpoint(KTOConfig(model_name_or_path=str(tiny_model)))
     assert directory == tiny_model and why == ""
-    _, why = sliced_checkpoint(KTOConfig(model_name_or_path=str(tiny_model), init_random_weights=True))
-    assert why.startswith("init_random_weights")
     renamed = tmp_path / "renamed"
     shutil.copytree(tiny_model, renamed)
     tensors = load_file(renamed / "model.safetensors")
