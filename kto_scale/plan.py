@@ -14,7 +14,8 @@ quantization constants: an fp32 absmax per block of 64 (4/64 bytes), or with nes
 8-bit absmax per 64 and an fp32 per 256 of those (1/64 + 4/16384); 8-bit stores 1 byte plus an fp32
 scale per output row. Everything else stays in w bytes.
   ZeRO-0/1/2: every GPU holds the whole base. ZeRO-3: 1/N of it, plus the layers it has gathered: the
-  one running and the one prefetched (2 layers, as stored); with offload_param, only those two. A 4-bit
+  one running and the one prefetched (2 layers, as stored), and the LM head's VH (gathered while it scores
+  and, as it runs in checkpointed chunks, kept until the backward ends); with offload_param, only those. A 4-bit
   base's quantization constants are no parameters, so ZeRO-3 leaves them whole on every GPU; and
   transformers loads a quantized base whole onto every GPU (no zero.Init) before DeepSpeed partitions
   it: that load peak (the 4-bit base + overhead) must fit too.
@@ -57,8 +58,8 @@ Host RAM at load, per node (the node of rank 0, the fullest): DeepSpeed ZeRO-0/1
 model on the CPU on every rank before moving it (n x model; so does ZeRO-3 with init_random_weights);
 ZeRO-3 loads partitioned (model/N per rank); FSDP2's ranks read their own slices of a safetensors
 checkpoint straight into their GPU shards (nothing held on the host; with offload, the shards are the
-host's: model/N per rank), and with init_random_weights rank 0 builds the whole model and broadcasts it
-(model); a quantized base is placed on the GPU as it is read. A checkpoint in the training dtype is
+host's: model/N per rank), and with init_random_weights each rank draws one module's weights whole at a
+time (the largest: V x H or H x I) and keeps its rows; one rank alone builds the model whole; a quantized base is placed on the GPU as it is read. A checkpoint in the training dtype is
 memory-mapped, so "the whole model" is then shared, reclaimable page cache rather than copies
 (docs/scaling.md measures both). Offloaded
 shards and optimizer state add their share for training.
@@ -216,7 +217,7 @@ def estimate(config: KTOConfig, shape: ModelShape, cluster: Cluster, micro_batch
     else:
         sharded = layout.stage >= 3
         partition = 0 if layout.offload_params else (model - constants) // n_ranks
-        gpu["base weights"] = partition + constants + live if sharded else model
+        gpu["base weights"] = partition + constants + live + shape.vocab * shape.hidden * w if sharded else model
         optimizer = (16 if mixed else 8) * p // (n_ranks if layout.stage >= 1 else 1)
         lora = {"LoRA weights": w * p // (n_ranks if sharded else 1),
                 "LoRA gradients": w * p // (n_ranks if sharded else 1),
@@ -238,8 +239,11 @@ def estimate(config: KTOConfig, shape: ModelShape, cluster: Cluster, micro_batch
         gpu["LM head chunk"] = parts["LM head chunk"]
     gpu["framework overhead"] = overhead
 
-    if layout.engine == "fsdp" and config.init_random_weights:  # rank 0 builds it and broadcasts
-        host_load = model
+    if layout.engine == "fsdp" and config.init_random_weights:
+        # Each rank draws one module's weights whole at a time, on the host unless init_device is cuda
+        # (kto_scale.random_init.init_shards), and keeps its rows; a single rank builds the whole model.
+        scratch = 0 if config.init_device == "cuda" else max(shape.vocab, shape.intermediate) * shape.hidden * w
+        host_load = per_node * (scratch + (model // n_ranks if layout.offload_params else 0)) if n_ranks > 1 else model
     elif layout.engine == "fsdp":  # each rank reads its slices into its shards (kto_scale.sliced_load)
         host_load = per_node * (model // n_ranks) if layout.offload_params else 0
     elif config.load_in_4bit or config.load_in_8bit:  # quantized onto the GPU as it is read
