@@ -28,7 +28,12 @@ EOF
 for engine in ${ENGINES:-fsdp zero3_offload}; do
   case $engine in
     fsdp) options=(--fsdp full_shard --deepspeed null) ;;
-    *) options=(--deepspeed "ds_configs/$engine.json") ;;  # zero3_offload, zero3
+    *)  # zero3_offload, zero3: the shipped JSON with DeepSpeed's live-parameter cache at 1e8 parameters
+        # (0.2 GB) instead of 1e9 (2 GB), which a rank of this host cannot spare (docs/scaling.md)
+        $PY -c 'import json, sys; c = json.load(open(sys.argv[1])); c["zero_optimization"].update(
+stage3_max_live_parameters=1e8, stage3_max_reuse_distance=1e8); json.dump(c, open(sys.argv[2], "w"), indent=1)' \
+          "ds_configs/$engine.json" "$WORK/$engine.json"
+        options=(--deepspeed "$WORK/$engine.json") ;;
   esac
   common=(--model_name_or_path "$WORK/model" --dataset_name "$WORK/data.jsonl" --eval_fraction 0 --bf16 true
           --max_length 32 --max_prompt_length 24 --per_device_train_batch_size 1 --per_device_eval_batch_size 2
