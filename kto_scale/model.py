@@ -8,7 +8,7 @@ computed from the decoder's hidden states by the chunked LM head of `kto_scale.l
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -274,6 +274,18 @@ def reference_mode(model: PeftModel) -> Iterator[None]:
         model.train(was_training)
 
 
+class _HeadScoring(nn.Module):
+    """Calls a scoring function of kto_scale.logprobs inside a module of its own (it has no parameters).
+
+    That function runs the LM head in checkpointed chunks, recomputed during backward. DeepSpeed ZeRO-3
+    charges the weights a recompute gathers to the innermost module whose backward is running and frees
+    them when that backward ends: without this module that was the root, so the head (V x H: 1 GiB in
+    Llama-3-8B) stayed gathered on every rank through the decoder's whole backward."""
+
+    def forward(self, score: Callable[..., Tensor], *args) -> Tensor:
+        return score(*args)
+
+
 class SequenceLogps(nn.Module):
     """Maps a padded batch to per-row completion log-probs; the module `deepspeed.initialize` wraps.
 
@@ -286,6 +298,7 @@ class SequenceLogps(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.head_scoring = _HeadScoring()
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor, **kwargs) -> Tensor:
         """`model.generate`'s token ids [B, T + new]. Under FSDP2 the engine registers this method with
@@ -335,12 +348,12 @@ class SequenceLogps(nn.Module):
         hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     use_cache=False).last_hidden_state
         if score_positions is not None:  # listed by collate on the host: no `nonzero` sync here
-            token_logps = scored_token_logps(hidden.flatten(0, 1)[score_positions], score_targets,
-                                             base.get_output_embeddings(), self.chunk_size)
+            token_logps = self.head_scoring(scored_token_logps, hidden.flatten(0, 1)[score_positions], score_targets,
+                                            base.get_output_embeddings(), self.chunk_size)
             examples = input_ids.shape[0] if sequence_lengths is None else len(sequence_lengths)
             sums = torch.zeros(examples * (1 if segments is None else 2), dtype=torch.float32, device=hidden.device)
             return sums.index_add(0, score_sequences, token_logps)
-        return chunked_completion_logps(
-            hidden, base.get_output_embeddings(), input_ids, completion_mask, self.chunk_size,
-            sequence_ids, None if sequence_lengths is None else len(sequence_lengths),
+        return self.head_scoring(
+            chunked_completion_logps, hidden, base.get_output_embeddings(), input_ids, completion_mask,
+            self.chunk_size, sequence_ids, None if sequence_lengths is None else len(sequence_lengths),
         )

@@ -315,8 +315,10 @@ def test_zero3_gathers_no_weight_outside_the_running_layer(tmp_path, tiny_model)
     """ZeRO-3 gathers a weight whole when a module reads it by attribute inside forward and holds it for
     the rest of the pass (DeepSpeed's "external parameter"): SequenceLogps once read the embedding's
     .weight.dtype, which kept a V x H copy (1 GiB at Llama-3-8B) on every rank through forward and
-    backward. With DeepSpeed's caches off (no reuse, no prefetch), nothing but the running layer's own
-    weights and the always-resident small ones (ds_persist) may be gathered when a decoder layer starts."""
+    backward. And the LM head, which a checkpointed chunk recomputes in backward, stayed gathered until the
+    root's backward ended, through the whole decoder's. With DeepSpeed's caches off (no reuse, no
+    prefetch), nothing but the running layer's own weights and the always-resident small ones (ds_persist)
+    may be gathered when a decoder layer starts, forward or backward."""
     ds = json.loads((ROOT / "ds_configs/zero3.json").read_text())
     ds["zero_optimization"].update(stage3_max_live_parameters=0, stage3_max_reuse_distance=0,
                                    stage3_prefetch_bucket_size=0)
@@ -325,5 +327,6 @@ def test_zero3_gathers_no_weight_outside_the_running_layer(tmp_path, tiny_model)
     out = tmp_path / "gathered.json"
     run([sys.executable, "tests/zero3_gathers.py", str(out), "--config", str(config)])
     gathered = json.loads(out.read_text())
-    assert sorted(gathered) == ["no-grad layer 0", "no-grad layer 1", "training layer 0", "training layer 1"]
+    assert sorted(gathered) == ["backward layer 0", "backward layer 1", "no-grad layer 0", "no-grad layer 1",
+                                "training layer 0", "training layer 1"]
     assert gathered == {when: [] for when in gathered}

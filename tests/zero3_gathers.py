@@ -2,11 +2,13 @@
 
     python tests/zero3_gathers.py OUT.json --config run.yaml     # the config names a ZeRO-3 JSON
 
-Builds the engine as training does, then runs one no-grad and one training forward through SequenceLogps.
-A hook before every decoder layer lists the frozen weights outside that layer whose ds_status is
+Builds the engine as training does, then runs one no-grad and one training forward through SequenceLogps,
+and the training pass's backward. A hook before every decoder layer lists the frozen weights outside that
+layer (in backward: outside every decoder layer) whose ds_status is
 AVAILABLE (gathered whole on this rank), except those DeepSpeed keeps resident (ds_persist: below
 stage3_param_persistence_threshold); OUT.json gets {"<pass> layer <i>": [names]}. A weight read by
-attribute inside forward (`module.weight`) is gathered by ZeRO-3 for the rest of the pass.
+attribute inside forward (`module.weight`) is gathered by ZeRO-3 for the rest of the pass, and one a
+checkpoint's recompute gathers in backward stays gathered until the innermost module's backward ends.
 """
 
 import json
@@ -37,7 +39,14 @@ for i, layer in enumerate(base.model.layers):
         seen[f"{current_pass} layer {i}"] = sorted(name for name, p in frozen.items()
                                                    if id(p) not in own and p.ds_status == ZeroParamStatus.AVAILABLE)
 
+    def record_backward(module, grad_output, i=i) -> None:
+        # The neighbouring layer's release and this layer's backward hook run in no fixed order: the other
+        # weights only (the embedding, the final norm, the LM head).
+        seen[f"backward layer {i}"] = sorted(name for name, p in frozen.items() if ".layers." not in name
+                                             and p.ds_status == ZeroParamStatus.AVAILABLE)
+
     layer.register_forward_pre_hook(record)
+    layer.register_full_backward_pre_hook(record_backward)
 
 input_ids = torch.arange(3, 19).view(1, 16)
 completion_mask = torch.zeros(1, 16, dtype=torch.bool)
