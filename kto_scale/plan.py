@@ -14,8 +14,8 @@ quantization constants: an fp32 absmax per block of 64 (4/64 bytes), or with nes
 8-bit absmax per 64 and an fp32 per 256 of those (1/64 + 4/16384); 8-bit stores 1 byte plus an fp32
 scale per output row. Everything else stays in w bytes.
   ZeRO-0/1/2: every GPU holds the whole base. ZeRO-3: 1/N of it, plus the layers it has gathered: the
-  one running and the one prefetched (2 layers, as stored), and the LM head's VH (gathered while it scores
-  and, as it runs in checkpointed chunks, kept until the backward ends); with offload_param, only those. A 4-bit
+  one running and the one prefetched (2 layers, as stored), and the LM head's VH while it scores; with
+  offload_param, only those. A 4-bit
   base's quantization constants are no parameters, so ZeRO-3 leaves them whole on every GPU; and
   transformers loads a quantized base whole onto every GPU (no zero.Init) before DeepSpeed partitions
   it: that load peak (the 4-bit base + overhead) must fit too.
