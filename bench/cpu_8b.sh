@@ -10,7 +10,7 @@
 # Sequences are short (max_length 32) so that a step takes minutes, not hours, on two cores: what is
 # measured is the memory of holding, sharding and updating an 8B model, which the length barely changes.
 # On a 23.5 GiB host with AMX-BF16 (docs/scaling.md, 356654d): FSDP2 5.5 min in all (1:23 precompute, 4:01 training at 104 s a step);
-# ZeRO-3, with or without offload, precomputes and then is OOM-killed in its first step. bf16 on an
+# ZeRO-3 (live parameters 1e8, 3643166) trains its two steps; with offload it is OOM-killed in step 2. bf16 on an
 # AVX2-only CPU runs at 7-8 GFLOP/s a core: expect about an hour there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
